@@ -1,0 +1,104 @@
+//! Deterministic experiment assignment.
+//!
+//! A user's bucket in a layer is `fnv1a64(salt ‖ ":" ‖ user) mod 10_000`: the
+//! same user always lands in the same bucket, different layers (different
+//! salts) are independent, and nothing needs to be stored. FNV-1a is stable
+//! across Rust versions and platforms, unlike `std`'s `DefaultHasher`.
+
+/// Buckets per layer: traffic shares and weights resolve to 0.01 %.
+pub const BUCKETS: u32 = 10_000;
+
+/// 64-bit FNV-1a.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The bucket of `user` in the layer salted with `salt`, in `0..BUCKETS`.
+pub fn bucket(salt: &str, user: &str) -> u32 {
+    let mut key = Vec::with_capacity(salt.len() + user.len() + 1);
+    key.extend_from_slice(salt.as_bytes());
+    key.push(b':');
+    key.extend_from_slice(user.as_bytes());
+    // FNV's low bits mix poorly; fold the high half in before the modulo.
+    let h = fnv1a64(&key);
+    ((h ^ (h >> 32)) % u64::from(BUCKETS)) as u32
+}
+
+/// Picks a variant for `bucket` given the experiment's traffic share
+/// (0..=1) and variant weights. `None` when the bucket is outside the
+/// experiment's traffic or every weight is zero.
+///
+/// The first `traffic × BUCKETS` buckets are in the experiment; within them
+/// variants take contiguous ranges in proportion to their weights, so raising
+/// traffic only adds users and never moves those already in.
+pub fn pick_variant(bucket: u32, traffic: f64, weights: &[u32]) -> Option<usize> {
+    let in_traffic = (traffic.clamp(0.0, 1.0) * f64::from(BUCKETS)).round() as u32;
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    if bucket >= in_traffic || total == 0 {
+        return None;
+    }
+    // Position of the bucket within the experiment's share, scaled to the weights.
+    let position = u64::from(bucket) * total / u64::from(in_traffic);
+    let mut upper = 0u64;
+    for (i, &w) in weights.iter().enumerate() {
+        upper += u64::from(w);
+        if position < upper {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_reference_values() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn buckets_are_stable_and_roughly_uniform() {
+        assert_eq!(bucket("layer", "u1"), bucket("layer", "u1"));
+        let mut counts = [0u32; 10];
+        for u in 0..20_000 {
+            counts[(bucket("home", &format!("u{u}")) / 1_000) as usize] += 1;
+        }
+        // 2,000 expected per decile; a fair hash stays well within ±15 %.
+        assert!(counts.iter().all(|&c| (1_700..=2_300).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn layers_are_independent() {
+        let same = (0..5_000)
+            .filter(|u| {
+                let user = format!("u{u}");
+                (bucket("a", &user) < 5_000) == (bucket("b", &user) < 5_000)
+            })
+            .count();
+        // Independent halves agree about half the time.
+        assert!((2_200..=2_800).contains(&same), "{same}");
+    }
+
+    #[test]
+    fn variants_split_by_weight_and_traffic() {
+        assert_eq!(pick_variant(0, 0.5, &[1, 1]), Some(0));
+        assert_eq!(pick_variant(2_499, 0.5, &[1, 1]), Some(0));
+        assert_eq!(pick_variant(2_500, 0.5, &[1, 1]), Some(1));
+        assert_eq!(pick_variant(4_999, 0.5, &[1, 1]), Some(1));
+        assert_eq!(pick_variant(5_000, 0.5, &[1, 1]), None, "outside traffic");
+        assert_eq!(pick_variant(10, 1.0, &[0, 0]), None);
+        assert_eq!(pick_variant(9_999, 1.0, &[0, 3]), Some(1));
+        let shares: Vec<usize> = (0..BUCKETS).filter_map(|b| pick_variant(b, 1.0, &[1, 3])).collect();
+        assert_eq!(shares.iter().filter(|&&v| v == 0).count(), 2_500);
+    }
+}

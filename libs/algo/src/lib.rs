@@ -1,0 +1,73 @@
+//! Recommendation algorithms of recmesh: pure functions over plain data.
+//!
+//! No I/O, no async, no clocks: services feed these functions data and get
+//! data back, so every algorithm is testable on small cases worked out by
+//! hand, and the trainer and the services run the very same code.
+
+#![forbid(unsafe_code)]
+
+pub mod assign;
+pub mod cooccurrence;
+pub mod popularity;
+pub mod rules;
+pub mod scoring;
+
+/// What a user did with an item, in increasing order of intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Saw the item's page.
+    View,
+    /// Clicked the item in a list.
+    Click,
+    /// Put the item in the cart.
+    AddToCart,
+    /// Bought the item.
+    Purchase,
+}
+
+impl EventKind {
+    /// Every kind, weakest first.
+    pub const ALL: [EventKind; 4] = [
+        EventKind::View,
+        EventKind::Click,
+        EventKind::AddToCart,
+        EventKind::Purchase,
+    ];
+
+    /// Strength of the signal. Doubling per step is the usual implicit-feedback
+    /// prior: a purchase says about as much as eight views.
+    pub fn weight(self) -> f64 {
+        match self {
+            EventKind::View => 1.0,
+            EventKind::Click => 2.0,
+            EventKind::AddToCart => 4.0,
+            EventKind::Purchase => 8.0,
+        }
+    }
+
+    /// The name used in files, logs and reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::View => "view",
+            EventKind::Click => "click",
+            EventKind::AddToCart => "add_to_cart",
+            EventKind::Purchase => "purchase",
+        }
+    }
+
+    /// The past-tense verb used in explanations ("because you viewed X").
+    pub fn verb(self) -> &'static str {
+        match self {
+            EventKind::View => "viewed",
+            EventKind::Click => "clicked",
+            EventKind::AddToCart => "added to cart",
+            EventKind::Purchase => "bought",
+        }
+    }
+
+    /// Parses [`EventKind::as_str`].
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}

@@ -1,0 +1,235 @@
+//! Layered configuration: defaults → TOML file → `RECMESH_*` environment.
+//!
+//! Every service describes its config as one serde struct with a `Default`;
+//! [`load`] merges the layers with figment and then runs the service's own
+//! [`ServiceConfig::validate`], so a bad value stops the process at start with
+//! an error that names the key, never later in a request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Prefix of every environment variable recmesh reads; nested keys are joined
+/// with `__`, e.g. `RECMESH_SERVER__GRPC_ADDR=0.0.0.0:50051`.
+pub const ENV_PREFIX: &str = "RECMESH_";
+
+/// A configuration error, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, an environment variable or a value did not parse.
+    #[error("configuration could not be read: {0}")]
+    Parse(String),
+    /// A value parsed but is out of range or inconsistent.
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `budgets.retrieval_ms`.
+        key: String,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// Shorthand for [`ConfigError::Invalid`].
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        // figment's messages already name the key ("for key `server.grpc_addr`")
+        // and the source (file path or environment variable); keep them whole.
+        let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        ConfigError::Parse(msgs.join("; "))
+    }
+}
+
+/// What every service's config provides to the shared bootstrap.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    /// The gRPC and admin server settings.
+    fn server(&self) -> &ServerConfig;
+    /// Checks the values the type system cannot; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from its defaults, then `file` (when given), then `RECMESH_*`
+/// environment variables, and validates the result.
+pub fn load<T: ServiceConfig>(file: Option<&Path>) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Parse(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["log", "log_format", "config"]));
+    let config: T = figment.extract()?;
+    config.server().validate()?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Settings of the gRPC server and its admin HTTP port, shared by every service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on; port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// Address of the admin HTTP server (`/metrics`, `/healthz`, `/readyz`);
+    /// port 0 picks a free port.
+    pub admin_addr: SocketAddr,
+    /// Longest a request may run when the client sends no `grpc-timeout`; a
+    /// client's shorter `grpc-timeout` always wins.
+    pub request_timeout_ms: u64,
+    /// In-flight requests above which new ones are refused at once with
+    /// `RESOURCE_EXHAUSTED` instead of queueing behind a backlog they would
+    /// only make later.
+    pub max_concurrency: usize,
+    /// How long in-flight calls may take to finish after SIGTERM before the
+    /// server closes their connections anyway.
+    pub drain_timeout_ms: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for a service whose gRPC port is `grpc_port`; its admin port
+    /// is `grpc_port + 1000` so the two never collide in a default layout.
+    pub fn on_port(grpc_port: u16) -> Self {
+        ServerConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port.saturating_add(1000))),
+            ..ServerConfig::default()
+        }
+    }
+
+    /// An in-process layout on ephemeral loopback ports (tests, `recmesh up`).
+    pub fn ephemeral() -> Self {
+        ServerConfig::on_port(0)
+    }
+
+    /// [`ServerConfig::request_timeout_ms`] as a `Duration`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// [`ServerConfig::drain_timeout_ms`] as a `Duration`.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.request_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "server.request_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.max_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_concurrency",
+                "must be at least 1 (it is the number of requests served at once)",
+            ));
+        }
+        if self.grpc_addr.port() != 0 && self.grpc_addr == self.admin_addr {
+            return Err(ConfigError::invalid(
+                "server.admin_addr",
+                format!("must differ from server.grpc_addr ({})", self.grpc_addr),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            // Far above any stage budget: it only bounds calls from clients
+            // that send no deadline at all.
+            request_timeout_ms: 1_000,
+            // About what two cores serve at a few ms per call before queueing
+            // would push latency past the 200 ms SLO.
+            max_concurrency: 1_024,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Milliseconds as a config value that must be positive, checked by name.
+pub fn positive_ms(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        Err(ConfigError::invalid(key, "must be at least 1 ms"))
+    } else {
+        Ok(Duration::from_millis(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Probe {
+        server: ServerConfig,
+        limit: u32,
+    }
+
+    impl ServiceConfig for Probe {
+        fn server(&self) -> &ServerConfig {
+            &self.server
+        }
+        fn validate(&self) -> Result<(), ConfigError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let c: Probe = load(None).expect("defaults are valid");
+        assert_eq!(c.server, ServerConfig::default());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_names_bad_keys() {
+        let dir = std::env::temp_dir().join(format!("recmesh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "limit = 7\n[server]\nmax_concurrency = 3\n").expect("write");
+        let c: Probe = load(Some(&good)).expect("file loads");
+        assert_eq!((c.limit, c.server.max_concurrency), (7, 3));
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[server]\nmax_concurrency = \"many\"\n").expect("write");
+        let err = load::<Probe>(Some(&bad)).expect_err("string is not a number");
+        assert!(err.to_string().contains("server.max_concurrency"), "{err}");
+
+        let zero = dir.join("zero.toml");
+        std::fs::write(&zero, "[server]\nmax_concurrency = 0\n").expect("write");
+        let err = load::<Probe>(Some(&zero)).expect_err("zero is refused");
+        assert!(err.to_string().contains("server.max_concurrency"), "{err}");
+
+        let unknown = dir.join("unknown.toml");
+        std::fs::write(&unknown, "[server]\nmax_concurency = 5\n").expect("write");
+        let err = load::<Probe>(Some(&unknown)).expect_err("typo is refused");
+        assert!(err.to_string().contains("max_concurency"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = load::<Probe>(Some(Path::new("/nonexistent/recmesh.toml"))).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/recmesh.toml"));
+    }
+}

@@ -1,0 +1,341 @@
+//! The one bootstrap every recmesh server runs.
+//!
+//! [`GrpcServer::serve`] does, in order: bind (done before, by [`Listeners`], so
+//! callers learn ephemeral ports), register `grpc.health.v1` and reflection,
+//! start the admin HTTP port (`/metrics`, `/healthz`, `/readyz`), serve gRPC
+//! through the layer stack of [`layers`], and on shutdown flip health to
+//! `NOT_SERVING` before draining in-flight calls for a bounded time.
+//!
+//! Config loading ([`config`]) and tracing ([`telemetry`]) happen earlier, in
+//! each binary's `main`, so a bad config stops the process before it binds.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod layers;
+pub mod telemetry;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+
+pub use config::{ConfigError, ServerConfig, ServiceConfig};
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listen address was taken or not ours to bind.
+    #[error("cannot listen on {addr} (config key `{key}`): {source}")]
+    Bind {
+        /// Config key holding the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection descriptor set did not decode (a build problem).
+    #[error("reflection setup failed: {0}")]
+    Reflection(String),
+    /// The server task panicked or was aborted.
+    #[error("server task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// The two sockets of a server, bound before serving so that port 0 resolves
+/// to a real port the caller can print or hand to clients.
+#[derive(Debug)]
+pub struct Listeners {
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the gRPC and admin addresses of `config`.
+    pub async fn bind(config: &ServerConfig) -> Result<Self, ServeError> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                key: "server.grpc_addr",
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                key: "server.admin_addr",
+                addr: config.admin_addr,
+                source,
+            })?;
+        Ok(Listeners { grpc, admin })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+/// A gRPC server under construction: its services plus the shared bootstrap.
+pub struct GrpcServer {
+    name: &'static str,
+    config: ServerConfig,
+    routes: RoutesBuilder,
+    service_names: Vec<&'static str>,
+}
+
+impl GrpcServer {
+    /// A server called `name` (used in logs, metrics and health).
+    pub fn new(name: &'static str, config: ServerConfig) -> Self {
+        GrpcServer {
+            name,
+            config,
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+        }
+    }
+
+    /// Adds a tonic service; its name is reported by the health service.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(svc);
+        self.service_names.push(S::NAME);
+        self
+    }
+
+    /// Serves until `shutdown` completes, then drains (see the crate docs).
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let GrpcServer {
+            name,
+            config,
+            mut routes,
+            service_names,
+        } = self;
+        let grpc_addr = listeners.grpc_addr();
+        let admin_addr = listeners.admin_addr();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for svc in &service_names {
+            health.set_service_status(*svc, ServingStatus::Serving).await;
+        }
+        health.set_service_status("", ServingStatus::Serving).await;
+        routes.add_service(health_service);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(recmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        routes.add_service(reflection);
+
+        let ready = Arc::new(AtomicBool::new(true));
+        let admin = tokio::spawn(serve_admin(listeners.admin, ready.clone()));
+
+        // Layer order and the reason for it: see the `layers` module docs.
+        let stack = ServiceBuilder::new()
+            .layer(layers::RequestIdLayer::new(name))
+            .layer(layers::MetricsLayer::new(name))
+            .layer(layers::DeadlineLayer::new(config.request_timeout()))
+            .layer(layers::ShedLayer::new(name, config.max_concurrency));
+
+        let (drain_tx, drain_rx) = oneshot::channel::<()>();
+        let incoming = tokio_stream_incoming(listeners.grpc);
+        let server = tonic::transport::Server::builder()
+            .layer(stack)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(incoming, async {
+                drain_rx.await.ok();
+            });
+        tracing::info!(service = name, %grpc_addr, %admin_addr, "serving");
+
+        tokio::pin!(server);
+        let result = tokio::select! {
+            result = &mut server => result.map_err(ServeError::from),
+            () = shutdown => {
+                // Tell load balancers first, then stop accepting and let
+                // in-flight calls finish, for at most the drain timeout.
+                ready.store(false, Ordering::SeqCst);
+                for svc in &service_names {
+                    health.set_service_status(*svc, ServingStatus::NotServing).await;
+                }
+                health.set_service_status("", ServingStatus::NotServing).await;
+                tracing::info!(service = name, drain_ms = config.drain_timeout_ms, "draining");
+                drain_tx.send(()).ok();
+                match tokio::time::timeout(config.drain_timeout(), &mut server).await {
+                    Ok(result) => result.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::warn!(
+                            service = name,
+                            "drain timeout reached; closing remaining connections"
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        };
+        admin.abort();
+        tracing::info!(service = name, "stopped");
+        result
+    }
+
+    /// Binds nothing itself: serves on `listeners` in a background task and
+    /// returns a handle that stops it.
+    pub fn spawn(self, listeners: Listeners) -> ServerHandle {
+        let name = self.name;
+        let grpc_addr = listeners.grpc_addr();
+        let admin_addr = listeners.admin_addr();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve(listeners, async {
+            stop_rx.await.ok();
+        }));
+        ServerHandle {
+            name,
+            grpc_addr,
+            admin_addr,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+}
+
+fn tokio_stream_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            // Small unary messages: send them now rather than wait for more.
+            stream.set_nodelay(true).ok();
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// A server running in a background task.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Server name, as in logs and metrics.
+    pub name: &'static str,
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound admin HTTP address.
+    pub admin_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl ServerHandle {
+    /// Graceful stop: health to `NOT_SERVING`, drain, close.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))?
+    }
+
+    /// Hard stop, like a crashed process: connections drop mid-call.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Waits for the server to end on its own (e.g. a transport error).
+    pub async fn wait(mut self) -> Result<(), ServeError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))?
+    }
+
+    /// `http://` URI of the gRPC address, for clients.
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+}
+
+async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>) {
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    telemetry::prometheus().render(),
+                )
+            }),
+        )
+        // Liveness: the process answers at all.
+        .route("/healthz", get(|| async { "ok\n" }))
+        // Readiness: false from the moment draining starts.
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "admin server stopped");
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C): the signal a binary passes to
+/// `run` as its shutdown future.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        tokio::signal::ctrl_c().await.ok();
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
