@@ -29,16 +29,22 @@ pub fn bucket(salt: &str, user: &str) -> u32 {
     ((h ^ (h >> 32)) % u64::from(BUCKETS)) as u32
 }
 
-/// Picks a variant for `bucket` given the experiment's traffic share
-/// (0..=1) and variant weights. `None` when the bucket is outside the
-/// experiment's traffic or every weight is zero.
+/// Buckets a traffic share (0..=1) covers.
+pub fn share_buckets(traffic: f64) -> u32 {
+    (traffic.clamp(0.0, 1.0) * f64::from(BUCKETS)).round() as u32
+}
+
+/// Picks a variant for `bucket` for an experiment that owns the buckets
+/// `offset .. offset + share_buckets(traffic)` of its layer (experiments of one
+/// layer own disjoint ranges, which makes them mutually exclusive). `None` when
+/// the bucket is outside that range or every weight is zero.
 ///
-/// The first `traffic × BUCKETS` buckets are in the experiment; within them
-/// variants take contiguous ranges in proportion to their weights, so raising
-/// traffic only adds users and never moves those already in.
-pub fn pick_variant(bucket: u32, traffic: f64, weights: &[u32]) -> Option<usize> {
-    let in_traffic = (traffic.clamp(0.0, 1.0) * f64::from(BUCKETS)).round() as u32;
+/// Within its range, variants take contiguous sub-ranges in proportion to
+/// their weights.
+pub fn pick_variant(bucket: u32, offset: u32, traffic: f64, weights: &[u32]) -> Option<usize> {
+    let in_traffic = share_buckets(traffic);
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let bucket = bucket.checked_sub(offset)?;
     if bucket >= in_traffic || total == 0 {
         return None;
     }
@@ -91,14 +97,18 @@ mod tests {
 
     #[test]
     fn variants_split_by_weight_and_traffic() {
-        assert_eq!(pick_variant(0, 0.5, &[1, 1]), Some(0));
-        assert_eq!(pick_variant(2_499, 0.5, &[1, 1]), Some(0));
-        assert_eq!(pick_variant(2_500, 0.5, &[1, 1]), Some(1));
-        assert_eq!(pick_variant(4_999, 0.5, &[1, 1]), Some(1));
-        assert_eq!(pick_variant(5_000, 0.5, &[1, 1]), None, "outside traffic");
-        assert_eq!(pick_variant(10, 1.0, &[0, 0]), None);
-        assert_eq!(pick_variant(9_999, 1.0, &[0, 3]), Some(1));
-        let shares: Vec<usize> = (0..BUCKETS).filter_map(|b| pick_variant(b, 1.0, &[1, 3])).collect();
+        assert_eq!(pick_variant(0, 0, 0.5, &[1, 1]), Some(0));
+        assert_eq!(pick_variant(2_499, 0, 0.5, &[1, 1]), Some(0));
+        assert_eq!(pick_variant(2_500, 0, 0.5, &[1, 1]), Some(1));
+        assert_eq!(pick_variant(4_999, 0, 0.5, &[1, 1]), Some(1));
+        assert_eq!(pick_variant(5_000, 0, 0.5, &[1, 1]), None, "outside traffic");
+        assert_eq!(pick_variant(10, 0, 1.0, &[0, 0]), None);
+        assert_eq!(pick_variant(9_999, 0, 1.0, &[0, 3]), Some(1));
+        // A second experiment of the layer owning buckets 5000..7000.
+        assert_eq!(pick_variant(4_999, 5_000, 0.2, &[1]), None);
+        assert_eq!(pick_variant(5_000, 5_000, 0.2, &[1]), Some(0));
+        assert_eq!(pick_variant(7_000, 5_000, 0.2, &[1]), None);
+        let shares: Vec<usize> = (0..BUCKETS).filter_map(|b| pick_variant(b, 0, 1.0, &[1, 3])).collect();
         assert_eq!(shares.iter().filter(|&&v| v == 0).count(), 2_500);
     }
 }

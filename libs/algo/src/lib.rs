@@ -8,6 +8,7 @@
 
 pub mod assign;
 pub mod cooccurrence;
+pub mod params;
 pub mod popularity;
 pub mod rules;
 pub mod scoring;

@@ -80,6 +80,49 @@ pub fn load<T: ServiceConfig>(file: Option<&Path>) -> Result<T, ConfigError> {
     Ok(config)
 }
 
+/// Reads a service binary's command line: `--config FILE` (or `RECMESH_CONFIG`),
+/// `--print-config` (print the effective config as TOML and exit) and `--help`.
+/// Returns `None` when the process should exit without serving.
+pub fn from_args<T: ServiceConfig>(binary: &str) -> Result<Option<T>, ConfigError> {
+    let mut args = std::env::args().skip(1);
+    let mut file = std::env::var_os("RECMESH_CONFIG").map(std::path::PathBuf::from);
+    let mut print = false;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                file = Some(args.next().map(Into::into).ok_or_else(|| {
+                    ConfigError::invalid("--config", "needs a file path")
+                })?);
+            }
+            "--print-config" => print = true,
+            "--help" | "-h" => {
+                println!(
+                    "{binary}: a recmesh service\n\n\
+                     usage: {binary} [--config FILE] [--print-config]\n\n\
+                     Config layers: built-in defaults, then FILE (TOML; also RECMESH_CONFIG),\n\
+                     then RECMESH_* environment variables with `__` between nested keys,\n\
+                     e.g. RECMESH_SERVER__GRPC_ADDR=0.0.0.0:50051. Logs: RECMESH_LOG (filter),\n\
+                     RECMESH_LOG_FORMAT=json. --print-config shows every key and its value."
+                );
+                return Ok(None);
+            }
+            other => {
+                return Err(ConfigError::invalid(
+                    other,
+                    "is not an option (try --help)",
+                ));
+            }
+        }
+    }
+    let config: T = load(file.as_deref())?;
+    if print {
+        let text = toml::to_string_pretty(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        println!("{text}");
+        return Ok(None);
+    }
+    Ok(Some(config))
+}
+
 /// Settings of the gRPC server and its admin HTTP port, shared by every service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

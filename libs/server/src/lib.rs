@@ -210,8 +210,20 @@ impl GrpcServer {
         result
     }
 
-    /// Binds nothing itself: serves on `listeners` in a background task and
-    /// returns a handle that stops it.
+    /// Binds the configured addresses and serves in a background task.
+    pub async fn start(self) -> Result<ServerHandle, ServeError> {
+        let listeners = Listeners::bind(&self.config).await?;
+        Ok(self.spawn(listeners))
+    }
+
+    /// Binds the configured addresses and serves until `shutdown`, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let listeners = Listeners::bind(&self.config).await?;
+        self.serve(listeners, shutdown).await
+    }
+
+    /// Serves on already bound `listeners` in a background task and returns
+    /// a handle that stops it.
     pub fn spawn(self, listeners: Listeners) -> ServerHandle {
         let name = self.name;
         let grpc_addr = listeners.grpc_addr();

@@ -1,0 +1,141 @@
+//! Variant params: the one schema through which an experiment changes the
+//! pipeline. The experiments service validates pushed configs with it and the
+//! gateway applies it, so a param that is accepted is a param that works.
+//!
+//! Params travel as a string map (`"retrieval.candidates" = "300"`); unknown
+//! keys and out-of-range values are rejected naming the key.
+
+use std::collections::HashMap;
+
+/// Pipeline settings one variant can change; `Default` is the control.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantParams {
+    /// `retrieval.candidates`: candidates retrieval returns to ranking.
+    pub candidates: u32,
+    /// `ranking.model`: ranking model name ("" = the service default).
+    pub ranking_model: String,
+    /// `rerank.category_cap`: max items per category in the final list (0 = the reranker's default).
+    pub category_cap: u32,
+    /// `budget.retrieval_ms`: override of the retrieval stage budget.
+    pub retrieval_budget_ms: Option<u64>,
+    /// `budget.ranking_ms`: override of the ranking stage budget.
+    pub ranking_budget_ms: Option<u64>,
+    /// `budget.rerank_ms`: override of the rerank stage budget.
+    pub rerank_budget_ms: Option<u64>,
+}
+
+impl Default for VariantParams {
+    fn default() -> Self {
+        VariantParams {
+            // A few hundred candidates: enough recall for ranking to matter,
+            // few enough to score inside the ranking budget.
+            candidates: 200,
+            ranking_model: String::new(),
+            category_cap: 0,
+            retrieval_budget_ms: None,
+            ranking_budget_ms: None,
+            rerank_budget_ms: None,
+        }
+    }
+}
+
+/// A param that is unknown or out of range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    /// The key.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Every key [`VariantParams::apply`] accepts, for error messages and docs.
+pub const KNOWN_KEYS: &[&str] = &[
+    "retrieval.candidates",
+    "ranking.model",
+    "rerank.category_cap",
+    "budget.retrieval_ms",
+    "budget.ranking_ms",
+    "budget.rerank_ms",
+];
+
+fn ranged(key: &str, value: &str, lo: u64, hi: u64) -> Result<u64, ParamError> {
+    match value.trim().parse::<u64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(ParamError {
+            key: key.to_owned(),
+            reason: format!("`{value}` is not an integer in {lo}..={hi}"),
+        }),
+    }
+}
+
+impl VariantParams {
+    /// Applies `params` on top of `self`; the first bad key is the error.
+    pub fn apply(mut self, params: &HashMap<String, String>) -> Result<Self, ParamError> {
+        let mut keys: Vec<&String> = params.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = &params[key];
+            match key.as_str() {
+                "retrieval.candidates" => self.candidates = ranged(key, value, 10, 2_000)? as u32,
+                "ranking.model" => {
+                    if value.len() > 64 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                        return Err(ParamError {
+                            key: key.clone(),
+                            reason: "must be at most 64 characters of [A-Za-z0-9-_.]".into(),
+                        });
+                    }
+                    self.ranking_model = value.clone();
+                }
+                "rerank.category_cap" => self.category_cap = ranged(key, value, 0, 100)? as u32,
+                // Stage budgets stay inside the 150 ms request budget.
+                "budget.retrieval_ms" => self.retrieval_budget_ms = Some(ranged(key, value, 1, 150)?),
+                "budget.ranking_ms" => self.ranking_budget_ms = Some(ranged(key, value, 1, 150)?),
+                "budget.rerank_ms" => self.rerank_budget_ms = Some(ranged(key, value, 1, 150)?),
+                _ => {
+                    return Err(ParamError {
+                        key: key.clone(),
+                        reason: format!("unknown param; known: {}", KNOWN_KEYS.join(", ")),
+                    });
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+// By hand rather than with thiserror: this crate stays free of dependencies
+// beyond serde.
+impl std::error::Error for ParamError {}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "param `{}`: {}", self.key, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn applies_known_keys() {
+        let p = VariantParams::default()
+            .apply(&map(&[("retrieval.candidates", "300"), ("rerank.category_cap", "2"), ("budget.ranking_ms", "30")]))
+            .expect("valid");
+        assert_eq!((p.candidates, p.category_cap, p.ranking_budget_ms), (300, 2, Some(30)));
+    }
+
+    #[test]
+    fn rejects_unknown_and_out_of_range_naming_the_key() {
+        let e = VariantParams::default().apply(&map(&[("retrieval.candidatez", "3")])).expect_err("typo");
+        assert_eq!(e.key, "retrieval.candidatez");
+        let e = VariantParams::default().apply(&map(&[("retrieval.candidates", "5")])).expect_err("too few");
+        assert_eq!(e.key, "retrieval.candidates");
+        let e = VariantParams::default().apply(&map(&[("budget.rerank_ms", "x")])).expect_err("nan");
+        assert!(e.to_string().contains("budget.rerank_ms"));
+    }
+}
