@@ -32,9 +32,15 @@ pub struct AddressError {
     pub reason: String,
 }
 
-/// A channel to `addr` (`http://host:port`) that connects on first use and
-/// reconnects after failures, so services can start in any order.
-pub fn lazy_channel(key: &str, addr: &str) -> Result<Channel, AddressError> {
+impl From<AddressError> for recmesh_server::ConfigError {
+    fn from(e: AddressError) -> Self {
+        recmesh_server::ConfigError::invalid(e.key, format!("`{}` {}", e.addr, e.reason))
+    }
+}
+
+/// Checks an upstream address (`http://host:port`) without connecting; for
+/// config validation at start.
+pub fn check_address(key: &str, addr: &str) -> Result<Endpoint, AddressError> {
     let err = |reason: String| AddressError {
         key: key.to_owned(),
         addr: addr.to_owned(),
@@ -43,7 +49,13 @@ pub fn lazy_channel(key: &str, addr: &str) -> Result<Channel, AddressError> {
     if !addr.starts_with("http://") && !addr.starts_with("https://") {
         return Err(err("must start with http:// (e.g. http://127.0.0.1:50052)".into()));
     }
-    let endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| err(e.to_string()))?;
+    Endpoint::from_shared(addr.to_owned()).map_err(|e| err(e.to_string()))
+}
+
+/// A channel to `addr` (`http://host:port`) that connects on first use and
+/// reconnects after failures, so services can start in any order.
+pub fn lazy_channel(key: &str, addr: &str) -> Result<Channel, AddressError> {
+    let endpoint = check_address(key, addr)?;
     Ok(endpoint
         // A peer that does not accept within 1 s is down for our purposes;
         // stage budgets are far shorter, so this only bounds background work.
@@ -92,7 +104,7 @@ impl Deadline {
 }
 
 /// A request with `grpc-timeout` set to `timeout` and the request id attached.
-pub fn request<T>(message: T, timeout: Duration, request_id: &str) -> tonic::Request<T> {
+pub fn outgoing<T>(message: T, timeout: Duration, request_id: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);
     if let Ok(v) = MetadataValue::try_from(request_id) {
@@ -143,7 +155,7 @@ impl std::fmt::Display for CallError {
 }
 
 /// Runs `call(timeout)` bounded by `timeout` (which it should also send as
-/// `grpc-timeout`, see [`request`]). Returns the message or why there is none.
+/// `grpc-timeout`, see [`outgoing`]). Returns the message or why there is none.
 pub async fn bounded<T, F, Fut>(timeout: Duration, call: F) -> Result<T, CallError>
 where
     F: FnOnce(Duration) -> Fut,

@@ -302,11 +302,9 @@ impl RetrievalService {
         let index = &self.index;
         let mut merger = Merger::new(index, &constraints);
 
-        if !ctx.anchor_item_id.is_empty() {
-            let anchor = index
-                .catalog
-                .index_of(&ctx.anchor_item_id)
-                .ok_or_else(|| FieldError::new("context.anchor_item_id", "unknown item"))?;
+        // An anchor the index does not know yet (a brand-new item) adds no
+        // candidates rather than failing the request.
+        if let Some(anchor) = index.catalog.index_of(&ctx.anchor_item_id) {
             let title = index.title(anchor).to_owned();
             merger.add(
                 "anchor",
