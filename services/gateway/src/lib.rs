@@ -1,1 +1,628 @@
-//! placeholder
+//! Gateway: the public `Recommend`, `SimilarItems`, `Trending` and `Track`
+//! RPCs, orchestrating the stage services under latency budgets.
+//!
+//! `Recommend` runs assignment and user features in parallel, then
+//! retrieval → ranking → rerank. Every call gets the smaller of its stage
+//! budget and what is left of the request's deadline. Every stage has a
+//! fallback, so a valid request always gets an answer while the gateway is
+//! up; the response's stage report says which stages fell back and
+//! `degraded` is set when any did:
+//!
+//! | stage late or failing | fallback           |
+//! |-----------------------|--------------------|
+//! | assign                | `control` params   |
+//! | features              | `anonymous` profile|
+//! | retrieval             | `popularity` lists |
+//! | ranking               | `retrieval_order`  |
+//! | rerank                | `gateway_rules`    |
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod fallback;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use recmesh_algo::params::VariantParams;
+use recmesh_algo::rules::{HardFilters, select};
+use recmesh_catalog::Dataset;
+use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
+use recmesh_mesh::{CallError, Deadline, bounded, lazy_channel, outgoing, request_id};
+use recmesh_proto::v1::{
+    self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient, gateway_server::GatewayServer,
+    ranking_client::RankingClient, reranker_client::RerankerClient, retrieval_client::RetrievalClient,
+};
+use recmesh_server::GrpcServer;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+pub use config::Config;
+use config::Budgets;
+use fallback::{PopularityLists, SharedLists};
+
+/// Stage names as they appear in reports and metric labels.
+pub mod stage {
+    /// Experiment assignment.
+    pub const ASSIGN: &str = "assign";
+    /// User features.
+    pub const FEATURES: &str = "features";
+    /// Candidate retrieval.
+    pub const RETRIEVAL: &str = "retrieval";
+    /// Ranking.
+    pub const RANKING: &str = "ranking";
+    /// Re-ranking.
+    pub const RERANK: &str = "rerank";
+}
+
+/// Fallback names as they appear in reports and metric labels.
+pub mod fallback_name {
+    /// Control variant params instead of an assignment.
+    pub const CONTROL: &str = "control";
+    /// An anonymous (cold-start) profile instead of the user's features.
+    pub const ANONYMOUS: &str = "anonymous";
+    /// The gateway's popularity lists instead of retrieval.
+    pub const POPULARITY: &str = "popularity";
+    /// Retrieval's order instead of the ranking model's.
+    pub const RETRIEVAL_ORDER: &str = "retrieval_order";
+    /// Hard filters and truncation in the gateway instead of the reranker.
+    pub const GATEWAY_RULES: &str = "gateway_rules";
+}
+
+#[derive(Debug, Clone)]
+struct Clients {
+    experiments: ExperimentsClient<Channel>,
+    features: FeaturesClient<Channel>,
+    retrieval: RetrievalClient<Channel>,
+    ranking: RankingClient<Channel>,
+    reranker: RerankerClient<Channel>,
+}
+
+/// The gateway service.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    clients: Clients,
+    config: Arc<Config>,
+    lists: SharedLists,
+    cache: cache::ResponseCache,
+}
+
+/// A `Recommend` request after validation.
+#[derive(Debug, Clone)]
+struct RecommendQuery {
+    user_id: String,
+    context: pb::RequestContext,
+    count: u32,
+    exclude: Vec<String>,
+    filters: pb::Filters,
+    debug: bool,
+}
+
+/// Runs one stage call bounded by `budget` within `deadline` and reports it.
+async fn run_stage<T, F, Fut>(name: &'static str, budget: Duration, deadline: &Deadline, call: F) -> (Result<T, CallError>, pb::StageReport)
+where
+    F: FnOnce(Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let given = deadline.budget(budget);
+    let started = Instant::now();
+    let result = bounded(given, call).await;
+    let latency = started.elapsed();
+    let (outcome, label, detail) = match &result {
+        Ok(_) => (pb::StageOutcome::Ok, "ok", String::new()),
+        Err(e @ CallError::Timeout(_)) => (pb::StageOutcome::Timeout, e.outcome(), e.to_string()),
+        Err(e @ CallError::Status(_)) => (pb::StageOutcome::Error, e.outcome(), e.to_string()),
+        Err(e @ CallError::NoBudget) => (pb::StageOutcome::Skipped, e.outcome(), e.to_string()),
+    };
+    metrics::histogram!("recmesh_gateway_stage_duration_seconds", "stage" => name, "outcome" => label)
+        .record(latency.as_secs_f64());
+    let report = pb::StageReport {
+        stage: name.to_owned(),
+        latency_us: latency.as_micros().min(u128::from(u32::MAX)) as u32,
+        outcome: outcome as i32,
+        fallback: String::new(),
+        budget_us: given.as_micros().min(u128::from(u32::MAX)) as u32,
+        detail,
+    };
+    (result, report)
+}
+
+/// Marks `report` as answered by `fallback` and counts it.
+fn fell_back(report: &mut pb::StageReport, fallback: &'static str) {
+    metrics::counter!("recmesh_gateway_fallback_total", "stage" => report.stage.clone(), "fallback" => fallback)
+        .increment(1);
+    report.fallback = fallback.to_owned();
+}
+
+fn to_items(candidates: Vec<pb::Candidate>) -> Vec<pb::RecommendedItem> {
+    candidates
+        .into_iter()
+        .map(|c| {
+            let (category, price) = c.attributes.map_or((String::new(), 0.0), |a| (a.category, a.price));
+            let mut reasons = c.reasons;
+            if reasons.is_empty() {
+                reasons.push("recommended for you".to_owned());
+            }
+            pb::RecommendedItem {
+                item_id: c.item_id,
+                score: c.score,
+                source: c.source,
+                reasons,
+                category,
+                price,
+            }
+        })
+        .collect()
+}
+
+impl Gateway {
+    /// A gateway with lazily connected channels to the stages, popularity
+    /// lists seeded from `data`, and (inside a Tokio runtime) the background
+    /// refresh of those lists.
+    pub fn new(config: Config, data: &Dataset) -> Result<Self, recmesh_mesh::AddressError> {
+        let u = &config.upstreams;
+        let clients = Clients {
+            experiments: ExperimentsClient::new(lazy_channel("upstreams.experiments", &u.experiments)?),
+            features: FeaturesClient::new(lazy_channel("upstreams.features", &u.features)?),
+            retrieval: RetrievalClient::new(lazy_channel("upstreams.retrieval", &u.retrieval)?),
+            ranking: RankingClient::new(lazy_channel("upstreams.ranking", &u.ranking)?),
+            reranker: RerankerClient::new(lazy_channel("upstreams.reranker", &u.reranker)?),
+        };
+        let p = &config.popularity;
+        let lists: SharedLists = Arc::new(RwLock::new(Arc::new(PopularityLists::from_dataset(
+            data,
+            p.overall as usize,
+            p.per_category as usize,
+        ))));
+        fallback::spawn_refresh(
+            &lists,
+            clients.retrieval.clone(),
+            Duration::from_millis(p.refresh_ms),
+            p.overall,
+            p.per_category,
+        );
+        Ok(Gateway {
+            clients,
+            cache: cache::ResponseCache::new(&config.cache),
+            config: Arc::new(config),
+            lists,
+        })
+    }
+
+    fn lists(&self) -> Arc<PopularityLists> {
+        self.lists.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn check_category(&self, lists: &PopularityLists, field: &str, name: &str) -> Result<(), FieldError> {
+        if lists.knows_category(name) {
+            Ok(())
+        } else {
+            let known: Vec<&str> = lists.categories().collect();
+            Err(FieldError::new(field, format!("unknown category `{name}`; known: {}", known.join(", "))))
+        }
+    }
+
+    fn check_count(&self, count: u32) -> Result<(), FieldError> {
+        let max = self.config.limits.max_count;
+        if count == 0 || count > max {
+            Err(FieldError::new("count", format!("must be in 1..={max}, got {count}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_exclusions(&self, ids: &[String]) -> Result<(), FieldError> {
+        let max = self.config.limits.max_exclusions;
+        if ids.len() > max {
+            return Err(FieldError::new("exclude_item_ids", format!("at most {max} ids, got {}", ids.len())));
+        }
+        for (n, id) in ids.iter().enumerate() {
+            check_id(&format!("exclude_item_ids[{n}]"), id)?;
+        }
+        Ok(())
+    }
+
+    fn check_filters(&self, lists: &PopularityLists, filters: &pb::Filters) -> Result<(), FieldError> {
+        for (n, c) in filters.categories.iter().enumerate() {
+            self.check_category(lists, &format!("filters.categories[{n}]"), c)?;
+        }
+        let (lo, hi) = (filters.min_price, filters.max_price);
+        if !(lo >= 0.0) {
+            return Err(FieldError::new("filters.min_price", "must be ≥ 0"));
+        }
+        if !(hi >= 0.0) {
+            return Err(FieldError::new("filters.max_price", "must be ≥ 0 (0 = no maximum)"));
+        }
+        if hi > 0.0 && lo > hi {
+            return Err(FieldError::new("filters.min_price", format!("{lo} is above filters.max_price {hi}")));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, req: pb::RecommendRequest) -> Result<RecommendQuery, FieldError> {
+        let lists = self.lists();
+        check_id("user_id", &req.user_id)?;
+        self.check_count(req.count)?;
+        self.check_exclusions(&req.exclude_item_ids)?;
+        let context = req.context.unwrap_or_default();
+        for (field, value) in [("context.page", &context.page), ("context.device", &context.device)] {
+            if value.len() > 64 {
+                return Err(FieldError::new(field, "must be at most 64 bytes"));
+            }
+        }
+        if !context.anchor_item_id.is_empty() {
+            check_id("context.anchor_item_id", &context.anchor_item_id)?;
+        }
+        if !context.category.is_empty() {
+            self.check_category(&lists, "context.category", &context.category)?;
+        }
+        let filters = req.filters.unwrap_or_default();
+        self.check_filters(&lists, &filters)?;
+        Ok(RecommendQuery {
+            user_id: req.user_id,
+            context,
+            count: req.count,
+            exclude: req.exclude_item_ids,
+            filters,
+            debug: req.debug,
+        })
+    }
+
+    /// The request deadline: the budget, or the client's deadline less the
+    /// reserve for building a fallback answer, whichever is sooner.
+    fn deadline<T>(&self, req: &Request<T>) -> Deadline {
+        let b = &self.config.budgets;
+        let client = Deadline::from_metadata(req.metadata(), Duration::from_secs(3600)).remaining();
+        Deadline::after(Budgets::ms(b.request_ms).min(client.saturating_sub(Budgets::ms(b.reserve_ms))))
+    }
+
+    /// Categories whose popularity best fits a query without retrieval.
+    fn fallback_categories<'a>(q: &'a RecommendQuery, profile: &'a pb::UserFeatures) -> Vec<&'a str> {
+        let mut categories: Vec<&str> = Vec::new();
+        if !q.context.category.is_empty() {
+            categories.push(&q.context.category);
+        }
+        categories.extend(q.filters.categories.iter().map(String::as_str));
+        if categories.is_empty() {
+            categories.extend(profile.top_categories.iter().map(String::as_str));
+        }
+        categories
+    }
+
+    /// Applies the hard filters and cap in the gateway (the rerank fallback).
+    fn gateway_rules(
+        candidates: Vec<pb::Candidate>,
+        count: u32,
+        exclude: &[String],
+        purchased: &[String],
+        filters: &pb::Filters,
+        cap: u32,
+    ) -> Vec<pb::Candidate> {
+        let rules = HardFilters {
+            excluded: exclude.iter().map(String::as_str).collect(),
+            purchased: purchased.iter().map(String::as_str).collect(),
+            categories: filters.categories.iter().map(String::as_str).collect(),
+            min_price: filters.min_price,
+            max_price: filters.max_price,
+        };
+        let items: Vec<_> = candidates.iter().map(rule_item).collect();
+        let (kept, _) = select(&items, &rules, count as usize, cap as usize);
+        let mut slots: Vec<Option<pb::Candidate>> = candidates.into_iter().map(Some).collect();
+        kept.into_iter().filter_map(|i| slots[i].take()).collect()
+    }
+
+    async fn recommend_pipeline(&self, q: &RecommendQuery, deadline: Deadline, rid: &str) -> pb::RecommendResponse {
+        let b = &self.config.budgets;
+        let mut stages = Vec::with_capacity(5);
+
+        // 1. Assignment and user features, in parallel.
+        let mut experiments = self.clients.experiments.clone();
+        let mut features = self.clients.features.clone();
+        let assign_req = pb::AssignRequest {
+            user_id: q.user_id.clone(),
+            context: Some(q.context.clone()),
+        };
+        let user_req = pb::GetUserRequest {
+            user_id: q.user_id.clone(),
+            max_recent: 0,
+        };
+        let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
+            run_stage(stage::ASSIGN, Budgets::ms(b.assign_ms), &deadline, |t| experiments
+                .assign(outgoing(assign_req, t, rid))),
+            run_stage(stage::FEATURES, Budgets::ms(b.features_ms), &deadline, |t| features
+                .get_user(outgoing(user_req, t, rid))),
+        );
+        let (assignments, params) = match assigned {
+            Ok(a) => {
+                let mut params = VariantParams::default();
+                for x in &a.assignments {
+                    let map: HashMap<String, String> = x.params.clone().into_iter().collect();
+                    match params.clone().apply(&map) {
+                        Ok(p) => params = p,
+                        Err(e) => tracing::warn!(experiment = %x.experiment_id, error = %e, "variant params ignored"),
+                    }
+                }
+                (a.assignments, params)
+            }
+            Err(_) => {
+                fell_back(&mut assign_report, fallback_name::CONTROL);
+                (Vec::new(), VariantParams::default())
+            }
+        };
+        let profile = user.unwrap_or_else(|_| {
+            fell_back(&mut user_report, fallback_name::ANONYMOUS);
+            pb::UserFeatures {
+                user_id: q.user_id.clone(),
+                ..Default::default()
+            }
+        });
+        stages.push(assign_report);
+        stages.push(user_report);
+
+        // 2. Retrieval.
+        let mut retrieval = self.clients.retrieval.clone();
+        let retrieve_req = pb::RetrieveRequest {
+            user_id: q.user_id.clone(),
+            recent: profile.recent.clone(),
+            context: Some(q.context.clone()),
+            count: params.candidates,
+            exclude_item_ids: q.exclude.clone(),
+            filters: Some(q.filters.clone()),
+        };
+        let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
+        let (retrieved, mut report) = run_stage(stage::RETRIEVAL, Budgets::ms(budget), &deadline, |t| {
+            retrieval.retrieve(outgoing(retrieve_req, t, rid))
+        })
+        .await;
+        let candidates = match retrieved {
+            Ok(r) if !r.candidates.is_empty() => r.candidates,
+            _ => {
+                fell_back(&mut report, fallback_name::POPULARITY);
+                let categories = Self::fallback_categories(q, &profile);
+                self.lists().candidates(&categories, params.candidates as usize)
+            }
+        };
+        stages.push(report);
+
+        // 3. Ranking.
+        let mut ranking = self.clients.ranking.clone();
+        let rank_req = pb::RankRequest {
+            user_id: q.user_id.clone(),
+            candidates: candidates.clone(),
+            model: params.ranking_model.clone(),
+            recent: profile.recent.clone(),
+        };
+        let budget = params.ranking_budget_ms.unwrap_or(b.ranking_ms);
+        let (ranked, mut report) =
+            run_stage(stage::RANKING, Budgets::ms(budget), &deadline, |t| ranking.rank(outgoing(rank_req, t, rid))).await;
+        let (candidates, model_version) = match ranked {
+            Ok(r) => (r.candidates, r.model_version),
+            Err(_) => {
+                fell_back(&mut report, fallback_name::RETRIEVAL_ORDER);
+                (candidates, String::new())
+            }
+        };
+        stages.push(report);
+
+        // 4. Re-ranking.
+        let mut reranker = self.clients.reranker.clone();
+        let rerank_req = pb::RerankRequest {
+            user_id: q.user_id.clone(),
+            candidates: candidates.clone(),
+            count: q.count,
+            exclude_item_ids: q.exclude.clone(),
+            purchased_item_ids: profile.purchased_item_ids.clone(),
+            filters: Some(q.filters.clone()),
+            category_cap: params.category_cap,
+        };
+        let budget = params.rerank_budget_ms.unwrap_or(b.rerank_ms);
+        let (reranked, mut report) =
+            run_stage(stage::RERANK, Budgets::ms(budget), &deadline, |t| reranker.rerank(outgoing(rerank_req, t, rid))).await;
+        let finals = match reranked {
+            Ok(r) => r.candidates,
+            Err(_) => {
+                fell_back(&mut report, fallback_name::GATEWAY_RULES);
+                let cap = if params.category_cap > 0 {
+                    params.category_cap
+                } else {
+                    self.config.popularity.fallback_category_cap
+                };
+                Self::gateway_rules(candidates, q.count, &q.exclude, &profile.purchased_item_ids, &q.filters, cap)
+            }
+        };
+        stages.push(report);
+
+        let degraded = stages.iter().any(|s| !s.fallback.is_empty());
+        pb::RecommendResponse {
+            request_id: rid.to_owned(),
+            items: to_items(finals),
+            model_version,
+            assignments,
+            stages,
+            degraded,
+            cached: false,
+        }
+    }
+
+    /// `SimilarItems` / `Trending`: one retrieval call, the gateway's rules,
+    /// popularity when retrieval fails.
+    async fn list_with_fallback(
+        &self,
+        deadline: Deadline,
+        rid: &str,
+        call: impl AsyncFnOnce(&mut RetrievalClient<Channel>, Duration) -> Result<tonic::Response<pb::RetrieveResponse>, Status>,
+        fallback_category: Option<&str>,
+        count: u32,
+        exclude: &[String],
+        filters: &pb::Filters,
+    ) -> Result<pb::RecommendResponse, Status> {
+        let mut retrieval = self.clients.retrieval.clone();
+        let budget = Budgets::ms(self.config.budgets.retrieval_ms);
+        let (answer, mut report) = run_stage(stage::RETRIEVAL, budget, &deadline, |t| call(&mut retrieval, t)).await;
+        let candidates = match answer {
+            Ok(r) => r.candidates,
+            // The item or category does not exist: the client's mistake, not ours.
+            Err(CallError::Status(s)) if s.code() == tonic::Code::NotFound => return Err(s),
+            Err(_) => {
+                fell_back(&mut report, fallback_name::POPULARITY);
+                self.lists().list(fallback_category).to_vec()
+            }
+        };
+        let finals = Self::gateway_rules(candidates, count, exclude, &[], filters, 0);
+        Ok(pb::RecommendResponse {
+            request_id: rid.to_owned(),
+            items: to_items(finals),
+            degraded: !report.fallback.is_empty(),
+            stages: vec![report],
+            ..Default::default()
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for Gateway {
+    async fn recommend(&self, request: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let rid = request_id(&request);
+        let q = self.validate(request.into_inner())?;
+
+        let key = cache::query_key(&q.context, q.count, &q.exclude, &q.filters);
+        let entry = self.cache.entry(&q.user_id).await;
+        if !q.debug {
+            if let Some(hit) = entry.as_ref().and_then(|e| e.get(key)) {
+                metrics::counter!("recmesh_gateway_cache_total", "result" => "hit").increment(1);
+                let mut response = (*hit).clone();
+                response.request_id = rid;
+                response.cached = true;
+                return Ok(Response::new(response));
+            }
+            metrics::counter!("recmesh_gateway_cache_total", "result" => "miss").increment(1);
+        }
+
+        let response = self.recommend_pipeline(&q, deadline, &rid).await;
+        metrics::counter!("recmesh_gateway_recommend_total", "degraded" => if response.degraded { "true" } else { "false" })
+            .increment(1);
+        // Degraded answers are not cached: the next request should get the
+        // real thing as soon as the stage is back.
+        if !response.degraded && !q.debug {
+            if let Some(e) = entry {
+                e.put(key, Arc::new(response.clone()));
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn similar_items(&self, request: Request<pb::SimilarItemsRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let rid = request_id(&request);
+        let req = request.into_inner();
+        check_id("item_id", &req.item_id)?;
+        if !req.user_id.is_empty() {
+            check_id("user_id", &req.user_id)?;
+        }
+        self.check_count(req.count)?;
+        self.check_exclusions(&req.exclude_item_ids)?;
+        let filters = req.filters.clone().unwrap_or_default();
+        self.check_filters(&self.lists(), &filters)?;
+        let mut exclude = req.exclude_item_ids.clone();
+        exclude.push(req.item_id.clone());
+        let similar = pb::SimilarRequest {
+            item_id: req.item_id.clone(),
+            // Ask for more than needed: the gateway's rules may drop some.
+            count: req.count.saturating_mul(2),
+            exclude_item_ids: req.exclude_item_ids.clone(),
+            filters: req.filters.clone(),
+        };
+        let response = self
+            .list_with_fallback(
+                deadline,
+                &rid,
+                async |c, t| c.similar(outgoing(similar, t, &rid)).await,
+                None,
+                req.count,
+                &exclude,
+                &filters,
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn trending(&self, request: Request<pb::TrendingRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let rid = request_id(&request);
+        let req = request.into_inner();
+        self.check_count(req.count)?;
+        let category = (!req.category.is_empty()).then_some(req.category.as_str());
+        if let Some(c) = category {
+            self.check_category(&self.lists(), "category", c)?;
+        }
+        let popular = pb::PopularRequest {
+            category: req.category.clone(),
+            count: req.count.saturating_mul(2),
+            per_category: 0,
+        };
+        let response = self
+            .list_with_fallback(
+                deadline,
+                &rid,
+                async |c, t| c.popular(outgoing(popular, t, &rid)).await,
+                category,
+                req.count,
+                &[],
+                &pb::Filters::default(),
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn track(&self, request: Request<pb::TrackRequest>) -> Result<Response<pb::TrackResponse>, Status> {
+        let rid = request_id(&request);
+        let deadline = Deadline::from_metadata(request.metadata(), Budgets::ms(self.config.budgets.track_ms));
+        let req = request.into_inner();
+        check_id("event_id", &req.event_id)?;
+        check_id("user_id", &req.user_id)?;
+        check_id("item_id", &req.item_id)?;
+        if event_kind(req.event_type).is_none() {
+            return Err(FieldError::new("event_type", "must be VIEW, CLICK, ADD_TO_CART or PURCHASE").into());
+        }
+        let ingest = pb::IngestRequest {
+            events: vec![pb::Event {
+                event_id: req.event_id,
+                user_id: req.user_id.clone(),
+                item_id: req.item_id,
+                event_type: req.event_type,
+                timestamp_ms: req.timestamp_ms,
+            }],
+        };
+        let mut features = self.clients.features.clone();
+        match bounded(deadline.remaining(), |t| features.ingest(outgoing(ingest, t, &rid))).await {
+            Ok(r) => {
+                // The user's next Recommend must reflect the event.
+                self.cache.invalidate(&req.user_id).await;
+                Ok(Response::new(pb::TrackResponse { applied: r.applied == 1 }))
+            }
+            // Field errors come back as `events[0].<field>: ...`; the client sent `<field>`.
+            Err(CallError::Status(s)) if s.code() == tonic::Code::InvalidArgument => {
+                Err(Status::invalid_argument(s.message().trim_start_matches("events[0].")))
+            }
+            Err(e) => Err(Status::unavailable(format!("event not recorded ({e}); retry with the same event_id"))),
+        }
+    }
+}
+
+/// The gateway server over `data` (for the fallback lists), ready to start or
+/// run. Must be called inside a Tokio runtime (it starts the list refresh).
+pub fn server(config: Config, data: &Dataset) -> Result<GrpcServer, recmesh_mesh::AddressError> {
+    let server_config = config.server.clone();
+    Ok(GrpcServer::new("gateway", server_config).add_service(GatewayServer::new(Gateway::new(config, data)?)))
+}
+
+/// Loads the data, serves until `shutdown`, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let data = config.data.load()?;
+    server(config, &data)?.run(shutdown).await?;
+    Ok(())
+}

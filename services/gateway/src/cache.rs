@@ -1,0 +1,114 @@
+//! The L1 response cache: recent `Recommend` answers per user.
+//!
+//! Keyed by user, so a `Track` drops everything cached for that user in one
+//! step. A request takes its user's entry before running the pipeline and
+//! stores into that same entry; if a `Track` invalidated the user meanwhile,
+//! the entry is no longer in the cache and the stale answer is dropped with it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moka::future::Cache;
+use prost::Message;
+use recmesh_proto::v1 as pb;
+
+use crate::config::CacheConfig;
+
+/// Different queries cached per user: page, category and count variations
+/// of one visit fit; more would only hold stale answers.
+const QUERIES_PER_USER: usize = 8;
+
+/// One user's cached answers, by query key.
+#[derive(Debug, Default)]
+pub struct UserEntry {
+    answers: Mutex<Vec<(u64, Arc<pb::RecommendResponse>)>>,
+}
+
+impl UserEntry {
+    /// The cached answer to `key`.
+    pub fn get(&self, key: u64) -> Option<Arc<pb::RecommendResponse>> {
+        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone())
+    }
+
+    /// Stores an answer, evicting the oldest beyond [`QUERIES_PER_USER`].
+    pub fn put(&self, key: u64, response: Arc<pb::RecommendResponse>) {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.retain(|(k, _)| *k != key);
+        answers.push((key, response));
+        if answers.len() > QUERIES_PER_USER {
+            answers.remove(0);
+        }
+    }
+}
+
+/// The cache; disabled when the TTL is 0.
+#[derive(Debug, Clone)]
+pub struct ResponseCache {
+    users: Option<Cache<String, Arc<UserEntry>>>,
+}
+
+impl ResponseCache {
+    /// A cache sized and timed by `config`.
+    pub fn new(config: &CacheConfig) -> Self {
+        let users = (config.ttl_ms > 0).then(|| {
+            Cache::builder()
+                .max_capacity(config.max_users)
+                .time_to_live(Duration::from_millis(config.ttl_ms))
+                .build()
+        });
+        ResponseCache { users }
+    }
+
+    /// The user's entry (created empty when absent); `None` when disabled.
+    pub async fn entry(&self, user: &str) -> Option<Arc<UserEntry>> {
+        let users = self.users.as_ref()?;
+        Some(users.get_with_by_ref(user, async { Arc::new(UserEntry::default()) }).await)
+    }
+
+    /// Drops everything cached for `user`.
+    pub async fn invalidate(&self, user: &str) {
+        if let Some(users) = &self.users {
+            users.invalidate(user).await;
+        }
+    }
+}
+
+/// The cache key of a query: a hash of everything but the user id (the
+/// user selects the entry) and the debug flag (debug requests skip the cache).
+pub fn query_key(context: &pb::RequestContext, count: u32, exclude: &[String], filters: &pb::Filters) -> u64 {
+    let mut bytes = context.encode_to_vec();
+    bytes.extend_from_slice(&count.to_le_bytes());
+    for id in exclude {
+        bytes.extend_from_slice(id.as_bytes());
+        bytes.push(0);
+    }
+    bytes.extend_from_slice(&filters.encode_to_vec());
+    recmesh_algo::assign::fnv1a64(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn invalidation_orphans_in_flight_entries() {
+        let cache = ResponseCache::new(&CacheConfig::default());
+        let entry = cache.entry("u1").await.expect("enabled");
+        cache.invalidate("u1").await;
+        // A request that started before the Track stores into the old entry...
+        entry.put(1, Arc::new(pb::RecommendResponse::default()));
+        // ...which the next request does not see.
+        let fresh = cache.entry("u1").await.expect("enabled");
+        assert!(fresh.get(1).is_none());
+    }
+
+    #[test]
+    fn keys_differ_by_query() {
+        let ctx = pb::RequestContext::default();
+        let f = pb::Filters::default();
+        assert_ne!(query_key(&ctx, 10, &[], &f), query_key(&ctx, 11, &[], &f));
+        assert_ne!(query_key(&ctx, 10, &["a".into()], &f), query_key(&ctx, 10, &[], &f));
+        assert_eq!(query_key(&ctx, 10, &[], &f), query_key(&ctx, 10, &[], &f));
+    }
+}

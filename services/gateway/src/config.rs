@@ -1,0 +1,242 @@
+//! Gateway configuration: upstream addresses, stage budgets, limits, cache
+//! and popularity fallback.
+
+use std::time::Duration;
+
+use recmesh_catalog::files::DataSource;
+use recmesh_mesh::check_address;
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC port of the gateway.
+pub const DEFAULT_PORT: u16 = 50051;
+
+/// Configuration of the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC and admin server.
+    pub server: ServerConfig,
+    /// Where the stages are.
+    pub upstreams: Upstreams,
+    /// Latency budget of the request and of each stage.
+    pub budgets: Budgets,
+    /// Request size limits.
+    pub limits: Limits,
+    /// The L1 response cache.
+    pub cache: CacheConfig,
+    /// The popularity lists the gateway answers from when retrieval fails.
+    pub popularity: PopularityConfig,
+    /// Dataset the popularity lists are seeded from at start, so the gateway
+    /// can answer before retrieval has ever been reached.
+    pub data: DataSource,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::on_port(DEFAULT_PORT),
+            upstreams: Upstreams::default(),
+            budgets: Budgets::default(),
+            limits: Limits::default(),
+            cache: CacheConfig::default(),
+            popularity: PopularityConfig::default(),
+            data: DataSource::default(),
+        }
+    }
+}
+
+/// Addresses of the stage services (`http://host:port`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstreams {
+    /// Experiments service.
+    pub experiments: String,
+    /// Features service.
+    pub features: String,
+    /// Retrieval service.
+    pub retrieval: String,
+    /// Ranking service.
+    pub ranking: String,
+    /// Reranker service.
+    pub reranker: String,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        // The services' default ports on loopback.
+        Upstreams {
+            retrieval: "http://127.0.0.1:50052".into(),
+            ranking: "http://127.0.0.1:50053".into(),
+            reranker: "http://127.0.0.1:50054".into(),
+            experiments: "http://127.0.0.1:50055".into(),
+            features: "http://127.0.0.1:50056".into(),
+        }
+    }
+}
+
+/// Latency budgets in milliseconds. A stage gets the smaller of its budget
+/// and what is left of the request's deadline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budgets {
+    /// The whole `Recommend`, inside the 200 ms p99 SLO with room for the
+    /// network and the client.
+    pub request_ms: u64,
+    /// Experiment assignment (in parallel with user features).
+    pub assign_ms: u64,
+    /// User features (in parallel with assignment).
+    pub features_ms: u64,
+    /// Candidate retrieval.
+    pub retrieval_ms: u64,
+    /// Ranking.
+    pub ranking_ms: u64,
+    /// Re-ranking.
+    pub rerank_ms: u64,
+    /// Kept back from the request deadline to build a fallback answer and
+    /// send it, so a late stage never makes the whole request late.
+    pub reserve_ms: u64,
+    /// `Track`: ingesting one event.
+    pub track_ms: u64,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            request_ms: 150,
+            assign_ms: 5,
+            features_ms: 10,
+            retrieval_ms: 40,
+            ranking_ms: 50,
+            rerank_ms: 20,
+            reserve_ms: 5,
+            // A write the client waits for; generous, since it is not on the
+            // Recommend path.
+            track_ms: 200,
+        }
+    }
+}
+
+impl Budgets {
+    /// `ms` as a duration.
+    pub fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+/// Request size limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most items one request may ask for.
+    pub max_count: u32,
+    /// Most excluded item ids one request may carry.
+    pub max_exclusions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_count: 100,
+            max_exclusions: 1_000,
+        }
+    }
+}
+
+/// The L1 response cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a response is served from the cache; 0 disables the cache.
+    pub ttl_ms: u64,
+    /// Users whose responses are cached at most (least recently used leave first).
+    pub max_users: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            // Short enough that trending changes show within a minute; a
+            // Track for the user drops their entries at once anyway.
+            ttl_ms: 30_000,
+            max_users: 100_000,
+        }
+    }
+}
+
+/// Popularity fallback lists.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PopularityConfig {
+    /// How often the lists are refreshed from retrieval.
+    pub refresh_ms: u64,
+    /// Items kept in the overall list.
+    pub overall: u32,
+    /// Items kept per category.
+    pub per_category: u32,
+    /// Per-category cap the gateway applies itself when the reranker is down.
+    pub fallback_category_cap: u32,
+}
+
+impl Default for PopularityConfig {
+    fn default() -> Self {
+        PopularityConfig {
+            refresh_ms: 10_000,
+            overall: 500,
+            per_category: 200,
+            fallback_category_cap: 4,
+        }
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let u = &self.upstreams;
+        for (key, addr) in [
+            ("upstreams.experiments", &u.experiments),
+            ("upstreams.features", &u.features),
+            ("upstreams.retrieval", &u.retrieval),
+            ("upstreams.ranking", &u.ranking),
+            ("upstreams.reranker", &u.reranker),
+        ] {
+            check_address(key, addr)?;
+        }
+        let b = &self.budgets;
+        for (key, ms) in [
+            ("budgets.request_ms", b.request_ms),
+            ("budgets.assign_ms", b.assign_ms),
+            ("budgets.features_ms", b.features_ms),
+            ("budgets.retrieval_ms", b.retrieval_ms),
+            ("budgets.ranking_ms", b.ranking_ms),
+            ("budgets.rerank_ms", b.rerank_ms),
+            ("budgets.track_ms", b.track_ms),
+        ] {
+            if ms == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1 ms"));
+            }
+            if key != "budgets.track_ms" && ms > b.request_ms {
+                return Err(ConfigError::invalid(key, format!("must not exceed budgets.request_ms ({})", b.request_ms)));
+            }
+        }
+        if b.reserve_ms >= b.request_ms {
+            return Err(ConfigError::invalid("budgets.reserve_ms", "must be below budgets.request_ms"));
+        }
+        if self.limits.max_count == 0 {
+            return Err(ConfigError::invalid("limits.max_count", "must be at least 1"));
+        }
+        if self.popularity.refresh_ms == 0 {
+            return Err(ConfigError::invalid("popularity.refresh_ms", "must be at least 1 ms"));
+        }
+        if self.popularity.overall < self.limits.max_count {
+            return Err(ConfigError::invalid(
+                "popularity.overall",
+                format!("must be at least limits.max_count ({}) so a fallback can fill any request", self.limits.max_count),
+            ));
+        }
+        Ok(())
+    }
+}
