@@ -20,7 +20,8 @@ pub fn init_tracing() {
         let json = std::env::var("RECMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         // A second subscriber (e.g. a test harness that set its own) is fine.
         let _ = if json {
             builder.json().try_init()

@@ -1,1 +1,184 @@
-//! placeholder
+//! `recmesh`: the whole mesh in one command, and a client for it.
+//!
+//! [`start`] runs all six services in this process, each its own gRPC server
+//! on its own loopback port, talking to each other over real gRPC exactly as
+//! separate processes would. Tests use the same function on ephemeral ports.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use recmesh_catalog::Dataset;
+use recmesh_server::{ServeError, ServerConfig, ServerHandle};
+
+/// Ports of a mesh: `base` for the gateway and the next five for the stages
+/// (retrieval, ranking, reranker, experiments, features); admin ports are
+/// 1000 above each. `base = 0` puts everything on ephemeral ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortPlan {
+    /// Gateway port; 0 for ephemeral ports everywhere.
+    pub base: u16,
+}
+
+impl PortPlan {
+    /// The default layout (gateway on 50051).
+    pub const DEFAULT: PortPlan = PortPlan { base: 50051 };
+    /// Ephemeral ports (tests).
+    pub const EPHEMERAL: PortPlan = PortPlan { base: 0 };
+
+    fn server(&self, offset: u16) -> ServerConfig {
+        if self.base == 0 {
+            ServerConfig::ephemeral()
+        } else {
+            ServerConfig::on_port(self.base + offset)
+        }
+    }
+}
+
+/// The five stage services, running.
+#[derive(Debug)]
+pub struct Stages {
+    /// Retrieval.
+    pub retrieval: ServerHandle,
+    /// Ranking.
+    pub ranking: ServerHandle,
+    /// Reranker.
+    pub reranker: ServerHandle,
+    /// Experiments.
+    pub experiments: ServerHandle,
+    /// Features.
+    pub features: ServerHandle,
+}
+
+impl Stages {
+    /// Gateway upstreams pointing at these stages.
+    pub fn upstreams(&self) -> recmesh_gateway::config::Upstreams {
+        recmesh_gateway::config::Upstreams {
+            experiments: self.experiments.grpc_uri(),
+            features: self.features.grpc_uri(),
+            retrieval: self.retrieval.grpc_uri(),
+            ranking: self.ranking.grpc_uri(),
+            reranker: self.reranker.grpc_uri(),
+        }
+    }
+
+    /// Every stage handle with its name.
+    pub fn all(&self) -> [&ServerHandle; 5] {
+        [&self.retrieval, &self.ranking, &self.reranker, &self.experiments, &self.features]
+    }
+
+    /// Graceful stop of every stage.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        for h in [self.retrieval, self.ranking, self.reranker, self.experiments, self.features] {
+            h.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the mesh did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// A server could not bind or serve.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// An upstream address is malformed.
+    #[error(transparent)]
+    Address(#[from] recmesh_mesh::AddressError),
+    /// The experiments config is invalid.
+    #[error(transparent)]
+    Config(#[from] recmesh_server::ConfigError),
+}
+
+/// Starts the five stage services with embedded defaults over `data`.
+pub async fn start_stages(data: &Dataset, ports: PortPlan) -> Result<Stages, UpError> {
+    let features = recmesh_features::server(
+        recmesh_features::Config {
+            server: ports.server(5),
+            ..Default::default()
+        },
+        data,
+    )
+    .start()
+    .await?;
+    let retrieval = recmesh_retrieval::server(
+        recmesh_retrieval::Config {
+            server: ports.server(1),
+            ..Default::default()
+        },
+        data,
+    )
+    .start()
+    .await?;
+    let ranking = recmesh_ranking::server(recmesh_ranking::Config {
+        server: ports.server(2),
+        features_addr: features.grpc_uri(),
+        ..Default::default()
+    })?
+    .start()
+    .await?;
+    let reranker = recmesh_reranker::server(recmesh_reranker::Config {
+        server: ports.server(3),
+        ..Default::default()
+    })
+    .start()
+    .await?;
+    let experiments = recmesh_experiments::server(recmesh_experiments::Config {
+        server: ports.server(4),
+        ..Default::default()
+    })?
+    .start()
+    .await?;
+    Ok(Stages {
+        retrieval,
+        ranking,
+        reranker,
+        experiments,
+        features,
+    })
+}
+
+/// A running mesh.
+#[derive(Debug)]
+pub struct Mesh {
+    /// The gateway.
+    pub gateway: ServerHandle,
+    /// The stages behind it.
+    pub stages: Stages,
+    /// The data every service was started with.
+    pub data: Arc<Dataset>,
+}
+
+impl Mesh {
+    /// The gateway's gRPC address.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway.grpc_addr
+    }
+
+    /// Stops the gateway first (so no new work reaches the stages), then the stages.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.gateway.shutdown().await?;
+        self.stages.shutdown().await
+    }
+}
+
+/// Starts all six services over `data`; `gateway` adjusts the gateway's
+/// config (its server address and upstreams are set here).
+pub async fn start(
+    data: Arc<Dataset>,
+    ports: PortPlan,
+    gateway: impl FnOnce(&mut recmesh_gateway::Config),
+) -> Result<Mesh, UpError> {
+    let stages = start_stages(&data, ports).await?;
+    let mut config = recmesh_gateway::Config {
+        server: ports.server(0),
+        upstreams: stages.upstreams(),
+        ..Default::default()
+    };
+    gateway(&mut config);
+    let gateway = recmesh_gateway::server(config, &data)?.start().await?;
+    Ok(Mesh { gateway, stages, data })
+}

@@ -1,1 +1,296 @@
-fn main() {}
+//! `recmesh`: run the whole mesh (`up`), call it (`recommend`, `similar`,
+//! `trending`, `track`), or write demo data (`gen-data`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use recmesh::{PortPlan, client};
+use recmesh_catalog::demo::DemoSpec;
+use recmesh_catalog::files::{DataSource, write_dir};
+use recmesh_proto::v1 as pb;
+
+#[derive(Parser)]
+#[command(name = "recmesh", version, about = "recmesh: a recommendation serving mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct DemoArgs {
+    /// Load items.tsv and interactions.tsv from this directory instead of
+    /// generating demo data.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Demo catalog size.
+    #[arg(long, default_value_t = DemoSpec::default().items)]
+    items: u32,
+    /// Demo users.
+    #[arg(long, default_value_t = DemoSpec::default().users)]
+    users: u32,
+    /// Demo interactions.
+    #[arg(long, default_value_t = DemoSpec::default().interactions)]
+    interactions: u64,
+    /// Demo generator seed.
+    #[arg(long, default_value_t = DemoSpec::default().seed)]
+    seed: u64,
+}
+
+impl DemoArgs {
+    fn spec(&self) -> DemoSpec {
+        DemoSpec {
+            items: self.items,
+            users: self.users,
+            interactions: self.interactions,
+            seed: self.seed,
+            ..DemoSpec::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// Gateway address.
+    #[arg(long, env = "RECMESH_GATEWAY", default_value = "http://127.0.0.1:50051", global = true)]
+    gateway: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start all six services on loopback with embedded defaults and demo data.
+    Up {
+        #[command(flatten)]
+        demo: DemoArgs,
+        /// Gateway port; the stages take the next five ports, admin ports are
+        /// 1000 above each. 0 picks free ports.
+        #[arg(long, default_value_t = PortPlan::DEFAULT.base)]
+        port: u16,
+    },
+    /// Recommendations for a user.
+    Recommend {
+        /// User id (demo users are u0, u1, ...; any new id is a cold-start user).
+        #[arg(long)]
+        user: String,
+        /// Items wanted.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Category being browsed.
+        #[arg(long)]
+        category: Option<String>,
+        /// Item being viewed (product page).
+        #[arg(long)]
+        anchor: Option<String>,
+        /// Item ids to leave out, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Bypass the response cache.
+        #[arg(long)]
+        debug: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Items similar to an item.
+    Similar {
+        /// Item id.
+        #[arg(long)]
+        item: String,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Popular items, overall or in one category.
+    Trending {
+        /// Category (default: the whole catalog).
+        #[arg(long)]
+        category: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Record an event.
+    Track {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        item: String,
+        /// view, click, add_to_cart or purchase.
+        #[arg(long, default_value = "view")]
+        event: String,
+        /// Unique event id (default: generated).
+        #[arg(long)]
+        event_id: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Write the demo dataset as TSV files.
+    GenData {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        demo: DemoArgs,
+    },
+}
+
+fn event_type(name: &str) -> anyhow::Result<pb::EventType> {
+    let kind = recmesh_catalog::EventKind::parse(name)
+        .ok_or_else(|| anyhow::anyhow!("--event: `{name}` is not one of view, click, add_to_cart, purchase"))?;
+    Ok(recmesh_mesh::convert::event_type(kind))
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line an operator can act on; no backtrace noise.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up { demo, port } => up(demo, port).await,
+        Command::Recommend {
+            user,
+            count,
+            category,
+            anchor,
+            exclude,
+            debug,
+            target,
+        } => {
+            let mut c = client::connect(&target.gateway).await?;
+            let r = c
+                .recommend(pb::RecommendRequest {
+                    user_id: user,
+                    context: Some(pb::RequestContext {
+                        category: category.unwrap_or_default(),
+                        anchor_item_id: anchor.unwrap_or_default(),
+                        page: "cli".into(),
+                        device: "terminal".into(),
+                    }),
+                    count,
+                    exclude_item_ids: exclude,
+                    filters: None,
+                    debug,
+                })
+                .await
+                .map_err(status_error)?;
+            print!("{}", client::render(r.get_ref()));
+            Ok(())
+        }
+        Command::Similar { item, count, target } => {
+            let mut c = client::connect(&target.gateway).await?;
+            let r = c
+                .similar_items(pb::SimilarItemsRequest {
+                    item_id: item,
+                    count,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            print!("{}", client::render(r.get_ref()));
+            Ok(())
+        }
+        Command::Trending { category, count, target } => {
+            let mut c = client::connect(&target.gateway).await?;
+            let r = c
+                .trending(pb::TrendingRequest {
+                    category: category.unwrap_or_default(),
+                    count,
+                })
+                .await
+                .map_err(status_error)?;
+            print!("{}", client::render(r.get_ref()));
+            Ok(())
+        }
+        Command::Track {
+            user,
+            item,
+            event,
+            event_id,
+            target,
+        } => {
+            let event_type = event_type(&event)?;
+            let mut c = client::connect(&target.gateway).await?;
+            let event_id = event_id.unwrap_or_else(recmesh_server::layers::new_request_id);
+            let r = c
+                .track(pb::TrackRequest {
+                    event_id: event_id.clone(),
+                    user_id: user.clone(),
+                    item_id: item.clone(),
+                    event_type: event_type as i32,
+                    timestamp_ms: 0,
+                })
+                .await
+                .map_err(status_error)?;
+            if r.get_ref().applied {
+                println!("recorded {event} of {item} by {user} (event {event_id})");
+            } else {
+                println!("event {event_id} was already recorded; nothing applied twice");
+            }
+            Ok(())
+        }
+        Command::GenData { out, demo } => {
+            let started = Instant::now();
+            let data = recmesh_catalog::demo::generate(&demo.spec());
+            write_dir(&data, &out)?;
+            println!(
+                "wrote {} items and {} interactions to {} in {:.1}s",
+                data.items.len(),
+                data.interactions.len(),
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn up(demo: DemoArgs, port: u16) -> anyhow::Result<()> {
+    recmesh_server::telemetry::init_tracing();
+    let source = DataSource {
+        dir: demo.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+        demo: demo.spec(),
+    };
+    let started = Instant::now();
+    let data = Arc::new(source.load()?);
+    let what = if source.dir.is_empty() { "demo data" } else { source.dir.as_str() };
+    eprintln!(
+        "loaded {what}: {} items, {} interactions ({:.1}s)",
+        data.items.len(),
+        data.interactions.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let mesh = recmesh::start(data, PortPlan { base: port }, |_| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}. Another mesh may be running; stop it or pass --port."))?;
+    let gw = mesh.gateway_addr();
+    println!("\nrecmesh is up ({:.1}s). Services (gRPC, admin):", started.elapsed().as_secs_f64());
+    println!("  {:<12} {:<18} http://{}/metrics", "gateway", mesh.gateway.grpc_addr, mesh.gateway.admin_addr);
+    for h in mesh.stages.all() {
+        println!("  {:<12} {:<18} http://{}/metrics", h.name, h.grpc_addr, h.admin_addr);
+    }
+    let flag = if port == PortPlan::DEFAULT.base { String::new() } else { format!(" --gateway http://{gw}") };
+    println!("\nTry, in another terminal:");
+    println!("  cargo run --release -p recmesh -- recommend --user u42{flag}");
+    println!("  cargo run --release -p recmesh -- track --user u42 --item i7 --event purchase{flag}");
+    println!("  cargo run --release -p recmesh -- trending --category books{flag}");
+    println!("  grpcurl -plaintext -d '{{\"user_id\":\"u42\",\"count\":5}}' {gw} recmesh.v1.Gateway/Recommend");
+    println!("\nCtrl-C stops the mesh.");
+    recmesh_server::shutdown_signal().await;
+    mesh.shutdown().await?;
+    eprintln!("recmesh stopped");
+    Ok(())
+}
