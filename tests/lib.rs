@@ -1,1 +1,222 @@
-//! e2e
+//! Harness for the end-to-end tests: the real mesh on ephemeral loopback
+//! ports, with a TCP fault proxy between the gateway and every stage.
+//!
+//! The proxy makes faults real at the socket level: `Refuse` drops every
+//! connection (what a dead process looks like to its peers) and `Stall`
+//! accepts connections but forwards nothing (a frozen process, SIGSTOP).
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use recmesh_catalog::Dataset;
+use recmesh_catalog::demo::{DemoSpec, generate};
+use recmesh_proto::v1::gateway_client::GatewayClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Close every connection, existing and new.
+    Refuse,
+    /// Keep connections open but forward nothing.
+    Stall,
+}
+
+/// A TCP proxy in front of one service.
+#[derive(Debug)]
+pub struct FaultProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    fault: watch::Sender<Fault>,
+}
+
+impl FaultProxy {
+    /// Proxies a new loopback port to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (fault, rx) = watch::channel(Fault::None);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let rx = rx.clone();
+                if *rx.borrow() == Fault::Refuse {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    client.set_nodelay(true).ok();
+                    server.set_nodelay(true).ok();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        () = pump(cr, sw, rx.clone()) => {}
+                        () = pump(sr, cw, rx) => {}
+                    }
+                });
+            }
+        });
+        Ok(FaultProxy { addr, fault })
+    }
+
+    /// Sets the fault.
+    pub fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+
+    /// `http://` URI for a gRPC client.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Copies bytes until EOF or `Refuse`; while `Stall`, holds them.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut fault: watch::Receiver<Fault>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            changed = fault.changed() => {
+                if changed.is_err() || *fault.borrow() == Fault::Refuse {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let now = *fault.borrow_and_update();
+            match now {
+                Fault::Refuse => return,
+                Fault::Stall => {
+                    if fault.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Fault::None => break,
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The mesh under test.
+#[derive(Debug)]
+pub struct TestMesh {
+    /// The running services.
+    pub mesh: recmesh::Mesh,
+    /// Proxies by stage name: assign (experiments), features, retrieval,
+    /// ranking, rerank (reranker).
+    pub proxies: Vec<(&'static str, FaultProxy)>,
+}
+
+/// Demo data small enough to start in a second in a debug build, large
+/// enough for CF to have neighbours for most items.
+pub fn test_data() -> Dataset {
+    generate(&DemoSpec {
+        items: 1_500,
+        users: 400,
+        interactions: 30_000,
+        ..DemoSpec::default()
+    })
+}
+
+/// Stage budgets for tests: the defaults × 8.
+///
+/// These tests check behaviour (fallbacks, reports, recovery), not speed. They
+/// run a debug build, about ten times slower than release, with several
+/// meshes in parallel on two cores, and the first call on a channel also pays
+/// for the connection. At the default 5 ms assignment budget a healthy stage
+/// would sometimes be reported late. Whether the default budgets hold is
+/// measured on release builds (README, "Budgets and fallbacks").
+pub fn test_budgets() -> recmesh_gateway::config::Budgets {
+    let d = recmesh_gateway::config::Budgets::default();
+    recmesh_gateway::config::Budgets {
+        request_ms: d.request_ms * 8,
+        assign_ms: d.assign_ms * 8,
+        features_ms: d.features_ms * 8,
+        retrieval_ms: d.retrieval_ms * 8,
+        ranking_ms: d.ranking_ms * 8,
+        rerank_ms: d.rerank_ms * 8,
+        reserve_ms: d.reserve_ms,
+        track_ms: d.track_ms * 8,
+    }
+}
+
+impl TestMesh {
+    /// Starts all six services; the gateway reaches each stage through a proxy.
+    pub async fn start() -> Self {
+        let data = Arc::new(test_data());
+        let stages = recmesh::start_stages(&data, recmesh::PortPlan::EPHEMERAL)
+            .await
+            .expect("stages start");
+        let mut proxies = Vec::new();
+        for (name, handle) in [
+            ("assign", &stages.experiments),
+            ("features", &stages.features),
+            ("retrieval", &stages.retrieval),
+            ("ranking", &stages.ranking),
+            ("rerank", &stages.reranker),
+        ] {
+            proxies.push((name, FaultProxy::start(handle.grpc_addr).await.expect("proxy")));
+        }
+        let uri = |name: &str| {
+            proxies
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, p)| p.uri())
+                .unwrap_or_default()
+        };
+        let mut config = recmesh_gateway::Config {
+            server: recmesh_server::ServerConfig::ephemeral(),
+            budgets: test_budgets(),
+            ..Default::default()
+        };
+        config.upstreams = recmesh_gateway::config::Upstreams {
+            experiments: uri("assign"),
+            features: uri("features"),
+            retrieval: uri("retrieval"),
+            ranking: uri("ranking"),
+            reranker: uri("rerank"),
+        };
+        let gateway = recmesh_gateway::server(config, &data)
+            .expect("gateway config")
+            .start()
+            .await
+            .expect("gateway starts");
+        TestMesh {
+            mesh: recmesh::Mesh { gateway, stages, data },
+            proxies,
+        }
+    }
+
+    /// A client of the gateway.
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        GatewayClient::connect(self.mesh.gateway.grpc_uri()).await.expect("gateway reachable")
+    }
+
+    /// The proxy of a stage.
+    pub fn proxy(&self, stage: &str) -> &FaultProxy {
+        &self
+            .proxies
+            .iter()
+            .find(|(n, _)| *n == stage)
+            .unwrap_or_else(|| panic!("no stage {stage}"))
+            .1
+    }
+}

@@ -1,1 +1,353 @@
+//! End-to-end tests: the six services over real gRPC on loopback.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use recmesh_e2e::{Fault, TestMesh};
+use recmesh_proto::v1::{self as pb, features_client::FeaturesClient};
+use tonic::Code;
+
+fn recommend(user: &str, count: u32) -> pb::RecommendRequest {
+    pb::RecommendRequest {
+        user_id: user.into(),
+        count,
+        ..Default::default()
+    }
+}
+
+/// A request the client gives up on after 2 s: far above the gateway's
+/// 150 ms budget, so only a gateway that hangs on a stalled stage fails it.
+fn bounded<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(Duration::from_secs(2));
+    req
+}
+
+fn ids(r: &pb::RecommendResponse) -> Vec<String> {
+    r.items.iter().map(|i| i.item_id.clone()).collect()
+}
+
+async fn features(mesh: &TestMesh) -> FeaturesClient<tonic::transport::Channel> {
+    FeaturesClient::connect(mesh.mesh.stages.features.grpc_uri()).await.expect("features reachable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    let mut features = features(&mesh).await;
+    for user in ["u1", "u2", "u3", "u10", "u57", "someone-new"] {
+        let r = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+        assert_eq!(r.items.len(), 10, "{user}");
+        assert_eq!(ids(&r).iter().collect::<HashSet<_>>().len(), 10, "distinct for {user}");
+        assert!(r.items.iter().all(|i| !i.reasons.is_empty()), "every item has a reason");
+        assert!(!r.degraded, "{:?}", r.stages);
+        assert_eq!(r.stages.len(), 5);
+        assert!(r.stages.iter().all(|s| s.outcome == pb::StageOutcome::Ok as i32 && s.fallback.is_empty()));
+        assert!(!r.request_id.is_empty());
+        assert_eq!(r.model_version, "baseline-1");
+        assert_eq!(r.assignments.len(), 1, "the demo experiment covers all traffic");
+
+        let profile = features
+            .get_user(pb::GetUserRequest { user_id: user.into(), max_recent: 50 })
+            .await
+            .expect("user")
+            .into_inner();
+        let purchased: HashSet<_> = profile.purchased_item_ids.iter().collect();
+        assert!(ids(&r).iter().all(|i| !purchased.contains(i)), "nothing already bought");
+        let items = features
+            .get_items(pb::GetItemsRequest { item_ids: ids(&r) })
+            .await
+            .expect("items")
+            .into_inner();
+        assert_eq!(items.items.len(), 10);
+        assert!(items.items.iter().all(|i| i.attributes.as_ref().is_some_and(|a| a.in_stock)), "all in stock");
+        if profile.known {
+            assert!(
+                r.items.iter().any(|i| i.reasons.iter().any(|x| x.starts_with("because you"))),
+                "a known user gets history-based items: {:?}",
+                r.items
+            );
+        }
+    }
+
+    // Exclusions hold, and the list is still full.
+    let first = client.recommend(recommend("u1", 10)).await.expect("answer").into_inner();
+    let excluded: Vec<String> = ids(&first)[..3].to_vec();
+    let mut req = recommend("u1", 10);
+    req.exclude_item_ids = excluded.clone();
+    let r = client.recommend(req).await.expect("answer").into_inner();
+    assert_eq!(r.items.len(), 10);
+    assert!(ids(&r).iter().all(|i| !excluded.contains(i)));
+
+    // Category filter and the largest count.
+    let mut req = recommend("u2", 100);
+    req.filters = Some(pb::Filters { categories: vec!["books".into()], ..Default::default() });
+    let r = client.recommend(req).await.expect("answer").into_inner();
+    assert!(!r.items.is_empty());
+    assert!(r.items.iter().all(|i| i.category == "books"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn similar_items_and_trending_by_category() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    let trending = client
+        .trending(pb::TrendingRequest { category: "books".into(), count: 5 })
+        .await
+        .expect("trending")
+        .into_inner();
+    assert_eq!(trending.items.len(), 5);
+    assert!(trending.items.iter().all(|i| i.category == "books" && i.reasons[0] == "popular in books"));
+
+    let overall = client.trending(pb::TrendingRequest { category: String::new(), count: 10 }).await.expect("ok").into_inner();
+    assert_eq!(overall.items.len(), 10);
+    let categories: HashSet<_> = overall.items.iter().map(|i| &i.category).collect();
+    assert!(categories.len() > 1, "overall trending spans categories");
+
+    let anchor = trending.items[0].item_id.clone();
+    let similar = client
+        .similar_items(pb::SimilarItemsRequest { item_id: anchor.clone(), count: 5, ..Default::default() })
+        .await
+        .expect("similar")
+        .into_inner();
+    assert_eq!(similar.items.len(), 5);
+    assert!(similar.items.iter().all(|i| i.item_id != anchor));
+    assert!(similar.items[0].reasons[0].starts_with("similar to"), "{:?}", similar.items[0]);
+
+    let err = client
+        .similar_items(pb::SimilarItemsRequest { item_id: "no-such-item".into(), count: 5, ..Default::default() })
+        .await
+        .expect_err("unknown item");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_event_changes_that_users_next_recommend() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    let user = "fresh-visitor";
+    let before = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+    assert!(before.items.iter().all(|i| i.source == "popular"), "a new user starts on popularity");
+    // A second identical request is served from the cache...
+    let again = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+    assert!(again.cached);
+    assert_eq!(ids(&again), ids(&before));
+
+    // ...until the user does something.
+    let viewed = mesh.mesh.data.interactions[0].item.clone();
+    let track = pb::TrackRequest {
+        event_id: "evt-1".into(),
+        user_id: user.into(),
+        item_id: viewed.clone(),
+        event_type: pb::EventType::View as i32,
+        timestamp_ms: 0,
+    };
+    assert!(client.track(track.clone()).await.expect("tracked").into_inner().applied);
+    let after = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+    assert!(!after.cached, "the Track dropped the cached answer");
+    assert_ne!(ids(&after), ids(&before));
+    assert!(
+        after.items.iter().any(|i| i.source == "cf" && i.reasons.iter().any(|r| r.starts_with("because you viewed"))),
+        "{:?}",
+        after.items
+    );
+    assert!(!ids(&after).contains(&viewed), "the item just viewed is not recommended back");
+
+    // A replayed event is acknowledged but not applied twice.
+    assert!(!client.track(track).await.expect("tracked").into_inner().applied);
+}
+
+/// Per stage: the fallback the gateway must use when it fails.
+const FALLBACKS: [(&str, &str); 5] = [
+    ("assign", "control"),
+    ("features", "anonymous"),
+    ("retrieval", "popularity"),
+    ("ranking", "retrieval_order"),
+    ("rerank", "gateway_rules"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_down_or_stalled_falls_back_and_recovers() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    for (stage, fallback) in FALLBACKS {
+        for (fault, outcome) in [(Fault::Refuse, pb::StageOutcome::Error), (Fault::Stall, pb::StageOutcome::Timeout)] {
+            mesh.proxy(stage).set(fault);
+            let mut req = recommend("u3", 10);
+            req.debug = true;
+            let r = client
+                .recommend(bounded(req))
+                .await
+                .unwrap_or_else(|e| panic!("{stage} {fault:?}: the gateway must answer: {e}"))
+                .into_inner();
+            assert!(r.degraded, "{stage} {fault:?}");
+            let report = r.stages.iter().find(|s| s.stage == stage).expect("stage reported");
+            assert_eq!(report.fallback, fallback, "{stage} {fault:?}: {report:?}");
+            assert_eq!(report.outcome, outcome as i32, "{stage} {fault:?}: {report:?}");
+            assert!(report.latency_us <= report.budget_us + 50_000, "{stage} {fault:?}: bounded by its budget: {report:?}");
+            let others: Vec<_> = r.stages.iter().filter(|s| s.stage != stage && !s.fallback.is_empty()).collect();
+            assert!(others.is_empty(), "{stage} {fault:?}: only the failed stage falls back: {others:?}");
+            assert_eq!(r.items.len(), 10, "{stage} {fault:?}");
+            assert_eq!(ids(&r).iter().collect::<HashSet<_>>().len(), 10);
+            assert!(r.items.iter().all(|i| !i.reasons.is_empty()));
+            if stage == "ranking" {
+                assert!(r.model_version.is_empty(), "no model ordered the list");
+            }
+            if stage == "assign" {
+                assert!(r.assignments.is_empty(), "control params, no assignment");
+            }
+
+            mesh.proxy(stage).set(Fault::None);
+            // Channels reconnect on their own; the stage is back within seconds.
+            let mut recovered = false;
+            for _ in 0..100 {
+                let mut req = recommend("u3", 10);
+                req.debug = true;
+                if !client.recommend(bounded(req)).await.expect("answer").into_inner().degraded {
+                    recovered = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(recovered, "{stage} {fault:?}: back to normal after the fault clears");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_stage_down_the_gateway_answers_from_popularity() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    // A real shutdown of one stage, proxy refusals for the rest.
+    for (stage, _) in FALLBACKS {
+        mesh.proxy(stage).set(Fault::Refuse);
+    }
+    let TestMesh { mesh: recmesh::Mesh { gateway, stages, data }, proxies } = mesh;
+    stages.retrieval.shutdown().await.expect("retrieval stops");
+
+    let mut req = recommend("u5", 10);
+    req.context = Some(pb::RequestContext { category: "books".into(), ..Default::default() });
+    let r = client.recommend(bounded(req)).await.expect("answer").into_inner();
+    assert!(r.degraded);
+    let fallbacks: Vec<(&str, &str)> = r.stages.iter().map(|s| (s.stage.as_str(), s.fallback.as_str())).collect();
+    assert_eq!(fallbacks, FALLBACKS.to_vec());
+    assert_eq!(r.items.len(), 10);
+    assert!(r.items.iter().all(|i| i.source == "popular" && !i.reasons.is_empty()));
+    assert!(r.items.iter().take(4).all(|i| i.category == "books"), "the browsed category first: {:?}", r.items);
+    let stock: std::collections::HashMap<_, _> = data.items.iter().map(|i| (i.id.clone(), i.in_stock)).collect();
+    assert!(r.items.iter().all(|i| stock[&i.item_id]), "gateway rules drop out-of-stock items");
+
+    let t = client.trending(bounded(pb::TrendingRequest { category: "toys".into(), count: 5 })).await.expect("ok").into_inner();
+    assert!(t.degraded);
+    assert_eq!(t.items.len(), 5);
+    assert!(t.items.iter().all(|i| i.category == "toys"));
+    drop(proxies);
+    gateway.shutdown().await.expect("gateway stops");
+}
+
+async fn expect_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, field: &str) {
+    let err = result.expect_err(field);
+    assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+    assert!(err.message().starts_with(field), "message names `{field}`: {}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_rejected_naming_the_field() {
+    let mesh = TestMesh::start().await;
+    let mut c = mesh.client().await;
+    expect_invalid(c.recommend(recommend("", 10)).await, "user_id").await;
+    expect_invalid(c.recommend(recommend("u1", 0)).await, "count").await;
+    expect_invalid(c.recommend(recommend("u1", 101)).await, "count").await;
+    let mut req = recommend("u1", 10);
+    req.context = Some(pb::RequestContext { category: "nope".into(), ..Default::default() });
+    expect_invalid(c.recommend(req).await, "context.category").await;
+    let mut req = recommend("u1", 10);
+    req.exclude_item_ids = (0..1_001).map(|i| format!("i{i}")).collect();
+    expect_invalid(c.recommend(req).await, "exclude_item_ids").await;
+    let mut req = recommend("u1", 10);
+    req.filters = Some(pb::Filters { categories: vec!["books".into(), "nope".into()], ..Default::default() });
+    expect_invalid(c.recommend(req).await, "filters.categories[1]").await;
+    let mut req = recommend("u1", 10);
+    req.filters = Some(pb::Filters { min_price: 50.0, max_price: 10.0, ..Default::default() });
+    expect_invalid(c.recommend(req).await, "filters.min_price").await;
+
+    let track = |event_id: &str, item: &str, event_type: pb::EventType| pb::TrackRequest {
+        event_id: event_id.into(),
+        user_id: "u1".into(),
+        item_id: item.into(),
+        event_type: event_type as i32,
+        timestamp_ms: 0,
+    };
+    expect_invalid(c.track(track("e1", "i1", pb::EventType::Unspecified)).await, "event_type").await;
+    expect_invalid(c.track(track("", "i1", pb::EventType::View)).await, "event_id").await;
+    expect_invalid(c.track(track("e2", "no-such-item", pb::EventType::View)).await, "item_id").await;
+
+    expect_invalid(c.similar_items(pb::SimilarItemsRequest { count: 5, ..Default::default() }).await, "item_id").await;
+    expect_invalid(c.trending(pb::TrendingRequest { category: String::new(), count: 0 }).await, "count").await;
+    expect_invalid(c.trending(pb::TrendingRequest { category: "nope".into(), count: 5 }).await, "category").await;
+
+    // Nothing stored was lost: the mesh still answers normally.
+    let r = c.recommend(recommend("u1", 10)).await.expect("answer").into_inner();
+    assert_eq!(r.items.len(), 10);
+    assert!(!r.degraded);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin port");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+async fn channel(uri: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(uri.to_owned())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("reachable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_and_metrics_are_exposed() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mesh = TestMesh::start().await;
+    let mut handles = vec![&mesh.mesh.gateway];
+    handles.extend(mesh.mesh.stages.all());
+    for h in &handles {
+        let mut health = HealthClient::new(channel(&h.grpc_uri()).await);
+        let status = health
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{}", h.name);
+        let ready = http_get(h.admin_addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 200"), "{}: {ready}", h.name);
+    }
+    let mut health = HealthClient::new(channel(&mesh.mesh.gateway.grpc_uri()).await);
+    let named = health
+        .check(HealthCheckRequest { service: "recmesh.v1.Gateway".into() })
+        .await
+        .expect("named service")
+        .into_inner();
+    assert_eq!(named.status, ServingStatus::Serving as i32);
+
+    mesh.client().await.recommend(recommend("u1", 10)).await.expect("answer");
+    let metrics = http_get(mesh.mesh.gateway.admin_addr, "/metrics").await;
+    for series in [
+        "recmesh_grpc_server_requests_total{service=\"gateway\",rpc=\"recmesh.v1.Gateway/Recommend\",code=\"Ok\"}",
+        "recmesh_gateway_stage_duration_seconds_bucket{stage=\"retrieval\",outcome=\"ok\"",
+        "recmesh_gateway_cache_total{result=\"miss\"}",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in:\n{metrics}");
+    }
+
+    // Graceful shutdown: every server stops cleanly.
+    mesh.mesh.shutdown().await.expect("clean shutdown");
+}

@@ -166,9 +166,13 @@ where
     if timeout < Duration::from_millis(1) {
         return Err(CallError::NoBudget);
     }
+    let started = Instant::now();
     match tokio::time::timeout(timeout, call(timeout)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled => {
+        // Late, whoever noticed first: the peer (DEADLINE_EXCEEDED) or tonic's
+        // own client timer, which races ours and reports CANCELLED. A
+        // CANCELLED before the deadline is a failure (e.g. a reset connection).
+        Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded || started.elapsed() >= timeout => {
             Err(CallError::Timeout(timeout))
         }
         Ok(Err(status)) => Err(CallError::Status(status)),

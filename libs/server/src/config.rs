@@ -146,11 +146,13 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults for a service whose gRPC port is `grpc_port`; its admin port
-    /// is `grpc_port + 1000` so the two never collide in a default layout.
+    /// is `grpc_port + 1000` so the two never collide in a default layout
+    /// (port 0: both ephemeral).
     pub fn on_port(grpc_port: u16) -> Self {
+        let admin_port = if grpc_port == 0 { 0 } else { grpc_port.saturating_add(1000) };
         ServerConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port.saturating_add(1000))),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             ..ServerConfig::default()
         }
     }
@@ -268,6 +270,14 @@ mod tests {
         let err = load::<Probe>(Some(&unknown)).expect_err("typo is refused");
         assert!(err.to_string().contains("max_concurency"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn ephemeral_means_both_ports_ephemeral() {
+        let c = ServerConfig::ephemeral();
+        assert_eq!((c.grpc_addr.port(), c.admin_addr.port()), (0, 0));
+        let c = ServerConfig::on_port(50051);
+        assert_eq!((c.grpc_addr.port(), c.admin_addr.port()), (50051, 51051));
     }
 
     #[test]

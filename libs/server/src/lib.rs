@@ -146,6 +146,9 @@ impl GrpcServer {
         } = self;
         let grpc_addr = listeners.grpc_addr();
         let admin_addr = listeners.admin_addr();
+        // Install the recorder before the first request, or early samples
+        // would go to the no-op recorder and be lost.
+        telemetry::prometheus();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for svc in &service_names {

@@ -106,13 +106,15 @@ impl PopularityLists {
     }
 
     /// Candidates for a request: the given categories' lists first (in
-    /// order), then the overall list; deduplicated.
+    /// order, together at most half of `limit`, so per-category caps can
+    /// still fill a list), then the overall list; deduplicated.
     pub fn candidates(&self, categories: &[&str], limit: usize) -> Vec<pb::Candidate> {
         let mut seen = std::collections::HashSet::new();
+        let per_category = if categories.is_empty() { 0 } else { (limit / 2) / categories.len() };
         categories
             .iter()
             .filter_map(|c| self.by_category.get(*c))
-            .flatten()
+            .flat_map(|list| list.iter().take(per_category))
             .chain(self.overall.iter())
             .filter(|c| seen.insert(c.item_id.clone()))
             .take(limit)
