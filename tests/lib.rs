@@ -51,7 +51,9 @@ impl FaultProxy {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     client.set_nodelay(true).ok();
                     server.set_nodelay(true).ok();
                     let (cr, cw) = client.into_split();
@@ -173,7 +175,10 @@ impl TestMesh {
             ("ranking", &stages.ranking),
             ("rerank", &stages.reranker),
         ] {
-            proxies.push((name, FaultProxy::start(handle.grpc_addr).await.expect("proxy")));
+            proxies.push((
+                name,
+                FaultProxy::start(handle.grpc_addr).await.expect("proxy"),
+            ));
         }
         let uri = |name: &str| {
             proxies
@@ -200,14 +205,20 @@ impl TestMesh {
             .await
             .expect("gateway starts");
         TestMesh {
-            mesh: recmesh::Mesh { gateway, stages, data },
+            mesh: recmesh::Mesh {
+                gateway,
+                stages,
+                data,
+            },
             proxies,
         }
     }
 
     /// A client of the gateway.
     pub async fn client(&self) -> GatewayClient<Channel> {
-        GatewayClient::connect(self.mesh.gateway.grpc_uri()).await.expect("gateway reachable")
+        GatewayClient::connect(self.mesh.gateway.grpc_uri())
+            .await
+            .expect("gateway reachable")
     }
 
     /// The proxy of a stage.

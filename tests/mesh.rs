@@ -28,7 +28,9 @@ fn ids(r: &pb::RecommendResponse) -> Vec<String> {
 }
 
 async fn features(mesh: &TestMesh) -> FeaturesClient<tonic::transport::Channel> {
-    FeaturesClient::connect(mesh.mesh.stages.features.grpc_uri()).await.expect("features reachable")
+    FeaturesClient::connect(mesh.mesh.stages.features.grpc_uri())
+        .await
+        .expect("features reachable")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,34 +39,67 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
     let mut client = mesh.client().await;
     let mut features = features(&mesh).await;
     for user in ["u1", "u2", "u3", "u10", "u57", "someone-new"] {
-        let r = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+        let r = client
+            .recommend(recommend(user, 10))
+            .await
+            .expect("answer")
+            .into_inner();
         assert_eq!(r.items.len(), 10, "{user}");
-        assert_eq!(ids(&r).iter().collect::<HashSet<_>>().len(), 10, "distinct for {user}");
-        assert!(r.items.iter().all(|i| !i.reasons.is_empty()), "every item has a reason");
+        assert_eq!(
+            ids(&r).iter().collect::<HashSet<_>>().len(),
+            10,
+            "distinct for {user}"
+        );
+        assert!(
+            r.items.iter().all(|i| !i.reasons.is_empty()),
+            "every item has a reason"
+        );
         assert!(!r.degraded, "{:?}", r.stages);
         assert_eq!(r.stages.len(), 5);
-        assert!(r.stages.iter().all(|s| s.outcome == pb::StageOutcome::Ok as i32 && s.fallback.is_empty()));
+        assert!(
+            r.stages
+                .iter()
+                .all(|s| s.outcome == pb::StageOutcome::Ok as i32 && s.fallback.is_empty())
+        );
         assert!(!r.request_id.is_empty());
         assert_eq!(r.model_version, "baseline-1");
-        assert_eq!(r.assignments.len(), 1, "the demo experiment covers all traffic");
+        assert_eq!(
+            r.assignments.len(),
+            1,
+            "the demo experiment covers all traffic"
+        );
 
         let profile = features
-            .get_user(pb::GetUserRequest { user_id: user.into(), max_recent: 50 })
+            .get_user(pb::GetUserRequest {
+                user_id: user.into(),
+                max_recent: 50,
+            })
             .await
             .expect("user")
             .into_inner();
         let purchased: HashSet<_> = profile.purchased_item_ids.iter().collect();
-        assert!(ids(&r).iter().all(|i| !purchased.contains(i)), "nothing already bought");
+        assert!(
+            ids(&r).iter().all(|i| !purchased.contains(i)),
+            "nothing already bought"
+        );
         let items = features
             .get_items(pb::GetItemsRequest { item_ids: ids(&r) })
             .await
             .expect("items")
             .into_inner();
         assert_eq!(items.items.len(), 10);
-        assert!(items.items.iter().all(|i| i.attributes.as_ref().is_some_and(|a| a.in_stock)), "all in stock");
+        assert!(
+            items
+                .items
+                .iter()
+                .all(|i| i.attributes.as_ref().is_some_and(|a| a.in_stock)),
+            "all in stock"
+        );
         if profile.known {
             assert!(
-                r.items.iter().any(|i| i.reasons.iter().any(|x| x.starts_with("because you"))),
+                r.items
+                    .iter()
+                    .any(|i| i.reasons.iter().any(|x| x.starts_with("because you"))),
                 "a known user gets history-based items: {:?}",
                 r.items
             );
@@ -72,7 +107,11 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
     }
 
     // Exclusions hold, and the list is still full.
-    let first = client.recommend(recommend("u1", 10)).await.expect("answer").into_inner();
+    let first = client
+        .recommend(recommend("u1", 10))
+        .await
+        .expect("answer")
+        .into_inner();
     let excluded: Vec<String> = ids(&first)[..3].to_vec();
     let mut req = recommend("u1", 10);
     req.exclude_item_ids = excluded.clone();
@@ -82,7 +121,10 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
 
     // Category filter and the largest count.
     let mut req = recommend("u2", 100);
-    req.filters = Some(pb::Filters { categories: vec!["books".into()], ..Default::default() });
+    req.filters = Some(pb::Filters {
+        categories: vec!["books".into()],
+        ..Default::default()
+    });
     let r = client.recommend(req).await.expect("answer").into_inner();
     assert!(!r.items.is_empty());
     assert!(r.items.iter().all(|i| i.category == "books"));
@@ -93,30 +135,57 @@ async fn similar_items_and_trending_by_category() {
     let mesh = TestMesh::start().await;
     let mut client = mesh.client().await;
     let trending = client
-        .trending(pb::TrendingRequest { category: "books".into(), count: 5 })
+        .trending(pb::TrendingRequest {
+            category: "books".into(),
+            count: 5,
+        })
         .await
         .expect("trending")
         .into_inner();
     assert_eq!(trending.items.len(), 5);
-    assert!(trending.items.iter().all(|i| i.category == "books" && i.reasons[0] == "popular in books"));
+    assert!(
+        trending
+            .items
+            .iter()
+            .all(|i| i.category == "books" && i.reasons[0] == "popular in books")
+    );
 
-    let overall = client.trending(pb::TrendingRequest { category: String::new(), count: 10 }).await.expect("ok").into_inner();
+    let overall = client
+        .trending(pb::TrendingRequest {
+            category: String::new(),
+            count: 10,
+        })
+        .await
+        .expect("ok")
+        .into_inner();
     assert_eq!(overall.items.len(), 10);
     let categories: HashSet<_> = overall.items.iter().map(|i| &i.category).collect();
     assert!(categories.len() > 1, "overall trending spans categories");
 
     let anchor = trending.items[0].item_id.clone();
     let similar = client
-        .similar_items(pb::SimilarItemsRequest { item_id: anchor.clone(), count: 5, ..Default::default() })
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: anchor.clone(),
+            count: 5,
+            ..Default::default()
+        })
         .await
         .expect("similar")
         .into_inner();
     assert_eq!(similar.items.len(), 5);
     assert!(similar.items.iter().all(|i| i.item_id != anchor));
-    assert!(similar.items[0].reasons[0].starts_with("similar to"), "{:?}", similar.items[0]);
+    assert!(
+        similar.items[0].reasons[0].starts_with("similar to"),
+        "{:?}",
+        similar.items[0]
+    );
 
     let err = client
-        .similar_items(pb::SimilarItemsRequest { item_id: "no-such-item".into(), count: 5, ..Default::default() })
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: "no-such-item".into(),
+            count: 5,
+            ..Default::default()
+        })
         .await
         .expect_err("unknown item");
     assert_eq!(err.code(), Code::NotFound);
@@ -127,10 +196,21 @@ async fn a_tracked_event_changes_that_users_next_recommend() {
     let mesh = TestMesh::start().await;
     let mut client = mesh.client().await;
     let user = "fresh-visitor";
-    let before = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
-    assert!(before.items.iter().all(|i| i.source == "popular"), "a new user starts on popularity");
+    let before = client
+        .recommend(recommend(user, 10))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert!(
+        before.items.iter().all(|i| i.source == "popular"),
+        "a new user starts on popularity"
+    );
     // A second identical request is served from the cache...
-    let again = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+    let again = client
+        .recommend(recommend(user, 10))
+        .await
+        .expect("answer")
+        .into_inner();
     assert!(again.cached);
     assert_eq!(ids(&again), ids(&before));
 
@@ -143,19 +223,43 @@ async fn a_tracked_event_changes_that_users_next_recommend() {
         event_type: pb::EventType::View as i32,
         timestamp_ms: 0,
     };
-    assert!(client.track(track.clone()).await.expect("tracked").into_inner().applied);
-    let after = client.recommend(recommend(user, 10)).await.expect("answer").into_inner();
+    assert!(
+        client
+            .track(track.clone())
+            .await
+            .expect("tracked")
+            .into_inner()
+            .applied
+    );
+    let after = client
+        .recommend(recommend(user, 10))
+        .await
+        .expect("answer")
+        .into_inner();
     assert!(!after.cached, "the Track dropped the cached answer");
     assert_ne!(ids(&after), ids(&before));
     assert!(
-        after.items.iter().any(|i| i.source == "cf" && i.reasons.iter().any(|r| r.starts_with("because you viewed"))),
+        after.items.iter().any(|i| i.source == "cf"
+            && i.reasons
+                .iter()
+                .any(|r| r.starts_with("because you viewed"))),
         "{:?}",
         after.items
     );
-    assert!(!ids(&after).contains(&viewed), "the item just viewed is not recommended back");
+    assert!(
+        !ids(&after).contains(&viewed),
+        "the item just viewed is not recommended back"
+    );
 
     // A replayed event is acknowledged but not applied twice.
-    assert!(!client.track(track).await.expect("tracked").into_inner().applied);
+    assert!(
+        !client
+            .track(track)
+            .await
+            .expect("tracked")
+            .into_inner()
+            .applied
+    );
 }
 
 /// Per stage: the fallback the gateway must use when it fails.
@@ -172,7 +276,10 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
     let mesh = TestMesh::start().await;
     let mut client = mesh.client().await;
     for (stage, fallback) in FALLBACKS {
-        for (fault, outcome) in [(Fault::Refuse, pb::StageOutcome::Error), (Fault::Stall, pb::StageOutcome::Timeout)] {
+        for (fault, outcome) in [
+            (Fault::Refuse, pb::StageOutcome::Error),
+            (Fault::Stall, pb::StageOutcome::Timeout),
+        ] {
             mesh.proxy(stage).set(fault);
             let mut req = recommend("u3", 10);
             req.debug = true;
@@ -182,12 +289,29 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
                 .unwrap_or_else(|e| panic!("{stage} {fault:?}: the gateway must answer: {e}"))
                 .into_inner();
             assert!(r.degraded, "{stage} {fault:?}");
-            let report = r.stages.iter().find(|s| s.stage == stage).expect("stage reported");
+            let report = r
+                .stages
+                .iter()
+                .find(|s| s.stage == stage)
+                .expect("stage reported");
             assert_eq!(report.fallback, fallback, "{stage} {fault:?}: {report:?}");
-            assert_eq!(report.outcome, outcome as i32, "{stage} {fault:?}: {report:?}");
-            assert!(report.latency_us <= report.budget_us + 50_000, "{stage} {fault:?}: bounded by its budget: {report:?}");
-            let others: Vec<_> = r.stages.iter().filter(|s| s.stage != stage && !s.fallback.is_empty()).collect();
-            assert!(others.is_empty(), "{stage} {fault:?}: only the failed stage falls back: {others:?}");
+            assert_eq!(
+                report.outcome, outcome as i32,
+                "{stage} {fault:?}: {report:?}"
+            );
+            assert!(
+                report.latency_us <= report.budget_us + 50_000,
+                "{stage} {fault:?}: bounded by its budget: {report:?}"
+            );
+            let others: Vec<_> = r
+                .stages
+                .iter()
+                .filter(|s| s.stage != stage && !s.fallback.is_empty())
+                .collect();
+            assert!(
+                others.is_empty(),
+                "{stage} {fault:?}: only the failed stage falls back: {others:?}"
+            );
             assert_eq!(r.items.len(), 10, "{stage} {fault:?}");
             assert_eq!(ids(&r).iter().collect::<HashSet<_>>().len(), 10);
             assert!(r.items.iter().all(|i| !i.reasons.is_empty()));
@@ -204,13 +328,22 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
             for _ in 0..100 {
                 let mut req = recommend("u3", 10);
                 req.debug = true;
-                if !client.recommend(bounded(req)).await.expect("answer").into_inner().degraded {
+                if !client
+                    .recommend(bounded(req))
+                    .await
+                    .expect("answer")
+                    .into_inner()
+                    .degraded
+                {
                     recovered = true;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(recovered, "{stage} {fault:?}: back to normal after the fault clears");
+            assert!(
+                recovered,
+                "{stage} {fault:?}: back to normal after the fault clears"
+            );
         }
     }
 }
@@ -223,22 +356,62 @@ async fn with_every_stage_down_the_gateway_answers_from_popularity() {
     for (stage, _) in FALLBACKS {
         mesh.proxy(stage).set(Fault::Refuse);
     }
-    let TestMesh { mesh: recmesh::Mesh { gateway, stages, data }, proxies } = mesh;
+    let TestMesh {
+        mesh: recmesh::Mesh {
+            gateway,
+            stages,
+            data,
+        },
+        proxies,
+    } = mesh;
     stages.retrieval.shutdown().await.expect("retrieval stops");
 
     let mut req = recommend("u5", 10);
-    req.context = Some(pb::RequestContext { category: "books".into(), ..Default::default() });
-    let r = client.recommend(bounded(req)).await.expect("answer").into_inner();
+    req.context = Some(pb::RequestContext {
+        category: "books".into(),
+        ..Default::default()
+    });
+    let r = client
+        .recommend(bounded(req))
+        .await
+        .expect("answer")
+        .into_inner();
     assert!(r.degraded);
-    let fallbacks: Vec<(&str, &str)> = r.stages.iter().map(|s| (s.stage.as_str(), s.fallback.as_str())).collect();
+    let fallbacks: Vec<(&str, &str)> = r
+        .stages
+        .iter()
+        .map(|s| (s.stage.as_str(), s.fallback.as_str()))
+        .collect();
     assert_eq!(fallbacks, FALLBACKS.to_vec());
     assert_eq!(r.items.len(), 10);
-    assert!(r.items.iter().all(|i| i.source == "popular" && !i.reasons.is_empty()));
-    assert!(r.items.iter().take(4).all(|i| i.category == "books"), "the browsed category first: {:?}", r.items);
-    let stock: std::collections::HashMap<_, _> = data.items.iter().map(|i| (i.id.clone(), i.in_stock)).collect();
-    assert!(r.items.iter().all(|i| stock[&i.item_id]), "gateway rules drop out-of-stock items");
+    assert!(
+        r.items
+            .iter()
+            .all(|i| i.source == "popular" && !i.reasons.is_empty())
+    );
+    assert!(
+        r.items.iter().take(4).all(|i| i.category == "books"),
+        "the browsed category first: {:?}",
+        r.items
+    );
+    let stock: std::collections::HashMap<_, _> = data
+        .items
+        .iter()
+        .map(|i| (i.id.clone(), i.in_stock))
+        .collect();
+    assert!(
+        r.items.iter().all(|i| stock[&i.item_id]),
+        "gateway rules drop out-of-stock items"
+    );
 
-    let t = client.trending(bounded(pb::TrendingRequest { category: "toys".into(), count: 5 })).await.expect("ok").into_inner();
+    let t = client
+        .trending(bounded(pb::TrendingRequest {
+            category: "toys".into(),
+            count: 5,
+        }))
+        .await
+        .expect("ok")
+        .into_inner();
     assert!(t.degraded);
     assert_eq!(t.items.len(), 5);
     assert!(t.items.iter().all(|i| i.category == "toys"));
@@ -246,10 +419,17 @@ async fn with_every_stage_down_the_gateway_answers_from_popularity() {
     gateway.shutdown().await.expect("gateway stops");
 }
 
-async fn expect_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, field: &str) {
+async fn expect_invalid<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    field: &str,
+) {
     let err = result.expect_err(field);
     assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-    assert!(err.message().starts_with(field), "message names `{field}`: {}", err.message());
+    assert!(
+        err.message().starts_with(field),
+        "message names `{field}`: {}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,16 +440,26 @@ async fn invalid_input_is_rejected_naming_the_field() {
     expect_invalid(c.recommend(recommend("u1", 0)).await, "count").await;
     expect_invalid(c.recommend(recommend("u1", 101)).await, "count").await;
     let mut req = recommend("u1", 10);
-    req.context = Some(pb::RequestContext { category: "nope".into(), ..Default::default() });
+    req.context = Some(pb::RequestContext {
+        category: "nope".into(),
+        ..Default::default()
+    });
     expect_invalid(c.recommend(req).await, "context.category").await;
     let mut req = recommend("u1", 10);
     req.exclude_item_ids = (0..1_001).map(|i| format!("i{i}")).collect();
     expect_invalid(c.recommend(req).await, "exclude_item_ids").await;
     let mut req = recommend("u1", 10);
-    req.filters = Some(pb::Filters { categories: vec!["books".into(), "nope".into()], ..Default::default() });
+    req.filters = Some(pb::Filters {
+        categories: vec!["books".into(), "nope".into()],
+        ..Default::default()
+    });
     expect_invalid(c.recommend(req).await, "filters.categories[1]").await;
     let mut req = recommend("u1", 10);
-    req.filters = Some(pb::Filters { min_price: 50.0, max_price: 10.0, ..Default::default() });
+    req.filters = Some(pb::Filters {
+        min_price: 50.0,
+        max_price: 10.0,
+        ..Default::default()
+    });
     expect_invalid(c.recommend(req).await, "filters.min_price").await;
 
     let track = |event_id: &str, item: &str, event_type: pb::EventType| pb::TrackRequest {
@@ -279,26 +469,71 @@ async fn invalid_input_is_rejected_naming_the_field() {
         event_type: event_type as i32,
         timestamp_ms: 0,
     };
-    expect_invalid(c.track(track("e1", "i1", pb::EventType::Unspecified)).await, "event_type").await;
-    expect_invalid(c.track(track("", "i1", pb::EventType::View)).await, "event_id").await;
-    expect_invalid(c.track(track("e2", "no-such-item", pb::EventType::View)).await, "item_id").await;
+    expect_invalid(
+        c.track(track("e1", "i1", pb::EventType::Unspecified)).await,
+        "event_type",
+    )
+    .await;
+    expect_invalid(
+        c.track(track("", "i1", pb::EventType::View)).await,
+        "event_id",
+    )
+    .await;
+    expect_invalid(
+        c.track(track("e2", "no-such-item", pb::EventType::View))
+            .await,
+        "item_id",
+    )
+    .await;
 
-    expect_invalid(c.similar_items(pb::SimilarItemsRequest { count: 5, ..Default::default() }).await, "item_id").await;
-    expect_invalid(c.trending(pb::TrendingRequest { category: String::new(), count: 0 }).await, "count").await;
-    expect_invalid(c.trending(pb::TrendingRequest { category: "nope".into(), count: 5 }).await, "category").await;
+    expect_invalid(
+        c.similar_items(pb::SimilarItemsRequest {
+            count: 5,
+            ..Default::default()
+        })
+        .await,
+        "item_id",
+    )
+    .await;
+    expect_invalid(
+        c.trending(pb::TrendingRequest {
+            category: String::new(),
+            count: 0,
+        })
+        .await,
+        "count",
+    )
+    .await;
+    expect_invalid(
+        c.trending(pb::TrendingRequest {
+            category: "nope".into(),
+            count: 5,
+        })
+        .await,
+        "category",
+    )
+    .await;
 
     // Nothing stored was lost: the mesh still answers normally.
-    let r = c.recommend(recommend("u1", 10)).await.expect("answer").into_inner();
+    let r = c
+        .recommend(recommend("u1", 10))
+        .await
+        .expect("answer")
+        .into_inner();
     assert_eq!(r.items.len(), 10);
     assert!(!r.degraded);
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin port");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("write");
+        .expect("admin port");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
@@ -314,14 +549,18 @@ async fn channel(uri: &str) -> tonic::transport::Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_and_metrics_are_exposed() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let mesh = TestMesh::start().await;
     let mut handles = vec![&mesh.mesh.gateway];
     handles.extend(mesh.mesh.stages.all());
     for h in &handles {
         let mut health = HealthClient::new(channel(&h.grpc_uri()).await);
         let status = health
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .expect("health answers")
             .into_inner()
@@ -332,13 +571,19 @@ async fn health_is_serving_and_metrics_are_exposed() {
     }
     let mut health = HealthClient::new(channel(&mesh.mesh.gateway.grpc_uri()).await);
     let named = health
-        .check(HealthCheckRequest { service: "recmesh.v1.Gateway".into() })
+        .check(HealthCheckRequest {
+            service: "recmesh.v1.Gateway".into(),
+        })
         .await
         .expect("named service")
         .into_inner();
     assert_eq!(named.status, ServingStatus::Serving as i32);
 
-    mesh.client().await.recommend(recommend("u1", 10)).await.expect("answer");
+    mesh.client()
+        .await
+        .recommend(recommend("u1", 10))
+        .await
+        .expect("answer");
     let metrics = http_get(mesh.mesh.gateway.admin_addr, "/metrics").await;
     for series in [
         "recmesh_grpc_server_requests_total{service=\"gateway\",rpc=\"recmesh.v1.Gateway/Recommend\",code=\"Ok\"}",

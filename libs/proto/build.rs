@@ -15,10 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     files.sort();
     let fds = protox::compile(&files, [&root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("recmesh_descriptor.bin"),
-        fds.encode_to_vec(),
-    )?;
+    std::fs::write(out_dir.join("recmesh_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

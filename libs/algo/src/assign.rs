@@ -80,7 +80,10 @@ mod tests {
             counts[(bucket("home", &format!("u{u}")) / 1_000) as usize] += 1;
         }
         // 2,000 expected per decile; a fair hash stays well within ±15 %.
-        assert!(counts.iter().all(|&c| (1_700..=2_300).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (1_700..=2_300).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -101,14 +104,20 @@ mod tests {
         assert_eq!(pick_variant(2_499, 0, 0.5, &[1, 1]), Some(0));
         assert_eq!(pick_variant(2_500, 0, 0.5, &[1, 1]), Some(1));
         assert_eq!(pick_variant(4_999, 0, 0.5, &[1, 1]), Some(1));
-        assert_eq!(pick_variant(5_000, 0, 0.5, &[1, 1]), None, "outside traffic");
+        assert_eq!(
+            pick_variant(5_000, 0, 0.5, &[1, 1]),
+            None,
+            "outside traffic"
+        );
         assert_eq!(pick_variant(10, 0, 1.0, &[0, 0]), None);
         assert_eq!(pick_variant(9_999, 0, 1.0, &[0, 3]), Some(1));
         // A second experiment of the layer owning buckets 5000..7000.
         assert_eq!(pick_variant(4_999, 5_000, 0.2, &[1]), None);
         assert_eq!(pick_variant(5_000, 5_000, 0.2, &[1]), Some(0));
         assert_eq!(pick_variant(7_000, 5_000, 0.2, &[1]), None);
-        let shares: Vec<usize> = (0..BUCKETS).filter_map(|b| pick_variant(b, 0, 1.0, &[1, 3])).collect();
+        let shares: Vec<usize> = (0..BUCKETS)
+            .filter_map(|b| pick_variant(b, 0, 1.0, &[1, 3]))
+            .collect();
         assert_eq!(shares.iter().filter(|&&v| v == 0).count(), 2_500);
     }
 }

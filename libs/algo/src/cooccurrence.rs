@@ -28,7 +28,12 @@ pub fn neighbours(
     let mut trimmed: Vec<(u32, f64)> = Vec::new();
     for history in histories {
         trimmed.clear();
-        trimmed.extend(history.iter().copied().filter(|(i, _)| (*i as usize) < item_count));
+        trimmed.extend(
+            history
+                .iter()
+                .copied()
+                .filter(|(i, _)| (*i as usize) < item_count),
+        );
         trimmed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         trimmed.dedup_by_key(|(i, _)| *i);
         trimmed.truncate(max_history);
@@ -47,7 +52,14 @@ pub fn neighbours(
                 .into_iter()
                 .map(|(j, dot)| {
                     let denom = (norms[i] * norms[j as usize]).sqrt();
-                    (j, if denom > 0.0 { (dot / denom) as f32 } else { 0.0 })
+                    (
+                        j,
+                        if denom > 0.0 {
+                            (dot / denom) as f32
+                        } else {
+                            0.0
+                        },
+                    )
                 })
                 .collect();
             list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -14,7 +14,9 @@ pub mod rules;
 pub mod scoring;
 
 /// What a user did with an item, in increasing order of intent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// Saw the item's page.

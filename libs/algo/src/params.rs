@@ -78,7 +78,11 @@ impl VariantParams {
             match key.as_str() {
                 "retrieval.candidates" => self.candidates = ranged(key, value, 10, 2_000)? as u32,
                 "ranking.model" => {
-                    if value.len() > 64 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    if value.len() > 64
+                        || !value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    {
                         return Err(ParamError {
                             key: key.clone(),
                             reason: "must be at most 64 characters of [A-Za-z0-9-_.]".into(),
@@ -88,7 +92,9 @@ impl VariantParams {
                 }
                 "rerank.category_cap" => self.category_cap = ranged(key, value, 0, 100)? as u32,
                 // Stage budgets stay inside the 150 ms request budget.
-                "budget.retrieval_ms" => self.retrieval_budget_ms = Some(ranged(key, value, 1, 150)?),
+                "budget.retrieval_ms" => {
+                    self.retrieval_budget_ms = Some(ranged(key, value, 1, 150)?)
+                }
                 "budget.ranking_ms" => self.ranking_budget_ms = Some(ranged(key, value, 1, 150)?),
                 "budget.rerank_ms" => self.rerank_budget_ms = Some(ranged(key, value, 1, 150)?),
                 _ => {
@@ -118,24 +124,40 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn applies_known_keys() {
         let p = VariantParams::default()
-            .apply(&map(&[("retrieval.candidates", "300"), ("rerank.category_cap", "2"), ("budget.ranking_ms", "30")]))
+            .apply(&map(&[
+                ("retrieval.candidates", "300"),
+                ("rerank.category_cap", "2"),
+                ("budget.ranking_ms", "30"),
+            ]))
             .expect("valid");
-        assert_eq!((p.candidates, p.category_cap, p.ranking_budget_ms), (300, 2, Some(30)));
+        assert_eq!(
+            (p.candidates, p.category_cap, p.ranking_budget_ms),
+            (300, 2, Some(30))
+        );
     }
 
     #[test]
     fn rejects_unknown_and_out_of_range_naming_the_key() {
-        let e = VariantParams::default().apply(&map(&[("retrieval.candidatez", "3")])).expect_err("typo");
+        let e = VariantParams::default()
+            .apply(&map(&[("retrieval.candidatez", "3")]))
+            .expect_err("typo");
         assert_eq!(e.key, "retrieval.candidatez");
-        let e = VariantParams::default().apply(&map(&[("retrieval.candidates", "5")])).expect_err("too few");
+        let e = VariantParams::default()
+            .apply(&map(&[("retrieval.candidates", "5")]))
+            .expect_err("too few");
         assert_eq!(e.key, "retrieval.candidates");
-        let e = VariantParams::default().apply(&map(&[("budget.rerank_ms", "x")])).expect_err("nan");
+        let e = VariantParams::default()
+            .apply(&map(&[("budget.rerank_ms", "x")]))
+            .expect_err("nan");
         assert!(e.to_string().contains("budget.rerank_ms"));
     }
 }

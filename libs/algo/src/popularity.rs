@@ -3,14 +3,25 @@
 
 use std::collections::HashMap;
 
+/// Items with their scores, best first.
+pub type Ranked = Vec<(u32, f64)>;
+
 /// Ranks `scores` (item index → weighted count) and keeps the top `k`, overall
 /// and per category (`category[item]`). Ties break by item index so the lists
 /// are deterministic.
-pub fn top_lists(scores: &[f64], category: &[u32], k: usize) -> (Vec<(u32, f64)>, HashMap<u32, Vec<(u32, f64)>>) {
+pub fn top_lists(scores: &[f64], category: &[u32], k: usize) -> (Ranked, HashMap<u32, Ranked>) {
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
-    let overall = order.iter().take(k).map(|&i| (i, scores[i as usize])).collect();
-    let mut per_category: HashMap<u32, Vec<(u32, f64)>> = HashMap::new();
+    order.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    let overall = order
+        .iter()
+        .take(k)
+        .map(|&i| (i, scores[i as usize]))
+        .collect();
+    let mut per_category: HashMap<u32, Ranked> = HashMap::new();
     for &i in &order {
         let Some(&c) = category.get(i as usize) else {
             continue;

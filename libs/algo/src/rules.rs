@@ -106,7 +106,9 @@ pub fn select(
             Some(Removal::Duplicate)
         } else if let Some(r) = filters.check(item) {
             Some(r)
-        } else if category_cap > 0 && per_category.get(item.category).copied().unwrap_or(0) >= category_cap {
+        } else if category_cap > 0
+            && per_category.get(item.category).copied().unwrap_or(0) >= category_cap
+        {
             Some(Removal::CategoryCap)
         } else {
             None
@@ -127,7 +129,12 @@ mod tests {
     use super::*;
 
     fn item<'a>(id: &'a str, category: &'a str, price: f64, in_stock: bool) -> RuleItem<'a> {
-        RuleItem { id, category, price, in_stock }
+        RuleItem {
+            id,
+            category,
+            price,
+            in_stock,
+        }
     }
 
     #[test]
@@ -161,8 +168,15 @@ mod tests {
 
     #[test]
     fn stops_at_count_and_honours_category_filter() {
-        let items = [item("a", "x", 1.0, true), item("b", "y", 1.0, true), item("c", "y", 1.0, true)];
-        let filters = HardFilters { categories: ["y"].into(), ..HardFilters::default() };
+        let items = [
+            item("a", "x", 1.0, true),
+            item("b", "y", 1.0, true),
+            item("c", "y", 1.0, true),
+        ];
+        let filters = HardFilters {
+            categories: ["y"].into(),
+            ..HardFilters::default()
+        };
         let (kept, _) = select(&items, &filters, 1, 0);
         assert_eq!(kept, vec![1]);
     }

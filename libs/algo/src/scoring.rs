@@ -43,13 +43,24 @@ pub struct BaselineInput {
 }
 
 /// Scores a batch; `total_sources` is the number of sources that ran.
-pub fn baseline_scores(inputs: &[BaselineInput], total_sources: usize, w: BaselineWeights) -> Vec<f64> {
-    let max_r = inputs.iter().map(|c| c.retrieval_score).fold(0.0f64, f64::max);
+pub fn baseline_scores(
+    inputs: &[BaselineInput],
+    total_sources: usize,
+    w: BaselineWeights,
+) -> Vec<f64> {
+    let max_r = inputs
+        .iter()
+        .map(|c| c.retrieval_score)
+        .fold(0.0f64, f64::max);
     let total = total_sources.max(1) as f64;
     inputs
         .iter()
         .map(|c| {
-            let r = if max_r > 0.0 { (c.retrieval_score / max_r).clamp(0.0, 1.0) } else { 0.0 };
+            let r = if max_r > 0.0 {
+                (c.retrieval_score / max_r).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
             let s = (c.sources as f64 / total).min(1.0);
             w.retrieval * r + w.popularity * c.popularity.clamp(0.0, 1.0) + w.agreement * s
         })
@@ -63,8 +74,16 @@ mod tests {
     #[test]
     fn formula_by_hand() {
         let inputs = [
-            BaselineInput { retrieval_score: 2.0, popularity: 0.5, sources: 1 },
-            BaselineInput { retrieval_score: 1.0, popularity: 1.0, sources: 2 },
+            BaselineInput {
+                retrieval_score: 2.0,
+                popularity: 0.5,
+                sources: 1,
+            },
+            BaselineInput {
+                retrieval_score: 1.0,
+                popularity: 1.0,
+                sources: 2,
+            },
         ];
         let s = baseline_scores(&inputs, 2, BaselineWeights::default());
         // 0.6·1 + 0.3·0.5 + 0.1·0.5 = 0.80 ; 0.6·0.5 + 0.3·1 + 0.1·1 = 0.70
@@ -75,8 +94,16 @@ mod tests {
     #[test]
     fn all_zero_retrieval_scores_rank_by_popularity() {
         let inputs = [
-            BaselineInput { retrieval_score: 0.0, popularity: 0.2, sources: 1 },
-            BaselineInput { retrieval_score: 0.0, popularity: 0.9, sources: 1 },
+            BaselineInput {
+                retrieval_score: 0.0,
+                popularity: 0.2,
+                sources: 1,
+            },
+            BaselineInput {
+                retrieval_score: 0.0,
+                popularity: 0.9,
+                sources: 1,
+            },
         ];
         let s = baseline_scores(&inputs, 1, BaselineWeights::default());
         assert!(s[1] > s[0]);

@@ -11,8 +11,22 @@ use crate::{Dataset, EventKind, Interaction, Item};
 
 /// Category names of the demo shop; sizes follow a power law over this order.
 const CATEGORIES: &[&str] = &[
-    "electronics", "books", "fashion", "home", "sports", "beauty", "toys", "grocery",
-    "garden", "automotive", "music", "pets", "office", "health", "jewelry", "games",
+    "electronics",
+    "books",
+    "fashion",
+    "home",
+    "sports",
+    "beauty",
+    "toys",
+    "grocery",
+    "garden",
+    "automotive",
+    "music",
+    "pets",
+    "office",
+    "health",
+    "jewelry",
+    "games",
 ];
 
 /// Brands per category: enough for brand caps to matter, few enough that
@@ -170,7 +184,9 @@ pub fn generate(spec: &DemoSpec) -> Dataset {
     // Every non-empty category gets a popularity-weighted sampler.
     let samplers: Vec<Option<Weighted>> = by_category
         .iter()
-        .map(|ids| (!ids.is_empty()).then(|| Weighted::new(ids.iter().map(|&i| popularity[i as usize]))))
+        .map(|ids| {
+            (!ids.is_empty()).then(|| Weighted::new(ids.iter().map(|&i| popularity[i as usize])))
+        })
         .collect();
     let live: Vec<usize> = (0..n_cat).filter(|&c| samplers[c].is_some()).collect();
 
@@ -178,7 +194,9 @@ pub fn generate(spec: &DemoSpec) -> Dataset {
     let tastes: Vec<Vec<usize>> = (0..spec.users)
         .map(|_| {
             let k = 1 + rng.below(3) as usize;
-            (0..k).map(|_| live[rng.below(live.len() as u64) as usize]).collect()
+            (0..k)
+                .map(|_| live[rng.below(live.len() as u64) as usize])
+                .collect()
         })
         .collect();
     let activity = Weighted::new((0..spec.users).map(|u| 1.0 / ((u % 997 + 1) as f64).powf(0.8)));
@@ -193,7 +211,9 @@ pub fn generate(spec: &DemoSpec) -> Dataset {
         } else {
             live[rng.below(live.len() as u64) as usize]
         };
-        let Some(sampler) = &samplers[c] else { continue };
+        let Some(sampler) = &samplers[c] else {
+            continue;
+        };
         let mut ts = spec.now_ms - rng.below(span_ms as u64) as i64;
         let length = 1 + rng.below(6);
         for _ in 0..length {
@@ -221,7 +241,7 @@ pub fn generate(spec: &DemoSpec) -> Dataset {
             ts += 30_000 + rng.below(270_000) as i64;
         }
     }
-    interactions.sort_by(|a, b| a.timestamp_ms.cmp(&b.timestamp_ms));
+    interactions.sort_by_key(|e| e.timestamp_ms);
     Dataset {
         items,
         interactions,
@@ -245,7 +265,10 @@ mod tests {
     fn same_spec_same_data() {
         assert_eq!(generate(&small()), generate(&small()));
         let other = DemoSpec { seed: 7, ..small() };
-        assert_ne!(generate(&small()).fingerprint(), generate(&other).fingerprint());
+        assert_ne!(
+            generate(&small()).fingerprint(),
+            generate(&other).fingerprint()
+        );
     }
 
     #[test]
@@ -253,7 +276,11 @@ mod tests {
         let d = generate(&small());
         assert_eq!(d.items.len(), 300);
         assert!(d.interactions.len() >= 5_000);
-        assert!(d.interactions.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
+        assert!(
+            d.interactions
+                .windows(2)
+                .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms)
+        );
         let count = |k: EventKind| d.interactions.iter().filter(|e| e.kind == k).count();
         // The funnel narrows at every step.
         assert!(count(EventKind::View) > count(EventKind::Click));
@@ -261,9 +288,17 @@ mod tests {
         assert!(count(EventKind::AddToCart) > count(EventKind::Purchase));
         assert!(count(EventKind::Purchase) > 0);
         // Never a purchase of an out-of-stock item.
-        let stock: std::collections::HashMap<&str, bool> =
-            d.items.iter().map(|i| (i.id.as_str(), i.in_stock)).collect();
-        assert!(d.interactions.iter().filter(|e| e.kind == EventKind::Purchase).all(|e| stock[e.item.as_str()]));
+        let stock: std::collections::HashMap<&str, bool> = d
+            .items
+            .iter()
+            .map(|i| (i.id.as_str(), i.in_stock))
+            .collect();
+        assert!(
+            d.interactions
+                .iter()
+                .filter(|e| e.kind == EventKind::Purchase)
+                .all(|e| stock[e.item.as_str()])
+        );
         // Popularity is skewed: the top 10 % of items get far more than 10 % of views.
         let catalog = crate::Catalog::new(d.items.clone());
         let mut scores = crate::item_scores(&catalog, &d.interactions);

@@ -14,7 +14,14 @@ pub const ITEMS_FILE: &str = "items.tsv";
 pub const INTERACTIONS_FILE: &str = "interactions.tsv";
 
 const ITEMS_HEADER: &[&str] = &[
-    "item_id", "category", "brand", "price", "in_stock", "promoted", "created_at", "title",
+    "item_id",
+    "category",
+    "brand",
+    "price",
+    "in_stock",
+    "promoted",
+    "created_at",
+    "title",
 ];
 const INTERACTIONS_HEADER: &[&str] = &["user_id", "item_id", "event", "timestamp_ms"];
 
@@ -52,7 +59,7 @@ pub enum DataError {
 }
 
 /// Where a service gets its data.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSource {
     /// Directory with `items.tsv` and `interactions.tsv`; empty: generate the
@@ -60,15 +67,6 @@ pub struct DataSource {
     pub dir: String,
     /// Demo dataset used when `dir` is empty.
     pub demo: DemoSpec,
-}
-
-impl Default for DataSource {
-    fn default() -> Self {
-        DataSource {
-            dir: String::new(),
-            demo: DemoSpec::default(),
-        }
-    }
 }
 
 impl DataSource {
@@ -115,7 +113,14 @@ pub fn write_dir(data: &Dataset, dir: &Path) -> Result<(), DataError> {
     let mut inter = INTERACTIONS_HEADER.join("\t");
     inter.push('\n');
     for e in &data.interactions {
-        let _ = writeln!(inter, "{}\t{}\t{}\t{}", e.user, e.item, e.kind.as_str(), e.timestamp_ms);
+        let _ = writeln!(
+            inter,
+            "{}\t{}\t{}\t{}",
+            e.user,
+            e.item,
+            e.kind.as_str(),
+            e.timestamp_ms
+        );
     }
     for (name, body) in [(ITEMS_FILE, items), (INTERACTIONS_FILE, inter)] {
         let path = dir.join(name);
@@ -152,8 +157,12 @@ pub fn read_dir(dir: &Path) -> Result<Dataset, DataError> {
         interactions.push(Interaction {
             user: row.text(0)?,
             item: row.text(1)?,
-            kind: EventKind::parse(event)
-                .ok_or_else(|| row.error(2, format!("unknown event `{event}` (view, click, add_to_cart, purchase)")))?,
+            kind: EventKind::parse(event).ok_or_else(|| {
+                row.error(
+                    2,
+                    format!("unknown event `{event}` (view, click, add_to_cart, purchase)"),
+                )
+            })?,
             timestamp_ms: row.number(3)?,
         });
         Ok(())
@@ -217,13 +226,20 @@ fn for_each_row<'a>(
     mut f: impl FnMut(Row<'a>) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     let mut lines = text.lines().enumerate();
-    let found: Vec<&str> = lines.next().map(|(_, l)| l.split('\t').collect()).unwrap_or_default();
+    let found: Vec<&str> = lines
+        .next()
+        .map(|(_, l)| l.split('\t').collect())
+        .unwrap_or_default();
     if found != header {
         return Err(DataError::Parse {
             path: path.to_owned(),
             line: 1,
             column: "header".into(),
-            reason: format!("expected `{}`, found `{}`", header.join("\\t"), found.join("\\t")),
+            reason: format!(
+                "expected `{}`, found `{}`",
+                header.join("\\t"),
+                found.join("\\t")
+            ),
         });
     }
     for (n, line) in lines {
@@ -240,7 +256,11 @@ fn for_each_row<'a>(
         if row.fields.len() != header.len() {
             return Err(row.error(
                 row.fields.len().min(header.len() - 1),
-                format!("expected {} tab-separated fields, found {}", header.len(), row.fields.len()),
+                format!(
+                    "expected {} tab-separated fields, found {}",
+                    header.len(),
+                    row.fields.len()
+                ),
             ));
         }
         f(row)?;
@@ -284,7 +304,9 @@ mod tests {
             "item_id\tcategory\tbrand\tprice\tin_stock\tpromoted\tcreated_at\ttitle\ni1\tbooks\tb\tcheap\t1\t0\t0\tt\n",
         )
         .expect("write");
-        let err = read_dir(&dir).expect_err("price is not a number").to_string();
+        let err = read_dir(&dir)
+            .expect_err("price is not a number")
+            .to_string();
         assert!(err.contains("items.tsv:2: column `price`"), "{err}");
 
         std::fs::write(
@@ -292,10 +314,16 @@ mod tests {
             "item_id\tcategory\tbrand\tprice\tin_stock\tpromoted\tcreated_at\ttitle\ni1\tbooks\tb\t1\t1\t0\t0\tt\n",
         )
         .expect("write");
-        std::fs::write(dir.join(INTERACTIONS_FILE), "user_id\titem_id\tevent\ttimestamp_ms\nu1\ti1\tlike\t5\n")
-            .expect("write");
+        std::fs::write(
+            dir.join(INTERACTIONS_FILE),
+            "user_id\titem_id\tevent\ttimestamp_ms\nu1\ti1\tlike\t5\n",
+        )
+        .expect("write");
         let err = read_dir(&dir).expect_err("unknown event").to_string();
-        assert!(err.contains("interactions.tsv:2: column `event`: unknown event `like`"), "{err}");
+        assert!(
+            err.contains("interactions.tsv:2: column `event`: unknown event `like`"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -133,7 +133,10 @@ impl Catalog {
 
     /// Category id of a category name.
     pub fn category_id(&self, name: &str) -> Option<u32> {
-        self.categories.binary_search_by(|c| c.as_str().cmp(name)).ok().map(|i| i as u32)
+        self.categories
+            .binary_search_by(|c| c.as_str().cmp(name))
+            .ok()
+            .map(|i| i as u32)
     }
 
     /// Number of items.

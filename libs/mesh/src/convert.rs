@@ -40,9 +40,15 @@ pub fn check_id(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
         Err(FieldError::new(field, "must not be empty"))
     } else if value.len() > MAX_ID_LEN {
-        Err(FieldError::new(field, format!("must be at most {MAX_ID_LEN} bytes")))
+        Err(FieldError::new(
+            field,
+            format!("must be at most {MAX_ID_LEN} bytes"),
+        ))
     } else if value.chars().any(char::is_control) {
-        Err(FieldError::new(field, "must not contain control characters"))
+        Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ))
     } else {
         Ok(())
     }

@@ -47,7 +47,9 @@ pub fn check_address(key: &str, addr: &str) -> Result<Endpoint, AddressError> {
         reason,
     };
     if !addr.starts_with("http://") && !addr.starts_with("https://") {
-        return Err(err("must start with http:// (e.g. http://127.0.0.1:50052)".into()));
+        return Err(err(
+            "must start with http:// (e.g. http://127.0.0.1:50052)".into()
+        ));
     }
     Endpoint::from_shared(addr.to_owned()).map_err(|e| err(e.to_string()))
 }
@@ -172,7 +174,9 @@ where
         // Late, whoever noticed first: the peer (DEADLINE_EXCEEDED) or tonic's
         // own client timer, which races ours and reports CANCELLED. A
         // CANCELLED before the deadline is a failure (e.g. a reset connection).
-        Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded || started.elapsed() >= timeout => {
+        Ok(Err(status))
+            if status.code() == tonic::Code::DeadlineExceeded || started.elapsed() >= timeout =>
+        {
             Err(CallError::Timeout(timeout))
         }
         Ok(Err(status)) => Err(CallError::Status(status)),
@@ -199,8 +203,13 @@ mod tests {
         md.insert("grpc-timeout", MetadataValue::from_static("20m"));
         let d = Deadline::from_metadata(&md, Duration::from_secs(1));
         assert!(d.remaining() <= Duration::from_millis(20));
-        let d = Deadline::from_metadata(&tonic::metadata::MetadataMap::new(), Duration::from_millis(50));
-        assert!(d.remaining() <= Duration::from_millis(50) && d.remaining() > Duration::from_millis(10));
+        let d = Deadline::from_metadata(
+            &tonic::metadata::MetadataMap::new(),
+            Duration::from_millis(50),
+        );
+        assert!(
+            d.remaining() <= Duration::from_millis(50) && d.remaining() > Duration::from_millis(10)
+        );
     }
 
     #[tokio::test]

@@ -73,7 +73,11 @@ pub fn load<T: ServiceConfig>(file: Option<&Path>) -> Result<T, ConfigError> {
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["log", "log_format", "config"]));
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&[
+        "log",
+        "log_format",
+        "config",
+    ]));
     let config: T = figment.extract()?;
     config.server().validate()?;
     config.validate()?;
@@ -90,9 +94,11 @@ pub fn from_args<T: ServiceConfig>(binary: &str) -> Result<Option<T>, ConfigErro
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => {
-                file = Some(args.next().map(Into::into).ok_or_else(|| {
-                    ConfigError::invalid("--config", "needs a file path")
-                })?);
+                file = Some(
+                    args.next()
+                        .map(Into::into)
+                        .ok_or_else(|| ConfigError::invalid("--config", "needs a file path"))?,
+                );
             }
             "--print-config" => print = true,
             "--help" | "-h" => {
@@ -107,16 +113,14 @@ pub fn from_args<T: ServiceConfig>(binary: &str) -> Result<Option<T>, ConfigErro
                 return Ok(None);
             }
             other => {
-                return Err(ConfigError::invalid(
-                    other,
-                    "is not an option (try --help)",
-                ));
+                return Err(ConfigError::invalid(other, "is not an option (try --help)"));
             }
         }
     }
     let config: T = load(file.as_deref())?;
     if print {
-        let text = toml::to_string_pretty(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let text =
+            toml::to_string_pretty(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
         println!("{text}");
         return Ok(None);
     }
@@ -149,7 +153,11 @@ impl ServerConfig {
     /// is `grpc_port + 1000` so the two never collide in a default layout
     /// (port 0: both ephemeral).
     pub fn on_port(grpc_port: u16) -> Self {
-        let admin_port = if grpc_port == 0 { 0 } else { grpc_port.saturating_add(1000) };
+        let admin_port = if grpc_port == 0 {
+            0
+        } else {
+            grpc_port.saturating_add(1000)
+        };
         ServerConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),

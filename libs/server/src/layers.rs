@@ -233,7 +233,11 @@ where
                     .unwrap_or_else(|| "Ok".to_owned()),
                 Err(_) => "TransportError".to_owned(),
             };
-            let labels = [("service", service.to_owned()), ("rpc", rpc), ("code", code)];
+            let labels = [
+                ("service", service.to_owned()),
+                ("rpc", rpc),
+                ("code", code),
+            ];
             metrics::counter!("recmesh_grpc_server_requests_total", &labels).increment(1);
             metrics::histogram!("recmesh_grpc_server_duration_seconds", &labels)
                 .record(started.elapsed().as_secs_f64());
@@ -409,7 +413,10 @@ mod tests {
 
     #[test]
     fn foreign_paths_share_one_metric_label() {
-        assert_eq!(rpc_label("/recmesh.v1.Gateway/Recommend"), "recmesh.v1.Gateway/Recommend");
+        assert_eq!(
+            rpc_label("/recmesh.v1.Gateway/Recommend"),
+            "recmesh.v1.Gateway/Recommend"
+        );
         assert_eq!(rpc_label("/wp-admin/x"), "other");
     }
 }

@@ -87,12 +87,16 @@ impl Listeners {
 
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.grpc
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The bound admin HTTP address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 }
 
@@ -152,7 +156,9 @@ impl GrpcServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for svc in &service_names {
-            health.set_service_status(*svc, ServingStatus::Serving).await;
+            health
+                .set_service_status(*svc, ServingStatus::Serving)
+                .await;
         }
         health.set_service_status("", ServingStatus::Serving).await;
         routes.add_service(health_service);

@@ -17,7 +17,8 @@ pub fn init_tracing() {
     ONCE.get_or_init(|| {
         let filter = EnvFilter::try_from_env("RECMESH_LOG")
             .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
-        let json = std::env::var("RECMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+        let json =
+            std::env::var("RECMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
@@ -34,8 +35,8 @@ pub fn init_tracing() {
 /// Latency buckets in seconds: fine-grained below the stage budgets
 /// (5–50 ms) and up to the 200 ms SLO and beyond, so p99 can be read off.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
-    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
 ];
 
 /// The process-wide Prometheus recorder, installed on first use.

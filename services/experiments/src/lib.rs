@@ -20,7 +20,10 @@ use std::sync::{Arc, RwLock};
 use recmesh_algo::assign::{BUCKETS, bucket, pick_variant, share_buckets};
 use recmesh_algo::params::VariantParams;
 use recmesh_mesh::convert::{FieldError, check_id};
-use recmesh_proto::v1::{self as pb, experiments_admin_server::ExperimentsAdminServer, experiments_server::ExperimentsServer};
+use recmesh_proto::v1::{
+    self as pb, experiments_admin_server::ExperimentsAdminServer,
+    experiments_server::ExperimentsServer,
+};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
@@ -59,9 +62,15 @@ impl ServiceConfig for Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.experiments_file.is_empty() {
-            let text = std::fs::read_to_string(&self.experiments_file)
-                .map_err(|e| ConfigError::invalid("experiments_file", format!("{}: {e}", self.experiments_file)))?;
-            parse_file(&text).map_err(|e| ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason))?;
+            let text = std::fs::read_to_string(&self.experiments_file).map_err(|e| {
+                ConfigError::invalid(
+                    "experiments_file",
+                    format!("{}: {e}", self.experiments_file),
+                )
+            })?;
+            parse_file(&text).map_err(|e| {
+                ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
+            })?;
         }
         Ok(())
     }
@@ -129,19 +138,28 @@ params = { "retrieval.candidates" = "400", "rerank.category_cap" = "3" }
 
 /// Parses and validates an experiments file.
 pub fn parse_file(text: &str) -> Result<Vec<ExperimentDef>, FieldError> {
-    let file: ExperimentsFile = toml::from_str(text).map_err(|e| FieldError::new("toml", e.to_string()))?;
+    let file: ExperimentsFile =
+        toml::from_str(text).map_err(|e| FieldError::new("toml", e.to_string()))?;
     let mut set = ExperimentSet::default();
     for (n, e) in file.experiments.into_iter().enumerate() {
-        set.put(e, None)
-            .map_err(|err| FieldError::new(format!("experiments[{n}].{}", err.field), err.reason))?;
+        set.put(e, None).map_err(|err| {
+            FieldError::new(format!("experiments[{n}].{}", err.field), err.reason)
+        })?;
     }
     Ok(set.experiments.into_iter().map(|(e, _)| e).collect())
 }
 
 fn validate(e: &ExperimentDef) -> Result<(), FieldError> {
     check_id("id", &e.id)?;
-    if !e.id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_') {
-        return Err(FieldError::new("id", "must be lowercase letters, digits, `-` or `_`"));
+    if !e
+        .id
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(FieldError::new(
+            "id",
+            "must be lowercase letters, digits, `-` or `_`",
+        ));
     }
     check_id("layer", &e.layer)?;
     if !(0.0..=1.0).contains(&e.traffic) || e.traffic.is_nan() {
@@ -157,15 +175,21 @@ fn validate(e: &ExperimentDef) -> Result<(), FieldError> {
     for (n, v) in e.variants.iter().enumerate() {
         check_id(&format!("variants[{n}].name"), &v.name)?;
         if !names.insert(v.name.as_str()) {
-            return Err(FieldError::new(format!("variants[{n}].name"), format!("`{}` is used twice", v.name)));
+            return Err(FieldError::new(
+                format!("variants[{n}].name"),
+                format!("`{}` is used twice", v.name),
+            ));
         }
         let params: HashMap<String, String> = v.params.clone().into_iter().collect();
-        VariantParams::default()
-            .apply(&params)
-            .map_err(|err| FieldError::new(format!("variants[{n}].params.{}", err.key), err.reason))?;
+        VariantParams::default().apply(&params).map_err(|err| {
+            FieldError::new(format!("variants[{n}].params.{}", err.key), err.reason)
+        })?;
     }
     if e.variants.iter().all(|v| v.weight == 0) {
-        return Err(FieldError::new("variants", "at least one weight must be above 0"));
+        return Err(FieldError::new(
+            "variants",
+            "at least one weight must be above 0",
+        ));
     }
     Ok(())
 }
@@ -184,10 +208,13 @@ impl ExperimentSet {
     pub fn put(&mut self, e: ExperimentDef, expected: Option<u64>) -> Result<u64, FieldError> {
         validate(&e)?;
         let existing = self.experiments.iter().position(|(x, _)| x.id == e.id);
-        if let (Some(want), Some(i)) = (expected, existing) {
-            if self.experiments[i].1 != want {
-                return Err(FieldError::new("version", format!("is {}, not {want}", self.experiments[i].1)));
-            }
+        if let (Some(want), Some(i)) = (expected, existing)
+            && self.experiments[i].1 != want
+        {
+            return Err(FieldError::new(
+                "version",
+                format!("is {}, not {want}", self.experiments[i].1),
+            ));
         }
         let layer_total: u32 = self
             .experiments
@@ -199,7 +226,11 @@ impl ExperimentSet {
         if layer_total > BUCKETS {
             return Err(FieldError::new(
                 "traffic",
-                format!("layer `{}` would be over-allocated ({:.2} of its users)", e.layer, f64::from(layer_total) / f64::from(BUCKETS)),
+                format!(
+                    "layer `{}` would be over-allocated ({:.2} of its users)",
+                    e.layer,
+                    f64::from(layer_total) / f64::from(BUCKETS)
+                ),
             ));
         }
         self.version += 1;
@@ -260,7 +291,11 @@ fn from_proto(e: pb::Experiment) -> ExperimentDef {
         id: e.id,
         layer: e.layer,
         traffic: e.traffic,
-        status: if e.status.is_empty() { running() } else { e.status },
+        status: if e.status.is_empty() {
+            running()
+        } else {
+            e.status
+        },
         variants: e
             .variants
             .into_iter()
@@ -289,13 +324,18 @@ impl Experiments {
             std::fs::read_to_string(&config.experiments_file)
                 .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?
         };
-        let defs = parse_file(&text).map_err(|e| ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason))?;
+        let defs = parse_file(&text).map_err(|e| {
+            ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
+        })?;
         let mut set = ExperimentSet::default();
         for d in defs {
-            set.put(d, None).map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?;
+            set.put(d, None)
+                .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?;
         }
         if config.admin_token.is_empty() {
-            tracing::warn!("experiments admin API is open: set admin_token (RECMESH_ADMIN_TOKEN) outside local demos");
+            tracing::warn!(
+                "experiments admin API is open: set admin_token (RECMESH_ADMIN_TOKEN) outside local demos"
+            );
         }
         Ok(Experiments {
             set: Arc::new(RwLock::new(set)),
@@ -308,9 +348,15 @@ impl Experiments {
             return Ok(());
         }
         let Some(value) = req.metadata().get("authorization") else {
-            return Err(Status::unauthenticated("admin API needs `authorization: Bearer <token>`"));
+            return Err(Status::unauthenticated(
+                "admin API needs `authorization: Bearer <token>`",
+            ));
         };
-        let presented = value.to_str().unwrap_or_default().strip_prefix("Bearer ").unwrap_or_default();
+        let presented = value
+            .to_str()
+            .unwrap_or_default()
+            .strip_prefix("Bearer ")
+            .unwrap_or_default();
         if constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
             Ok(())
         } else {
@@ -333,7 +379,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[tonic::async_trait]
 impl pb::experiments_server::Experiments for Experiments {
-    async fn assign(&self, request: Request<pb::AssignRequest>) -> Result<Response<pb::AssignResponse>, Status> {
+    async fn assign(
+        &self,
+        request: Request<pb::AssignRequest>,
+    ) -> Result<Response<pb::AssignResponse>, Status> {
         let req = request.into_inner();
         check_id("user_id", &req.user_id)?;
         let set = self.read();
@@ -367,7 +416,10 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
         Ok(Response::new(pb::PutExperimentResponse { version }))
     }
 
-    async fn get_experiment(&self, request: Request<pb::GetExperimentRequest>) -> Result<Response<pb::Experiment>, Status> {
+    async fn get_experiment(
+        &self,
+        request: Request<pb::GetExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
         self.authorize(&request)?;
         let id = request.into_inner().id;
         self.read()
@@ -384,7 +436,12 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
     ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(pb::ListExperimentsResponse {
-            experiments: self.read().experiments.iter().map(|(e, v)| to_proto(e, *v)).collect(),
+            experiments: self
+                .read()
+                .experiments
+                .iter()
+                .map(|(e, v)| to_proto(e, *v))
+                .collect(),
         }))
     }
 }
@@ -415,8 +472,16 @@ mod tests {
             traffic,
             status: "running".into(),
             variants: vec![
-                VariantDef { name: "a".into(), weight: 1, params: BTreeMap::new() },
-                VariantDef { name: "b".into(), weight: 1, params: BTreeMap::new() },
+                VariantDef {
+                    name: "a".into(),
+                    weight: 1,
+                    params: BTreeMap::new(),
+                },
+                VariantDef {
+                    name: "b".into(),
+                    weight: 1,
+                    params: BTreeMap::new(),
+                },
             ],
         }
     }
@@ -440,7 +505,11 @@ mod tests {
             let a = set.assign(&user);
             assert_eq!(a, set.assign(&user), "deterministic");
             let home: Vec<_> = a.iter().filter(|x| x.experiment_id != "z").collect();
-            assert_eq!(home.len(), 1, "exactly one experiment of a fully allocated layer");
+            assert_eq!(
+                home.len(),
+                1,
+                "exactly one experiment of a fully allocated layer"
+            );
             assert!(a.iter().any(|x| x.experiment_id == "z"));
             in_x += usize::from(home[0].experiment_id == "x");
         }
@@ -451,31 +520,62 @@ mod tests {
     fn invalid_pushes_name_the_field_and_change_nothing() {
         let mut set = ExperimentSet::default();
         set.put(experiment("x", "home", 0.6), None).expect("ok");
-        let err = set.put(experiment("y", "home", 0.6), None).expect_err("over-allocated");
+        let err = set
+            .put(experiment("y", "home", 0.6), None)
+            .expect_err("over-allocated");
         assert_eq!(err.field, "traffic");
         let mut bad = experiment("x", "home", 0.6);
-        bad.variants[1].params.insert("retrieval.candidates".into(), "1".into());
+        bad.variants[1]
+            .params
+            .insert("retrieval.candidates".into(), "1".into());
         let err = set.put(bad, None).expect_err("out of range");
         assert_eq!(err.field, "variants[1].params.retrieval.candidates");
         let mut dup = experiment("x", "home", 0.6);
         dup.variants[1].name = "a".into();
-        assert_eq!(set.put(dup, None).expect_err("dup").field, "variants[1].name");
-        assert_eq!(set.put(experiment("x", "home", 0.6), Some(99)).expect_err("stale").field, "version");
+        assert_eq!(
+            set.put(dup, None).expect_err("dup").field,
+            "variants[1].name"
+        );
+        assert_eq!(
+            set.put(experiment("x", "home", 0.6), Some(99))
+                .expect_err("stale")
+                .field,
+            "version"
+        );
         assert_eq!(set.experiments.len(), 1);
         assert_eq!(set.experiments[0].1, 1, "previous version still serving");
     }
 
     #[tokio::test]
     async fn admin_needs_the_token() {
-        let config = Config { admin_token: "s3cret".into(), ..Config::default() };
+        let config = Config {
+            admin_token: "s3cret".into(),
+            ..Config::default()
+        };
         let svc = Experiments::new(&config).expect("state");
-        let err = svc.list_experiments(Request::new(pb::ListExperimentsRequest {})).await.expect_err("no token");
+        let err = svc
+            .list_experiments(Request::new(pb::ListExperimentsRequest {}))
+            .await
+            .expect_err("no token");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         let mut req = Request::new(pb::ListExperimentsRequest {});
-        req.metadata_mut().insert("authorization", "Bearer nope".parse().expect("ascii"));
-        assert_eq!(svc.list_experiments(req).await.expect_err("wrong").code(), tonic::Code::PermissionDenied);
+        req.metadata_mut()
+            .insert("authorization", "Bearer nope".parse().expect("ascii"));
+        assert_eq!(
+            svc.list_experiments(req).await.expect_err("wrong").code(),
+            tonic::Code::PermissionDenied
+        );
         let mut req = Request::new(pb::ListExperimentsRequest {});
-        req.metadata_mut().insert("authorization", "Bearer s3cret".parse().expect("ascii"));
-        assert_eq!(svc.list_experiments(req).await.expect("ok").into_inner().experiments.len(), 1);
+        req.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().expect("ascii"));
+        assert_eq!(
+            svc.list_experiments(req)
+                .await
+                .expect("ok")
+                .into_inner()
+                .experiments
+                .len(),
+            1
+        );
     }
 }

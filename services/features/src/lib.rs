@@ -14,10 +14,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use recmesh_catalog::files::DataSource;
 use recmesh_catalog::{Dataset, EventKind, Item};
-use recmesh_proto::v1::{self as pb, features_server::FeaturesServer};
-use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
-use recmesh_server::GrpcServer;
 use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind, event_type};
+use recmesh_proto::v1::{self as pb, features_server::FeaturesServer};
+use recmesh_server::GrpcServer;
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -84,7 +84,8 @@ impl ServiceConfig for Config {
 
 /// The one mapping of a refused call to gRPC, counted by reason.
 fn reject(e: FieldError) -> Status {
-    metrics::counter!("recmesh_features_rejected_total", "reason" => "invalid_argument").increment(1);
+    metrics::counter!("recmesh_features_rejected_total", "reason" => "invalid_argument")
+        .increment(1);
     e.into()
 }
 
@@ -238,7 +239,7 @@ impl Store {
         };
         let mut recent: Vec<&(String, EventKind, i64)> = u.recent.iter().collect();
         // Newest first; events can arrive out of order.
-        recent.sort_by(|a, b| b.2.cmp(&a.2));
+        recent.sort_by_key(|e| std::cmp::Reverse(e.2));
         let mut categories: Vec<(&String, &f64)> = u.categories.iter().collect();
         categories.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
         let mut purchased: Vec<String> = u.purchased.iter().cloned().collect();
@@ -256,7 +257,11 @@ impl Store {
                 })
                 .collect(),
             purchased_item_ids: purchased,
-            top_categories: categories.into_iter().take(3).map(|(c, _)| c.clone()).collect(),
+            top_categories: categories
+                .into_iter()
+                .take(3)
+                .map(|(c, _)| c.clone())
+                .collect(),
         }
     }
 
@@ -272,7 +277,11 @@ impl Store {
                     clicks: s.counts[1],
                     carts: s.counts[2],
                     purchases: s.counts[3],
-                    popularity: if self.max_score > 0.0 { s.score / self.max_score } else { 0.0 },
+                    popularity: if self.max_score > 0.0 {
+                        s.score / self.max_score
+                    } else {
+                        0.0
+                    },
                 }),
                 None => out.unknown.push(id.clone()),
             }
@@ -304,7 +313,10 @@ impl FeaturesService {
         if req.events.len() > self.config.max_events_per_call {
             return Err(FieldError::new(
                 "events",
-                format!("at most {} events per call", self.config.max_events_per_call),
+                format!(
+                    "at most {} events per call",
+                    self.config.max_events_per_call
+                ),
             ));
         }
         let now = now_ms();
@@ -344,16 +356,26 @@ impl FeaturesService {
 
 #[tonic::async_trait]
 impl pb::features_server::Features for FeaturesService {
-    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::UserFeatures>, Status> {
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::UserFeatures>, Status> {
         let req = request.into_inner();
         check_id("user_id", &req.user_id).map_err(reject)?;
-        let max = if req.max_recent == 0 { self.config.default_recent } else { req.max_recent };
+        let max = if req.max_recent == 0 {
+            self.config.default_recent
+        } else {
+            req.max_recent
+        };
         let max = max.min(self.config.max_recent_per_user as u32) as usize;
         let store = self.store.read().unwrap_or_else(|p| p.into_inner());
         Ok(Response::new(store.user(&req.user_id, max)))
     }
 
-    async fn get_items(&self, request: Request<pb::GetItemsRequest>) -> Result<Response<pb::GetItemsResponse>, Status> {
+    async fn get_items(
+        &self,
+        request: Request<pb::GetItemsRequest>,
+    ) -> Result<Response<pb::GetItemsResponse>, Status> {
         let req = request.into_inner();
         if req.item_ids.len() > self.config.max_items_per_call {
             return Err(reject(FieldError::new(
@@ -365,14 +387,24 @@ impl pb::features_server::Features for FeaturesService {
         Ok(Response::new(store.items(&req.item_ids)))
     }
 
-    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
         // Validate the whole batch before applying any of it: a bad event
         // never leaves half a batch applied.
         let events = self.validate(request.get_ref()).map_err(reject)?;
-        let (applied, duplicates) = self.store.write().unwrap_or_else(|p| p.into_inner()).ingest(&events);
+        let (applied, duplicates) = self
+            .store
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .ingest(&events);
         metrics::counter!("recmesh_features_events_applied_total").increment(u64::from(applied));
         metrics::counter!("recmesh_features_dedupe_hits_total").increment(u64::from(duplicates));
-        Ok(Response::new(pb::IngestResponse { applied, duplicates }))
+        Ok(Response::new(pb::IngestResponse {
+            applied,
+            duplicates,
+        }))
     }
 }
 
@@ -428,14 +460,24 @@ mod tests {
     async fn ingest_is_idempotent_and_updates_the_user() {
         let s = service();
         let req = pb::IngestRequest {
-            events: vec![event("e1", pb::EventType::View), event("e2", pb::EventType::Purchase)],
+            events: vec![
+                event("e1", pb::EventType::View),
+                event("e2", pb::EventType::Purchase),
+            ],
         };
-        let r = s.ingest(Request::new(req.clone())).await.expect("ok").into_inner();
+        let r = s
+            .ingest(Request::new(req.clone()))
+            .await
+            .expect("ok")
+            .into_inner();
         assert_eq!((r.applied, r.duplicates), (2, 0));
         let r = s.ingest(Request::new(req)).await.expect("ok").into_inner();
         assert_eq!((r.applied, r.duplicates), (0, 2), "replay applies nothing");
         let u = s
-            .get_user(Request::new(pb::GetUserRequest { user_id: "u1".into(), max_recent: 0 }))
+            .get_user(Request::new(pb::GetUserRequest {
+                user_id: "u1".into(),
+                max_recent: 0,
+            }))
             .await
             .expect("ok")
             .into_inner();
@@ -443,7 +485,9 @@ mod tests {
         assert_eq!(u.recent.len(), 2);
         assert_eq!(u.purchased_item_ids, vec!["i3".to_string()]);
         let items = s
-            .get_items(Request::new(pb::GetItemsRequest { item_ids: vec!["i3".into(), "nope".into()] }))
+            .get_items(Request::new(pb::GetItemsRequest {
+                item_ids: vec!["i3".into(), "nope".into()],
+            }))
             .await
             .expect("ok")
             .into_inner();
@@ -464,9 +508,16 @@ mod tests {
             .await
             .expect_err("invalid");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().starts_with("events[1].event_type"), "{}", err.message());
+        assert!(
+            err.message().starts_with("events[1].event_type"),
+            "{}",
+            err.message()
+        );
         let u = s
-            .get_user(Request::new(pb::GetUserRequest { user_id: "u1".into(), max_recent: 0 }))
+            .get_user(Request::new(pb::GetUserRequest {
+                user_id: "u1".into(),
+                max_recent: 0,
+            }))
             .await
             .expect("ok")
             .into_inner();
@@ -475,17 +526,29 @@ mod tests {
         let mut unknown = event("e3", pb::EventType::View);
         unknown.item_id = "i999999".into();
         let err = s
-            .ingest(Request::new(pb::IngestRequest { events: vec![unknown] }))
+            .ingest(Request::new(pb::IngestRequest {
+                events: vec![unknown],
+            }))
             .await
             .expect_err("unknown item");
-        assert!(err.message().starts_with("events[0].item_id"), "{}", err.message());
+        assert!(
+            err.message().starts_with("events[0].item_id"),
+            "{}",
+            err.message()
+        );
 
         let mut seconds = event("e4", pb::EventType::View);
         seconds.timestamp_ms = 1_700_000_000; // seconds, not ms
         let err = s
-            .ingest(Request::new(pb::IngestRequest { events: vec![seconds] }))
+            .ingest(Request::new(pb::IngestRequest {
+                events: vec![seconds],
+            }))
             .await
             .expect_err("unit mistake");
-        assert!(err.message().starts_with("events[0].timestamp_ms"), "{}", err.message());
+        assert!(
+            err.message().starts_with("events[0].timestamp_ms"),
+            "{}",
+            err.message()
+        );
     }
 }

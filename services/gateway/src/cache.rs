@@ -28,7 +28,10 @@ impl UserEntry {
     /// The cached answer to `key`.
     pub fn get(&self, key: u64) -> Option<Arc<pb::RecommendResponse>> {
         let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        answers.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone())
+        answers
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, r)| r.clone())
     }
 
     /// Stores an answer, evicting the oldest beyond [`QUERIES_PER_USER`].
@@ -63,7 +66,11 @@ impl ResponseCache {
     /// The user's entry (created empty when absent); `None` when disabled.
     pub async fn entry(&self, user: &str) -> Option<Arc<UserEntry>> {
         let users = self.users.as_ref()?;
-        Some(users.get_with_by_ref(user, async { Arc::new(UserEntry::default()) }).await)
+        Some(
+            users
+                .get_with_by_ref(user, async { Arc::new(UserEntry::default()) })
+                .await,
+        )
     }
 
     /// Drops everything cached for `user`.
@@ -76,7 +83,12 @@ impl ResponseCache {
 
 /// The cache key of a query: a hash of everything but the user id (the
 /// user selects the entry) and the debug flag (debug requests skip the cache).
-pub fn query_key(context: &pb::RequestContext, count: u32, exclude: &[String], filters: &pb::Filters) -> u64 {
+pub fn query_key(
+    context: &pb::RequestContext,
+    count: u32,
+    exclude: &[String],
+    filters: &pb::Filters,
+) -> u64 {
     let mut bytes = context.encode_to_vec();
     bytes.extend_from_slice(&count.to_le_bytes());
     for id in exclude {
@@ -108,7 +120,10 @@ mod tests {
         let ctx = pb::RequestContext::default();
         let f = pb::Filters::default();
         assert_ne!(query_key(&ctx, 10, &[], &f), query_key(&ctx, 11, &[], &f));
-        assert_ne!(query_key(&ctx, 10, &["a".into()], &f), query_key(&ctx, 10, &[], &f));
+        assert_ne!(
+            query_key(&ctx, 10, &["a".into()], &f),
+            query_key(&ctx, 10, &[], &f)
+        );
         assert_eq!(query_key(&ctx, 10, &[], &f), query_key(&ctx, 10, &[], &f));
     }
 }

@@ -219,22 +219,37 @@ impl ServiceConfig for Config {
                 return Err(ConfigError::invalid(key, "must be at least 1 ms"));
             }
             if key != "budgets.track_ms" && ms > b.request_ms {
-                return Err(ConfigError::invalid(key, format!("must not exceed budgets.request_ms ({})", b.request_ms)));
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must not exceed budgets.request_ms ({})", b.request_ms),
+                ));
             }
         }
         if b.reserve_ms >= b.request_ms {
-            return Err(ConfigError::invalid("budgets.reserve_ms", "must be below budgets.request_ms"));
+            return Err(ConfigError::invalid(
+                "budgets.reserve_ms",
+                "must be below budgets.request_ms",
+            ));
         }
         if self.limits.max_count == 0 {
-            return Err(ConfigError::invalid("limits.max_count", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "limits.max_count",
+                "must be at least 1",
+            ));
         }
         if self.popularity.refresh_ms == 0 {
-            return Err(ConfigError::invalid("popularity.refresh_ms", "must be at least 1 ms"));
+            return Err(ConfigError::invalid(
+                "popularity.refresh_ms",
+                "must be at least 1 ms",
+            ));
         }
         if self.popularity.overall < self.limits.max_count {
             return Err(ConfigError::invalid(
                 "popularity.overall",
-                format!("must be at least limits.max_count ({}) so a fallback can fill any request", self.limits.max_count),
+                format!(
+                    "must be at least limits.max_count ({}) so a fallback can fill any request",
+                    self.limits.max_count
+                ),
             ));
         }
         Ok(())

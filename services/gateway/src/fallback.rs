@@ -25,7 +25,13 @@ pub struct PopularityLists {
     categories: BTreeSet<String>,
 }
 
-fn candidate(item_id: String, raw: f64, best: f64, attrs: pb::ItemAttributes, reason: String) -> pb::Candidate {
+fn candidate(
+    item_id: String,
+    raw: f64,
+    best: f64,
+    attrs: pb::ItemAttributes,
+    reason: String,
+) -> pb::Candidate {
     pb::Candidate {
         item_id,
         score: if best > 0.0 { raw / best } else { 0.0 },
@@ -41,14 +47,24 @@ impl PopularityLists {
     pub fn from_dataset(data: &Dataset, overall: usize, per_category: usize) -> Self {
         let catalog = Catalog::new(data.items.clone());
         let scores = recmesh_catalog::item_scores(&catalog, &data.interactions);
-        let (top, by_cat) = popularity::top_lists(&scores, &catalog.category_of, overall.max(per_category));
-        let make = |list: &[(u32, f64)], n: usize, reason: &dyn Fn(&str) -> String| -> Vec<pb::Candidate> {
+        let (top, by_cat) =
+            popularity::top_lists(&scores, &catalog.category_of, overall.max(per_category));
+        let make = |list: &[(u32, f64)],
+                    n: usize,
+                    reason: &dyn Fn(&str) -> String|
+         -> Vec<pb::Candidate> {
             let best = list.first().map_or(0.0, |x| x.1);
             list.iter()
                 .take(n)
                 .filter_map(|&(i, s)| {
                     let item = catalog.item(i)?;
-                    Some(candidate(item.id.clone(), s, best, attributes(item), reason(&item.category)))
+                    Some(candidate(
+                        item.id.clone(),
+                        s,
+                        best,
+                        attributes(item),
+                        reason(&item.category),
+                    ))
                 })
                 .collect()
         };
@@ -57,7 +73,10 @@ impl PopularityLists {
             by_category: by_cat
                 .iter()
                 .map(|(&c, list)| {
-                    (catalog.categories[c as usize].clone(), make(list, per_category, &|c| format!("popular in {c}")))
+                    (
+                        catalog.categories[c as usize].clone(),
+                        make(list, per_category, &|c| format!("popular in {c}")),
+                    )
                 })
                 .collect(),
             categories: catalog.categories.iter().cloned().collect(),
@@ -66,25 +85,48 @@ impl PopularityLists {
 
     /// Lists from retrieval's `Popular` answer (overall list then each
     /// category's), regrouped by the raw popularity every list shares.
-    pub fn from_popular(candidates: Vec<pb::Candidate>, overall: usize, per_category: usize) -> Self {
+    pub fn from_popular(
+        candidates: Vec<pb::Candidate>,
+        overall: usize,
+        per_category: usize,
+    ) -> Self {
         let raw = |c: &pb::Candidate| c.source_scores.get(SOURCE).copied().unwrap_or(c.score);
         let mut seen = std::collections::HashSet::new();
-        let mut all: Vec<pb::Candidate> = candidates.into_iter().filter(|c| seen.insert(c.item_id.clone())).collect();
+        let mut all: Vec<pb::Candidate> = candidates
+            .into_iter()
+            .filter(|c| seen.insert(c.item_id.clone()))
+            .collect();
         // Stable: ties keep retrieval's order.
         all.sort_by(|a, b| raw(b).total_cmp(&raw(a)));
         let mut lists = PopularityLists::default();
         let best = all.first().map_or(0.0, raw);
         for c in &all {
-            let Some(attrs) = c.attributes.clone() else { continue };
+            let Some(attrs) = c.attributes.clone() else {
+                continue;
+            };
             let category = attrs.category.clone();
             lists.categories.insert(category.clone());
             if lists.overall.len() < overall {
-                lists.overall.push(candidate(c.item_id.clone(), raw(c), best, attrs.clone(), "popular right now".into()));
+                lists.overall.push(candidate(
+                    c.item_id.clone(),
+                    raw(c),
+                    best,
+                    attrs.clone(),
+                    "popular right now".into(),
+                ));
             }
             let list = lists.by_category.entry(category.clone()).or_default();
             if list.len() < per_category {
-                let best = list.first().map_or(raw(c), |first| first.source_scores.get(SOURCE).copied().unwrap_or(0.0));
-                list.push(candidate(c.item_id.clone(), raw(c), best, attrs, format!("popular in {category}")));
+                let best = list.first().map_or(raw(c), |first| {
+                    first.source_scores.get(SOURCE).copied().unwrap_or(0.0)
+                });
+                list.push(candidate(
+                    c.item_id.clone(),
+                    raw(c),
+                    best,
+                    attrs,
+                    format!("popular in {category}"),
+                ));
             }
         }
         lists
@@ -110,7 +152,11 @@ impl PopularityLists {
     /// still fill a list), then the overall list; deduplicated.
     pub fn candidates(&self, categories: &[&str], limit: usize) -> Vec<pb::Candidate> {
         let mut seen = std::collections::HashSet::new();
-        let per_category = if categories.is_empty() { 0 } else { (limit / 2) / categories.len() };
+        let per_category = if categories.is_empty() {
+            0
+        } else {
+            (limit / 2) / categories.len()
+        };
         categories
             .iter()
             .filter_map(|c| self.by_category.get(*c))
@@ -136,7 +182,13 @@ pub type SharedLists = Arc<RwLock<Arc<PopularityLists>>>;
 
 /// Refreshes `lists` from retrieval every `every` until the gateway that owns
 /// them is dropped.
-pub fn spawn_refresh(lists: &SharedLists, retrieval: RetrievalClient<Channel>, every: Duration, overall: u32, per_category: u32) {
+pub fn spawn_refresh(
+    lists: &SharedLists,
+    retrieval: RetrievalClient<Channel>,
+    every: Duration,
+    overall: u32,
+    per_category: u32,
+) {
     let weak: Weak<RwLock<Arc<PopularityLists>>> = Arc::downgrade(lists);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -157,7 +209,11 @@ pub fn spawn_refresh(lists: &SharedLists, retrieval: RetrievalClient<Channel>, e
             .await;
             match answer {
                 Ok(resp) if !resp.candidates.is_empty() => {
-                    let fresh = PopularityLists::from_popular(resp.candidates, overall as usize, per_category as usize);
+                    let fresh = PopularityLists::from_popular(
+                        resp.candidates,
+                        overall as usize,
+                        per_category as usize,
+                    );
                     *lists.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
                     metrics::counter!("recmesh_gateway_popularity_refresh_total", "outcome" => "ok").increment(1);
                 }
@@ -180,13 +236,22 @@ mod tests {
 
     #[test]
     fn seeded_lists_cover_categories_and_round_trip_through_popular() {
-        let data = generate(&DemoSpec { items: 300, users: 50, interactions: 3_000, ..DemoSpec::default() });
+        let data = generate(&DemoSpec {
+            items: 300,
+            users: 50,
+            interactions: 3_000,
+            ..DemoSpec::default()
+        });
         let lists = PopularityLists::from_dataset(&data, 100, 20);
         assert_eq!(lists.overall.len(), 100);
         assert!(lists.categories().count() > 1);
         let first = lists.categories().next().expect("a category").to_owned();
         let picked = lists.candidates(&[first.as_str()], 5);
-        assert!(picked.iter().all(|c| c.attributes.as_ref().is_some_and(|a| a.category == first)));
+        assert!(
+            picked
+                .iter()
+                .all(|c| c.attributes.as_ref().is_some_and(|a| a.category == first))
+        );
         assert!(picked[0].reasons[0].starts_with("popular in"));
 
         let mut wire = lists.overall.clone();
@@ -197,8 +262,15 @@ mod tests {
         let ids = |l: &[pb::Candidate]| l.iter().map(|c| c.item_id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&again.overall), ids(&lists.overall));
         // Per category the same items (ties at equal popularity may order differently).
-        let set = |l: &[pb::Candidate]| l.iter().map(|c| c.item_id.clone()).collect::<std::collections::HashSet<_>>();
+        let set = |l: &[pb::Candidate]| {
+            l.iter()
+                .map(|c| c.item_id.clone())
+                .collect::<std::collections::HashSet<_>>()
+        };
         let (a, b) = (set(again.list(Some(&first))), set(lists.list(Some(&first))));
-        assert!(a.intersection(&b).count() >= b.len() * 9 / 10, "{a:?} vs {b:?}");
+        assert!(
+            a.intersection(&b).count() >= b.len() * 9 / 10,
+            "{a:?} vs {b:?}"
+        );
     }
 }

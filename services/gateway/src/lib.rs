@@ -33,15 +33,16 @@ use recmesh_catalog::Dataset;
 use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
 use recmesh_mesh::{CallError, Deadline, bounded, lazy_channel, outgoing, request_id};
 use recmesh_proto::v1::{
-    self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient, gateway_server::GatewayServer,
-    ranking_client::RankingClient, reranker_client::RerankerClient, retrieval_client::RetrievalClient,
+    self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient,
+    gateway_server::GatewayServer, ranking_client::RankingClient, reranker_client::RerankerClient,
+    retrieval_client::RetrievalClient,
 };
 use recmesh_server::GrpcServer;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-pub use config::Config;
 use config::Budgets;
+pub use config::Config;
 use fallback::{PopularityLists, SharedLists};
 
 /// Stage names as they appear in reports and metric labels.
@@ -101,8 +102,22 @@ struct RecommendQuery {
     debug: bool,
 }
 
+/// What a `SimilarItems` or `Trending` list must satisfy.
+struct ListQuery<'a> {
+    /// Popularity list to fall back on (`None`: overall).
+    fallback_category: Option<&'a str>,
+    count: u32,
+    exclude: &'a [String],
+    filters: &'a pb::Filters,
+}
+
 /// Runs one stage call bounded by `budget` within `deadline` and reports it.
-async fn run_stage<T, F, Fut>(name: &'static str, budget: Duration, deadline: &Deadline, call: F) -> (Result<T, CallError>, pb::StageReport)
+async fn run_stage<T, F, Fut>(
+    name: &'static str,
+    budget: Duration,
+    deadline: &Deadline,
+    call: F,
+) -> (Result<T, CallError>, pb::StageReport)
 where
     F: FnOnce(Duration) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -141,7 +156,9 @@ fn to_items(candidates: Vec<pb::Candidate>) -> Vec<pb::RecommendedItem> {
     candidates
         .into_iter()
         .map(|c| {
-            let (category, price) = c.attributes.map_or((String::new(), 0.0), |a| (a.category, a.price));
+            let (category, price) = c
+                .attributes
+                .map_or((String::new(), 0.0), |a| (a.category, a.price));
             let mut reasons = c.reasons;
             if reasons.is_empty() {
                 reasons.push("recommended for you".to_owned());
@@ -165,7 +182,10 @@ impl Gateway {
     pub fn new(config: Config, data: &Dataset) -> Result<Self, recmesh_mesh::AddressError> {
         let u = &config.upstreams;
         let clients = Clients {
-            experiments: ExperimentsClient::new(lazy_channel("upstreams.experiments", &u.experiments)?),
+            experiments: ExperimentsClient::new(lazy_channel(
+                "upstreams.experiments",
+                &u.experiments,
+            )?),
             features: FeaturesClient::new(lazy_channel("upstreams.features", &u.features)?),
             retrieval: RetrievalClient::new(lazy_channel("upstreams.retrieval", &u.retrieval)?),
             ranking: RankingClient::new(lazy_channel("upstreams.ranking", &u.ranking)?),
@@ -196,19 +216,30 @@ impl Gateway {
         self.lists.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn check_category(&self, lists: &PopularityLists, field: &str, name: &str) -> Result<(), FieldError> {
+    fn check_category(
+        &self,
+        lists: &PopularityLists,
+        field: &str,
+        name: &str,
+    ) -> Result<(), FieldError> {
         if lists.knows_category(name) {
             Ok(())
         } else {
             let known: Vec<&str> = lists.categories().collect();
-            Err(FieldError::new(field, format!("unknown category `{name}`; known: {}", known.join(", "))))
+            Err(FieldError::new(
+                field,
+                format!("unknown category `{name}`; known: {}", known.join(", ")),
+            ))
         }
     }
 
     fn check_count(&self, count: u32) -> Result<(), FieldError> {
         let max = self.config.limits.max_count;
         if count == 0 || count > max {
-            Err(FieldError::new("count", format!("must be in 1..={max}, got {count}")))
+            Err(FieldError::new(
+                "count",
+                format!("must be in 1..={max}, got {count}"),
+            ))
         } else {
             Ok(())
         }
@@ -217,7 +248,10 @@ impl Gateway {
     fn check_exclusions(&self, ids: &[String]) -> Result<(), FieldError> {
         let max = self.config.limits.max_exclusions;
         if ids.len() > max {
-            return Err(FieldError::new("exclude_item_ids", format!("at most {max} ids, got {}", ids.len())));
+            return Err(FieldError::new(
+                "exclude_item_ids",
+                format!("at most {max} ids, got {}", ids.len()),
+            ));
         }
         for (n, id) in ids.iter().enumerate() {
             check_id(&format!("exclude_item_ids[{n}]"), id)?;
@@ -225,19 +259,29 @@ impl Gateway {
         Ok(())
     }
 
-    fn check_filters(&self, lists: &PopularityLists, filters: &pb::Filters) -> Result<(), FieldError> {
+    fn check_filters(
+        &self,
+        lists: &PopularityLists,
+        filters: &pb::Filters,
+    ) -> Result<(), FieldError> {
         for (n, c) in filters.categories.iter().enumerate() {
             self.check_category(lists, &format!("filters.categories[{n}]"), c)?;
         }
         let (lo, hi) = (filters.min_price, filters.max_price);
-        if !(lo >= 0.0) {
+        if lo.is_nan() || lo < 0.0 {
             return Err(FieldError::new("filters.min_price", "must be ≥ 0"));
         }
-        if !(hi >= 0.0) {
-            return Err(FieldError::new("filters.max_price", "must be ≥ 0 (0 = no maximum)"));
+        if hi.is_nan() || hi < 0.0 {
+            return Err(FieldError::new(
+                "filters.max_price",
+                "must be ≥ 0 (0 = no maximum)",
+            ));
         }
         if hi > 0.0 && lo > hi {
-            return Err(FieldError::new("filters.min_price", format!("{lo} is above filters.max_price {hi}")));
+            return Err(FieldError::new(
+                "filters.min_price",
+                format!("{lo} is above filters.max_price {hi}"),
+            ));
         }
         Ok(())
     }
@@ -248,7 +292,10 @@ impl Gateway {
         self.check_count(req.count)?;
         self.check_exclusions(&req.exclude_item_ids)?;
         let context = req.context.unwrap_or_default();
-        for (field, value) in [("context.page", &context.page), ("context.device", &context.device)] {
+        for (field, value) in [
+            ("context.page", &context.page),
+            ("context.device", &context.device),
+        ] {
             if value.len() > 64 {
                 return Err(FieldError::new(field, "must be at most 64 bytes"));
             }
@@ -276,11 +323,16 @@ impl Gateway {
     fn deadline<T>(&self, req: &Request<T>) -> Deadline {
         let b = &self.config.budgets;
         let client = Deadline::from_metadata(req.metadata(), Duration::from_secs(3600)).remaining();
-        Deadline::after(Budgets::ms(b.request_ms).min(client.saturating_sub(Budgets::ms(b.reserve_ms))))
+        Deadline::after(
+            Budgets::ms(b.request_ms).min(client.saturating_sub(Budgets::ms(b.reserve_ms))),
+        )
     }
 
     /// Categories whose popularity best fits a query without retrieval.
-    fn fallback_categories<'a>(q: &'a RecommendQuery, profile: &'a pb::UserFeatures) -> Vec<&'a str> {
+    fn fallback_categories<'a>(
+        q: &'a RecommendQuery,
+        profile: &'a pb::UserFeatures,
+    ) -> Vec<&'a str> {
         let mut categories: Vec<&str> = Vec::new();
         if !q.context.category.is_empty() {
             categories.push(&q.context.category);
@@ -314,7 +366,12 @@ impl Gateway {
         kept.into_iter().filter_map(|i| slots[i].take()).collect()
     }
 
-    async fn recommend_pipeline(&self, q: &RecommendQuery, deadline: Deadline, rid: &str) -> pb::RecommendResponse {
+    async fn recommend_pipeline(
+        &self,
+        q: &RecommendQuery,
+        deadline: Deadline,
+        rid: &str,
+    ) -> pb::RecommendResponse {
         let b = &self.config.budgets;
         let mut stages = Vec::with_capacity(5);
 
@@ -330,10 +387,15 @@ impl Gateway {
             max_recent: 0,
         };
         let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
-            run_stage(stage::ASSIGN, Budgets::ms(b.assign_ms), &deadline, |t| experiments
-                .assign(outgoing(assign_req, t, rid))),
-            run_stage(stage::FEATURES, Budgets::ms(b.features_ms), &deadline, |t| features
-                .get_user(outgoing(user_req, t, rid))),
+            run_stage(stage::ASSIGN, Budgets::ms(b.assign_ms), &deadline, |t| {
+                experiments.assign(outgoing(assign_req, t, rid))
+            }),
+            run_stage(
+                stage::FEATURES,
+                Budgets::ms(b.features_ms),
+                &deadline,
+                |t| features.get_user(outgoing(user_req, t, rid))
+            ),
         );
         let (assignments, params) = match assigned {
             Ok(a) => {
@@ -342,7 +404,9 @@ impl Gateway {
                     let map: HashMap<String, String> = x.params.clone().into_iter().collect();
                     match params.clone().apply(&map) {
                         Ok(p) => params = p,
-                        Err(e) => tracing::warn!(experiment = %x.experiment_id, error = %e, "variant params ignored"),
+                        Err(e) => {
+                            tracing::warn!(experiment = %x.experiment_id, error = %e, "variant params ignored")
+                        }
                     }
                 }
                 (a.assignments, params)
@@ -373,16 +437,18 @@ impl Gateway {
             filters: Some(q.filters.clone()),
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
-        let (retrieved, mut report) = run_stage(stage::RETRIEVAL, Budgets::ms(budget), &deadline, |t| {
-            retrieval.retrieve(outgoing(retrieve_req, t, rid))
-        })
-        .await;
+        let (retrieved, mut report) =
+            run_stage(stage::RETRIEVAL, Budgets::ms(budget), &deadline, |t| {
+                retrieval.retrieve(outgoing(retrieve_req, t, rid))
+            })
+            .await;
         let candidates = match retrieved {
             Ok(r) if !r.candidates.is_empty() => r.candidates,
             _ => {
                 fell_back(&mut report, fallback_name::POPULARITY);
                 let categories = Self::fallback_categories(q, &profile);
-                self.lists().candidates(&categories, params.candidates as usize)
+                self.lists()
+                    .candidates(&categories, params.candidates as usize)
             }
         };
         stages.push(report);
@@ -396,8 +462,10 @@ impl Gateway {
             recent: profile.recent.clone(),
         };
         let budget = params.ranking_budget_ms.unwrap_or(b.ranking_ms);
-        let (ranked, mut report) =
-            run_stage(stage::RANKING, Budgets::ms(budget), &deadline, |t| ranking.rank(outgoing(rank_req, t, rid))).await;
+        let (ranked, mut report) = run_stage(stage::RANKING, Budgets::ms(budget), &deadline, |t| {
+            ranking.rank(outgoing(rank_req, t, rid))
+        })
+        .await;
         let (candidates, model_version) = match ranked {
             Ok(r) => (r.candidates, r.model_version),
             Err(_) => {
@@ -420,7 +488,10 @@ impl Gateway {
         };
         let budget = params.rerank_budget_ms.unwrap_or(b.rerank_ms);
         let (reranked, mut report) =
-            run_stage(stage::RERANK, Budgets::ms(budget), &deadline, |t| reranker.rerank(outgoing(rerank_req, t, rid))).await;
+            run_stage(stage::RERANK, Budgets::ms(budget), &deadline, |t| {
+                reranker.rerank(outgoing(rerank_req, t, rid))
+            })
+            .await;
         let finals = match reranked {
             Ok(r) => r.candidates,
             Err(_) => {
@@ -430,7 +501,14 @@ impl Gateway {
                 } else {
                     self.config.popularity.fallback_category_cap
                 };
-                Self::gateway_rules(candidates, q.count, &q.exclude, &profile.purchased_item_ids, &q.filters, cap)
+                Self::gateway_rules(
+                    candidates,
+                    q.count,
+                    &q.exclude,
+                    &profile.purchased_item_ids,
+                    &q.filters,
+                    cap,
+                )
             }
         };
         stages.push(report);
@@ -453,25 +531,29 @@ impl Gateway {
         &self,
         deadline: Deadline,
         rid: &str,
-        call: impl AsyncFnOnce(&mut RetrievalClient<Channel>, Duration) -> Result<tonic::Response<pb::RetrieveResponse>, Status>,
-        fallback_category: Option<&str>,
-        count: u32,
-        exclude: &[String],
-        filters: &pb::Filters,
+        call: impl AsyncFnOnce(
+            &mut RetrievalClient<Channel>,
+            Duration,
+        ) -> Result<tonic::Response<pb::RetrieveResponse>, Status>,
+        list: ListQuery<'_>,
     ) -> Result<pb::RecommendResponse, Status> {
         let mut retrieval = self.clients.retrieval.clone();
         let budget = Budgets::ms(self.config.budgets.retrieval_ms);
-        let (answer, mut report) = run_stage(stage::RETRIEVAL, budget, &deadline, |t| call(&mut retrieval, t)).await;
+        let (answer, mut report) = run_stage(stage::RETRIEVAL, budget, &deadline, |t| {
+            call(&mut retrieval, t)
+        })
+        .await;
         let candidates = match answer {
             Ok(r) => r.candidates,
             // The item or category does not exist: the client's mistake, not ours.
             Err(CallError::Status(s)) if s.code() == tonic::Code::NotFound => return Err(s),
             Err(_) => {
                 fell_back(&mut report, fallback_name::POPULARITY);
-                self.lists().list(fallback_category).to_vec()
+                self.lists().list(list.fallback_category).to_vec()
             }
         };
-        let finals = Self::gateway_rules(candidates, count, exclude, &[], filters, 0);
+        let finals =
+            Self::gateway_rules(candidates, list.count, list.exclude, &[], list.filters, 0);
         Ok(pb::RecommendResponse {
             request_id: rid.to_owned(),
             items: to_items(finals),
@@ -484,7 +566,10 @@ impl Gateway {
 
 #[tonic::async_trait]
 impl pb::gateway_server::Gateway for Gateway {
-    async fn recommend(&self, request: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+    async fn recommend(
+        &self,
+        request: Request<pb::RecommendRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
         let deadline = self.deadline(&request);
         let rid = request_id(&request);
         let q = self.validate(request.into_inner())?;
@@ -507,15 +592,19 @@ impl pb::gateway_server::Gateway for Gateway {
             .increment(1);
         // Degraded answers are not cached: the next request should get the
         // real thing as soon as the stage is back.
-        if !response.degraded && !q.debug {
-            if let Some(e) = entry {
-                e.put(key, Arc::new(response.clone()));
-            }
+        if !response.degraded
+            && !q.debug
+            && let Some(e) = entry
+        {
+            e.put(key, Arc::new(response.clone()));
         }
         Ok(Response::new(response))
     }
 
-    async fn similar_items(&self, request: Request<pb::SimilarItemsRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+    async fn similar_items(
+        &self,
+        request: Request<pb::SimilarItemsRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
         let deadline = self.deadline(&request);
         let rid = request_id(&request);
         let req = request.into_inner();
@@ -541,16 +630,21 @@ impl pb::gateway_server::Gateway for Gateway {
                 deadline,
                 &rid,
                 async |c, t| c.similar(outgoing(similar, t, &rid)).await,
-                None,
-                req.count,
-                &exclude,
-                &filters,
+                ListQuery {
+                    fallback_category: None,
+                    count: req.count,
+                    exclude: &exclude,
+                    filters: &filters,
+                },
             )
             .await?;
         Ok(Response::new(response))
     }
 
-    async fn trending(&self, request: Request<pb::TrendingRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+    async fn trending(
+        &self,
+        request: Request<pb::TrendingRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
         let deadline = self.deadline(&request);
         let rid = request_id(&request);
         let req = request.into_inner();
@@ -569,24 +663,36 @@ impl pb::gateway_server::Gateway for Gateway {
                 deadline,
                 &rid,
                 async |c, t| c.popular(outgoing(popular, t, &rid)).await,
-                category,
-                req.count,
-                &[],
-                &pb::Filters::default(),
+                ListQuery {
+                    fallback_category: category,
+                    count: req.count,
+                    exclude: &[],
+                    filters: &pb::Filters::default(),
+                },
             )
             .await?;
         Ok(Response::new(response))
     }
 
-    async fn track(&self, request: Request<pb::TrackRequest>) -> Result<Response<pb::TrackResponse>, Status> {
+    async fn track(
+        &self,
+        request: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackResponse>, Status> {
         let rid = request_id(&request);
-        let deadline = Deadline::from_metadata(request.metadata(), Budgets::ms(self.config.budgets.track_ms));
+        let deadline = Deadline::from_metadata(
+            request.metadata(),
+            Budgets::ms(self.config.budgets.track_ms),
+        );
         let req = request.into_inner();
         check_id("event_id", &req.event_id)?;
         check_id("user_id", &req.user_id)?;
         check_id("item_id", &req.item_id)?;
         if event_kind(req.event_type).is_none() {
-            return Err(FieldError::new("event_type", "must be VIEW, CLICK, ADD_TO_CART or PURCHASE").into());
+            return Err(FieldError::new(
+                "event_type",
+                "must be VIEW, CLICK, ADD_TO_CART or PURCHASE",
+            )
+            .into());
         }
         let ingest = pb::IngestRequest {
             events: vec![pb::Event {
@@ -598,17 +704,25 @@ impl pb::gateway_server::Gateway for Gateway {
             }],
         };
         let mut features = self.clients.features.clone();
-        match bounded(deadline.remaining(), |t| features.ingest(outgoing(ingest, t, &rid))).await {
+        match bounded(deadline.remaining(), |t| {
+            features.ingest(outgoing(ingest, t, &rid))
+        })
+        .await
+        {
             Ok(r) => {
                 // The user's next Recommend must reflect the event.
                 self.cache.invalidate(&req.user_id).await;
-                Ok(Response::new(pb::TrackResponse { applied: r.applied == 1 }))
+                Ok(Response::new(pb::TrackResponse {
+                    applied: r.applied == 1,
+                }))
             }
             // Field errors come back as `events[0].<field>: ...`; the client sent `<field>`.
-            Err(CallError::Status(s)) if s.code() == tonic::Code::InvalidArgument => {
-                Err(Status::invalid_argument(s.message().trim_start_matches("events[0].")))
-            }
-            Err(e) => Err(Status::unavailable(format!("event not recorded ({e}); retry with the same event_id"))),
+            Err(CallError::Status(s)) if s.code() == tonic::Code::InvalidArgument => Err(
+                Status::invalid_argument(s.message().trim_start_matches("events[0].")),
+            ),
+            Err(e) => Err(Status::unavailable(format!(
+                "event not recorded ({e}); retry with the same event_id"
+            ))),
         }
     }
 }
@@ -617,7 +731,8 @@ impl pb::gateway_server::Gateway for Gateway {
 /// run. Must be called inside a Tokio runtime (it starts the list refresh).
 pub fn server(config: Config, data: &Dataset) -> Result<GrpcServer, recmesh_mesh::AddressError> {
     let server_config = config.server.clone();
-    Ok(GrpcServer::new("gateway", server_config).add_service(GatewayServer::new(Gateway::new(config, data)?)))
+    Ok(GrpcServer::new("gateway", server_config)
+        .add_service(GatewayServer::new(Gateway::new(config, data)?)))
 }
 
 /// Loads the data, serves until `shutdown`, then drains.

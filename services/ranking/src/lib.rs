@@ -16,7 +16,9 @@ use std::time::Duration;
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
 use recmesh_mesh::convert::{FieldError, check_id};
 use recmesh_mesh::{Deadline, bounded, check_address, lazy_channel, outgoing, request_id};
-use recmesh_proto::v1::{self as pb, features_client::FeaturesClient, ranking_server::RankingServer};
+use recmesh_proto::v1::{
+    self as pb, features_client::FeaturesClient, ranking_server::RankingServer,
+};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, positive_ms};
 use serde::{Deserialize, Serialize};
@@ -109,12 +111,17 @@ impl RankingService {
 
 /// Scores and orders `candidates` with the baseline; `features` are the
 /// batch's item features when they arrived (matched by id).
-pub fn rank(mut candidates: Vec<pb::Candidate>, features: Option<&pb::GetItemsResponse>) -> Vec<pb::Candidate> {
+pub fn rank(
+    mut candidates: Vec<pb::Candidate>,
+    features: Option<&pb::GetItemsResponse>,
+) -> Vec<pb::Candidate> {
     let by_id: std::collections::HashMap<&str, &pb::ItemFeatures> = features
         .map(|f| f.items.iter().map(|i| (i.item_id.as_str(), i)).collect())
         .unwrap_or_default();
-    let sources: std::collections::HashSet<&str> =
-        candidates.iter().flat_map(|c| c.source_scores.keys().map(String::as_str)).collect();
+    let sources: std::collections::HashSet<&str> = candidates
+        .iter()
+        .flat_map(|c| c.source_scores.keys().map(String::as_str))
+        .collect();
     let total_sources = sources.len();
     let inputs: Vec<BaselineInput> = candidates
         .iter()
@@ -129,10 +136,10 @@ pub fn rank(mut candidates: Vec<pb::Candidate>, features: Option<&pb::GetItemsRe
         c.score = s;
         // Fresh attributes (stock above all) from the features service win
         // over what retrieval knew.
-        if let Some(f) = by_id.get(c.item_id.as_str()) {
-            if f.attributes.is_some() {
-                c.attributes = f.attributes.clone();
-            }
+        if let Some(f) = by_id.get(c.item_id.as_str())
+            && f.attributes.is_some()
+        {
+            c.attributes = f.attributes.clone();
         }
     }
     candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -141,8 +148,12 @@ pub fn rank(mut candidates: Vec<pb::Candidate>, features: Option<&pb::GetItemsRe
 
 #[tonic::async_trait]
 impl pb::ranking_server::Ranking for RankingService {
-    async fn rank(&self, request: Request<pb::RankRequest>) -> Result<Response<pb::RankResponse>, Status> {
-        let deadline = Deadline::from_metadata(request.metadata(), self.config.server.request_timeout());
+    async fn rank(
+        &self,
+        request: Request<pb::RankRequest>,
+    ) -> Result<Response<pb::RankResponse>, Status> {
+        let deadline =
+            Deadline::from_metadata(request.metadata(), self.config.server.request_timeout());
         let rid = request_id(&request);
         let req = request.into_inner();
         self.validate(&req)?;
@@ -155,7 +166,10 @@ impl pb::ranking_server::Ranking for RankingService {
             .min(deadline.remaining().saturating_sub(reserve));
         let ids: Vec<String> = req.candidates.iter().map(|c| c.item_id.clone()).collect();
         let mut client = self.features.clone();
-        let features = bounded(budget, |t| client.get_items(outgoing(pb::GetItemsRequest { item_ids: ids }, t, &rid))).await;
+        let features = bounded(budget, |t| {
+            client.get_items(outgoing(pb::GetItemsRequest { item_ids: ids }, t, &rid))
+        })
+        .await;
         let (features, version) = match features {
             Ok(f) => (Some(f), BASELINE_VERSION.to_owned()),
             Err(e) => {
@@ -165,7 +179,8 @@ impl pb::ranking_server::Ranking for RankingService {
             }
         };
         let candidates = rank(req.candidates, features.as_ref());
-        metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone()).increment(candidates.len() as u64);
+        metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
+            .increment(candidates.len() as u64);
         Ok(Response::new(pb::RankResponse {
             candidates,
             model_version: version,
@@ -209,23 +224,40 @@ mod tests {
     fn popularity_reorders_close_candidates() {
         let features = pb::GetItemsResponse {
             items: vec![
-                pb::ItemFeatures { item_id: "a".into(), popularity: 0.0, ..Default::default() },
-                pb::ItemFeatures { item_id: "b".into(), popularity: 1.0, ..Default::default() },
+                pb::ItemFeatures {
+                    item_id: "a".into(),
+                    popularity: 0.0,
+                    ..Default::default()
+                },
+                pb::ItemFeatures {
+                    item_id: "b".into(),
+                    popularity: 1.0,
+                    ..Default::default()
+                },
             ],
             unknown: vec![],
         };
-        let ranked = rank(vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])], Some(&features));
+        let ranked = rank(
+            vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
+            Some(&features),
+        );
         // a: 0.6·1 + 0 + 0.1 = 0.70 ; b: 0.6·0.9 + 0.3 + 0.1 = 0.94
         assert_eq!(ranked[0].item_id, "b");
         assert!((ranked[0].score - 0.94).abs() < 1e-9);
         // Without features the retrieval order stands.
-        let ranked = rank(vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])], None);
+        let ranked = rank(
+            vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
+            None,
+        );
         assert_eq!(ranked[0].item_id, "a");
     }
 
     #[test]
     fn bad_features_address_is_a_config_error() {
-        let c = Config { features_addr: "127.0.0.1:1".into(), ..Config::default() };
+        let c = Config {
+            features_addr: "127.0.0.1:1".into(),
+            ..Config::default()
+        };
         let err = c.validate().expect_err("no scheme");
         assert!(err.to_string().contains("features_addr"));
     }

@@ -63,7 +63,12 @@ pub fn render(r: &pb::RecommendResponse) -> String {
             .stages
             .iter()
             .map(|s| {
-                let mut t = format!("{} {} {:.1}ms", s.stage, outcome(s.outcome), f64::from(s.latency_us) / 1000.0);
+                let mut t = format!(
+                    "{} {} {:.1}ms",
+                    s.stage,
+                    outcome(s.outcome),
+                    f64::from(s.latency_us) / 1000.0
+                );
                 if !s.fallback.is_empty() {
                     let _ = write!(t, " → {}", s.fallback);
                 }

@@ -67,12 +67,24 @@ impl Stages {
 
     /// Every stage handle with its name.
     pub fn all(&self) -> [&ServerHandle; 5] {
-        [&self.retrieval, &self.ranking, &self.reranker, &self.experiments, &self.features]
+        [
+            &self.retrieval,
+            &self.ranking,
+            &self.reranker,
+            &self.experiments,
+            &self.features,
+        ]
     }
 
     /// Graceful stop of every stage.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        for h in [self.retrieval, self.ranking, self.reranker, self.experiments, self.features] {
+        for h in [
+            self.retrieval,
+            self.ranking,
+            self.reranker,
+            self.experiments,
+            self.features,
+        ] {
             h.shutdown().await?;
         }
         Ok(())
@@ -180,5 +192,9 @@ pub async fn start(
     };
     gateway(&mut config);
     let gateway = recmesh_gateway::server(config, &data)?.start().await?;
-    Ok(Mesh { gateway, stages, data })
+    Ok(Mesh {
+        gateway,
+        stages,
+        data,
+    })
 }

@@ -12,7 +12,11 @@ use recmesh_catalog::files::{DataSource, write_dir};
 use recmesh_proto::v1 as pb;
 
 #[derive(Parser)]
-#[command(name = "recmesh", version, about = "recmesh: a recommendation serving mesh")]
+#[command(
+    name = "recmesh",
+    version,
+    about = "recmesh: a recommendation serving mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,12 @@ impl DemoArgs {
 #[derive(clap::Args)]
 struct Target {
     /// Gateway address.
-    #[arg(long, env = "RECMESH_GATEWAY", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "RECMESH_GATEWAY",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     gateway: String,
 }
 
@@ -137,8 +146,9 @@ enum Command {
 }
 
 fn event_type(name: &str) -> anyhow::Result<pb::EventType> {
-    let kind = recmesh_catalog::EventKind::parse(name)
-        .ok_or_else(|| anyhow::anyhow!("--event: `{name}` is not one of view, click, add_to_cart, purchase"))?;
+    let kind = recmesh_catalog::EventKind::parse(name).ok_or_else(|| {
+        anyhow::anyhow!("--event: `{name}` is not one of view, click, add_to_cart, purchase")
+    })?;
     Ok(recmesh_mesh::convert::event_type(kind))
 }
 
@@ -190,7 +200,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", client::render(r.get_ref()));
             Ok(())
         }
-        Command::Similar { item, count, target } => {
+        Command::Similar {
+            item,
+            count,
+            target,
+        } => {
             let mut c = client::connect(&target.gateway).await?;
             let r = c
                 .similar_items(pb::SimilarItemsRequest {
@@ -203,7 +217,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", client::render(r.get_ref()));
             Ok(())
         }
-        Command::Trending { category, count, target } => {
+        Command::Trending {
+            category,
+            count,
+            target,
+        } => {
             let mut c = client::connect(&target.gateway).await?;
             let r = c
                 .trending(pb::TrendingRequest {
@@ -261,12 +279,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn up(demo: DemoArgs, port: u16) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
     let source = DataSource {
-        dir: demo.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+        dir: demo
+            .data_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         demo: demo.spec(),
     };
     let started = Instant::now();
     let data = Arc::new(source.load()?);
-    let what = if source.dir.is_empty() { "demo data" } else { source.dir.as_str() };
+    let what = if source.dir.is_empty() {
+        "demo data"
+    } else {
+        source.dir.as_str()
+    };
     eprintln!(
         "loaded {what}: {} items, {} interactions ({:.1}s)",
         data.items.len(),
@@ -275,19 +301,38 @@ async fn up(demo: DemoArgs, port: u16) -> anyhow::Result<()> {
     );
     let mesh = recmesh::start(data, PortPlan { base: port }, |_| {})
         .await
-        .map_err(|e| anyhow::anyhow!("{e}. Another mesh may be running; stop it or pass --port."))?;
+        .map_err(|e| {
+            anyhow::anyhow!("{e}. Another mesh may be running; stop it or pass --port.")
+        })?;
     let gw = mesh.gateway_addr();
-    println!("\nrecmesh is up ({:.1}s). Services (gRPC, admin):", started.elapsed().as_secs_f64());
-    println!("  {:<12} {:<18} http://{}/metrics", "gateway", mesh.gateway.grpc_addr, mesh.gateway.admin_addr);
+    println!(
+        "\nrecmesh is up ({:.1}s). Services (gRPC, admin):",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {:<12} {:<18} http://{}/metrics",
+        "gateway", mesh.gateway.grpc_addr, mesh.gateway.admin_addr
+    );
     for h in mesh.stages.all() {
-        println!("  {:<12} {:<18} http://{}/metrics", h.name, h.grpc_addr, h.admin_addr);
+        println!(
+            "  {:<12} {:<18} http://{}/metrics",
+            h.name, h.grpc_addr, h.admin_addr
+        );
     }
-    let flag = if port == PortPlan::DEFAULT.base { String::new() } else { format!(" --gateway http://{gw}") };
+    let flag = if port == PortPlan::DEFAULT.base {
+        String::new()
+    } else {
+        format!(" --gateway http://{gw}")
+    };
     println!("\nTry, in another terminal:");
     println!("  cargo run --release -p recmesh -- recommend --user u42{flag}");
-    println!("  cargo run --release -p recmesh -- track --user u42 --item i7 --event purchase{flag}");
+    println!(
+        "  cargo run --release -p recmesh -- track --user u42 --item i7 --event purchase{flag}"
+    );
     println!("  cargo run --release -p recmesh -- trending --category books{flag}");
-    println!("  grpcurl -plaintext -d '{{\"user_id\":\"u42\",\"count\":5}}' {gw} recmesh.v1.Gateway/Recommend");
+    println!(
+        "  grpcurl -plaintext -d '{{\"user_id\":\"u42\",\"count\":5}}' {gw} recmesh.v1.Gateway/Recommend"
+    );
     println!("\nCtrl-C stops the mesh.");
     recmesh_server::shutdown_signal().await;
     mesh.shutdown().await?;

@@ -76,19 +76,30 @@ pub struct RerankerService {
 impl RerankerService {
     /// A reranker with `config`.
     pub fn new(config: Config) -> Self {
-        RerankerService { config: Arc::new(config) }
+        RerankerService {
+            config: Arc::new(config),
+        }
     }
 
     /// Applies the rules to a request.
     pub fn rerank(&self, req: pb::RerankRequest) -> Result<pb::RerankResponse, FieldError> {
         let c = &self.config;
         if req.count == 0 || req.count > c.max_count {
-            return Err(FieldError::new("count", format!("must be in 1..={}", c.max_count)));
+            return Err(FieldError::new(
+                "count",
+                format!("must be in 1..={}", c.max_count),
+            ));
         }
         if req.candidates.len() > c.max_candidates {
-            return Err(FieldError::new("candidates", format!("at most {} per call", c.max_candidates)));
+            return Err(FieldError::new(
+                "candidates",
+                format!("at most {} per call", c.max_candidates),
+            ));
         }
-        for (field, ids) in [("exclude_item_ids", &req.exclude_item_ids), ("purchased_item_ids", &req.purchased_item_ids)] {
+        for (field, ids) in [
+            ("exclude_item_ids", &req.exclude_item_ids),
+            ("purchased_item_ids", &req.purchased_item_ids),
+        ] {
             if ids.len() > c.max_ids {
                 return Err(FieldError::new(field, format!("at most {} ids", c.max_ids)));
             }
@@ -104,31 +115,46 @@ impl RerankerService {
             min_price: f.min_price,
             max_price: f.max_price,
         };
-        let cap = if req.category_cap == 0 { c.default_category_cap } else { req.category_cap };
+        let cap = if req.category_cap == 0 {
+            c.default_category_cap
+        } else {
+            req.category_cap
+        };
         let items: Vec<_> = req.candidates.iter().map(rule_item).collect();
         let (kept, removed) = select(&items, &filters, req.count as usize, cap as usize);
         for (rule, n) in &removed {
-            metrics::counter!("recmesh_reranker_removed_total", "rule" => rule.as_str()).increment(u64::from(*n));
+            metrics::counter!("recmesh_reranker_removed_total", "rule" => rule.as_str())
+                .increment(u64::from(*n));
         }
         let mut candidates = req.candidates;
         let mut slots: Vec<Option<pb::Candidate>> = candidates.drain(..).map(Some).collect();
         Ok(pb::RerankResponse {
             candidates: kept.into_iter().filter_map(|i| slots[i].take()).collect(),
-            removed: removed.into_iter().map(|(r, n)| (r.as_str().to_owned(), n)).collect(),
+            removed: removed
+                .into_iter()
+                .map(|(r, n)| (r.as_str().to_owned(), n))
+                .collect(),
         })
     }
 }
 
 #[tonic::async_trait]
 impl pb::reranker_server::Reranker for RerankerService {
-    async fn rerank(&self, request: Request<pb::RerankRequest>) -> Result<Response<pb::RerankResponse>, Status> {
-        Ok(Response::new(RerankerService::rerank(self, request.into_inner())?))
+    async fn rerank(
+        &self,
+        request: Request<pb::RerankRequest>,
+    ) -> Result<Response<pb::RerankResponse>, Status> {
+        Ok(Response::new(RerankerService::rerank(
+            self,
+            request.into_inner(),
+        )?))
     }
 }
 
 /// The reranker server, ready to start or run.
 pub fn server(config: Config) -> GrpcServer {
-    GrpcServer::new("reranker", config.server.clone()).add_service(RerankerServer::new(RerankerService::new(config)))
+    GrpcServer::new("reranker", config.server.clone())
+        .add_service(RerankerServer::new(RerankerService::new(config)))
 }
 
 /// Serves until `shutdown`, then drains.

@@ -93,7 +93,10 @@ impl ServiceConfig for Config {
             }
         }
         if self.default_count == 0 || self.default_count > self.max_count {
-            return Err(ConfigError::invalid("default_count", format!("must be in 1..=max_count ({})", self.max_count)));
+            return Err(ConfigError::invalid(
+                "default_count",
+                format!("must be in 1..=max_count ({})", self.max_count),
+            ));
         }
         Ok(())
     }
@@ -116,13 +119,24 @@ impl Index {
         let mut per_user: HashMap<&str, HashMap<u32, f64>> = HashMap::new();
         for e in &data.interactions {
             if let Some(i) = catalog.index_of(&e.item) {
-                let w = per_user.entry(e.user.as_str()).or_default().entry(i).or_default();
+                let w = per_user
+                    .entry(e.user.as_str())
+                    .or_default()
+                    .entry(i)
+                    .or_default();
                 *w = w.max(e.kind.weight());
             }
         }
-        let histories: Vec<cooccurrence::History> = per_user.into_values().map(|h| h.into_iter().collect()).collect();
-        let neighbours =
-            cooccurrence::neighbours(&histories, catalog.len(), config.neighbours_per_item, config.max_history_per_user);
+        let histories: Vec<cooccurrence::History> = per_user
+            .into_values()
+            .map(|h| h.into_iter().collect())
+            .collect();
+        let neighbours = cooccurrence::neighbours(
+            &histories,
+            catalog.len(),
+            config.neighbours_per_item,
+            config.max_history_per_user,
+        );
         let scores = recmesh_catalog::item_scores(&catalog, &data.interactions);
         let (popular, popular_by_category) =
             popularity::top_lists(&scores, &catalog.category_of, config.popular_list_len);
@@ -136,7 +150,9 @@ impl Index {
     }
 
     fn title(&self, index: u32) -> &str {
-        self.catalog.item(index).map_or("an item", |i| i.title.as_str())
+        self.catalog
+            .item(index)
+            .map_or("an item", |i| i.title.as_str())
     }
 }
 
@@ -150,10 +166,15 @@ struct Constraints<'a> {
 
 impl Constraints<'_> {
     fn allows(&self, index: &Index, item: u32) -> bool {
-        let Some(it) = index.catalog.item(item) else { return false };
+        let Some(it) = index.catalog.item(item) else {
+            return false;
+        };
         it.in_stock
             && !self.excluded.contains(it.id.as_str())
-            && (self.categories.is_empty() || self.categories.contains(&index.catalog.category_of[item as usize]))
+            && (self.categories.is_empty()
+                || self
+                    .categories
+                    .contains(&index.catalog.category_of[item as usize]))
             && (self.min_price <= 0.0 || it.price >= self.min_price)
             && (self.max_price <= 0.0 || it.price <= self.max_price)
     }
@@ -178,7 +199,12 @@ impl<'a> Merger<'a> {
     }
 
     /// Adds one source's results (best first) with `weight`.
-    fn add(&mut self, source: &str, weight: f64, results: impl IntoIterator<Item = (u32, f64, String)>) {
+    fn add(
+        &mut self,
+        source: &str,
+        weight: f64,
+        results: impl IntoIterator<Item = (u32, f64, String)>,
+    ) {
         let results: Vec<(u32, f64, String)> = results.into_iter().collect();
         let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
         for (item, raw, reason) in results {
@@ -196,7 +222,10 @@ impl<'a> Merger<'a> {
                     ..Default::default()
                 }
             });
-            let entry = candidate.source_scores.entry(source.to_owned()).or_insert(0.0);
+            let entry = candidate
+                .source_scores
+                .entry(source.to_owned())
+                .or_insert(0.0);
             *entry = entry.max(raw);
             candidate.score = candidate.score.max(score);
             if !candidate.reasons.contains(&reason) && candidate.reasons.len() < 3 {
@@ -206,7 +235,11 @@ impl<'a> Merger<'a> {
     }
 
     fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
-        let mut out: Vec<pb::Candidate> = self.order.iter().filter_map(|i| self.by_item.remove(i)).collect();
+        let mut out: Vec<pb::Candidate> = self
+            .order
+            .iter()
+            .filter_map(|i| self.by_item.remove(i))
+            .collect();
         // Stable: equal scores keep source order.
         out.sort_by(|a, b| b.score.total_cmp(&a.score));
         out.truncate(count);
@@ -240,9 +273,10 @@ impl RetrievalService {
     fn count(&self, field: &str, count: u32) -> Result<usize, FieldError> {
         match count {
             0 => Ok(self.config.default_count as usize),
-            n if n > self.config.max_count => {
-                Err(FieldError::new(field, format!("must be at most {}", self.config.max_count)))
-            }
+            n if n > self.config.max_count => Err(FieldError::new(
+                field,
+                format!("must be at most {}", self.config.max_count),
+            )),
             n => Ok(n as usize),
         }
     }
@@ -254,7 +288,11 @@ impl RetrievalService {
             .ok_or_else(|| FieldError::new(field, format!("unknown category `{name}`")))
     }
 
-    fn constraints<'a>(&self, exclude: &'a [String], filters: Option<&pb::Filters>) -> Result<Constraints<'a>, FieldError> {
+    fn constraints<'a>(
+        &self,
+        exclude: &'a [String],
+        filters: Option<&pb::Filters>,
+    ) -> Result<Constraints<'a>, FieldError> {
         if exclude.len() > self.config.max_exclusions {
             return Err(FieldError::new(
                 "exclude_item_ids",
@@ -268,8 +306,14 @@ impl RetrievalService {
             .enumerate()
             .map(|(n, c)| self.category(&format!("filters.categories[{n}]"), c))
             .collect::<Result<_, _>>()?;
-        if f.min_price < 0.0 || f.max_price < 0.0 || (f.max_price > 0.0 && f.min_price > f.max_price) {
-            return Err(FieldError::new("filters.min_price", "prices must be ≥ 0 and min_price ≤ max_price"));
+        if f.min_price < 0.0
+            || f.max_price < 0.0
+            || (f.max_price > 0.0 && f.min_price > f.max_price)
+        {
+            return Err(FieldError::new(
+                "filters.min_price",
+                "prices must be ≥ 0 and min_price ≤ max_price",
+            ));
         }
         Ok(Constraints {
             excluded: exclude.iter().map(String::as_str).collect(),
@@ -290,7 +334,10 @@ impl RetrievalService {
     }
 
     fn popular_overall(&self) -> impl Iterator<Item = (u32, f64, String)> + '_ {
-        self.index.popular.iter().map(|&(i, s)| (i, s, "popular right now".to_owned()))
+        self.index
+            .popular
+            .iter()
+            .map(|&(i, s)| (i, s, "popular right now".to_owned()))
     }
 
     /// Candidates for a user; see the crate docs for the sources.
@@ -321,7 +368,9 @@ impl RetrievalService {
         let mut seen = std::collections::HashSet::new();
         let mut engaged_categories: HashMap<u32, f64> = HashMap::new();
         for (position, r) in req.recent.iter().take(self.config.max_seeds).enumerate() {
-            let (Some(i), Some(kind)) = (index.catalog.index_of(&r.item_id), event_kind(r.event_type)) else {
+            let (Some(i), Some(kind)) =
+                (index.catalog.index_of(&r.item_id), event_kind(r.event_type))
+            else {
                 continue;
             };
             let w = kind.weight() * 0.9f64.powi(position as i32);
@@ -332,7 +381,9 @@ impl RetrievalService {
             // Items the user just interacted with are not recommended back to
             // them by any source (issue #5 makes viewed items a configurable window).
             seen.insert(i);
-            *engaged_categories.entry(index.catalog.category_of[i as usize]).or_default() += w;
+            *engaged_categories
+                .entry(index.catalog.category_of[i as usize])
+                .or_default() += w;
         }
         let seed_list: Vec<(u32, f64)> = seeds.iter().map(|(&i, &(w, _))| (i, w)).collect();
         let cf = cooccurrence::score_from_seeds(&index.neighbours, &seed_list, count * 2);
@@ -341,7 +392,11 @@ impl RetrievalService {
             1.0,
             cf.into_iter().filter(|c| !seen.contains(&c.item)).map(|c| {
                 let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
-                (c.item, c.score, format!("because you {verb} {}", index.title(c.because_of)))
+                (
+                    c.item,
+                    c.score,
+                    format!("because you {verb} {}", index.title(c.because_of)),
+                )
             }),
         );
 
@@ -358,9 +413,17 @@ impl RetrievalService {
             categories.extend(engaged.into_iter().take(2).map(|(c, _)| c));
         }
         for c in categories {
-            merger.add("popular", 0.6, self.popular_in(c).filter(|(i, _, _)| !seen.contains(i)));
+            merger.add(
+                "popular",
+                0.6,
+                self.popular_in(c).filter(|(i, _, _)| !seen.contains(i)),
+            );
         }
-        merger.add("popular", 0.4, self.popular_overall().filter(|(i, _, _)| !seen.contains(i)));
+        merger.add(
+            "popular",
+            0.4,
+            self.popular_overall().filter(|(i, _, _)| !seen.contains(i)),
+        );
         Ok(pb::RetrieveResponse {
             candidates: merger.finish(count),
             data_version: index.version.clone(),
@@ -387,7 +450,11 @@ impl RetrievalService {
                 .iter()
                 .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}"))),
         );
-        merger.add("popular", 0.5, self.popular_in(index.catalog.category_of[anchor as usize]));
+        merger.add(
+            "popular",
+            0.5,
+            self.popular_in(index.catalog.category_of[anchor as usize]),
+        );
         Ok(pb::RetrieveResponse {
             candidates: merger.finish(count),
             data_version: index.version.clone(),
@@ -400,7 +467,9 @@ impl RetrievalService {
         let constraints = self.constraints(&[], None)?;
         let index = &self.index;
         let mut out = Vec::new();
-        let ranked = |list: Box<dyn Iterator<Item = (u32, f64, String)> + '_>, out: &mut Vec<pb::Candidate>, n: usize| {
+        let ranked = |list: Box<dyn Iterator<Item = (u32, f64, String)> + '_>,
+                      out: &mut Vec<pb::Candidate>,
+                      n: usize| {
             let mut merger = Merger::new(index, &constraints);
             merger.add("popular", 1.0, list);
             out.extend(merger.finish(n));
@@ -426,16 +495,31 @@ impl RetrievalService {
 
 #[tonic::async_trait]
 impl pb::retrieval_server::Retrieval for RetrievalService {
-    async fn retrieve(&self, request: Request<pb::RetrieveRequest>) -> Result<Response<pb::RetrieveResponse>, Status> {
+    async fn retrieve(
+        &self,
+        request: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<pb::RetrieveResponse>, Status> {
         Ok(Response::new(self.retrieve(request.get_ref())?))
     }
 
-    async fn similar(&self, request: Request<pb::SimilarRequest>) -> Result<Response<pb::RetrieveResponse>, Status> {
-        Ok(Response::new(RetrievalService::similar(self, request.get_ref())?))
+    async fn similar(
+        &self,
+        request: Request<pb::SimilarRequest>,
+    ) -> Result<Response<pb::RetrieveResponse>, Status> {
+        Ok(Response::new(RetrievalService::similar(
+            self,
+            request.get_ref(),
+        )?))
     }
 
-    async fn popular(&self, request: Request<pb::PopularRequest>) -> Result<Response<pb::RetrieveResponse>, Status> {
-        Ok(Response::new(RetrievalService::popular(self, request.get_ref())?))
+    async fn popular(
+        &self,
+        request: Request<pb::PopularRequest>,
+    ) -> Result<Response<pb::RetrieveResponse>, Status> {
+        Ok(Response::new(RetrievalService::popular(
+            self,
+            request.get_ref(),
+        )?))
     }
 }
 
@@ -484,7 +568,13 @@ mod tests {
     #[test]
     fn history_brings_cf_candidates_with_reasons() {
         let s = service();
-        let seed = s.index.catalog.item(s.index.popular[0].0).expect("item").id.clone();
+        let seed = s
+            .index
+            .catalog
+            .item(s.index.popular[0].0)
+            .expect("item")
+            .id
+            .clone();
         let req = pb::RetrieveRequest {
             user_id: "u1".into(),
             recent: vec![viewed(&seed)],
@@ -494,9 +584,19 @@ mod tests {
         let out = s.retrieve(&req).expect("ok").candidates;
         assert_eq!(out.len(), 50);
         assert_eq!(out[0].source, "cf", "personal candidates come first");
-        assert!(out[0].reasons[0].starts_with("because you viewed"), "{:?}", out[0].reasons);
-        assert!(out.iter().all(|c| !c.reasons.is_empty() && c.item_id != seed));
-        assert!(out.iter().all(|c| c.attributes.as_ref().is_some_and(|a| a.in_stock)));
+        assert!(
+            out[0].reasons[0].starts_with("because you viewed"),
+            "{:?}",
+            out[0].reasons
+        );
+        assert!(
+            out.iter()
+                .all(|c| !c.reasons.is_empty() && c.item_id != seed)
+        );
+        assert!(
+            out.iter()
+                .all(|c| c.attributes.as_ref().is_some_and(|a| a.in_stock))
+        );
         let ids: std::collections::HashSet<_> = out.iter().map(|c| &c.item_id).collect();
         assert_eq!(ids.len(), out.len(), "no duplicates");
     }
@@ -517,19 +617,34 @@ mod tests {
         let out = s.retrieve(&req).expect("ok").candidates;
         assert!(!out.is_empty());
         assert!(out.iter().all(|c| c.source == "popular"));
-        assert!(out.iter().all(|c| c.attributes.as_ref().is_some_and(|a| a.category == category)));
+        assert!(out.iter().all(|c| {
+            c.attributes
+                .as_ref()
+                .is_some_and(|a| a.category == category)
+        }));
     }
 
     #[test]
     fn invalid_input_names_the_field() {
         let s = service();
-        let mut req = pb::RetrieveRequest { user_id: "u".into(), ..Default::default() };
-        req.context = Some(pb::RequestContext { category: "nope".into(), ..Default::default() });
+        let mut req = pb::RetrieveRequest {
+            user_id: "u".into(),
+            ..Default::default()
+        };
+        req.context = Some(pb::RequestContext {
+            category: "nope".into(),
+            ..Default::default()
+        });
         assert_eq!(s.retrieve(&req).expect_err("bad").field, "context.category");
         req.context = None;
         req.count = 1_000_000;
         assert_eq!(s.retrieve(&req).expect_err("bad").field, "count");
-        let err = s.similar(&pb::SimilarRequest { item_id: "zzz".into(), ..Default::default() }).expect_err("unknown");
+        let err = s
+            .similar(&pb::SimilarRequest {
+                item_id: "zzz".into(),
+                ..Default::default()
+            })
+            .expect_err("unknown");
         assert_eq!(err.code(), tonic::Code::NotFound);
     }
 
@@ -537,11 +652,17 @@ mod tests {
     fn popular_per_category_covers_every_category() {
         let s = service();
         let out = s
-            .popular(&pb::PopularRequest { count: 10, per_category: 5, ..Default::default() })
+            .popular(&pb::PopularRequest {
+                count: 10,
+                per_category: 5,
+                ..Default::default()
+            })
             .expect("ok")
             .candidates;
-        let categories: std::collections::HashSet<_> =
-            out.iter().filter_map(|c| c.attributes.as_ref().map(|a| a.category.clone())).collect();
+        let categories: std::collections::HashSet<_> = out
+            .iter()
+            .filter_map(|c| c.attributes.as_ref().map(|a| a.category.clone()))
+            .collect();
         assert_eq!(categories.len(), s.index.catalog.categories.len());
     }
 }
