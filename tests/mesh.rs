@@ -294,6 +294,15 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
                 .iter()
                 .find(|s| s.stage == stage)
                 .expect("stage reported");
+            // What the fallback looked like, for the record (`-- --nocapture`).
+            eprintln!(
+                "{stage:>9} {fault:?}: outcome {:?}, fallback {}, {:.1} ms of a {:.0} ms budget, {} items",
+                pb::StageOutcome::try_from(report.outcome).unwrap_or_default(),
+                report.fallback,
+                f64::from(report.latency_us) / 1000.0,
+                f64::from(report.budget_us) / 1000.0,
+                r.items.len()
+            );
             assert_eq!(report.fallback, fallback, "{stage} {fault:?}: {report:?}");
             assert_eq!(
                 report.outcome, outcome as i32,

@@ -246,13 +246,24 @@ mod tests {
         assert_eq!(lists.overall.len(), 100);
         assert!(lists.categories().count() > 1);
         let first = lists.categories().next().expect("a category").to_owned();
-        let picked = lists.candidates(&[first.as_str()], 5);
+        // Half the limit from the browsed category, the rest from overall.
+        let picked = lists.candidates(&[first.as_str()], 10);
+        assert_eq!(picked.len(), 10);
+        let in_first =
+            |c: &pb::Candidate| c.attributes.as_ref().is_some_and(|a| a.category == first);
+        assert!(picked[..5].iter().all(in_first));
         assert!(
-            picked
+            picked[..5]
                 .iter()
-                .all(|c| c.attributes.as_ref().is_some_and(|a| a.category == first))
+                .all(|c| c.reasons[0] == format!("popular in {first}"))
         );
-        assert!(picked[0].reasons[0].starts_with("popular in"));
+        assert!(
+            picked[5..]
+                .iter()
+                .all(|c| c.reasons[0] == "popular right now")
+        );
+        let unique: std::collections::HashSet<_> = picked.iter().map(|c| &c.item_id).collect();
+        assert_eq!(unique.len(), 10);
 
         let mut wire = lists.overall.clone();
         for c in lists.categories() {

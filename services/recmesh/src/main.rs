@@ -135,6 +135,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Measure Recommend latency against a running gateway (closed loop).
+    Bench {
+        /// Requests to send.
+        #[arg(long, default_value_t = 2_000)]
+        requests: usize,
+        /// Concurrent workers.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Users to cycle through (u0..).
+        #[arg(long, default_value_t = DemoSpec::default().users)]
+        users: u32,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Write the demo dataset as TSV files.
     GenData {
         /// Output directory.
@@ -258,6 +272,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("event {event_id} was already recorded; nothing applied twice");
             }
+            Ok(())
+        }
+        Command::Bench {
+            requests,
+            concurrency,
+            users,
+            target,
+        } => {
+            let mut report =
+                recmesh::bench::run(&target.gateway, requests, concurrency, users).await?;
+            print!("{}", report.render());
             Ok(())
         }
         Command::GenData { out, demo } => {
