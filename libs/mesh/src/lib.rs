@@ -63,6 +63,8 @@ pub fn lazy_channel(key: &str, addr: &str) -> Result<Channel, AddressError> {
         // stage budgets are far shorter, so this only bounds background work.
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
+        .initial_stream_window_size(recmesh_server::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(recmesh_server::HTTP2_CONNECTION_WINDOW)
         // Detect half-dead connections (peer frozen, cable pulled) within seconds.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))

@@ -47,7 +47,11 @@ impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
         // figment's messages already name the key ("for key `server.grpc_addr`")
         // and the source (file path or environment variable); keep them whole.
-        let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        // Its profile name ("default.") before every key would only confuse.
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| e.to_string().replace("for key \"default.", "for key \""))
+            .collect();
         ConfigError::Parse(msgs.join("; "))
     }
 }

@@ -33,6 +33,13 @@ use tower::ServiceBuilder;
 
 pub use config::{ConfigError, ServerConfig, ServiceConfig};
 
+/// HTTP/2 stream window. A few hundred candidates are 50–100 KB on the wire,
+/// more than h2's 64 KiB default, which would cost a WINDOW_UPDATE round trip
+/// in the middle of the message (measured: docs/performance.md).
+pub const HTTP2_STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 connection window: room for several large messages in flight.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -182,6 +189,8 @@ impl GrpcServer {
         let (drain_tx, drain_rx) = oneshot::channel::<()>();
         let incoming = tokio_stream_incoming(listeners.grpc);
         let server = tonic::transport::Server::builder()
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
             .layer(stack)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
@@ -335,6 +344,18 @@ async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>) {
         );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::warn!(error = %e, "admin server stopped");
+    }
+}
+
+/// The exit code of a binary's `main`: success, or the error on one line of
+/// stderr (with its causes, no backtrace) and failure.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
