@@ -588,6 +588,40 @@ async fn health_is_serving_and_metrics_are_exposed() {
         .into_inner();
     assert_eq!(named.status, ServingStatus::Serving as i32);
 
+    // Reflection lists every service of the gateway's server.
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut reflection =
+            ServerReflectionClient::new(channel(&mesh.mesh.gateway.grpc_uri()).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = reflection
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        let answer = answers
+            .message()
+            .await
+            .expect("stream")
+            .expect("one answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected reflection answer: {answer:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for expected in ["recmesh.v1.Gateway", "grpc.health.v1.Health"] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
+        }
+    }
+
     mesh.client()
         .await
         .recommend(recommend("u1", 10))

@@ -187,7 +187,7 @@ impl GrpcServer {
             .layer(layers::ShedLayer::new(name, config.max_concurrency));
 
         let (drain_tx, drain_rx) = oneshot::channel::<()>();
-        let incoming = tokio_stream_incoming(listeners.grpc);
+        let incoming = tcp_incoming(listeners.grpc);
         let server = tonic::transport::Server::builder()
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
@@ -260,7 +260,7 @@ impl GrpcServer {
     }
 }
 
-fn tokio_stream_incoming(
+fn tcp_incoming(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
     futures::stream::unfold(listener, |listener| async move {
