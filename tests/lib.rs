@@ -138,7 +138,11 @@ pub fn test_data() -> Dataset {
     })
 }
 
-/// Stage budgets for tests: the defaults × 8.
+/// How much longer every budget is in tests (see [`test_budgets`]).
+pub const BUDGET_SCALE: u64 = 8;
+
+/// Stage budgets for tests: the defaults × [`BUDGET_SCALE`]; ranking's own
+/// features budget is scaled the same way.
 ///
 /// These tests check behaviour (fallbacks, reports, recovery), not speed. They
 /// run a debug build, about ten times slower than release, with several
@@ -149,14 +153,14 @@ pub fn test_data() -> Dataset {
 pub fn test_budgets() -> recmesh_gateway::config::Budgets {
     let d = recmesh_gateway::config::Budgets::default();
     recmesh_gateway::config::Budgets {
-        request_ms: d.request_ms * 8,
-        assign_ms: d.assign_ms * 8,
-        features_ms: d.features_ms * 8,
-        retrieval_ms: d.retrieval_ms * 8,
-        ranking_ms: d.ranking_ms * 8,
-        rerank_ms: d.rerank_ms * 8,
+        request_ms: d.request_ms * BUDGET_SCALE,
+        assign_ms: d.assign_ms * BUDGET_SCALE,
+        features_ms: d.features_ms * BUDGET_SCALE,
+        retrieval_ms: d.retrieval_ms * BUDGET_SCALE,
+        ranking_ms: d.ranking_ms * BUDGET_SCALE,
+        rerank_ms: d.rerank_ms * BUDGET_SCALE,
         reserve_ms: d.reserve_ms,
-        track_ms: d.track_ms * 8,
+        track_ms: d.track_ms * BUDGET_SCALE,
     }
 }
 
@@ -164,7 +168,9 @@ impl TestMesh {
     /// Starts all six services; the gateway reaches each stage through a proxy.
     pub async fn start() -> Self {
         let data = Arc::new(test_data());
-        let stages = recmesh::start_stages(&data, recmesh::PortPlan::EPHEMERAL)
+        let mut configs = recmesh::StageConfigs::default();
+        configs.ranking.features_budget_ms *= BUDGET_SCALE;
+        let stages = recmesh::start_stages(&data, recmesh::PortPlan::EPHEMERAL, configs)
             .await
             .expect("stages start");
         let mut proxies = Vec::new();

@@ -14,6 +14,7 @@
 //! | features              | `anonymous` profile|
 //! | retrieval             | `popularity` lists |
 //! | ranking               | `retrieval_order`  |
+//! | ranking's features    | `without_features` |
 //! | rerank                | `gateway_rules`    |
 
 #![forbid(unsafe_code)]
@@ -69,6 +70,8 @@ pub mod fallback_name {
     pub const POPULARITY: &str = "popularity";
     /// Retrieval's order instead of the ranking model's.
     pub const RETRIEVAL_ORDER: &str = "retrieval_order";
+    /// Ranking answered, but scored without item features (its own fallback).
+    pub const WITHOUT_FEATURES: &str = "without_features";
     /// Hard filters and truncation in the gateway instead of the reranker.
     pub const GATEWAY_RULES: &str = "gateway_rules";
 }
@@ -467,7 +470,14 @@ impl Gateway {
         })
         .await;
         let (candidates, model_version) = match ranked {
-            Ok(r) => (r.candidates, r.model_version),
+            Ok(r) => {
+                if r.degraded {
+                    // Ranked, but without part of the model's input.
+                    fell_back(&mut report, fallback_name::WITHOUT_FEATURES);
+                    report.detail = r.detail;
+                }
+                (r.candidates, r.model_version)
+            }
             Err(_) => {
                 fell_back(&mut report, fallback_name::RETRIEVAL_ORDER);
                 (candidates, String::new())

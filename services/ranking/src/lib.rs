@@ -170,12 +170,17 @@ impl pb::ranking_server::Ranking for RankingService {
             client.get_items(outgoing(pb::GetItemsRequest { item_ids: ids }, t, &rid))
         })
         .await;
-        let (features, version) = match features {
-            Ok(f) => (Some(f), BASELINE_VERSION.to_owned()),
+        let (features, version, detail) = match features {
+            Ok(f) => (Some(f), BASELINE_VERSION.to_owned(), String::new()),
             Err(e) => {
-                metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => e.outcome()).increment(1);
+                metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => e.outcome())
+                    .increment(1);
                 tracing::warn!(error = %e, "item features unavailable; scoring on retrieval evidence only");
-                (None, format!("{BASELINE_VERSION}+no-features"))
+                (
+                    None,
+                    format!("{BASELINE_VERSION}+no-features"),
+                    format!("item features unavailable ({e}); scored on retrieval evidence only"),
+                )
             }
         };
         let candidates = rank(req.candidates, features.as_ref());
@@ -184,6 +189,8 @@ impl pb::ranking_server::Ranking for RankingService {
         Ok(Response::new(pb::RankResponse {
             candidates,
             model_version: version,
+            degraded: !detail.is_empty(),
+            detail,
         }))
     }
 }
@@ -250,6 +257,34 @@ mod tests {
             None,
         );
         assert_eq!(ranked[0].item_id, "a");
+    }
+
+    #[tokio::test]
+    async fn without_features_it_still_ranks_and_says_so() {
+        use pb::ranking_server::Ranking;
+        // Port 1 on loopback: nothing listens, the connection is refused.
+        let channel = lazy_channel("features_addr", "http://127.0.0.1:1").expect("address");
+        let svc = RankingService::new(Config::default(), channel);
+        let answer = svc
+            .rank(Request::new(pb::RankRequest {
+                user_id: "u1".into(),
+                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 1.0, &["cf"])],
+                ..Default::default()
+            }))
+            .await
+            .expect("ranks anyway")
+            .into_inner();
+        assert!(answer.degraded);
+        assert!(
+            answer.detail.starts_with("item features unavailable"),
+            "{}",
+            answer.detail
+        );
+        assert_eq!(answer.model_version, "baseline-1+no-features");
+        assert_eq!(
+            answer.candidates[0].item_id, "b",
+            "retrieval evidence alone orders them"
+        );
     }
 
     #[test]

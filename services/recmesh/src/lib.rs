@@ -106,45 +106,46 @@ pub enum UpError {
     Config(#[from] recmesh_server::ConfigError),
 }
 
-/// Starts the five stage services with embedded defaults over `data`.
-pub async fn start_stages(data: &Dataset, ports: PortPlan) -> Result<Stages, UpError> {
-    let features = recmesh_features::server(
-        recmesh_features::Config {
-            server: ports.server(5),
-            ..Default::default()
-        },
-        data,
-    )
-    .start()
-    .await?;
-    let retrieval = recmesh_retrieval::server(
-        recmesh_retrieval::Config {
-            server: ports.server(1),
-            ..Default::default()
-        },
-        data,
-    )
-    .start()
-    .await?;
-    let ranking = recmesh_ranking::server(recmesh_ranking::Config {
-        server: ports.server(2),
-        features_addr: features.grpc_uri(),
-        ..Default::default()
-    })?
-    .start()
-    .await?;
-    let reranker = recmesh_reranker::server(recmesh_reranker::Config {
-        server: ports.server(3),
-        ..Default::default()
-    })
-    .start()
-    .await?;
-    let experiments = recmesh_experiments::server(recmesh_experiments::Config {
-        server: ports.server(4),
-        ..Default::default()
-    })?
-    .start()
-    .await?;
+/// Configs of the five stage services; their server addresses (and
+/// ranking's features address) are set by [`start_stages`].
+#[derive(Debug, Clone, Default)]
+pub struct StageConfigs {
+    /// Retrieval.
+    pub retrieval: recmesh_retrieval::Config,
+    /// Ranking.
+    pub ranking: recmesh_ranking::Config,
+    /// Reranker.
+    pub reranker: recmesh_reranker::Config,
+    /// Experiments.
+    pub experiments: recmesh_experiments::Config,
+    /// Features.
+    pub features: recmesh_features::Config,
+}
+
+/// Starts the five stage services over `data`.
+pub async fn start_stages(
+    data: &Dataset,
+    ports: PortPlan,
+    configs: StageConfigs,
+) -> Result<Stages, UpError> {
+    let StageConfigs {
+        mut retrieval,
+        mut ranking,
+        mut reranker,
+        mut experiments,
+        mut features,
+    } = configs;
+    features.server = ports.server(5);
+    let features = recmesh_features::server(features, data).start().await?;
+    retrieval.server = ports.server(1);
+    let retrieval = recmesh_retrieval::server(retrieval, data).start().await?;
+    ranking.server = ports.server(2);
+    ranking.features_addr = features.grpc_uri();
+    let ranking = recmesh_ranking::server(ranking)?.start().await?;
+    reranker.server = ports.server(3);
+    let reranker = recmesh_reranker::server(reranker).start().await?;
+    experiments.server = ports.server(4);
+    let experiments = recmesh_experiments::server(experiments)?.start().await?;
     Ok(Stages {
         retrieval,
         ranking,
@@ -185,7 +186,7 @@ pub async fn start(
     ports: PortPlan,
     gateway: impl FnOnce(&mut recmesh_gateway::Config),
 ) -> Result<Mesh, UpError> {
-    let stages = start_stages(&data, ports).await?;
+    let stages = start_stages(&data, ports, StageConfigs::default()).await?;
     let mut config = recmesh_gateway::Config {
         server: ports.server(0),
         upstreams: stages.upstreams(),
