@@ -223,12 +223,12 @@ impl Default for ServerConfig {
     }
 }
 
-/// Milliseconds as a config value that must be positive, checked by name.
-pub fn positive_ms(key: &str, value: u64) -> Result<Duration, ConfigError> {
-    if value == 0 {
-        Err(ConfigError::invalid(key, "must be at least 1 ms"))
-    } else {
-        Ok(Duration::from_millis(value))
+/// Checks that every `(key, value)` is at least 1: sizes and counts of zero
+/// would make a service refuse everything.
+pub fn at_least_one(values: &[(&str, u64)]) -> Result<(), ConfigError> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(ConfigError::invalid(*key, "must be at least 1")),
+        None => Ok(()),
     }
 }
 

@@ -17,7 +17,7 @@ use recmesh_catalog::{Dataset, EventKind, Item};
 use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind, event_type};
 use recmesh_proto::v1::{self as pb, features_server::FeaturesServer};
 use recmesh_server::GrpcServer;
-use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -68,17 +68,12 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in [
-            ("max_recent_per_user", self.max_recent_per_user),
-            ("dedupe_window", self.dedupe_window),
-            ("max_events_per_call", self.max_events_per_call),
-            ("max_items_per_call", self.max_items_per_call),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(key, "must be at least 1"));
-            }
-        }
-        Ok(())
+        at_least_one(&[
+            ("max_recent_per_user", self.max_recent_per_user as u64),
+            ("dedupe_window", self.dedupe_window as u64),
+            ("max_events_per_call", self.max_events_per_call as u64),
+            ("max_items_per_call", self.max_items_per_call as u64),
+        ])
     }
 }
 

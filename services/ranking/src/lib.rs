@@ -20,7 +20,7 @@ use recmesh_proto::v1::{
     self as pb, features_client::FeaturesClient, ranking_server::RankingServer,
 };
 use recmesh_server::GrpcServer;
-use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, positive_ms};
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -69,10 +69,10 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        positive_ms("features_budget_ms", self.features_budget_ms)?;
-        if self.max_candidates == 0 {
-            return Err(ConfigError::invalid("max_candidates", "must be at least 1"));
-        }
+        at_least_one(&[
+            ("features_budget_ms", self.features_budget_ms),
+            ("max_candidates", self.max_candidates as u64),
+        ])?;
         check_address("features_addr", &self.features_addr)?;
         Ok(())
     }

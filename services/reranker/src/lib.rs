@@ -13,7 +13,7 @@ use recmesh_algo::rules::{HardFilters, select};
 use recmesh_mesh::convert::{FieldError, check_id, rule_item};
 use recmesh_proto::v1::{self as pb, reranker_server::RerankerServer};
 use recmesh_server::GrpcServer;
-use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -57,13 +57,10 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_candidates == 0 {
-            return Err(ConfigError::invalid("max_candidates", "must be at least 1"));
-        }
-        if self.max_count == 0 {
-            return Err(ConfigError::invalid("max_count", "must be at least 1"));
-        }
-        Ok(())
+        at_least_one(&[
+            ("max_candidates", self.max_candidates as u64),
+            ("max_count", u64::from(self.max_count)),
+        ])
     }
 }
 

@@ -26,7 +26,7 @@ use recmesh_catalog::{Catalog, Dataset, EventKind};
 use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind};
 use recmesh_proto::v1::{self as pb, retrieval_server::RetrievalServer};
 use recmesh_server::GrpcServer;
-use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
+use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -81,17 +81,13 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in [
-            ("neighbours_per_item", self.neighbours_per_item),
-            ("max_history_per_user", self.max_history_per_user),
-            ("max_seeds", self.max_seeds),
-            ("popular_list_len", self.popular_list_len),
-            ("max_exclusions", self.max_exclusions),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(key, "must be at least 1"));
-            }
-        }
+        at_least_one(&[
+            ("neighbours_per_item", self.neighbours_per_item as u64),
+            ("max_history_per_user", self.max_history_per_user as u64),
+            ("max_seeds", self.max_seeds as u64),
+            ("popular_list_len", self.popular_list_len as u64),
+            ("max_exclusions", self.max_exclusions as u64),
+        ])?;
         if self.default_count == 0 || self.default_count > self.max_count {
             return Err(ConfigError::invalid(
                 "default_count",
