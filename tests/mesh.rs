@@ -180,6 +180,37 @@ async fn similar_items_and_trending_by_category() {
         similar.items[0]
     );
 
+    // A named user never gets what they bought among the similar items.
+    let bought = similar.items[0].item_id.clone();
+    client
+        .track(pb::TrackRequest {
+            event_id: "buy-1".into(),
+            user_id: "shopper".into(),
+            item_id: bought.clone(),
+            event_type: pb::EventType::Purchase as i32,
+            timestamp_ms: 0,
+        })
+        .await
+        .expect("tracked");
+    let for_shopper = client
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: anchor.clone(),
+            user_id: "shopper".into(),
+            count: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("similar")
+        .into_inner();
+    assert_eq!(for_shopper.items.len(), 5);
+    assert!(
+        !ids(&for_shopper).contains(&bought),
+        "{:?}",
+        ids(&for_shopper)
+    );
+    assert_eq!(for_shopper.stages.len(), 2, "features and retrieval");
+    assert!(!for_shopper.degraded);
+
     let err = client
         .similar_items(pb::SimilarItemsRequest {
             item_id: "no-such-item".into(),

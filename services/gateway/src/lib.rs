@@ -111,7 +111,11 @@ struct ListQuery<'a> {
     fallback_category: Option<&'a str>,
     count: u32,
     exclude: &'a [String],
+    /// Items the user bought (empty when no user was named).
+    purchased: &'a [String],
     filters: &'a pb::Filters,
+    /// Reports of stages run before retrieval (the user's features).
+    earlier: Vec<pb::StageReport>,
 }
 
 /// Runs one stage call bounded by `budget` within `deadline` and reports it.
@@ -562,13 +566,21 @@ impl Gateway {
                 self.lists().list(list.fallback_category).to_vec()
             }
         };
-        let finals =
-            Self::gateway_rules(candidates, list.count, list.exclude, &[], list.filters, 0);
+        let finals = Self::gateway_rules(
+            candidates,
+            list.count,
+            list.exclude,
+            list.purchased,
+            list.filters,
+            0,
+        );
+        let mut stages = list.earlier;
+        stages.push(report);
         Ok(pb::RecommendResponse {
             request_id: rid.to_owned(),
             items: to_items(finals),
-            degraded: !report.fallback.is_empty(),
-            stages: vec![report],
+            degraded: stages.iter().any(|s| !s.fallback.is_empty()),
+            stages,
             ..Default::default()
         })
     }
@@ -628,6 +640,26 @@ impl pb::gateway_server::Gateway for Gateway {
         self.check_filters(&self.lists(), &filters)?;
         let mut exclude = req.exclude_item_ids.clone();
         exclude.push(req.item_id.clone());
+        // A named user never sees what they already bought.
+        let mut earlier = Vec::new();
+        let mut purchased = Vec::new();
+        if !req.user_id.is_empty() {
+            let mut features = self.clients.features.clone();
+            let user_req = pb::GetUserRequest {
+                user_id: req.user_id.clone(),
+                max_recent: 0,
+            };
+            let budget = Budgets::ms(self.config.budgets.features_ms);
+            let (user, mut report) = run_stage(stage::FEATURES, budget, &deadline, |t| {
+                features.get_user(outgoing(user_req, t, &rid))
+            })
+            .await;
+            match user {
+                Ok(u) => purchased = u.purchased_item_ids,
+                Err(_) => fell_back(&mut report, fallback_name::ANONYMOUS),
+            }
+            earlier.push(report);
+        }
         let similar = pb::SimilarRequest {
             item_id: req.item_id.clone(),
             // Ask for more than needed: the gateway's rules may drop some.
@@ -644,7 +676,9 @@ impl pb::gateway_server::Gateway for Gateway {
                     fallback_category: None,
                     count: req.count,
                     exclude: &exclude,
+                    purchased: &purchased,
                     filters: &filters,
+                    earlier,
                 },
             )
             .await?;
@@ -677,7 +711,9 @@ impl pb::gateway_server::Gateway for Gateway {
                     fallback_category: category,
                     count: req.count,
                     exclude: &[],
+                    purchased: &[],
                     filters: &pb::Filters::default(),
+                    earlier: Vec::new(),
                 },
             )
             .await?;
