@@ -670,3 +670,49 @@ async fn health_is_serving_and_metrics_are_exposed() {
     // Graceful shutdown: every server stops cleanly.
     mesh.mesh.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_the_call_in_flight_and_refuses_new_ones() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    // Hold a call inside the gateway: ranking is stalled, so the call waits out
+    // ranking's whole budget before falling back.
+    mesh.proxy("ranking").set(Fault::Stall);
+    let mut req = recommend("u9", 10);
+    req.debug = true;
+    let in_flight = tokio::spawn(async move { client.recommend(bounded(req)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !in_flight.is_finished(),
+        "the call is still inside the gateway"
+    );
+
+    let TestMesh { mesh, proxies } = mesh;
+    let gateway_uri = mesh.gateway.grpc_uri();
+    let stopping = tokio::spawn(mesh.gateway.shutdown());
+
+    let answer = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight call is answered while draining")
+        .into_inner();
+    assert_eq!(answer.items.len(), 10);
+    let ranking = answer
+        .stages
+        .iter()
+        .find(|s| s.stage == "ranking")
+        .expect("reported");
+    assert_eq!(ranking.fallback, "retrieval_order");
+    stopping.await.expect("task").expect("clean shutdown");
+
+    let refused = tonic::transport::Endpoint::from_shared(gateway_uri)
+        .expect("uri")
+        .connect()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a stopped gateway accepts no new connections"
+    );
+    drop(proxies);
+    mesh.stages.shutdown().await.expect("stages stop");
+}
