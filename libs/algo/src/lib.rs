@@ -10,6 +10,7 @@ pub mod assign;
 pub mod cooccurrence;
 pub mod params;
 pub mod popularity;
+pub mod rerank;
 pub mod rules;
 pub mod scoring;
 

@@ -45,8 +45,12 @@ pub enum Removal {
     OutOfStock,
     /// Outside the requested categories or price range.
     Filtered,
+    /// Viewed by the user within the configured window.
+    RecentlyViewed,
     /// Over the category cap.
     CategoryCap,
+    /// Over the brand cap.
+    BrandCap,
     /// Same item seen earlier in the list.
     Duplicate,
 }
@@ -59,7 +63,9 @@ impl Removal {
             Removal::Purchased => "purchased",
             Removal::OutOfStock => "out_of_stock",
             Removal::Filtered => "filtered",
+            Removal::RecentlyViewed => "recently_viewed",
             Removal::CategoryCap => "category_cap",
+            Removal::BrandCap => "brand_cap",
             Removal::Duplicate => "duplicate",
         }
     }
