@@ -106,6 +106,49 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
         }
     }
 
+    // What re-ranking adds, across these users' lists: category variety
+    // (default cap 4, 3 in the wide-retrieval variant), exploration picks marked
+    // and explained, and boosted items explained.
+    let mut explored = 0;
+    let mut boosted = 0;
+    for user in ["u1", "u2", "u3", "u10", "u57", "u88", "u120", "u200"] {
+        let r = client
+            .recommend(recommend(user, 10))
+            .await
+            .expect("answer")
+            .into_inner();
+        let mut per_category: std::collections::HashMap<&str, usize> = Default::default();
+        for i in &r.items {
+            *per_category.entry(i.category.as_str()).or_default() += 1;
+        }
+        assert!(
+            per_category.values().all(|&n| n <= 4),
+            "{user}: {per_category:?}"
+        );
+        let picks: Vec<_> = r.items.iter().filter(|i| i.exploration).collect();
+        assert!(picks.len() <= 1, "10% of 10 slots at most");
+        assert!(
+            picks
+                .iter()
+                .all(|i| i.reasons[0] == "something different for you")
+        );
+        explored += picks.len();
+        boosted += r
+            .items
+            .iter()
+            .filter(|i| {
+                i.reasons
+                    .iter()
+                    .any(|x| x == "promoted" || x.starts_with("new in "))
+            })
+            .count();
+    }
+    assert!(explored > 0, "some list has an exploration pick");
+    assert!(
+        boosted > 0,
+        "some list has a promoted item or a new arrival, explained"
+    );
+
     // Exclusions hold, and the list is still full.
     let first = client
         .recommend(recommend("u1", 10))

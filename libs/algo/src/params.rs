@@ -5,7 +5,9 @@
 //! Params travel as a string map (`"retrieval.candidates" = "300"`); unknown
 //! keys and out-of-range values are rejected naming the key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use crate::rerank::RerankRules;
 
 /// Pipeline settings one variant can change; `Default` is the control.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,8 +16,9 @@ pub struct VariantParams {
     pub candidates: u32,
     /// `ranking.model`: ranking model name ("" = the service default).
     pub ranking_model: String,
-    /// `rerank.category_cap`: max items per category in the final list (0 = the reranker's default).
-    pub category_cap: u32,
+    /// `rerank.<rule>`: overrides of the re-ranking rules
+    /// ([`crate::rerank::RerankRules`]), by rule name, already validated.
+    pub rerank: BTreeMap<String, String>,
     /// `budget.retrieval_ms`: override of the retrieval stage budget.
     pub retrieval_budget_ms: Option<u64>,
     /// `budget.ranking_ms`: override of the ranking stage budget.
@@ -31,7 +34,7 @@ impl Default for VariantParams {
             // few enough to score inside the ranking budget.
             candidates: 200,
             ranking_model: String::new(),
-            category_cap: 0,
+            rerank: BTreeMap::new(),
             retrieval_budget_ms: None,
             ranking_budget_ms: None,
             rerank_budget_ms: None,
@@ -52,7 +55,7 @@ pub struct ParamError {
 pub const KNOWN_KEYS: &[&str] = &[
     "retrieval.candidates",
     "ranking.model",
-    "rerank.category_cap",
+    "rerank.<rule> (category_cap, brand_cap, promoted_boost, new_arrival_boost, new_arrival_days, mmr_lambda, exploration_share, recently_viewed_window_s)",
     "budget.retrieval_ms",
     "budget.ranking_ms",
     "budget.rerank_ms",
@@ -69,6 +72,13 @@ fn ranged(key: &str, value: &str, lo: u64, hi: u64) -> Result<u64, ParamError> {
 }
 
 impl VariantParams {
+    /// `base` with this variant's `rerank.*` overrides (validated when the
+    /// params were applied, so they hold).
+    pub fn rerank_rules(&self, base: &RerankRules) -> RerankRules {
+        let overrides: HashMap<String, String> = self.rerank.clone().into_iter().collect();
+        base.with(&overrides).unwrap_or_else(|_| base.clone())
+    }
+
     /// Applies `params` on top of `self`; the first bad key is the error.
     pub fn apply(mut self, params: &HashMap<String, String>) -> Result<Self, ParamError> {
         let mut keys: Vec<&String> = params.keys().collect();
@@ -90,7 +100,18 @@ impl VariantParams {
                     }
                     self.ranking_model = value.clone();
                 }
-                "rerank.category_cap" => self.category_cap = ranged(key, value, 0, 100)? as u32,
+                k if k.starts_with("rerank.") => {
+                    let rule = &k["rerank.".len()..];
+                    let mut probe = RerankRules::default();
+                    probe
+                        .set(rule, value)
+                        .and_then(|()| probe.validate())
+                        .map_err(|e| ParamError {
+                            key: format!("rerank.{}", e.key),
+                            reason: e.reason,
+                        })?;
+                    self.rerank.insert(rule.to_owned(), value.clone());
+                }
                 // Stage budgets stay inside the 150 ms request budget.
                 "budget.retrieval_ms" => {
                     self.retrieval_budget_ms = Some(ranged(key, value, 1, 150)?)
@@ -139,10 +160,8 @@ mod tests {
                 ("budget.ranking_ms", "30"),
             ]))
             .expect("valid");
-        assert_eq!(
-            (p.candidates, p.category_cap, p.ranking_budget_ms),
-            (300, 2, Some(30))
-        );
+        assert_eq!((p.candidates, p.ranking_budget_ms), (300, Some(30)));
+        assert_eq!(p.rerank_rules(&RerankRules::default()).category_cap, 2);
     }
 
     #[test]
@@ -155,6 +174,14 @@ mod tests {
             .apply(&map(&[("retrieval.candidates", "5")]))
             .expect_err("too few");
         assert_eq!(e.key, "retrieval.candidates");
+        let e = VariantParams::default()
+            .apply(&map(&[("rerank.mmr_lambda", "2")]))
+            .expect_err("out of range");
+        assert_eq!(e.key, "rerank.mmr_lambda");
+        let e = VariantParams::default()
+            .apply(&map(&[("rerank.nope", "1")]))
+            .expect_err("unknown rule");
+        assert_eq!(e.key, "rerank.nope");
         let e = VariantParams::default()
             .apply(&map(&[("budget.rerank_ms", "x")]))
             .expect_err("nan");

@@ -39,6 +39,7 @@ fn candidate(
         reasons: vec![reason],
         source_scores: [(SOURCE.to_owned(), raw)].into(),
         attributes: Some(attrs),
+        exploration: false,
     }
 }
 

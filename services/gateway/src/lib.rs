@@ -163,6 +163,7 @@ fn to_items(candidates: Vec<pb::Candidate>) -> Vec<pb::RecommendedItem> {
     candidates
         .into_iter()
         .map(|c| {
+            let exploration = c.exploration;
             let (category, price) = c
                 .attributes
                 .map_or((String::new(), 0.0), |a| (a.category, a.price));
@@ -177,6 +178,7 @@ fn to_items(candidates: Vec<pb::Candidate>) -> Vec<pb::RecommendedItem> {
                 reasons,
                 category,
                 price,
+                exploration,
             }
         })
         .collect()
@@ -498,7 +500,10 @@ impl Gateway {
             exclude_item_ids: q.exclude.clone(),
             purchased_item_ids: profile.purchased_item_ids.clone(),
             filters: Some(q.filters.clone()),
-            category_cap: params.category_cap,
+            rule_overrides: params.rerank.clone().into_iter().collect(),
+            request_id: rid.to_owned(),
+            recent: profile.recent.clone(),
+            usual_categories: profile.top_categories.clone(),
         };
         let budget = params.rerank_budget_ms.unwrap_or(b.rerank_ms);
         let (reranked, mut report) =
@@ -510,11 +515,11 @@ impl Gateway {
             Ok(r) => r.candidates,
             Err(_) => {
                 fell_back(&mut report, fallback_name::GATEWAY_RULES);
-                let cap = if params.category_cap > 0 {
-                    params.category_cap
-                } else {
-                    self.config.popularity.fallback_category_cap
-                };
+                let cap = params
+                    .rerank
+                    .get("category_cap")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(self.config.popularity.fallback_category_cap);
                 Self::gateway_rules(
                     candidates,
                     q.count,

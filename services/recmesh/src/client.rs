@@ -54,7 +54,11 @@ pub fn render(r: &pb::RecommendResponse) -> String {
             item.category,
             item.price,
             item.score,
-            item.source,
+            if item.exploration {
+                "explore"
+            } else {
+                item.source.as_str()
+            },
             item.reasons.join(" · ")
         );
     }

@@ -1,16 +1,23 @@
 //! Re-ranking service: the business rules between a ranked list and what the
 //! user sees. Hard filters (request exclusions, already purchased, out of
-//! stock, category and price filters) are never relaxed; a per-category cap
-//! keeps one category from filling the list. The gateway applies the same
-//! rules (`recmesh_algo::rules`) itself when this service is down.
+//! stock, category and price filters, optionally recently viewed) are never
+//! relaxed. Then come boosts for promoted items and new arrivals, a share of
+//! exploration slots, and MMR diversity under per-category and per-brand
+//! caps (`recmesh_algo::rerank`). Every item keeps its retrieval reasons, and
+//! boosts and exploration add theirs. The rules are a validated config section
+//! (`[rules]`), overridable per experiment variant.
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use recmesh_algo::rules::{HardFilters, select};
-use recmesh_mesh::convert::{FieldError, check_id, rule_item};
+use recmesh_algo::rerank::{Boost, RerankItem, RerankRequest, RerankRules, rerank, seed_of};
+use recmesh_algo::rules::HardFilters;
+use recmesh_catalog::EventKind;
+use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
 use recmesh_proto::v1::{self as pb, reranker_server::RerankerServer};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
@@ -20,15 +27,17 @@ use tonic::{Request, Response, Status};
 /// Default gRPC port of the reranker.
 pub const DEFAULT_PORT: u16 = 50054;
 
+/// Reason shown on an exploration pick.
+pub const EXPLORE_REASON: &str = "something different for you";
+
 /// Configuration of the reranker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// gRPC and admin server.
     pub server: ServerConfig,
-    /// Items per category allowed in the final list when the request sets no
-    /// cap (0 = no cap).
-    pub default_category_cap: u32,
+    /// The re-ranking rules when no experiment overrides them.
+    pub rules: RerankRules,
     /// Most candidates one request may carry.
     pub max_candidates: usize,
     /// Longest final list.
@@ -41,9 +50,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
-            // With 10 items shown, at most 4 from one category keeps at least
-            // three categories on screen.
-            default_category_cap: 4,
+            rules: RerankRules::default(),
             max_candidates: 2_000,
             max_count: 200,
             max_ids: 5_000,
@@ -57,6 +64,9 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.rules
+            .validate()
+            .map_err(|e| ConfigError::invalid(format!("rules.{}", e.key), e.reason))?;
         at_least_one(&[
             ("max_candidates", self.max_candidates as u64),
             ("max_count", u64::from(self.max_count)),
@@ -70,6 +80,13 @@ pub struct RerankerService {
     config: Arc<Config>,
 }
 
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 impl RerankerService {
     /// A reranker with `config`.
     pub fn new(config: Config) -> Self {
@@ -78,8 +95,12 @@ impl RerankerService {
         }
     }
 
-    /// Applies the rules to a request.
-    pub fn rerank(&self, req: pb::RerankRequest) -> Result<pb::RerankResponse, FieldError> {
+    /// Applies the rules to a request, with `now_s` as the current time.
+    pub fn rerank(
+        &self,
+        req: pb::RerankRequest,
+        now_s: i64,
+    ) -> Result<pb::RerankResponse, FieldError> {
         let c = &self.config;
         if req.count == 0 || req.count > c.max_count {
             return Err(FieldError::new(
@@ -104,30 +125,81 @@ impl RerankerService {
         for (n, cand) in req.candidates.iter().enumerate() {
             check_id(&format!("candidates[{n}].item_id"), &cand.item_id)?;
         }
+        let overrides: HashMap<String, String> = req.rule_overrides.clone().into_iter().collect();
+        let rules = c
+            .rules
+            .with(&overrides)
+            .map_err(|e| FieldError::new(format!("rule_overrides.{}", e.key), e.reason))?;
         let f = req.filters.clone().unwrap_or_default();
-        let filters = HardFilters {
-            excluded: req.exclude_item_ids.iter().map(String::as_str).collect(),
-            purchased: req.purchased_item_ids.iter().map(String::as_str).collect(),
-            categories: f.categories.iter().map(String::as_str).collect(),
-            min_price: f.min_price,
-            max_price: f.max_price,
+        let input = RerankRequest {
+            filters: HardFilters {
+                excluded: req.exclude_item_ids.iter().map(String::as_str).collect(),
+                purchased: req.purchased_item_ids.iter().map(String::as_str).collect(),
+                categories: f.categories.iter().map(String::as_str).collect(),
+                min_price: f.min_price,
+                max_price: f.max_price,
+            },
+            recent_views: req
+                .recent
+                .iter()
+                .filter(|r| event_kind(r.event_type) == Some(EventKind::View))
+                .map(|r| (r.item_id.as_str(), r.timestamp_ms / 1000))
+                .collect(),
+            usual_categories: req.usual_categories.iter().map(String::as_str).collect(),
+            now_s,
+            seed: seed_of(&req.request_id),
+            count: req.count as usize,
         };
-        let cap = if req.category_cap == 0 {
-            c.default_category_cap
-        } else {
-            req.category_cap
-        };
-        let items: Vec<_> = req.candidates.iter().map(rule_item).collect();
-        let (kept, removed) = select(&items, &filters, req.count as usize, cap as usize);
-        for (rule, n) in &removed {
+        let items: Vec<RerankItem<'_>> = req
+            .candidates
+            .iter()
+            .map(|cand| {
+                let a = cand.attributes.as_ref();
+                RerankItem {
+                    rule: rule_item(cand),
+                    brand: a.map_or("", |a| a.brand.as_str()),
+                    promoted: a.is_some_and(|a| a.promoted),
+                    created_at_s: a.map_or(0, |a| a.created_at),
+                    score: cand.score,
+                }
+            })
+            .collect();
+        let out = rerank(&items, &rules, &input);
+        for (rule, n) in &out.removed {
             metrics::counter!("recmesh_reranker_removed_total", "rule" => rule.as_str())
                 .increment(u64::from(*n));
         }
-        let mut candidates = req.candidates;
-        let mut slots: Vec<Option<pb::Candidate>> = candidates.drain(..).map(Some).collect();
+        let explored = out.items.iter().filter(|p| p.explore).count();
+        metrics::counter!("recmesh_reranker_exploration_total").increment(explored as u64);
+        let mut slots: Vec<Option<pb::Candidate>> = req.candidates.into_iter().map(Some).collect();
+        let candidates = out
+            .items
+            .into_iter()
+            .filter_map(|placed| {
+                let mut cand = slots.get_mut(placed.index)?.take()?;
+                cand.score = placed.score;
+                let category = cand
+                    .attributes
+                    .as_ref()
+                    .map(|a| a.category.clone())
+                    .unwrap_or_default();
+                for boost in placed.boosts {
+                    cand.reasons.push(match boost {
+                        Boost::Promoted => "promoted".to_owned(),
+                        Boost::NewArrival => format!("new in {category}"),
+                    });
+                }
+                if placed.explore {
+                    cand.exploration = true;
+                    cand.reasons.insert(0, EXPLORE_REASON.to_owned());
+                }
+                Some(cand)
+            })
+            .collect();
         Ok(pb::RerankResponse {
-            candidates: kept.into_iter().filter_map(|i| slots[i].take()).collect(),
-            removed: removed
+            candidates,
+            removed: out
+                .removed
                 .into_iter()
                 .map(|(r, n)| (r.as_str().to_owned(), n))
                 .collect(),
@@ -144,6 +216,7 @@ impl pb::reranker_server::Reranker for RerankerService {
         Ok(Response::new(RerankerService::rerank(
             self,
             request.into_inner(),
+            now_s(),
         )?))
     }
 }
@@ -164,17 +237,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 mod tests {
     use super::*;
 
+    const NOW: i64 = 1_800_000_000;
+
     fn candidate(id: &str, category: &str, in_stock: bool) -> pb::Candidate {
         pb::Candidate {
             item_id: id.into(),
+            score: 1.0,
+            reasons: vec![format!("because you viewed {id}0")],
             attributes: Some(pb::ItemAttributes {
                 category: category.into(),
+                brand: format!("brand-{id}"),
                 in_stock,
                 price: 10.0,
+                created_at: NOW - 365 * 86_400,
                 ..Default::default()
             }),
             ..Default::default()
         }
+    }
+
+    fn overrides(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -184,26 +270,41 @@ mod tests {
     }
 
     #[test]
+    fn invalid_rules_are_config_errors_naming_the_rule() {
+        let mut c = Config::default();
+        c.rules.mmr_lambda = 1.5;
+        let err = c.validate().expect_err("out of range");
+        assert!(err.to_string().contains("rules.mmr_lambda"), "{err}");
+    }
+
+    #[test]
     fn drops_excluded_purchased_out_of_stock_and_caps() {
         let s = RerankerService::new(Config::default());
         let out = s
-            .rerank(pb::RerankRequest {
-                user_id: "u".into(),
-                candidates: vec![
-                    candidate("a", "x", true),
-                    candidate("b", "x", false),
-                    candidate("c", "x", true),
-                    candidate("d", "x", true),
-                    candidate("e", "y", true),
-                    candidate("f", "y", true),
-                    candidate("g", "y", true),
-                ],
-                count: 10,
-                exclude_item_ids: vec!["e".into()],
-                purchased_item_ids: vec!["f".into()],
-                category_cap: 2,
-                ..Default::default()
-            })
+            .rerank(
+                pb::RerankRequest {
+                    user_id: "u".into(),
+                    candidates: vec![
+                        candidate("a", "x", true),
+                        candidate("b", "x", false),
+                        candidate("c", "x", true),
+                        candidate("d", "x", true),
+                        candidate("e", "y", true),
+                        candidate("f", "y", true),
+                        candidate("g", "y", true),
+                    ],
+                    count: 10,
+                    exclude_item_ids: vec!["e".into()],
+                    purchased_item_ids: vec!["f".into()],
+                    rule_overrides: overrides(&[
+                        ("category_cap", "2"),
+                        ("mmr_lambda", "1"),
+                        ("exploration_share", "0"),
+                    ]),
+                    ..Default::default()
+                },
+                NOW,
+            )
             .expect("ok");
         let ids: Vec<&str> = out.candidates.iter().map(|c| c.item_id.as_str()).collect();
         assert_eq!(ids, vec!["a", "c", "g"]);
@@ -214,9 +315,112 @@ mod tests {
     }
 
     #[test]
-    fn count_zero_names_the_field() {
+    fn boosts_exploration_and_reasons_show_in_the_list() {
         let s = RerankerService::new(Config::default());
-        let err = s.rerank(pb::RerankRequest::default()).expect_err("count 0");
+        let mut promoted = candidate("p", "x", true);
+        promoted.score = 0.9;
+        promoted.attributes.as_mut().expect("attrs").promoted = true;
+        let mut fresh = candidate("n", "y", true);
+        fresh.score = 0.9;
+        fresh.attributes.as_mut().expect("attrs").created_at = NOW - 86_400;
+        let mut top = candidate("t", "z", true);
+        top.score = 1.0;
+        let mut others: Vec<pb::Candidate> = (0..20)
+            .map(|i| {
+                let mut c = candidate(&format!("o{i}"), &format!("c{i}"), true);
+                c.score = 0.5;
+                c
+            })
+            .collect();
+        let mut candidates = vec![top, promoted, fresh];
+        candidates.append(&mut others);
+        let request = pb::RerankRequest {
+            user_id: "u".into(),
+            candidates,
+            count: 10,
+            request_id: "req-1".into(),
+            usual_categories: vec!["x".into(), "y".into(), "z".into()],
+            rule_overrides: overrides(&[("mmr_lambda", "1")]),
+            ..Default::default()
+        };
+        let out = s.rerank(request.clone(), NOW).expect("ok");
+        let ids: Vec<&str> = out.candidates.iter().map(|c| c.item_id.as_str()).collect();
+        // 0.9 × 1.2 = 1.08 and 0.9 × 1.15 = 1.035 both pass the unboosted 1.0.
+        assert_eq!(&ids[..3], &["p", "n", "t"], "{ids:?}");
+        assert_eq!(
+            out.candidates[0].reasons,
+            vec!["because you viewed p0", "promoted"]
+        );
+        assert_eq!(
+            out.candidates[1].reasons,
+            vec!["because you viewed n0", "new in y"]
+        );
+        let explored: Vec<&pb::Candidate> =
+            out.candidates.iter().filter(|c| c.exploration).collect();
+        assert_eq!(explored.len(), 1, "10% of 10 slots");
+        assert_eq!(explored[0].reasons[0], EXPLORE_REASON);
+        assert!(
+            explored[0].item_id.starts_with('o'),
+            "outside the usual categories"
+        );
+        // Reproducible from the request id.
+        let again = s.rerank(request, NOW).expect("ok");
+        assert_eq!(
+            again
+                .candidates
+                .iter()
+                .map(|c| &c.item_id)
+                .collect::<Vec<_>>(),
+            out.candidates
+                .iter()
+                .map(|c| &c.item_id)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn recently_viewed_items_are_dropped_inside_the_window_only() {
+        let s = RerankerService::new(Config::default());
+        let view = |id: &str, ago_s: i64| pb::Interaction {
+            item_id: id.into(),
+            event_type: pb::EventType::View as i32,
+            timestamp_ms: (NOW - ago_s) * 1000,
+        };
+        let out = s
+            .rerank(
+                pb::RerankRequest {
+                    user_id: "u".into(),
+                    candidates: vec![candidate("a", "x", true), candidate("b", "y", true)],
+                    count: 5,
+                    recent: vec![view("a", 60), view("b", 7_200)],
+                    rule_overrides: overrides(&[("recently_viewed_window_s", "3600")]),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .expect("ok");
+        let ids: Vec<&str> = out.candidates.iter().map(|c| c.item_id.as_str()).collect();
+        assert_eq!(ids, vec!["b"]);
+        assert_eq!(out.removed["recently_viewed"], 1);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let s = RerankerService::new(Config::default());
+        let err = s
+            .rerank(pb::RerankRequest::default(), NOW)
+            .expect_err("count 0");
         assert_eq!(err.field, "count");
+        let err = s
+            .rerank(
+                pb::RerankRequest {
+                    count: 5,
+                    rule_overrides: overrides(&[("mmr_lambda", "7")]),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .expect_err("bad override");
+        assert_eq!(err.field, "rule_overrides.mmr_lambda");
     }
 }
