@@ -319,7 +319,8 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
             }
         });
     let new_before = req.now_s - i64::from(rules.new_arrival_days) * 86_400;
-    let mut boosted: HashMap<usize, (f64, Vec<Boost>)> = HashMap::with_capacity(survivors.len());
+    // Per input index; only survivors' entries are ever read.
+    let mut boosted: Vec<(f64, Vec<Boost>)> = vec![(0.0, Vec::new()); items.len()];
     for &i in &survivors {
         let item = &items[i];
         let base = if !item.score.is_finite() {
@@ -344,29 +345,25 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
             score *= rules.new_arrival_boost;
             boosts.push(Boost::NewArrival);
         }
-        boosted.insert(i, (score, boosts));
+        boosted[i] = (score, boosts);
     }
-    let score_of = |i: usize| boosted.get(&i).map_or(0.0, |b| b.0);
+    let score_of = |i: usize| boosted[i].0;
 
     // Keys for caps and similarity.
     let mut categories = HashMap::new();
     let mut brands = HashMap::new();
-    let keys: HashMap<usize, Keys> = survivors
+    let keys: Vec<Keys> = items
         .iter()
-        .map(|&i| {
-            let it = &items[i];
-            let k = Keys {
-                category: intern(&mut categories, it.rule.category),
-                brand: intern(&mut brands, it.brand),
-                band: price_band(it.rule.price),
-            };
-            (i, k)
+        .map(|it| Keys {
+            category: intern(&mut categories, it.rule.category),
+            brand: intern(&mut brands, it.brand),
+            band: price_band(it.rule.price),
         })
         .collect();
     let mut per_category: HashMap<u32, u32> = HashMap::new();
     let mut per_brand: HashMap<u32, u32> = HashMap::new();
     let fits = |i: usize, per_category: &HashMap<u32, u32>, per_brand: &HashMap<u32, u32>| {
-        let k = &keys[&i];
+        let k = &keys[i];
         (rules.category_cap == 0
             || per_category.get(&k.category).copied().unwrap_or(0) < rules.category_cap)
             && (rules.brand_cap == 0
@@ -374,7 +371,7 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     };
     let take =
         |i: usize, per_category: &mut HashMap<u32, u32>, per_brand: &mut HashMap<u32, u32>| {
-            let k = &keys[&i];
+            let k = &keys[i];
             *per_category.entry(k.category).or_default() += 1;
             *per_brand.entry(k.brand).or_default() += 1;
         };
@@ -415,16 +412,13 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
         .collect();
     let mut chosen: Vec<usize> = Vec::with_capacity(main_slots);
     // max similarity of each remaining item to the chosen ones (explore included)
-    let mut max_sim: HashMap<usize, f64> = remaining
-        .iter()
-        .map(|&i| {
-            let s = explore
-                .iter()
-                .map(|&e| similarity(&keys[&i], &keys[&e]))
-                .fold(0.0, f64::max);
-            (i, s)
-        })
-        .collect();
+    let mut max_sim: Vec<f64> = vec![0.0; items.len()];
+    for &i in &remaining {
+        max_sim[i] = explore
+            .iter()
+            .map(|&e| similarity(&keys[i], &keys[e]))
+            .fold(0.0, f64::max);
+    }
     let lambda = rules.mmr_lambda;
     while chosen.len() < main_slots {
         let mut best: Option<(usize, f64)> = None;
@@ -432,7 +426,7 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
             if !fits(i, &per_category, &per_brand) {
                 continue;
             }
-            let value = lambda * score_of(i) - (1.0 - lambda) * max_sim[&i];
+            let value = lambda * score_of(i) - (1.0 - lambda) * max_sim[i];
             // Strictly greater: ties keep the ranking's order.
             if best.is_none_or(|(_, b)| value > b) {
                 best = Some((pos, value));
@@ -442,16 +436,17 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
         let i = remaining.remove(pos);
         take(i, &mut per_category, &mut per_brand);
         for &r in &remaining {
-            let s = similarity(&keys[&r], &keys[&i]);
-            let m = max_sim.entry(r).or_insert(0.0);
-            *m = m.max(s);
+            let sim = similarity(&keys[r], &keys[i]);
+            if sim > max_sim[r] {
+                max_sim[r] = sim;
+            }
         }
         chosen.push(i);
     }
     // What the caps held back (items left over only because the list is
     // full are not counted).
     for &i in &remaining {
-        let k = &keys[&i];
+        let k = &keys[i];
         if rules.category_cap > 0
             && per_category.get(&k.category).copied().unwrap_or(0) >= rules.category_cap
         {
@@ -474,7 +469,7 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     out.items = order
         .into_iter()
         .map(|(index, explore)| {
-            let (score, boosts) = boosted.remove(&index).unwrap_or_default();
+            let (score, boosts) = std::mem::take(&mut boosted[index]);
             Placed {
                 index,
                 score,
