@@ -8,8 +8,10 @@
 
 pub mod assign;
 pub mod cooccurrence;
+pub mod gbdt;
 pub mod params;
 pub mod popularity;
+pub mod ranking;
 pub mod rerank;
 pub mod rules;
 pub mod scoring;

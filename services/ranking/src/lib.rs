@@ -1,18 +1,30 @@
 //! Ranking service: orders candidates by how likely the user is to engage.
 //!
-//! Item features for the whole batch come from the features service in one
-//! call, bounded by its own budget inside the caller's deadline. The model is
-//! the documented baseline formula of `recmesh_algo::scoring` until a learned
-//! model ships in the bundle. When features are missing or late the service
-//! still answers, scoring on retrieval evidence alone, and says so in the
-//! model version (`baseline-1+no-features`).
+//! One call to the features service fetches the item features of every
+//! candidate and of the user's recent items, under its own budget inside the
+//! caller's deadline. A moka cache with a TTL and a size bound sits in front of
+//! it, so repeated candidates cost nothing. From those come each candidate's
+//! row of named features (`recmesh_algo::ranking`): retrieval scores by source,
+//! item popularity, CTR, price, age and promotion, the user's affinity to the
+//! item's category, price fit, and user activity.
+//!
+//! The model is a LightGBM text model when `model_path` names one (evaluated
+//! natively, `recmesh_algo::gbdt`). Otherwise it is the documented baseline
+//! formula (`recmesh_algo::scoring`) until the trainer's bundle ships a model.
+//! When features are missing or late, the service still answers: it scores
+//! with what it has and says so (`degraded`, `detail`, and `+no-features` in
+//! the model version).
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use moka::sync::Cache;
+use recmesh_algo::gbdt::GbdtModel;
+use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
 use recmesh_mesh::convert::{FieldError, check_id};
 use recmesh_mesh::{Deadline, bounded, check_address, lazy_channel, outgoing, request_id};
@@ -45,6 +57,13 @@ pub struct Config {
     pub scoring_reserve_ms: u64,
     /// Most candidates one request may carry.
     pub max_candidates: usize,
+    /// LightGBM text model to score with (`booster.save_model(...)`); empty:
+    /// the baseline formula.
+    pub model_path: String,
+    /// How long fetched item features are reused before being fetched again.
+    pub item_cache_ttl_ms: u64,
+    /// Most items whose features are cached.
+    pub item_cache_size: u64,
 }
 
 impl Default for Config {
@@ -56,9 +75,15 @@ impl Default for Config {
             // A batched in-memory lookup takes well under 5 ms; 20 leaves room
             // for a Redis round trip in production.
             features_budget_ms: 20,
-            // Scoring 500 candidates with the baseline takes far below 1 ms.
+            // Scoring 500 candidates takes well under 2 ms (docs/performance.md).
             scoring_reserve_ms: 2,
             max_candidates: 2_000,
+            model_path: String::new(),
+            // Counters and stock move slowly compared with a request; 5 s of
+            // staleness is invisible, and the cache absorbs the hot items.
+            item_cache_ttl_ms: 5_000,
+            // About 100 bytes an entry: ~10 MB at the bound.
+            item_cache_size: 100_000,
         }
     }
 }
@@ -74,8 +99,44 @@ impl ServiceConfig for Config {
             ("max_candidates", self.max_candidates as u64),
         ])?;
         check_address("features_addr", &self.features_addr)?;
+        if !self.model_path.is_empty() {
+            load_model(&self.model_path)?;
+        }
         Ok(())
     }
+}
+
+/// A loaded LightGBM model and where its features sit in a feature row.
+#[derive(Debug)]
+struct LearnedModel {
+    gbdt: GbdtModel,
+    columns: Vec<usize>,
+}
+
+/// Loads and checks a LightGBM model; errors name `model_path`.
+fn load_model(path: &str) -> Result<(LearnedModel, String), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid("model_path", format!("{path}: {e}")))?;
+    let gbdt = GbdtModel::from_lightgbm(&text)
+        .map_err(|e| ConfigError::invalid("model_path", format!("{path}: {e}")))?;
+    let columns = ranking::column_map(&gbdt.feature_names).map_err(|name| {
+        ConfigError::invalid(
+            "model_path",
+            format!(
+                "{path} uses feature `{name}`, which recmesh does not produce; available: {}",
+                ranking::FEATURE_NAMES.join(", ")
+            ),
+        )
+    })?;
+    let stem = std::path::Path::new(path)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model");
+    let version = format!(
+        "lightgbm-{stem}-{:08x}",
+        recmesh_algo::assign::fnv1a64(text.as_bytes()) as u32
+    );
+    Ok((LearnedModel { gbdt, columns }, version))
 }
 
 /// The ranking gRPC service.
@@ -83,15 +144,69 @@ impl ServiceConfig for Config {
 pub struct RankingService {
     features: FeaturesClient<Channel>,
     config: Arc<Config>,
+    model: Option<Arc<LearnedModel>>,
+    version: Arc<str>,
+    cache: Cache<String, Arc<pb::ItemFeatures>>,
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Per-candidate signals, from the request and the fetched features.
+fn signals(c: &pb::Candidate) -> CandidateSignals {
+    let s = |name: &str| c.source_scores.get(name).copied().unwrap_or(0.0);
+    CandidateSignals {
+        retrieval_score: c.score,
+        cf: s("cf"),
+        anchor: s("anchor"),
+        popular: s("popular"),
+        sources: c.source_scores.len().max(1),
+    }
+}
+
+fn item_signals(f: &pb::ItemFeatures, now_s: i64) -> Option<ItemSignals<'_>> {
+    let a = f.attributes.as_ref()?;
+    Some(ItemSignals {
+        category: &a.category,
+        popularity: f.popularity,
+        ctr: if f.views > 0 {
+            f.clicks as f64 / f.views as f64
+        } else {
+            0.0
+        },
+        price: a.price,
+        age_days: ((now_s - a.created_at).max(0) as f64) / 86_400.0,
+        promoted: a.promoted,
+    })
 }
 
 impl RankingService {
-    /// A service that fetches features through `features`.
-    pub fn new(config: Config, features: Channel) -> Self {
-        RankingService {
+    /// A service that fetches features through `features`, scoring with the
+    /// model of `config.model_path` (or the baseline).
+    pub fn new(config: Config, features: Channel) -> Result<Self, ConfigError> {
+        let (model, version) = if config.model_path.is_empty() {
+            (None, BASELINE_VERSION.to_owned())
+        } else {
+            let (m, v) = load_model(&config.model_path)?;
+            tracing::info!(version = %v, trees = m.gbdt.trees(), "ranking model loaded");
+            (Some(Arc::new(m)), v)
+        };
+        metrics::gauge!("recmesh_ranking_model_info", "version" => version.clone()).set(1.0);
+        let cache = Cache::builder()
+            .max_capacity(config.item_cache_size)
+            .time_to_live(Duration::from_millis(config.item_cache_ttl_ms.max(1)))
+            .build();
+        Ok(RankingService {
             features: FeaturesClient::new(features),
             config: Arc::new(config),
-        }
+            model,
+            version: Arc::from(version),
+            cache,
+        })
     }
 
     fn validate(&self, req: &pb::RankRequest) -> Result<(), FieldError> {
@@ -107,43 +222,119 @@ impl RankingService {
         }
         Ok(())
     }
-}
 
-/// Scores and orders `candidates` with the baseline; `features` are the
-/// batch's item features when they arrived (matched by id).
-pub fn rank(
-    mut candidates: Vec<pb::Candidate>,
-    features: Option<&pb::GetItemsResponse>,
-) -> Vec<pb::Candidate> {
-    let by_id: std::collections::HashMap<&str, &pb::ItemFeatures> = features
-        .map(|f| f.items.iter().map(|i| (i.item_id.as_str(), i)).collect())
-        .unwrap_or_default();
-    let sources: std::collections::HashSet<&str> = candidates
-        .iter()
-        .flat_map(|c| c.source_scores.keys().map(String::as_str))
-        .collect();
-    let total_sources = sources.len();
-    let inputs: Vec<BaselineInput> = candidates
-        .iter()
-        .map(|c| BaselineInput {
-            retrieval_score: c.score,
-            popularity: by_id.get(c.item_id.as_str()).map_or(0.0, |f| f.popularity),
-            sources: c.source_scores.len().max(1),
-        })
-        .collect();
-    let scores = baseline_scores(&inputs, total_sources, BaselineWeights::default());
-    for (c, s) in candidates.iter_mut().zip(scores) {
-        c.score = s;
-        // Fresh attributes (stock above all) from the features service win
-        // over what retrieval knew.
-        if let Some(f) = by_id.get(c.item_id.as_str())
-            && f.attributes.is_some()
-        {
-            c.attributes = f.attributes.clone();
+    /// Item features for `ids`: from the cache, the rest in one call. Returns
+    /// the features found and why some are missing (None: nothing missing).
+    async fn item_features(
+        &self,
+        ids: Vec<String>,
+        deadline: &Deadline,
+        rid: &str,
+    ) -> (HashMap<String, Arc<pb::ItemFeatures>>, Option<String>) {
+        let mut found = HashMap::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.cache.get(&id) {
+                Some(f) => {
+                    found.insert(id, f);
+                }
+                None => missing.push(id),
+            }
+        }
+        let hits = found.len() as u64;
+        metrics::counter!("recmesh_ranking_item_cache_total", "result" => "hit").increment(hits);
+        metrics::counter!("recmesh_ranking_item_cache_total", "result" => "miss")
+            .increment(missing.len() as u64);
+        if missing.is_empty() {
+            return (found, None);
+        }
+        let reserve = Duration::from_millis(self.config.scoring_reserve_ms);
+        let budget = deadline
+            .budget(Duration::from_millis(self.config.features_budget_ms))
+            .min(deadline.remaining().saturating_sub(reserve));
+        let mut client = self.features.clone();
+        let req = pb::GetItemsRequest { item_ids: missing };
+        match bounded(budget, |t| client.get_items(outgoing(req, t, rid))).await {
+            Ok(resp) => {
+                for f in resp.items {
+                    let f = Arc::new(f);
+                    self.cache.insert(f.item_id.clone(), f.clone());
+                    found.insert(f.item_id.clone(), f);
+                }
+                (found, None)
+            }
+            Err(e) => {
+                metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => e.outcome())
+                    .increment(1);
+                tracing::warn!(error = %e, "item features unavailable; scoring without them");
+                (
+                    found,
+                    Some(format!(
+                        "item features unavailable ({e}); scored without them"
+                    )),
+                )
+            }
         }
     }
-    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
-    candidates
+
+    /// Scores and orders `candidates` given the fetched features.
+    pub fn score(
+        &self,
+        mut candidates: Vec<pb::Candidate>,
+        recent: &[pb::Interaction],
+        features: &HashMap<String, Arc<pb::ItemFeatures>>,
+        now_s: i64,
+    ) -> Vec<pb::Candidate> {
+        let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
+            let a = features.get(&r.item_id)?.attributes.as_ref()?;
+            Some((a.category.as_str(), a.price))
+        }));
+        let scores: Vec<f64> = match &self.model {
+            Some(m) => {
+                let mut row = vec![0.0; m.columns.len()];
+                candidates
+                    .iter()
+                    .map(|c| {
+                        let item = features
+                            .get(&c.item_id)
+                            .and_then(|f| item_signals(f, now_s));
+                        let full = ranking::row(&signals(c), item.as_ref(), &user);
+                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
+                            *slot = full[col];
+                        }
+                        m.gbdt.predict(&row)
+                    })
+                    .collect()
+            }
+            None => {
+                let sources: std::collections::HashSet<&str> = candidates
+                    .iter()
+                    .flat_map(|c| c.source_scores.keys().map(String::as_str))
+                    .collect();
+                let inputs: Vec<BaselineInput> = candidates
+                    .iter()
+                    .map(|c| BaselineInput {
+                        retrieval_score: c.score,
+                        popularity: features.get(&c.item_id).map_or(0.0, |f| f.popularity),
+                        sources: c.source_scores.len().max(1),
+                    })
+                    .collect();
+                baseline_scores(&inputs, sources.len(), BaselineWeights::default())
+            }
+        };
+        for (c, s) in candidates.iter_mut().zip(scores) {
+            c.score = s;
+            // Fresh attributes (stock above all) from the features service
+            // win over what retrieval knew.
+            if let Some(f) = features.get(&c.item_id)
+                && f.attributes.is_some()
+            {
+                c.attributes = f.attributes.clone();
+            }
+        }
+        candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
+        candidates
+    }
 }
 
 #[tonic::async_trait]
@@ -157,49 +348,32 @@ impl pb::ranking_server::Ranking for RankingService {
         let rid = request_id(&request);
         let req = request.into_inner();
         self.validate(&req)?;
-        if !req.model.is_empty() && req.model != "baseline" {
-            tracing::debug!(model = %req.model, "unknown model requested; serving the baseline");
-        }
-        let reserve = Duration::from_millis(self.config.scoring_reserve_ms);
-        let budget = deadline
-            .budget(Duration::from_millis(self.config.features_budget_ms))
-            .min(deadline.remaining().saturating_sub(reserve));
-        let ids: Vec<String> = req.candidates.iter().map(|c| c.item_id.clone()).collect();
-        let mut client = self.features.clone();
-        let features = bounded(budget, |t| {
-            client.get_items(outgoing(pb::GetItemsRequest { item_ids: ids }, t, &rid))
-        })
-        .await;
-        let (features, version, detail) = match features {
-            Ok(f) => (Some(f), BASELINE_VERSION.to_owned(), String::new()),
-            Err(e) => {
-                metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => e.outcome())
-                    .increment(1);
-                tracing::warn!(error = %e, "item features unavailable; scoring on retrieval evidence only");
-                (
-                    None,
-                    format!("{BASELINE_VERSION}+no-features"),
-                    format!("item features unavailable ({e}); scored on retrieval evidence only"),
-                )
-            }
+        let mut ids: Vec<String> = req.candidates.iter().map(|c| c.item_id.clone()).collect();
+        ids.extend(req.recent.iter().map(|r| r.item_id.clone()));
+        ids.sort();
+        ids.dedup();
+        let (features, missing) = self.item_features(ids, &deadline, &rid).await;
+        let candidates = self.score(req.candidates, &req.recent, &features, now_s());
+        let version = match &missing {
+            None => self.version.to_string(),
+            Some(_) => format!("{}+no-features", self.version),
         };
-        let candidates = rank(req.candidates, features.as_ref());
         metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
             .increment(candidates.len() as u64);
         Ok(Response::new(pb::RankResponse {
             candidates,
             model_version: version,
-            degraded: !detail.is_empty(),
-            detail,
+            degraded: missing.is_some(),
+            detail: missing.unwrap_or_default(),
         }))
     }
 }
 
 /// The ranking server, ready to start or run.
-pub fn server(config: Config) -> Result<GrpcServer, recmesh_mesh::AddressError> {
+pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
     let features = lazy_channel("features_addr", &config.features_addr)?;
     Ok(GrpcServer::new("ranking", config.server.clone())
-        .add_service(RankingServer::new(RankingService::new(config, features))))
+        .add_service(RankingServer::new(RankingService::new(config, features)?)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -211,6 +385,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pb::ranking_server::Ranking;
+
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../libs/algo/fixtures/lightgbm/model.txt"
+    );
 
     fn candidate(id: &str, score: f64, sources: &[&str]) -> pb::Candidate {
         pb::Candidate {
@@ -221,50 +401,115 @@ mod tests {
         }
     }
 
+    fn item(id: &str, popularity: f64) -> (String, Arc<pb::ItemFeatures>) {
+        (
+            id.to_owned(),
+            Arc::new(pb::ItemFeatures {
+                item_id: id.into(),
+                popularity,
+                views: 10,
+                clicks: 2,
+                attributes: Some(pb::ItemAttributes {
+                    category: "books".into(),
+                    price: 20.0,
+                    in_stock: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// A channel to a port nobody listens on: calls are refused at once.
+    fn nowhere() -> Channel {
+        lazy_channel("features_addr", "http://127.0.0.1:1").expect("address")
+    }
+
     #[test]
     fn defaults_are_valid() {
         let c: Config = recmesh_server::config::load(None).expect("defaults load");
         assert_eq!(c, Config::default());
     }
 
-    #[test]
-    fn popularity_reorders_close_candidates() {
-        let features = pb::GetItemsResponse {
-            items: vec![
-                pb::ItemFeatures {
-                    item_id: "a".into(),
-                    popularity: 0.0,
-                    ..Default::default()
-                },
-                pb::ItemFeatures {
-                    item_id: "b".into(),
-                    popularity: 1.0,
-                    ..Default::default()
-                },
-            ],
-            unknown: vec![],
-        };
-        let ranked = rank(
+    #[tokio::test]
+    async fn baseline_lets_popularity_reorder_close_candidates() {
+        let svc = RankingService::new(Config::default(), nowhere()).expect("service");
+        let features: HashMap<_, _> = [item("a", 0.0), item("b", 1.0)].into();
+        let ranked = svc.score(
             vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
-            Some(&features),
+            &[],
+            &features,
+            0,
         );
         // a: 0.6·1 + 0 + 0.1 = 0.70 ; b: 0.6·0.9 + 0.3 + 0.1 = 0.94
         assert_eq!(ranked[0].item_id, "b");
         assert!((ranked[0].score - 0.94).abs() < 1e-9);
-        // Without features the retrieval order stands.
-        let ranked = rank(
-            vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
-            None,
+        assert_eq!(
+            ranked[0].attributes.as_ref().map(|a| a.category.as_str()),
+            Some("books")
         );
-        assert_eq!(ranked[0].item_id, "a");
+    }
+
+    #[tokio::test]
+    async fn a_lightgbm_model_scores_with_the_feature_row() {
+        let config = Config {
+            model_path: FIXTURE.into(),
+            ..Config::default()
+        };
+        let svc = RankingService::new(config, nowhere()).expect("fixture model loads");
+        assert!(
+            svc.version.starts_with("lightgbm-model-"),
+            "{}",
+            svc.version
+        );
+        let features: HashMap<_, _> = [item("a", 0.1), item("b", 0.9)].into();
+        let ranked = svc.score(
+            vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
+            &[],
+            &features,
+            0,
+        );
+        // Probabilities from the model, and the more popular item first (the
+        // fixture's labels rise with item_popularity).
+        assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.score)));
+        assert_eq!(ranked[0].item_id, "b");
+        let model = svc.model.as_ref().expect("model");
+        let mut row = ranking::row(
+            &signals(&candidate("b", 0.5, &["cf"])),
+            item_signals(&features["b"], 0).as_ref(),
+            &UserSignals::default(),
+        )
+        .to_vec();
+        row = model.columns.iter().map(|&c| row[c]).collect();
+        assert_eq!(ranked[0].score, model.gbdt.predict(&row));
+    }
+
+    #[test]
+    fn a_model_with_unknown_features_is_a_config_error() {
+        let dir = std::env::temp_dir().join(format!("recmesh-rank-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("weather.txt");
+        let text = std::fs::read_to_string(FIXTURE).expect("fixture").replacen(
+            "feature_names=retrieval_score",
+            "feature_names=weather",
+            1,
+        );
+        std::fs::write(&path, text).expect("write");
+        let config = Config {
+            model_path: path.display().to_string(),
+            ..Config::default()
+        };
+        let err = config.validate().expect_err("unknown feature");
+        assert!(
+            err.to_string().contains("model_path") && err.to_string().contains("`weather`"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]
     async fn without_features_it_still_ranks_and_says_so() {
-        use pb::ranking_server::Ranking;
-        // Port 1 on loopback: nothing listens, the connection is refused.
-        let channel = lazy_channel("features_addr", "http://127.0.0.1:1").expect("address");
-        let svc = RankingService::new(Config::default(), channel);
+        let svc = RankingService::new(Config::default(), nowhere()).expect("service");
         let answer = svc
             .rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
