@@ -15,7 +15,9 @@ const CANDIDATES: usize = 500;
 const RUNS: usize = 5_000;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let data = generate(&DemoSpec::default());
         let features = recmesh_features::server(

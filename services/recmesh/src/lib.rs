@@ -122,12 +122,25 @@ pub struct StageConfigs {
     pub features: recmesh_features::Config,
 }
 
-/// Starts the five stage services over `data`.
+impl StageConfigs {
+    /// Validates every config, so a bad one stops `up` before anything starts.
+    pub fn validate(&self) -> Result<(), recmesh_server::ConfigError> {
+        use recmesh_server::ServiceConfig;
+        self.retrieval.validate()?;
+        self.ranking.validate()?;
+        self.reranker.validate()?;
+        self.experiments.validate()?;
+        self.features.validate()
+    }
+}
+
+/// Starts the five stage services over `data`, after validating every config.
 pub async fn start_stages(
     data: &Dataset,
     ports: PortPlan,
     configs: StageConfigs,
 ) -> Result<Stages, UpError> {
+    configs.validate()?;
     let StageConfigs {
         mut retrieval,
         mut ranking,
@@ -179,14 +192,15 @@ impl Mesh {
     }
 }
 
-/// Starts all six services over `data`; `gateway` adjusts the gateway's
-/// config (its server address and upstreams are set here).
+/// Starts all six services over `data` with the `stages` configs; `gateway`
+/// adjusts the gateway's config (its server address and upstreams are set here).
 pub async fn start(
     data: Arc<Dataset>,
     ports: PortPlan,
+    stages: StageConfigs,
     gateway: impl FnOnce(&mut recmesh_gateway::Config),
 ) -> Result<Mesh, UpError> {
-    let stages = start_stages(&data, ports, StageConfigs::default()).await?;
+    let stages = start_stages(&data, ports, stages).await?;
     let mut config = recmesh_gateway::Config {
         server: ports.server(0),
         upstreams: stages.upstreams(),

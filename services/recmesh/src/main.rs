@@ -76,6 +76,9 @@ enum Command {
         /// 1000 above each. 0 picks free ports.
         #[arg(long, default_value_t = PortPlan::DEFAULT.base)]
         port: u16,
+        /// LightGBM text model for the ranking service (default: the baseline formula).
+        #[arg(long)]
+        ranking_model: Option<PathBuf>,
     },
     /// Recommendations for a user.
     Recommend {
@@ -177,7 +180,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up { demo, port } => up(demo, port).await,
+        Command::Up {
+            demo,
+            port,
+            ranking_model,
+        } => up(demo, port, ranking_model).await,
         Command::Recommend {
             user,
             count,
@@ -294,7 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(demo: DemoArgs, port: u16) -> anyhow::Result<()> {
+async fn up(demo: DemoArgs, port: u16, ranking_model: Option<PathBuf>) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
     let source = DataSource {
         dir: demo
@@ -317,10 +324,17 @@ async fn up(demo: DemoArgs, port: u16) -> anyhow::Result<()> {
         data.interactions.len(),
         started.elapsed().as_secs_f64()
     );
-    let mesh = recmesh::start(data, PortPlan { base: port }, |_| {})
+    let mut stages = recmesh::StageConfigs::default();
+    if let Some(model) = ranking_model {
+        stages.ranking.model_path = model.display().to_string();
+    }
+    let mesh = recmesh::start(data, PortPlan { base: port }, stages, |_| {})
         .await
-        .map_err(|e| {
-            anyhow::anyhow!("{e}. Another mesh may be running; stop it or pass --port.")
+        .map_err(|e| match e {
+            recmesh::UpError::Serve(recmesh_server::ServeError::Bind { .. }) => {
+                anyhow::anyhow!("{e}. Another mesh may be running: stop it, or pass --port.")
+            }
+            e => e.into(),
         })?;
     let gw = mesh.gateway_addr();
     println!(
