@@ -139,13 +139,100 @@ fn load_model(path: &str) -> Result<(LearnedModel, String), ConfigError> {
     Ok((LearnedModel { gbdt, columns }, version))
 }
 
+/// The model half of ranking, usable without a server: the offline
+/// evaluation scores with exactly what the service serves.
+#[derive(Debug, Clone)]
+pub struct Scorer {
+    model: Option<Arc<LearnedModel>>,
+    version: Arc<str>,
+}
+
+impl Scorer {
+    /// The LightGBM model at `model_path`, or the baseline when it is empty.
+    pub fn new(model_path: &str) -> Result<Self, ConfigError> {
+        let (model, version) = if model_path.is_empty() {
+            (None, BASELINE_VERSION.to_owned())
+        } else {
+            let (m, v) = load_model(model_path)?;
+            (Some(Arc::new(m)), v)
+        };
+        Ok(Scorer {
+            model,
+            version: Arc::from(version),
+        })
+    }
+
+    /// The model's version string.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Scores and orders `candidates` given the fetched features.
+    pub fn score(
+        &self,
+        mut candidates: Vec<pb::Candidate>,
+        recent: &[pb::Interaction],
+        features: &HashMap<String, Arc<pb::ItemFeatures>>,
+        now_s: i64,
+    ) -> Vec<pb::Candidate> {
+        let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
+            let a = features.get(&r.item_id)?.attributes.as_ref()?;
+            Some((a.category.as_str(), a.price))
+        }));
+        let scores: Vec<f64> = match &self.model {
+            Some(m) => {
+                let mut row = vec![0.0; m.columns.len()];
+                candidates
+                    .iter()
+                    .map(|c| {
+                        let item = features
+                            .get(&c.item_id)
+                            .and_then(|f| item_signals(f, now_s));
+                        let full = ranking::row(&signals(c), item.as_ref(), &user);
+                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
+                            *slot = full[col];
+                        }
+                        m.gbdt.predict(&row)
+                    })
+                    .collect()
+            }
+            None => {
+                let sources: std::collections::HashSet<&str> = candidates
+                    .iter()
+                    .flat_map(|c| c.source_scores.keys().map(String::as_str))
+                    .collect();
+                let inputs: Vec<BaselineInput> = candidates
+                    .iter()
+                    .map(|c| BaselineInput {
+                        retrieval_score: c.score,
+                        popularity: features.get(&c.item_id).map_or(0.0, |f| f.popularity),
+                        sources: c.source_scores.len().max(1),
+                    })
+                    .collect();
+                baseline_scores(&inputs, sources.len(), BaselineWeights::default())
+            }
+        };
+        for (c, s) in candidates.iter_mut().zip(scores) {
+            c.score = s;
+            // Fresh attributes (stock above all) from the features service
+            // win over what retrieval knew.
+            if let Some(f) = features.get(&c.item_id)
+                && f.attributes.is_some()
+            {
+                c.attributes = f.attributes.clone();
+            }
+        }
+        candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
+        candidates
+    }
+}
+
 /// The ranking gRPC service.
 #[derive(Debug, Clone)]
 pub struct RankingService {
     features: FeaturesClient<Channel>,
     config: Arc<Config>,
-    model: Option<Arc<LearnedModel>>,
-    version: Arc<str>,
+    scorer: Scorer,
     cache: Cache<String, Arc<pb::ItemFeatures>>,
 }
 
@@ -188,14 +275,12 @@ impl RankingService {
     /// A service that fetches features through `features`, scoring with the
     /// model of `config.model_path` (or the baseline).
     pub fn new(config: Config, features: Channel) -> Result<Self, ConfigError> {
-        let (model, version) = if config.model_path.is_empty() {
-            (None, BASELINE_VERSION.to_owned())
-        } else {
-            let (m, v) = load_model(&config.model_path)?;
-            tracing::info!(version = %v, trees = m.gbdt.trees(), "ranking model loaded");
-            (Some(Arc::new(m)), v)
-        };
-        metrics::gauge!("recmesh_ranking_model_info", "version" => version.clone()).set(1.0);
+        let scorer = Scorer::new(&config.model_path)?;
+        if let Some(m) = &scorer.model {
+            tracing::info!(version = %scorer.version, trees = m.gbdt.trees(), "ranking model loaded");
+        }
+        metrics::gauge!("recmesh_ranking_model_info", "version" => scorer.version.to_string())
+            .set(1.0);
         let cache = Cache::builder()
             .max_capacity(config.item_cache_size)
             .time_to_live(Duration::from_millis(config.item_cache_ttl_ms.max(1)))
@@ -203,8 +288,7 @@ impl RankingService {
         Ok(RankingService {
             features: FeaturesClient::new(features),
             config: Arc::new(config),
-            model,
-            version: Arc::from(version),
+            scorer,
             cache,
         })
     }
@@ -276,65 +360,6 @@ impl RankingService {
             }
         }
     }
-
-    /// Scores and orders `candidates` given the fetched features.
-    pub fn score(
-        &self,
-        mut candidates: Vec<pb::Candidate>,
-        recent: &[pb::Interaction],
-        features: &HashMap<String, Arc<pb::ItemFeatures>>,
-        now_s: i64,
-    ) -> Vec<pb::Candidate> {
-        let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
-            let a = features.get(&r.item_id)?.attributes.as_ref()?;
-            Some((a.category.as_str(), a.price))
-        }));
-        let scores: Vec<f64> = match &self.model {
-            Some(m) => {
-                let mut row = vec![0.0; m.columns.len()];
-                candidates
-                    .iter()
-                    .map(|c| {
-                        let item = features
-                            .get(&c.item_id)
-                            .and_then(|f| item_signals(f, now_s));
-                        let full = ranking::row(&signals(c), item.as_ref(), &user);
-                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
-                            *slot = full[col];
-                        }
-                        m.gbdt.predict(&row)
-                    })
-                    .collect()
-            }
-            None => {
-                let sources: std::collections::HashSet<&str> = candidates
-                    .iter()
-                    .flat_map(|c| c.source_scores.keys().map(String::as_str))
-                    .collect();
-                let inputs: Vec<BaselineInput> = candidates
-                    .iter()
-                    .map(|c| BaselineInput {
-                        retrieval_score: c.score,
-                        popularity: features.get(&c.item_id).map_or(0.0, |f| f.popularity),
-                        sources: c.source_scores.len().max(1),
-                    })
-                    .collect();
-                baseline_scores(&inputs, sources.len(), BaselineWeights::default())
-            }
-        };
-        for (c, s) in candidates.iter_mut().zip(scores) {
-            c.score = s;
-            // Fresh attributes (stock above all) from the features service
-            // win over what retrieval knew.
-            if let Some(f) = features.get(&c.item_id)
-                && f.attributes.is_some()
-            {
-                c.attributes = f.attributes.clone();
-            }
-        }
-        candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
-        candidates
-    }
 }
 
 #[tonic::async_trait]
@@ -353,10 +378,12 @@ impl pb::ranking_server::Ranking for RankingService {
         ids.sort();
         ids.dedup();
         let (features, missing) = self.item_features(ids, &deadline, &rid).await;
-        let candidates = self.score(req.candidates, &req.recent, &features, now_s());
+        let candidates = self
+            .scorer
+            .score(req.candidates, &req.recent, &features, now_s());
         let version = match &missing {
-            None => self.version.to_string(),
-            Some(_) => format!("{}+no-features", self.version),
+            None => self.scorer.version.to_string(),
+            Some(_) => format!("{}+no-features", self.scorer.version),
         };
         metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
             .increment(candidates.len() as u64);
@@ -435,7 +462,7 @@ mod tests {
     async fn baseline_lets_popularity_reorder_close_candidates() {
         let svc = RankingService::new(Config::default(), nowhere()).expect("service");
         let features: HashMap<_, _> = [item("a", 0.0), item("b", 1.0)].into();
-        let ranked = svc.score(
+        let ranked = svc.scorer.score(
             vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
             &[],
             &features,
@@ -458,12 +485,12 @@ mod tests {
         };
         let svc = RankingService::new(config, nowhere()).expect("fixture model loads");
         assert!(
-            svc.version.starts_with("lightgbm-model-"),
+            svc.scorer.version.starts_with("lightgbm-model-"),
             "{}",
-            svc.version
+            svc.scorer.version
         );
         let features: HashMap<_, _> = [item("a", 0.1), item("b", 0.9)].into();
-        let ranked = svc.score(
+        let ranked = svc.scorer.score(
             vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
             &[],
             &features,
@@ -473,7 +500,7 @@ mod tests {
         // fixture's labels rise with item_popularity).
         assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.score)));
         assert_eq!(ranked[0].item_id, "b");
-        let model = svc.model.as_ref().expect("model");
+        let model = svc.scorer.model.as_ref().expect("model");
         let mut row = ranking::row(
             &signals(&candidate("b", 0.5, &["cf"])),
             item_signals(&features["b"], 0).as_ref(),
