@@ -9,6 +9,7 @@
 pub mod assign;
 pub mod cooccurrence;
 pub mod gbdt;
+pub mod metrics;
 pub mod params;
 pub mod popularity;
 pub mod ranking;

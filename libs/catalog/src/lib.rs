@@ -10,6 +10,7 @@
 
 pub mod demo;
 pub mod files;
+pub mod recbole;
 
 use std::collections::HashMap;
 

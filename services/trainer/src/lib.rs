@@ -1,0 +1,485 @@
+//! The trainer: offline evaluation of recmesh's models and of the pipeline as
+//! served, on interaction logs.
+//!
+//! This version evaluates, on a temporal split:
+//! - `popularity`: the most interacted items of the training period;
+//! - `item-cf`: co-occurrence CF (cosine) from the user's whole history;
+//! - the **served pipeline**, with the services' own code:
+//!   `RetrievalService::retrieve` → ranking's `Scorer::score` (item features
+//!   from the features service's `Store`) → `RerankerService::rerank`, with
+//!   the reranker's rules as configured, and variants with MMR and
+//!   exploration switched off.
+//!
+//! Every report names its protocol, the data fingerprint and the seed. The
+//! models are fitted on train + validation and evaluated on test; nothing is
+//! tuned yet (the validation period is kept out of test either way).
+//! Training ALS and the ranking model, and writing the model bundle, are
+//! still to come (issue #3).
+
+#![forbid(unsafe_code)]
+
+pub mod split;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use recmesh_algo::cooccurrence;
+use recmesh_algo::metrics;
+use recmesh_algo::rerank::{RerankRules, attribute_similarity};
+use recmesh_catalog::Catalog;
+use recmesh_proto::v1 as pb;
+use serde::Serialize;
+
+pub use split::{Protocol, Split};
+
+/// Users by how much history they have in the training period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Segment {
+    /// At most 5 interactions.
+    Cold,
+    /// 6 to 99.
+    Active,
+    /// 100 or more.
+    Power,
+}
+
+impl Segment {
+    /// The segment of a user with `n` training interactions.
+    pub fn of(n: usize) -> Segment {
+        match n {
+            0..=5 => Segment::Cold,
+            6..=99 => Segment::Active,
+            _ => Segment::Power,
+        }
+    }
+}
+
+/// Metrics of one model, averaged over test users.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelReport {
+    /// Model name.
+    pub model: String,
+    /// Users evaluated.
+    pub users: usize,
+    /// Precision@K.
+    pub precision: f64,
+    /// Recall@K.
+    pub recall: f64,
+    /// NDCG@K.
+    pub ndcg: f64,
+    /// MAP@K.
+    pub map: f64,
+    /// HitRate@K.
+    pub hit_rate: f64,
+    /// Distinct items recommended / catalog size.
+    pub coverage: f64,
+    /// Mean intra-list diversity (1 − attribute similarity).
+    pub diversity: f64,
+    /// Mean self-information of recommended items.
+    pub novelty: f64,
+    /// NDCG@K by user segment (users, NDCG).
+    pub ndcg_by_segment: Vec<(Segment, usize, f64)>,
+}
+
+/// A whole evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Split protocol.
+    pub protocol: String,
+    /// Fingerprint of the full dataset.
+    pub data_fingerprint: String,
+    /// Seed (exploration draws).
+    pub seed: u64,
+    /// K of every @K metric.
+    pub k: usize,
+    /// One row per model.
+    pub models: Vec<ModelReport>,
+}
+
+impl Report {
+    /// The report as a Markdown table.
+    pub fn markdown(&self) -> String {
+        let k = self.k;
+        let mut out = format!(
+            "protocol: {}, data {}, seed {}, K = {k}\n\n| model | users | P@{k} | R@{k} | NDCG@{k} | MAP@{k} | HR@{k} | coverage | diversity | novelty | NDCG@{k} cold / active / power |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.protocol, self.data_fingerprint, self.seed
+        );
+        for m in &self.models {
+            let seg = |s: Segment| {
+                m.ndcg_by_segment
+                    .iter()
+                    .find(|x| x.0 == s)
+                    .map_or("–".to_owned(), |x| format!("{:.4} ({})", x.2, x.1))
+            };
+            out.push_str(&format!(
+                "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {} / {} / {} |\n",
+                m.model,
+                m.users,
+                m.precision,
+                m.recall,
+                m.ndcg,
+                m.map,
+                m.hit_rate,
+                m.coverage,
+                m.diversity,
+                m.novelty,
+                seg(Segment::Cold),
+                seg(Segment::Active),
+                seg(Segment::Power)
+            ));
+        }
+        out
+    }
+}
+
+/// Everything fitted on the training data that the models share.
+struct Fitted<'a> {
+    split: &'a Split,
+    catalog: Catalog,
+    /// Items each user interacted with in training (never recommended back).
+    seen: HashMap<&'a str, HashSet<&'a str>>,
+    /// Share of training users who interacted with each item.
+    user_share: HashMap<&'a str, f64>,
+    users: usize,
+}
+
+impl<'a> Fitted<'a> {
+    fn new(split: &'a Split) -> Self {
+        let catalog = Catalog::new(split.train.items.clone());
+        let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for e in &split.train.interactions {
+            seen.entry(e.user.as_str())
+                .or_default()
+                .insert(e.item.as_str());
+        }
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for items in seen.values() {
+            for i in items {
+                *counts.entry(*i).or_default() += 1;
+            }
+        }
+        let users = seen.len();
+        let user_share = counts
+            .into_iter()
+            .map(|(i, n)| (i, n as f64 / users.max(1) as f64))
+            .collect();
+        Fitted {
+            split,
+            catalog,
+            seen,
+            user_share,
+            users,
+        }
+    }
+
+    fn similarity(&self, a: &str, b: &str) -> f64 {
+        let attrs = |id: &str| {
+            self.catalog
+                .index_of(id)
+                .and_then(|i| self.catalog.item(i))
+                .map(|it| (it.category.as_str(), it.brand.as_str(), it.price))
+        };
+        match (attrs(a), attrs(b)) {
+            (Some(x), Some(y)) => attribute_similarity(x, y),
+            _ => 0.0,
+        }
+    }
+
+    /// Scores lists from `recommend(user) -> ids` into a report row.
+    fn evaluate(
+        &self,
+        model: &str,
+        k: usize,
+        mut recommend: impl FnMut(&str) -> Vec<String>,
+    ) -> ModelReport {
+        let mut r = ModelReport {
+            model: model.to_owned(),
+            ..ModelReport::default()
+        };
+        let mut lists: Vec<Vec<String>> = Vec::new();
+        let mut by_segment: HashMap<Segment, (usize, f64)> = HashMap::new();
+        let mut users: Vec<&String> = self.split.test.keys().collect();
+        users.sort();
+        for user in users {
+            let relevant: HashSet<String> = self.split.test[user].clone();
+            let list = recommend(user);
+            let ndcg = metrics::ndcg(&list, &relevant, k);
+            r.precision += metrics::precision(&list, &relevant, k);
+            r.recall += metrics::recall(&list, &relevant, k);
+            r.ndcg += ndcg;
+            r.map += metrics::average_precision(&list, &relevant, k);
+            r.hit_rate += metrics::hit_rate(&list, &relevant, k);
+            r.diversity += metrics::intra_list_diversity(&list, k, |a, b| self.similarity(a, b));
+            r.novelty += metrics::novelty(
+                &list,
+                k,
+                |i| self.user_share.get(i.as_str()).copied().unwrap_or(0.0),
+                self.users,
+            );
+            let history = self.seen.get(user.as_str()).map_or(0, HashSet::len);
+            let seg = by_segment.entry(Segment::of(history)).or_default();
+            seg.0 += 1;
+            seg.1 += ndcg;
+            r.users += 1;
+            lists.push(list);
+        }
+        let n = r.users.max(1) as f64;
+        for v in [
+            &mut r.precision,
+            &mut r.recall,
+            &mut r.ndcg,
+            &mut r.map,
+            &mut r.hit_rate,
+            &mut r.diversity,
+            &mut r.novelty,
+        ] {
+            *v /= n;
+        }
+        r.coverage = metrics::coverage(lists.iter().map(Vec::as_slice), k, self.catalog.len());
+        let mut segments: Vec<(Segment, usize, f64)> = by_segment
+            .into_iter()
+            .map(|(s, (users, sum))| (s, users, sum / users.max(1) as f64))
+            .collect();
+        segments.sort_by_key(|s| s.0);
+        r.ndcg_by_segment = segments;
+        r
+    }
+}
+
+/// How the served pipeline is evaluated.
+#[derive(Debug, Clone)]
+pub struct ServedVariant {
+    /// Row name.
+    pub name: String,
+    /// Reranker rules.
+    pub rules: RerankRules,
+}
+
+/// The served-pipeline rows: as configured, MMR off, and MMR and exploration off.
+pub fn default_variants() -> Vec<ServedVariant> {
+    let served = RerankRules::default();
+    vec![
+        ServedVariant {
+            name: format!(
+                "served (MMR λ {}, explore {})",
+                served.mmr_lambda, served.exploration_share
+            ),
+            rules: served.clone(),
+        },
+        ServedVariant {
+            name: format!(
+                "served, MMR off (λ 1), explore {}",
+                served.exploration_share
+            ),
+            rules: RerankRules {
+                mmr_lambda: 1.0,
+                ..served.clone()
+            },
+        },
+        ServedVariant {
+            name: "served, MMR and exploration off".to_owned(),
+            rules: RerankRules {
+                mmr_lambda: 1.0,
+                exploration_share: 0.0,
+                ..served
+            },
+        },
+    ]
+}
+
+/// Evaluates every model on `split` at `k`.
+pub fn evaluate(
+    split: &Split,
+    k: usize,
+    seed: u64,
+    variants: &[ServedVariant],
+) -> anyhow::Result<Report> {
+    let fitted = Fitted::new(split);
+    let train = &split.train;
+    let mut models = Vec::new();
+
+    // Popularity.
+    let scores = recmesh_catalog::item_scores(&fitted.catalog, &train.interactions);
+    let mut popular: Vec<u32> = (0..scores.len() as u32).collect();
+    popular.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    let popular_ids: Vec<&str> = popular
+        .iter()
+        .filter_map(|&i| fitted.catalog.item(i).map(|it| it.id.as_str()))
+        .collect();
+    let top_popular = |user: &str, n: usize, skip: &HashSet<String>| -> Vec<String> {
+        let seen = fitted.seen.get(user);
+        popular_ids
+            .iter()
+            .filter(|id| !seen.is_some_and(|s| s.contains(*id)) && !skip.contains(**id))
+            .take(n)
+            .map(|id| (*id).to_owned())
+            .collect()
+    };
+    models.push(fitted.evaluate("popularity", k, |u| top_popular(u, k, &HashSet::new())));
+
+    // Item-item CF (cosine), seeded with the user's whole training history.
+    let mut per_user: HashMap<&str, HashMap<u32, f64>> = HashMap::new();
+    for e in &train.interactions {
+        if let Some(i) = fitted.catalog.index_of(&e.item) {
+            let w = per_user
+                .entry(e.user.as_str())
+                .or_default()
+                .entry(i)
+                .or_default();
+            *w = w.max(e.kind.weight());
+        }
+    }
+    let histories: Vec<cooccurrence::History> = per_user
+        .values()
+        .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
+        .collect();
+    let neighbours = cooccurrence::neighbours(&histories, fitted.catalog.len(), 50, 200);
+    models.push(fitted.evaluate("item-cf (cosine)", k, |u| {
+        let seeds: Vec<(u32, f64)> = per_user
+            .get(u)
+            .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
+            .unwrap_or_default();
+        let mut list: Vec<String> = cooccurrence::score_from_seeds(&neighbours, &seeds, k)
+            .into_iter()
+            .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
+            .collect();
+        if list.len() < k {
+            let have: HashSet<String> = list.iter().cloned().collect();
+            list.extend(top_popular(u, k - list.len(), &have));
+        }
+        list
+    }));
+
+    // The served pipeline, with the services' own code.
+    let retrieval = recmesh_retrieval::RetrievalService::new(
+        recmesh_retrieval::Config {
+            // Training histories of heavy users are long; all are excluded.
+            max_exclusions: 5_000,
+            ..Default::default()
+        },
+        train,
+    );
+    let store = recmesh_features::Store::new(train, &recmesh_features::Config::default());
+    let scorer = recmesh_ranking::Scorer::new("")?;
+    let now_s = train
+        .interactions
+        .last()
+        .map_or(0, |e| e.timestamp_ms / 1000);
+    for variant in variants {
+        let reranker = recmesh_reranker::RerankerService::new(recmesh_reranker::Config {
+            rules: variant.rules.clone(),
+            max_ids: 5_000,
+            ..Default::default()
+        });
+        let row = fitted.evaluate(&variant.name, k, |u| {
+            served_list(
+                u, k, seed, now_s, &fitted, &retrieval, &store, &scorer, &reranker,
+            )
+            .unwrap_or_default()
+        });
+        models.push(row);
+    }
+
+    Ok(Report {
+        protocol: split.protocol.describe(),
+        data_fingerprint: split.fingerprint.clone(),
+        seed,
+        k,
+        models,
+    })
+}
+
+/// One user's top `k` through retrieval → ranking → re-ranking.
+#[allow(clippy::too_many_arguments)]
+fn served_list(
+    user: &str,
+    k: usize,
+    seed: u64,
+    now_s: i64,
+    fitted: &Fitted<'_>,
+    retrieval: &recmesh_retrieval::RetrievalService,
+    store: &recmesh_features::Store,
+    scorer: &recmesh_ranking::Scorer,
+    reranker: &recmesh_reranker::RerankerService,
+) -> anyhow::Result<Vec<String>> {
+    let profile = store.user(user, 20);
+    let seen: Vec<String> = fitted
+        .seen
+        .get(user)
+        .map(|s| s.iter().map(|i| (*i).to_owned()).collect())
+        .unwrap_or_default();
+    let candidates = retrieval
+        .retrieve(&pb::RetrieveRequest {
+            user_id: user.to_owned(),
+            recent: profile.recent.clone(),
+            count: recmesh_algo::params::VariantParams::default().candidates,
+            exclude_item_ids: seen.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| anyhow::anyhow!("retrieve: {e}"))?
+        .candidates;
+    let mut ids: Vec<String> = candidates.iter().map(|c| c.item_id.clone()).collect();
+    ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
+    let features: HashMap<String, Arc<pb::ItemFeatures>> = store
+        .items(&ids)
+        .items
+        .into_iter()
+        .map(|f| (f.item_id.clone(), Arc::new(f)))
+        .collect();
+    let ranked = scorer.score(candidates, &profile.recent, &features, now_s);
+    let out = reranker
+        .rerank(
+            pb::RerankRequest {
+                user_id: user.to_owned(),
+                candidates: ranked,
+                count: k as u32,
+                exclude_item_ids: seen,
+                purchased_item_ids: profile.purchased_item_ids.clone(),
+                request_id: format!("{seed}:{user}"),
+                recent: profile.recent.clone(),
+                usual_categories: profile.top_categories.clone(),
+                ..Default::default()
+            },
+            now_s,
+        )
+        .map_err(|e| anyhow::anyhow!("rerank: {e}"))?;
+    Ok(out.candidates.into_iter().map(|c| c.item_id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recmesh_catalog::demo::{DemoSpec, generate};
+
+    #[test]
+    fn every_model_beats_nothing_and_the_served_rows_differ_in_diversity() {
+        let data = generate(&DemoSpec {
+            items: 400,
+            users: 150,
+            interactions: 12_000,
+            ..DemoSpec::default()
+        });
+        let split = Split::new(&data, Protocol::PerUserTemporal);
+        let report = evaluate(&split, 10, 1, &default_variants()).expect("evaluates");
+        assert_eq!(report.models.len(), 5);
+        for m in &report.models {
+            assert!(m.users > 100, "{}: {} users", m.model, m.users);
+            assert!(m.ndcg > 0.0 && m.ndcg <= 1.0, "{}: {}", m.model, m.ndcg);
+            assert!(m.coverage > 0.0 && m.coverage <= 1.0);
+        }
+        let served = &report.models[2];
+        let no_mmr = &report.models[4];
+        assert!(
+            served.diversity > no_mmr.diversity,
+            "MMR and exploration raise diversity: {} vs {}",
+            served.diversity,
+            no_mmr.diversity
+        );
+        assert!(report.markdown().contains("| popularity |"));
+    }
+}
