@@ -113,30 +113,65 @@ struct LearnedModel {
     columns: Vec<usize>,
 }
 
-/// Loads and checks a LightGBM model; errors name `model_path`.
+/// Loads and checks a LightGBM model file; errors name `model_path`.
 fn load_model(path: &str) -> Result<(LearnedModel, String), ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::invalid("model_path", format!("{path}: {e}")))?;
-    let gbdt = GbdtModel::from_lightgbm(&text)
-        .map_err(|e| ConfigError::invalid("model_path", format!("{path}: {e}")))?;
-    let columns = ranking::column_map(&gbdt.feature_names).map_err(|name| {
-        ConfigError::invalid(
-            "model_path",
-            format!(
-                "{path} uses feature `{name}`, which recmesh does not produce; available: {}",
-                ranking::FEATURE_NAMES.join(", ")
-            ),
-        )
-    })?;
     let stem = std::path::Path::new(path)
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("model");
+    parse_model(&text, stem, path)
+}
+
+/// Parses a LightGBM text model and maps its features onto recmesh's rows;
+/// `origin` names the source in errors.
+fn parse_model(
+    text: &str,
+    name: &str,
+    origin: &str,
+) -> Result<(LearnedModel, String), ConfigError> {
+    let gbdt = GbdtModel::from_lightgbm(text)
+        .map_err(|e| ConfigError::invalid("model_path", format!("{origin}: {e}")))?;
+    let columns = ranking::column_map(&gbdt.feature_names).map_err(|feature| {
+        ConfigError::invalid(
+            "model_path",
+            format!(
+                "{origin} uses feature `{feature}`, which recmesh does not produce; available: {}",
+                ranking::FEATURE_NAMES.join(", ")
+            ),
+        )
+    })?;
     let version = format!(
-        "lightgbm-{stem}-{:08x}",
+        "lightgbm-{name}-{:08x}",
         recmesh_algo::assign::fnv1a64(text.as_bytes()) as u32
     );
     Ok((LearnedModel { gbdt, columns }, version))
+}
+
+/// The feature rows ([`ranking::FEATURE_NAMES`] order) of `candidates`, given
+/// the user's recent interactions and the fetched item features. Serving and
+/// training both build rows here, so a model sees at serving time exactly
+/// the features it was trained on.
+pub fn feature_rows(
+    candidates: &[pb::Candidate],
+    recent: &[pb::Interaction],
+    features: &HashMap<String, Arc<pb::ItemFeatures>>,
+    now_s: i64,
+) -> Vec<[f64; 13]> {
+    let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
+        let a = features.get(&r.item_id)?.attributes.as_ref()?;
+        Some((a.category.as_str(), a.price))
+    }));
+    candidates
+        .iter()
+        .map(|c| {
+            let item = features
+                .get(&c.item_id)
+                .and_then(|f| item_signals(f, now_s));
+            ranking::row(&signals(c), item.as_ref(), &user)
+        })
+        .collect()
 }
 
 /// The model half of ranking, usable without a server: the offline
@@ -162,6 +197,16 @@ impl Scorer {
         })
     }
 
+    /// A scorer for a LightGBM text model held in memory (the trainer's
+    /// freshly trained ranker); `name` goes into the version string.
+    pub fn from_lightgbm_text(text: &str, name: &str) -> Result<Self, ConfigError> {
+        let (model, version) = parse_model(text, name, "model")?;
+        Ok(Scorer {
+            model: Some(Arc::new(model)),
+            version: Arc::from(version),
+        })
+    }
+
     /// The model's version string.
     pub fn version(&self) -> &str {
         &self.version
@@ -175,27 +220,14 @@ impl Scorer {
         features: &HashMap<String, Arc<pb::ItemFeatures>>,
         now_s: i64,
     ) -> Vec<pb::Candidate> {
-        let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
-            let a = features.get(&r.item_id)?.attributes.as_ref()?;
-            Some((a.category.as_str(), a.price))
-        }));
         let scores: Vec<f64> = match &self.model {
-            Some(m) => {
-                let mut row = vec![0.0; m.columns.len()];
-                candidates
-                    .iter()
-                    .map(|c| {
-                        let item = features
-                            .get(&c.item_id)
-                            .and_then(|f| item_signals(f, now_s));
-                        let full = ranking::row(&signals(c), item.as_ref(), &user);
-                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
-                            *slot = full[col];
-                        }
-                        m.gbdt.predict(&row)
-                    })
-                    .collect()
-            }
+            Some(m) => feature_rows(&candidates, recent, features, now_s)
+                .iter()
+                .map(|full| {
+                    let row: Vec<f64> = m.columns.iter().map(|&col| full[col]).collect();
+                    m.gbdt.predict(&row)
+                })
+                .collect(),
             None => {
                 let sources: std::collections::HashSet<&str> = candidates
                     .iter()

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ranker;
 pub mod split;
 
 use std::collections::{HashMap, HashSet};
@@ -95,6 +96,8 @@ pub struct Report {
     pub k: usize,
     /// One row per model.
     pub models: Vec<ModelReport>,
+    /// How the learned ranker was trained, when it was.
+    pub ranker: Option<TrainedRanker>,
 }
 
 impl Report {
@@ -105,6 +108,16 @@ impl Report {
             "protocol: {}, data {}, seed {}, K = {k}\n\n| model | users | P@{k} | R@{k} | NDCG@{k} | MAP@{k} | HR@{k} | coverage | diversity | novelty | NDCG@{k} cold / active / power |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.protocol, self.data_fingerprint, self.seed
         );
+        if let Some(r) = &self.ranker {
+            out = out.replacen(
+                "\n\n",
+                &format!(
+                    "\nlearned ranker: {} trees, logistic loss, trained on the validation period: {} rows ({} positive) from {} users\n\n",
+                    r.trees, r.rows, r.positives, r.users
+                ),
+                1,
+            );
+        }
         for m in &self.models {
             let seg = |s: Segment| {
                 m.ndcg_by_segment
@@ -254,46 +267,86 @@ pub struct ServedVariant {
     pub name: String,
     /// Reranker rules.
     pub rules: RerankRules,
+    /// Rank with the ranker trained on the validation period (else the baseline).
+    pub learned: bool,
 }
 
-/// The served-pipeline rows: as configured, MMR off, and MMR and exploration off.
+/// The served-pipeline rows: the baseline ranker as configured, then the
+/// learned ranker as configured, with MMR off, and with MMR and exploration off.
 pub fn default_variants() -> Vec<ServedVariant> {
     let served = RerankRules::default();
+    let (lambda, share) = (served.mmr_lambda, served.exploration_share);
     vec![
         ServedVariant {
-            name: format!(
-                "served (MMR λ {}, explore {})",
-                served.mmr_lambda, served.exploration_share
-            ),
+            name: format!("served, baseline ranker (MMR λ {lambda}, explore {share})"),
             rules: served.clone(),
+            learned: false,
         },
         ServedVariant {
-            name: format!(
-                "served, MMR off (λ 1), explore {}",
-                served.exploration_share
-            ),
+            name: format!("served, learned ranker (MMR λ {lambda}, explore {share})"),
+            rules: served.clone(),
+            learned: true,
+        },
+        ServedVariant {
+            name: format!("served, learned ranker, MMR off (λ 1), explore {share}"),
             rules: RerankRules {
                 mmr_lambda: 1.0,
                 ..served.clone()
             },
+            learned: true,
         },
         ServedVariant {
-            name: "served, MMR and exploration off".to_owned(),
+            name: "served, learned ranker, MMR and exploration off".to_owned(),
             rules: RerankRules {
                 mmr_lambda: 1.0,
                 exploration_share: 0.0,
                 ..served
             },
+            learned: true,
         },
     ]
 }
 
-/// Evaluates every model on `split` at `k`.
+/// The ranker trained on the validation period, as LightGBM text, with how
+/// it was trained.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainedRanker {
+    /// The model, in LightGBM's text format.
+    #[serde(skip)]
+    pub model_text: String,
+    /// Training rows.
+    pub rows: usize,
+    /// Positive rows.
+    pub positives: usize,
+    /// Users contributing rows.
+    pub users: usize,
+    /// Trees.
+    pub trees: usize,
+}
+
+/// Trains the ranker on the validation period of `split`.
+pub fn train_ranker(split: &Split) -> anyhow::Result<TrainedRanker> {
+    let candidates = recmesh_algo::params::VariantParams::default().candidates;
+    let set = ranker::training_set(split, candidates);
+    let params = ranker::RankerParams::default();
+    let booster = ranker::train(&set, params)?;
+    Ok(TrainedRanker {
+        model_text: ranker::to_lightgbm_text(&booster),
+        rows: set.rows.len(),
+        positives: set.labels.iter().filter(|&&l| l > 0.0).count(),
+        users: set.users,
+        trees: params.trees,
+    })
+}
+
+/// Evaluates every model on `split` at `k`; variants with `learned` rank
+/// with `ranker`.
 pub fn evaluate(
     split: &Split,
     k: usize,
     seed: u64,
     variants: &[ServedVariant],
+    ranker: Option<&TrainedRanker>,
 ) -> anyhow::Result<Report> {
     let fitted = Fitted::new(split);
     let train = &split.train;
@@ -365,7 +418,10 @@ pub fn evaluate(
         train,
     );
     let store = recmesh_features::Store::new(train, &recmesh_features::Config::default());
-    let scorer = recmesh_ranking::Scorer::new("")?;
+    let baseline = recmesh_ranking::Scorer::new("")?;
+    let learned = ranker
+        .map(|r| recmesh_ranking::Scorer::from_lightgbm_text(&r.model_text, "ranker"))
+        .transpose()?;
     let now_s = train
         .interactions
         .last()
@@ -376,9 +432,14 @@ pub fn evaluate(
             max_ids: 5_000,
             ..Default::default()
         });
+        let scorer = match (variant.learned, &learned) {
+            (false, _) => &baseline,
+            (true, Some(l)) => l,
+            (true, None) => continue,
+        };
         let row = fitted.evaluate(&variant.name, k, |u| {
             served_list(
-                u, k, seed, now_s, &fitted, &retrieval, &store, &scorer, &reranker,
+                u, k, seed, now_s, &fitted, &retrieval, &store, scorer, &reranker,
             )
             .unwrap_or_default()
         });
@@ -391,6 +452,7 @@ pub fn evaluate(
         seed,
         k,
         models,
+        ranker: ranker.cloned(),
     })
 }
 
@@ -465,15 +527,18 @@ mod tests {
             ..DemoSpec::default()
         });
         let split = Split::new(&data, Protocol::PerUserTemporal);
-        let report = evaluate(&split, 10, 1, &default_variants()).expect("evaluates");
-        assert_eq!(report.models.len(), 5);
+        let ranker = train_ranker(&split).expect("trains");
+        assert!(ranker.rows > 1_000 && ranker.positives > 0);
+        let report =
+            evaluate(&split, 10, 1, &default_variants(), Some(&ranker)).expect("evaluates");
+        assert_eq!(report.models.len(), 6);
         for m in &report.models {
             assert!(m.users > 100, "{}: {} users", m.model, m.users);
             assert!(m.ndcg > 0.0 && m.ndcg <= 1.0, "{}: {}", m.model, m.ndcg);
             assert!(m.coverage > 0.0 && m.coverage <= 1.0);
         }
-        let served = &report.models[2];
-        let no_mmr = &report.models[4];
+        let served = &report.models[3];
+        let no_mmr = &report.models[5];
         assert!(
             served.diversity > no_mmr.diversity,
             "MMR and exploration raise diversity: {} vs {}",

@@ -29,7 +29,9 @@ enum SplitArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Evaluate popularity, item-CF and the served pipeline (MMR on/off).
+    /// Train the ranker on the validation period, then evaluate popularity,
+    /// item-CF and the served pipeline (baseline and learned ranker, MMR and
+    /// exploration on and off) on test.
     Eval {
         /// RecBole atomic files directory (e.g. data/ml-100k from
         /// services/trainer/scripts/fetch-movielens.sh).
@@ -90,7 +92,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 split.test.len(),
                 started.elapsed().as_secs_f64()
             );
-            let report = evaluate(&split, k, seed, &default_variants())?;
+            let ranker = recmesh_trainer::train_ranker(&split)?;
+            eprintln!(
+                "ranker trained on {} rows from {} users ({:.1}s)",
+                ranker.rows,
+                ranker.users,
+                started.elapsed().as_secs_f64()
+            );
+            let report = evaluate(&split, k, seed, &default_variants(), Some(&ranker))?;
             let table = report.markdown();
             println!("{table}");
             eprintln!("evaluated in {:.1}s", started.elapsed().as_secs_f64());
@@ -101,6 +110,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dir.join("report.json"),
                     serde_json::to_string_pretty(&report)?,
                 )?;
+                // The learned ranker, loadable by the ranking service (`model_path`,
+                // `recmesh up --ranking-model`).
+                std::fs::write(dir.join("ranker.txt"), &ranker.model_text)?;
             }
             Ok(())
         }

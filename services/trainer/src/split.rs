@@ -43,8 +43,14 @@ impl Protocol {
 /// Training data and the held-out relevant items per user.
 #[derive(Debug, Clone)]
 pub struct Split {
-    /// All items, and the train + validation interactions.
+    /// All items, and the train + validation interactions (what models are
+    /// fitted on before they are evaluated on test).
     pub train: Dataset,
+    /// All items, and the train interactions only (what the ranker's
+    /// candidates come from when it learns on the validation period).
+    pub train_only: Dataset,
+    /// Per validation user: items first interacted with in validation.
+    pub valid: HashMap<String, HashSet<String>>,
     /// Per test user: items first interacted with in the test period.
     pub test: HashMap<String, HashSet<String>>,
     /// How the split was made.
@@ -56,63 +62,86 @@ pub struct Split {
 impl Split {
     /// Splits `data` (interactions sorted by time) by `protocol`.
     pub fn new(data: &Dataset, protocol: Protocol) -> Split {
-        let (fit, held): (Vec<Interaction>, Vec<Interaction>) = match protocol {
-            Protocol::PerUserTemporal => {
-                let mut by_user: HashMap<&str, Vec<&Interaction>> = HashMap::new();
-                for e in &data.interactions {
-                    by_user.entry(e.user.as_str()).or_default().push(e);
-                }
-                let mut fit = Vec::new();
-                let mut held = Vec::new();
-                for events in by_user.values() {
-                    let n = events.len();
-                    // Fewer than 5 interactions: too few to hold any out.
-                    let n_test = if n < 5 {
-                        0
-                    } else {
-                        ((n as f64) * 0.2).round() as usize
-                    };
-                    for (i, e) in events.iter().enumerate() {
-                        if i + n_test >= n {
-                            held.push((*e).clone());
+        // (train, validation, test) interactions, each in time order.
+        let (train, valid, held): (Vec<Interaction>, Vec<Interaction>, Vec<Interaction>) =
+            match protocol {
+                Protocol::PerUserTemporal => {
+                    let mut by_user: HashMap<&str, Vec<&Interaction>> = HashMap::new();
+                    for e in &data.interactions {
+                        by_user.entry(e.user.as_str()).or_default().push(e);
+                    }
+                    let (mut train, mut valid, mut held) = (Vec::new(), Vec::new(), Vec::new());
+                    for events in by_user.values() {
+                        let n = events.len();
+                        // Fewer than 5 interactions: too few to hold any out.
+                        let (n_test, n_valid) = if n < 5 {
+                            (0, 0)
                         } else {
-                            fit.push((*e).clone());
+                            (
+                                ((n as f64) * 0.2).round() as usize,
+                                ((n as f64) * 0.1).round() as usize,
+                            )
+                        };
+                        for (i, e) in events.iter().enumerate() {
+                            let e = (*e).clone();
+                            if i + n_test >= n {
+                                held.push(e);
+                            } else if i + n_test + n_valid >= n {
+                                valid.push(e);
+                            } else {
+                                train.push(e);
+                            }
                         }
                     }
+                    train.sort_by_key(|e| e.timestamp_ms);
+                    valid.sort_by_key(|e| e.timestamp_ms);
+                    (train, valid, held)
                 }
-                fit.sort_by_key(|e| e.timestamp_ms);
-                (fit, held)
-            }
-            Protocol::GlobalTemporal => {
-                let cut = (data.interactions.len() as f64 * 0.9).round() as usize;
-                (
-                    data.interactions[..cut].to_vec(),
-                    data.interactions[cut..].to_vec(),
-                )
-            }
-        };
-        let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for e in &fit {
-            seen.entry(e.user.as_str())
-                .or_default()
-                .insert(e.item.as_str());
-        }
-        let mut test: HashMap<String, HashSet<String>> = HashMap::new();
-        for e in &held {
-            if !seen
-                .get(e.user.as_str())
-                .is_some_and(|s| s.contains(e.item.as_str()))
-            {
-                test.entry(e.user.clone())
+                Protocol::GlobalTemporal => {
+                    let n = data.interactions.len() as f64;
+                    let (a, b) = ((n * 0.8).round() as usize, (n * 0.9).round() as usize);
+                    (
+                        data.interactions[..a].to_vec(),
+                        data.interactions[a..b].to_vec(),
+                        data.interactions[b..].to_vec(),
+                    )
+                }
+            };
+        let mut fit = train.clone();
+        fit.extend(valid.iter().cloned());
+        fit.sort_by_key(|e| e.timestamp_ms);
+        let new_items = |before: &[Interaction], after: &[Interaction]| {
+            let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
+            for e in before {
+                seen.entry(e.user.as_str())
                     .or_default()
-                    .insert(e.item.clone());
+                    .insert(e.item.as_str());
             }
-        }
+            let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+            for e in after {
+                if !seen
+                    .get(e.user.as_str())
+                    .is_some_and(|s| s.contains(e.item.as_str()))
+                {
+                    out.entry(e.user.clone())
+                        .or_default()
+                        .insert(e.item.clone());
+                }
+            }
+            out
+        };
+        let test = new_items(&fit, &held);
+        let valid_relevant = new_items(&train, &valid);
         Split {
             train: Dataset {
                 items: data.items.clone(),
                 interactions: fit,
             },
+            train_only: Dataset {
+                items: data.items.clone(),
+                interactions: train,
+            },
+            valid: valid_relevant,
             test,
             protocol,
             fingerprint: data.fingerprint(),
@@ -167,6 +196,10 @@ mod tests {
         // b has 2: too few to hold out.
         assert!(!s.test.contains_key("b"));
         assert_eq!(s.train.interactions.len(), 8);
+        // The round(0.8) = 1 event before test is validation: a/i0 again at
+        // t=7, a repeat of a training item, so a has nothing new in validation.
+        assert!(!s.valid.contains_key("a"));
+        assert_eq!(s.train_only.interactions.len(), 7);
         assert!(
             s.train
                 .interactions
