@@ -76,9 +76,13 @@ enum Command {
         /// 1000 above each. 0 picks free ports.
         #[arg(long, default_value_t = PortPlan::DEFAULT.base)]
         port: u16,
-        /// LightGBM text model for the ranking service (default: the baseline formula).
+        /// LightGBM text model for the ranking service (default: one trained
+        /// on the data's validation period at start).
         #[arg(long)]
         ranking_model: Option<PathBuf>,
+        /// Serve the baseline ranking formula instead of training a model at start.
+        #[arg(long, conflicts_with = "ranking_model")]
+        no_train: bool,
     },
     /// Recommendations for a user.
     Recommend {
@@ -184,7 +188,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo,
             port,
             ranking_model,
-        } => up(demo, port, ranking_model).await,
+            no_train,
+        } => up(demo, port, ranking_model, no_train).await,
         Command::Recommend {
             user,
             count,
@@ -301,7 +306,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(demo: DemoArgs, port: u16, ranking_model: Option<PathBuf>) -> anyhow::Result<()> {
+async fn up(
+    demo: DemoArgs,
+    port: u16,
+    ranking_model: Option<PathBuf>,
+    no_train: bool,
+) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
     let source = DataSource {
         dir: demo
@@ -327,6 +337,21 @@ async fn up(demo: DemoArgs, port: u16, ranking_model: Option<PathBuf>) -> anyhow
     let mut stages = recmesh::StageConfigs::default();
     if let Some(model) = ranking_model {
         stages.ranking.model_path = model.display().to_string();
+    } else if !no_train {
+        // Learn the ranker on this data's validation period, as the trainer does.
+        let trained = Instant::now();
+        let split = recmesh_trainer::Split::new(&data, recmesh_trainer::Protocol::PerUserTemporal);
+        let ranker = recmesh_trainer::train_ranker(&split)?;
+        let path = std::env::temp_dir().join(format!("recmesh-ranker-{}.txt", data.fingerprint()));
+        std::fs::write(&path, &ranker.model_text)?;
+        eprintln!(
+            "trained the ranking model on {} rows from {} users ({:.1}s): {}",
+            ranker.rows,
+            ranker.users,
+            trained.elapsed().as_secs_f64(),
+            path.display()
+        );
+        stages.ranking.model_path = path.display().to_string();
     }
     let mesh = recmesh::start(data, PortPlan { base: port }, stages, |_| {})
         .await
