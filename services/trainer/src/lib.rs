@@ -19,10 +19,10 @@
 #![forbid(unsafe_code)]
 
 pub mod ranker;
+pub mod served;
 pub mod split;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use recmesh_algo::cooccurrence;
 use recmesh_algo::metrics;
@@ -326,8 +326,7 @@ pub struct TrainedRanker {
 
 /// Trains the ranker on the validation period of `split`.
 pub fn train_ranker(split: &Split) -> anyhow::Result<TrainedRanker> {
-    let candidates = recmesh_algo::params::VariantParams::default().candidates;
-    let set = ranker::training_set(split, candidates);
+    let set = ranker::training_set(split);
     let params = ranker::RankerParams::default();
     let booster = ranker::train(&set, params)?;
     Ok(TrainedRanker {
@@ -409,23 +408,11 @@ pub fn evaluate(
     }));
 
     // The served pipeline, with the services' own code.
-    let retrieval = recmesh_retrieval::RetrievalService::new(
-        recmesh_retrieval::Config {
-            // Training histories of heavy users are long; all are excluded.
-            max_exclusions: 5_000,
-            ..Default::default()
-        },
-        train,
-    );
-    let store = recmesh_features::Store::new(train, &recmesh_features::Config::default());
+    let stages = served::ServedStages::new(train);
     let baseline = recmesh_ranking::Scorer::new("")?;
     let learned = ranker
         .map(|r| recmesh_ranking::Scorer::from_lightgbm_text(&r.model_text, "ranker"))
         .transpose()?;
-    let now_s = train
-        .interactions
-        .last()
-        .map_or(0, |e| e.timestamp_ms / 1000);
     for variant in variants {
         let reranker = recmesh_reranker::RerankerService::new(recmesh_reranker::Config {
             rules: variant.rules.clone(),
@@ -438,10 +425,7 @@ pub fn evaluate(
             (true, None) => continue,
         };
         let row = fitted.evaluate(&variant.name, k, |u| {
-            served_list(
-                u, k, seed, now_s, &fitted, &retrieval, &store, scorer, &reranker,
-            )
-            .unwrap_or_default()
+            served_list(u, k, seed, &fitted, &stages, scorer, &reranker).unwrap_or_default()
         });
         models.push(row);
     }
@@ -457,43 +441,22 @@ pub fn evaluate(
 }
 
 /// One user's top `k` through retrieval → ranking → re-ranking.
-#[allow(clippy::too_many_arguments)]
 fn served_list(
     user: &str,
     k: usize,
     seed: u64,
-    now_s: i64,
     fitted: &Fitted<'_>,
-    retrieval: &recmesh_retrieval::RetrievalService,
-    store: &recmesh_features::Store,
+    stages: &served::ServedStages,
     scorer: &recmesh_ranking::Scorer,
     reranker: &recmesh_reranker::RerankerService,
 ) -> anyhow::Result<Vec<String>> {
-    let profile = store.user(user, 20);
     let seen: Vec<String> = fitted
         .seen
         .get(user)
         .map(|s| s.iter().map(|i| (*i).to_owned()).collect())
         .unwrap_or_default();
-    let candidates = retrieval
-        .retrieve(&pb::RetrieveRequest {
-            user_id: user.to_owned(),
-            recent: profile.recent.clone(),
-            count: recmesh_algo::params::VariantParams::default().candidates,
-            exclude_item_ids: seen.clone(),
-            ..Default::default()
-        })
-        .map_err(|e| anyhow::anyhow!("retrieve: {e}"))?
-        .candidates;
-    let mut ids: Vec<String> = candidates.iter().map(|c| c.item_id.clone()).collect();
-    ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
-    let features: HashMap<String, Arc<pb::ItemFeatures>> = store
-        .items(&ids)
-        .items
-        .into_iter()
-        .map(|f| (f.item_id.clone(), Arc::new(f)))
-        .collect();
-    let ranked = scorer.score(candidates, &profile.recent, &features, now_s);
+    let c = stages.candidates(user, &seen)?;
+    let ranked = scorer.score(c.candidates, &c.profile.recent, &c.features, stages.now_s);
     let out = reranker
         .rerank(
             pb::RerankRequest {
@@ -501,13 +464,13 @@ fn served_list(
                 candidates: ranked,
                 count: k as u32,
                 exclude_item_ids: seen,
-                purchased_item_ids: profile.purchased_item_ids.clone(),
+                purchased_item_ids: c.profile.purchased_item_ids,
                 request_id: format!("{seed}:{user}"),
-                recent: profile.recent.clone(),
-                usual_categories: profile.top_categories.clone(),
+                recent: c.profile.recent,
+                usual_categories: c.profile.top_categories,
                 ..Default::default()
             },
-            now_s,
+            stages.now_s,
         )
         .map_err(|e| anyhow::anyhow!("rerank: {e}"))?;
     Ok(out.candidates.into_iter().map(|c| c.item_id).collect())

@@ -16,14 +16,13 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use forust_ml::GradientBooster;
 use forust_ml::data::Matrix;
 use forust_ml::objective::ObjectiveType;
 use recmesh_algo::ranking::FEATURE_NAMES;
-use recmesh_proto::v1 as pb;
 
+use crate::served::ServedStages;
 use crate::split::Split;
 
 /// Training rows and labels (row-major), plus counts for the log.
@@ -38,20 +37,9 @@ pub struct TrainingSet {
 }
 
 /// Builds the training rows from the validation period of `split`.
-pub fn training_set(split: &Split, candidates_per_user: u32) -> TrainingSet {
+pub fn training_set(split: &Split) -> TrainingSet {
     let train = &split.train_only;
-    let retrieval = recmesh_retrieval::RetrievalService::new(
-        recmesh_retrieval::Config {
-            max_exclusions: 5_000,
-            ..Default::default()
-        },
-        train,
-    );
-    let store = recmesh_features::Store::new(train, &recmesh_features::Config::default());
-    let now_s = train
-        .interactions
-        .last()
-        .map_or(0, |e| e.timestamp_ms / 1000);
+    let stages = ServedStages::new(train);
     let mut seen: HashMap<&str, Vec<String>> = HashMap::new();
     for e in &train.interactions {
         seen.entry(e.user.as_str())
@@ -63,33 +51,19 @@ pub fn training_set(split: &Split, candidates_per_user: u32) -> TrainingSet {
     users.sort();
     for user in users {
         let relevant = &split.valid[user];
-        let profile = store.user(user, 20);
-        let Ok(answer) = retrieval.retrieve(&pb::RetrieveRequest {
-            user_id: user.clone(),
-            recent: profile.recent.clone(),
-            count: candidates_per_user,
-            exclude_item_ids: seen.get(user.as_str()).cloned().unwrap_or_default(),
-            ..Default::default()
-        }) else {
+        let history = seen.get(user.as_str()).map_or(&[][..], Vec::as_slice);
+        let Ok(c) = stages.candidates(user, history) else {
             continue;
         };
-        let mut ids: Vec<String> = answer
-            .candidates
-            .iter()
-            .map(|c| c.item_id.clone())
-            .collect();
-        ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
-        let features: HashMap<String, Arc<pb::ItemFeatures>> = store
-            .items(&ids)
-            .items
-            .into_iter()
-            .map(|f| (f.item_id.clone(), Arc::new(f)))
-            .collect();
-        let rows =
-            recmesh_ranking::feature_rows(&answer.candidates, &profile.recent, &features, now_s);
-        for (c, row) in answer.candidates.iter().zip(rows) {
+        let rows = recmesh_ranking::feature_rows(
+            &c.candidates,
+            &c.profile.recent,
+            &c.features,
+            stages.now_s,
+        );
+        for (cand, row) in c.candidates.iter().zip(rows) {
             set.labels
-                .push(f64::from(u8::from(relevant.contains(&c.item_id))));
+                .push(f64::from(u8::from(relevant.contains(&cand.item_id))));
             set.rows.push(row);
         }
         set.users += 1;

@@ -1,0 +1,79 @@
+//! The served pipeline's first stages, fitted on a training period: the
+//! retrieval index and the feature store, built by the services' own code.
+//! Ranker training and the evaluation both get candidates here, so the rows
+//! a model learns from are the rows it is evaluated (and served) on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use recmesh_catalog::Dataset;
+use recmesh_proto::v1 as pb;
+
+/// Retrieval and features over one training period.
+pub struct ServedStages {
+    retrieval: recmesh_retrieval::RetrievalService,
+    store: recmesh_features::Store,
+    /// The end of the training period, Unix seconds (the "now" of scoring).
+    pub now_s: i64,
+}
+
+/// One user's candidates, with what ranking and re-ranking need.
+pub struct Candidates {
+    /// The user's features (recent items, purchases, top categories).
+    pub profile: pb::UserFeatures,
+    /// Retrieval's candidates, best first.
+    pub candidates: Vec<pb::Candidate>,
+    /// Item features of the candidates and of the user's recent items.
+    pub features: HashMap<String, Arc<pb::ItemFeatures>>,
+}
+
+impl ServedStages {
+    /// Fits retrieval and the feature store on `train`.
+    pub fn new(train: &Dataset) -> Self {
+        ServedStages {
+            retrieval: recmesh_retrieval::RetrievalService::new(
+                recmesh_retrieval::Config {
+                    // Training histories of heavy users are long; all are excluded.
+                    max_exclusions: 5_000,
+                    ..Default::default()
+                },
+                train,
+            ),
+            store: recmesh_features::Store::new(train, &recmesh_features::Config::default()),
+            now_s: train
+                .interactions
+                .last()
+                .map_or(0, |e| e.timestamp_ms / 1000),
+        }
+    }
+
+    /// Retrieval's candidates for `user`, never any of `seen`.
+    pub fn candidates(&self, user: &str, seen: &[String]) -> anyhow::Result<Candidates> {
+        let profile = self.store.user(user, 20);
+        let candidates = self
+            .retrieval
+            .retrieve(&pb::RetrieveRequest {
+                user_id: user.to_owned(),
+                recent: profile.recent.clone(),
+                count: recmesh_algo::params::VariantParams::default().candidates,
+                exclude_item_ids: seen.to_vec(),
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("retrieve: {e}"))?
+            .candidates;
+        let mut ids: Vec<String> = candidates.iter().map(|c| c.item_id.clone()).collect();
+        ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
+        let features = self
+            .store
+            .items(&ids)
+            .items
+            .into_iter()
+            .map(|f| (f.item_id.clone(), Arc::new(f)))
+            .collect();
+        Ok(Candidates {
+            profile,
+            candidates,
+            features,
+        })
+    }
+}
