@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod als;
 pub mod assign;
 pub mod cooccurrence;
 pub mod gbdt;

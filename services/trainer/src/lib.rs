@@ -4,6 +4,7 @@
 //! This version evaluates, on a temporal split:
 //! - `popularity`: the most interacted items of the training period;
 //! - `item-cf`: co-occurrence CF (cosine) from the user's whole history;
+//! - `als`: implicit-feedback ALS (`recmesh_algo::als`) on the same data;
 //! - the **served pipeline**, with the services' own code:
 //!   `RetrievalService::retrieve` → ranking's `Scorer::score` (item features
 //!   from the features service's `Store`) → `RerankerService::rerank`, with
@@ -407,6 +408,40 @@ pub fn evaluate(
         list
     }));
 
+    // Implicit ALS on the same training data (event weights as strengths).
+    let user_index: HashMap<&str, u32> = {
+        let mut names: Vec<&str> = per_user.keys().copied().collect();
+        names.sort_unstable();
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(n, u)| (u, n as u32))
+            .collect()
+    };
+    let triples: Vec<(u32, u32, f32)> = per_user
+        .iter()
+        .flat_map(|(u, h)| h.iter().map(|(&i, &w)| (user_index[u], i, w as f32)))
+        .collect();
+    let matrix = recmesh_algo::als::Csr::from_triples(user_index.len(), &triples);
+    let als_params = recmesh_algo::als::AlsParams::default();
+    let started = std::time::Instant::now();
+    let als = recmesh_algo::als::train(&matrix, fitted.catalog.len(), &als_params);
+    let als_seconds = started.elapsed().as_secs_f64();
+    let name = format!(
+        "als ({} factors, {} it, trained in {als_seconds:.1}s on {} threads)",
+        als_params.factors, als_params.iterations, als_params.threads
+    );
+    models.push(fitted.evaluate(&name, k, |u| {
+        let Some(&row) = user_index.get(u) else {
+            return top_popular(u, k, &HashSet::new());
+        };
+        let seen = &per_user[u];
+        als.recommend(row as usize, k, |i| seen.contains_key(&i))
+            .into_iter()
+            .filter_map(|(i, _)| fitted.catalog.item(i).map(|it| it.id.clone()))
+            .collect()
+    }));
+
     // The served pipeline, with the services' own code.
     let stages = served::ServedStages::new(train);
     let baseline = recmesh_ranking::Scorer::new("")?;
@@ -494,14 +529,14 @@ mod tests {
         assert!(ranker.rows > 1_000 && ranker.positives > 0);
         let report =
             evaluate(&split, 10, 1, &default_variants(), Some(&ranker)).expect("evaluates");
-        assert_eq!(report.models.len(), 6);
+        assert_eq!(report.models.len(), 7);
         for m in &report.models {
             assert!(m.users > 100, "{}: {} users", m.model, m.users);
             assert!(m.ndcg > 0.0 && m.ndcg <= 1.0, "{}: {}", m.model, m.ndcg);
             assert!(m.coverage > 0.0 && m.coverage <= 1.0);
         }
-        let served = &report.models[3];
-        let no_mmr = &report.models[5];
+        let served = &report.models[4];
+        let no_mmr = &report.models[6];
         assert!(
             served.diversity > no_mmr.diversity,
             "MMR and exploration raise diversity: {} vs {}",
