@@ -339,6 +339,54 @@ pub fn train_ranker(split: &Split) -> anyhow::Result<TrainedRanker> {
     })
 }
 
+/// Scores lists produced elsewhere (user → ranked item ids), e.g. by another
+/// library on the exported split, with the same metric code and users.
+pub fn evaluate_lists(
+    split: &Split,
+    k: usize,
+    lists: &[(String, HashMap<String, Vec<String>>)],
+) -> Vec<ModelReport> {
+    let fitted = Fitted::new(split);
+    lists
+        .iter()
+        .map(|(name, by_user)| {
+            fitted.evaluate(name, k, |u| by_user.get(u).cloned().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The training interactions as a users × items strength matrix for ALS,
+/// with the user names by row and the item ids by column.
+pub fn interaction_matrix(
+    train: &recmesh_catalog::Dataset,
+) -> (recmesh_algo::als::Csr, Vec<String>, Vec<String>) {
+    let catalog = Catalog::new(train.items.clone());
+    let mut users: Vec<&str> = train.interactions.iter().map(|e| e.user.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let index: HashMap<&str, u32> = users
+        .iter()
+        .enumerate()
+        .map(|(n, u)| (*u, n as u32))
+        .collect();
+    let triples: Vec<(u32, u32, f32)> = train
+        .interactions
+        .iter()
+        .filter_map(|e| {
+            Some((
+                index[e.user.as_str()],
+                catalog.index_of(&e.item)?,
+                e.kind.weight() as f32,
+            ))
+        })
+        .collect();
+    (
+        recmesh_algo::als::Csr::from_triples(users.len(), &triples),
+        users.into_iter().map(str::to_owned).collect(),
+        catalog.items.iter().map(|i| i.id.clone()).collect(),
+    )
+}
+
 /// Evaluates every model on `split` at `k`; variants with `learned` rank
 /// with `ranker`.
 pub fn evaluate(

@@ -1,18 +1,21 @@
-//! `recmesh-trainer`: offline evaluation of recmesh's models and of the
-//! served pipeline.
+//! `recmesh-trainer`: recmesh's batch job. Trains the ranking model, evaluates
+//! the models and the served pipeline offline, and exchanges splits and lists
+//! with other libraries for side-by-side comparisons.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use recmesh_catalog::Dataset;
 use recmesh_catalog::demo::DemoSpec;
-use recmesh_trainer::{Protocol, Split, default_variants, evaluate};
+use recmesh_trainer::{Protocol, Report, Split, default_variants, evaluate};
 
 #[derive(Parser)]
 #[command(
     name = "recmesh-trainer",
     version,
-    about = "recmesh's batch job: offline evaluation"
+    about = "recmesh's batch job: training and offline evaluation"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,34 +30,114 @@ enum SplitArg {
     Global,
 }
 
+/// Where the interactions come from and how they are split.
+#[derive(Args)]
+struct Input {
+    /// RecBole atomic files directory (e.g. data/ml-100k from
+    /// services/trainer/scripts/fetch-movielens.sh).
+    #[arg(long, conflicts_with = "data")]
+    recbole: Option<PathBuf>,
+    /// Dataset name inside --recbole (file stem).
+    #[arg(long, default_value = "ml-100k")]
+    name: String,
+    /// Directory with items.tsv and interactions.tsv (default: demo data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Demo data size when neither --recbole nor --data is given.
+    #[arg(long, default_value_t = DemoSpec::default().interactions)]
+    demo_interactions: u64,
+    /// Demo catalog size.
+    #[arg(long, default_value_t = DemoSpec::default().items)]
+    demo_items: u32,
+    /// Demo users.
+    #[arg(long, default_value_t = DemoSpec::default().users)]
+    demo_users: u32,
+    /// Split protocol.
+    #[arg(long, value_enum, default_value = "per-user")]
+    split: SplitArg,
+    /// K of every @K metric.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+}
+
+impl Input {
+    fn load(&self) -> anyhow::Result<(Dataset, Split)> {
+        anyhow::ensure!((1..=1000).contains(&self.k), "--k: must be in 1..=1000");
+        let started = Instant::now();
+        let dataset = match (&self.recbole, &self.data) {
+            (Some(dir), _) => recmesh_catalog::recbole::read(dir, &self.name)?,
+            (None, Some(dir)) => recmesh_catalog::files::read_dir(dir)?,
+            (None, None) => recmesh_catalog::demo::generate(&DemoSpec {
+                items: self.demo_items,
+                users: self.demo_users,
+                interactions: self.demo_interactions,
+                ..DemoSpec::default()
+            }),
+        };
+        let protocol = match self.split {
+            SplitArg::PerUser => Protocol::PerUserTemporal,
+            SplitArg::Global => Protocol::GlobalTemporal,
+        };
+        let split = Split::new(&dataset, protocol);
+        eprintln!(
+            "{} items, {} interactions; {} test users ({:.1}s)",
+            dataset.items.len(),
+            dataset.interactions.len(),
+            split.test.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok((dataset, split))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the ranker on the validation period, then evaluate popularity,
-    /// item-CF and the served pipeline (baseline and learned ranker, MMR and
-    /// exploration on and off) on test.
+    /// item-CF, ALS and the served pipeline (baseline and learned ranker, MMR
+    /// and exploration on and off) on test.
     Eval {
-        /// RecBole atomic files directory (e.g. data/ml-100k from
-        /// services/trainer/scripts/fetch-movielens.sh).
-        #[arg(long, conflicts_with = "data")]
-        recbole: Option<PathBuf>,
-        /// Dataset name inside --recbole (file stem).
-        #[arg(long, default_value = "ml-100k")]
-        name: String,
-        /// Directory with items.tsv and interactions.tsv (default: the demo data).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Split protocol.
-        #[arg(long, value_enum, default_value = "per-user")]
-        split: SplitArg,
-        /// K of every @K metric.
-        #[arg(long, default_value_t = 10)]
-        k: usize,
+        #[command(flatten)]
+        input: Input,
         /// Seed of the exploration draws.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Also write report.json and report.md here.
+        /// Also write report.json, report.md and the learned ranker (ranker.txt) here.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Write the split's training interactions (train.tsv: user, item,
+    /// strength) and its test users (test_users.txt), for another library
+    /// to train on.
+    ExportSplit {
+        #[command(flatten)]
+        input: Input,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Score top-K lists made elsewhere on the same split, with recmesh's
+    /// metric code. Each file: one line per user, `user<TAB>item,item,...`;
+    /// the model name is the file stem.
+    ScoreLists {
+        #[command(flatten)]
+        input: Input,
+        /// List files.
+        #[arg(long, required = true, num_args = 1..)]
+        lists: Vec<PathBuf>,
+    },
+    /// Time recmesh's ALS on the split's training data.
+    AlsTime {
+        #[command(flatten)]
+        input: Input,
+        /// Latent factors.
+        #[arg(long, default_value_t = 64)]
+        factors: usize,
+        /// Iterations.
+        #[arg(long, default_value_t = 15)]
+        iterations: usize,
+        /// Threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
 }
 
@@ -62,36 +145,15 @@ fn main() -> std::process::ExitCode {
     recmesh_server::exit_code(run(Cli::parse()))
 }
 
+fn print_report(report: &Report) {
+    println!("{}", report.markdown());
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Eval {
-            recbole,
-            name,
-            data,
-            split,
-            k,
-            seed,
-            out,
-        } => {
-            anyhow::ensure!((1..=1000).contains(&k), "--k: must be in 1..=1000");
+        Command::Eval { input, seed, out } => {
             let started = Instant::now();
-            let dataset = match (recbole, data) {
-                (Some(dir), _) => recmesh_catalog::recbole::read(&dir, &name)?,
-                (None, Some(dir)) => recmesh_catalog::files::read_dir(&dir)?,
-                (None, None) => recmesh_catalog::demo::generate(&DemoSpec::default()),
-            };
-            let protocol = match split {
-                SplitArg::PerUser => Protocol::PerUserTemporal,
-                SplitArg::Global => Protocol::GlobalTemporal,
-            };
-            let split = Split::new(&dataset, protocol);
-            eprintln!(
-                "{} items, {} interactions; {} test users ({:.1}s)",
-                dataset.items.len(),
-                dataset.interactions.len(),
-                split.test.len(),
-                started.elapsed().as_secs_f64()
-            );
+            let (_, split) = input.load()?;
             let ranker = recmesh_trainer::train_ranker(&split)?;
             eprintln!(
                 "ranker trained on {} rows from {} users ({:.1}s)",
@@ -99,13 +161,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ranker.users,
                 started.elapsed().as_secs_f64()
             );
-            let report = evaluate(&split, k, seed, &default_variants(), Some(&ranker))?;
-            let table = report.markdown();
-            println!("{table}");
+            let report = evaluate(&split, input.k, seed, &default_variants(), Some(&ranker))?;
+            print_report(&report);
             eprintln!("evaluated in {:.1}s", started.elapsed().as_secs_f64());
             if let Some(dir) = out {
                 std::fs::create_dir_all(&dir)?;
-                std::fs::write(dir.join("report.md"), &table)?;
+                std::fs::write(dir.join("report.md"), report.markdown())?;
                 std::fs::write(
                     dir.join("report.json"),
                     serde_json::to_string_pretty(&report)?,
@@ -114,6 +175,94 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // `recmesh up --ranking-model`).
                 std::fs::write(dir.join("ranker.txt"), &ranker.model_text)?;
             }
+            Ok(())
+        }
+        Command::ExportSplit { input, out } => {
+            let (_, split) = input.load()?;
+            std::fs::create_dir_all(&out)?;
+            let mut train = String::from("user\titem\tstrength\n");
+            for e in &split.train.interactions {
+                train.push_str(&format!("{}\t{}\t{}\n", e.user, e.item, e.kind.weight()));
+            }
+            std::fs::write(out.join("train.tsv"), train)?;
+            let mut users: Vec<&String> = split.test.keys().collect();
+            users.sort();
+            let users: Vec<&str> = users.into_iter().map(String::as_str).collect();
+            std::fs::write(out.join("test_users.txt"), users.join("\n") + "\n")?;
+            eprintln!(
+                "wrote {} training interactions and {} test users to {}",
+                split.train.interactions.len(),
+                users.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::ScoreLists { input, lists } => {
+            let (_, split) = input.load()?;
+            let mut named = Vec::new();
+            for path in &lists {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+                for (n, line) in text.lines().enumerate() {
+                    let Some((user, items)) = line.split_once('\t') else {
+                        anyhow::bail!(
+                            "{}:{}: expected `user<TAB>item,item,...`",
+                            path.display(),
+                            n + 1
+                        );
+                    };
+                    by_user.insert(
+                        user.to_owned(),
+                        items
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    );
+                }
+                let name = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("lists")
+                    .to_owned();
+                named.push((name, by_user));
+            }
+            let report = Report {
+                protocol: split.protocol.describe(),
+                data_fingerprint: split.fingerprint.clone(),
+                seed: 0,
+                k: input.k,
+                models: recmesh_trainer::evaluate_lists(&split, input.k, &named),
+                ranker: None,
+            };
+            print_report(&report);
+            Ok(())
+        }
+        Command::AlsTime {
+            input,
+            factors,
+            iterations,
+            threads,
+        } => {
+            let (_, split) = input.load()?;
+            let (matrix, users, items) = recmesh_trainer::interaction_matrix(&split.train);
+            let params = recmesh_algo::als::AlsParams {
+                factors,
+                iterations,
+                threads,
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let model = recmesh_algo::als::train(&matrix, items.len(), &params);
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "recmesh ALS: {} users x {} items, {} non-zeros, {factors} factors, {iterations} iterations, {threads} threads: {seconds:.2}s",
+                users.len(),
+                items.len(),
+                matrix.indices.len()
+            );
+            std::hint::black_box(model);
             Ok(())
         }
     }
