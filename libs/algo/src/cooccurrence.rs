@@ -12,31 +12,86 @@ use std::collections::HashMap;
 /// strongest event weight the user had on the item.
 pub type History = Vec<(u32, f64)>;
 
-/// Top-`k` neighbours of every item, strongest first, as (item, similarity).
-///
-/// `max_history` bounds the items taken from each user (their strongest ones):
-/// pair counting is quadratic per user, and a handful of very active users
-/// would otherwise dominate both run time and the result.
+/// How co-occurrences are weighted into a similarity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weighting {
+    /// Cosine of the event-weighted user vectors.
+    Cosine,
+    /// Dot product of BM25-weighted user vectors, as `implicit`'s
+    /// `BM25Recommender`. Each (user, item) weight `w` becomes
+    /// `w·(k1+1) / (k1·(1−b+b·len_i/avg_len) + w) · idf_u`, where
+    /// `idf_u = ln(items) − ln(1 + |items of u|)`: heavy users count less,
+    /// and so do items with long histories.
+    Bm25 {
+        /// Term-frequency saturation (implicit: 100).
+        k1: f64,
+        /// Length normalisation (implicit: 0.8).
+        b: f64,
+    },
+}
+
+/// Each user's strongest `max_history` items, deduplicated, in range.
+fn trim(histories: &[History], item_count: usize, max_history: usize) -> Vec<History> {
+    histories
+        .iter()
+        .map(|history| {
+            let mut t: History = history
+                .iter()
+                .copied()
+                .filter(|(i, _)| (*i as usize) < item_count)
+                .collect();
+            t.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            t.dedup_by_key(|(i, _)| *i);
+            t.truncate(max_history);
+            t
+        })
+        .collect()
+}
+
+/// Top-`k` neighbours of every item by cosine; see [`neighbours_weighted`].
 pub fn neighbours(
     histories: &[History],
     item_count: usize,
     k: usize,
     max_history: usize,
 ) -> Vec<Vec<(u32, f32)>> {
+    neighbours_weighted(histories, item_count, k, max_history, Weighting::Cosine)
+}
+
+/// Top-`k` neighbours of every item, strongest first, as (item, similarity).
+///
+/// `max_history` bounds the items taken from each user (their strongest ones):
+/// pair counting is quadratic per user, and a handful of very active users
+/// would otherwise dominate both run time and the result.
+pub fn neighbours_weighted(
+    histories: &[History],
+    item_count: usize,
+    k: usize,
+    max_history: usize,
+    weighting: Weighting,
+) -> Vec<Vec<(u32, f32)>> {
+    let mut trimmed = trim(histories, item_count, max_history);
+    if let Weighting::Bm25 { k1, b } = weighting {
+        let mut length = vec![0.0f64; item_count];
+        for h in &trimmed {
+            for &(i, w) in h {
+                length[i as usize] += w;
+            }
+        }
+        let used = length.iter().filter(|&&l| l > 0.0).count().max(1);
+        let avg = length.iter().sum::<f64>() / used as f64;
+        let n = (item_count.max(1)) as f64;
+        for h in &mut trimmed {
+            let idf = n.ln() - (1.0 + h.len() as f64).ln();
+            for (i, w) in h.iter_mut() {
+                let norm = 1.0 - b + b * length[*i as usize] / avg.max(f64::MIN_POSITIVE);
+                *w = *w * (k1 + 1.0) / (k1 * norm + *w) * idf;
+            }
+        }
+    }
     let mut norms = vec![0.0f64; item_count];
     let mut dots: Vec<HashMap<u32, f64>> = vec![HashMap::new(); item_count];
-    let mut trimmed: Vec<(u32, f64)> = Vec::new();
-    for history in histories {
-        trimmed.clear();
-        trimmed.extend(
-            history
-                .iter()
-                .copied()
-                .filter(|(i, _)| (*i as usize) < item_count),
-        );
-        trimmed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        trimmed.dedup_by_key(|(i, _)| *i);
-        trimmed.truncate(max_history);
+    for trimmed in &trimmed {
         for (a, &(i, wi)) in trimmed.iter().enumerate() {
             norms[i as usize] += wi * wi;
             for &(j, wj) in &trimmed[a + 1..] {
@@ -50,16 +105,19 @@ pub fn neighbours(
         .map(|(i, row)| {
             let mut list: Vec<(u32, f32)> = row
                 .into_iter()
-                .map(|(j, dot)| {
-                    let denom = (norms[i] * norms[j as usize]).sqrt();
-                    (
-                        j,
-                        if denom > 0.0 {
-                            (dot / denom) as f32
-                        } else {
-                            0.0
-                        },
-                    )
+                .map(|(j, dot)| match weighting {
+                    Weighting::Cosine => {
+                        let denom = (norms[i] * norms[j as usize]).sqrt();
+                        (
+                            j,
+                            if denom > 0.0 {
+                                (dot / denom) as f32
+                            } else {
+                                0.0
+                            },
+                        )
+                    }
+                    Weighting::Bm25 { .. } => (j, dot as f32),
                 })
                 .collect();
             list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -160,6 +218,24 @@ mod tests {
         let n = neighbours(&h, 3, 10, 2);
         assert!(n[0].is_empty(), "item 0 was the weakest and is dropped");
         assert_eq!(n[1], vec![(2, 1.0)]);
+    }
+
+    #[test]
+    fn bm25_discounts_heavy_users() {
+        // Items 0 and 1 co-occur for a light user (2 items) and items 2 and 3
+        // for a heavy one (5 items). Raw co-occurrence is 1 for both pairs;
+        // BM25 gives the light user's pair the larger similarity.
+        let h = vec![
+            vec![(0, 1.0), (1, 1.0)],
+            vec![(2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)],
+        ];
+        let n = neighbours_weighted(&h, 10, 10, 50, Weighting::Bm25 { k1: 100.0, b: 0.8 });
+        let sim = |a: usize, b: u32| n[a].iter().find(|x| x.0 == b).map_or(0.0, |x| x.1);
+        assert!(sim(0, 1) > sim(2, 3), "{} vs {}", sim(0, 1), sim(2, 3));
+        // idf by hand: light user ln(10) − ln(3); every item's length is 1 =
+        // the average, so each weight is (k1+1)/(k1+1)·idf and the dot is idf².
+        let idf = 10f64.ln() - 3f64.ln();
+        assert!((f64::from(sim(0, 1)) - idf * idf).abs() < 1e-5);
     }
 
     #[test]

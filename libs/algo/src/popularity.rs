@@ -34,6 +34,25 @@ pub fn top_lists(scores: &[f64], category: &[u32], k: usize) -> (Ranked, HashMap
     (overall, per_category)
 }
 
+/// Time-decayed (trending) scores: each event `(item, weight, unix seconds)`
+/// counts `weight · 2^(−age / half_life)` at `now`, so an event one half-life
+/// old counts half as much as one now. Events after `now` count fully.
+pub fn decayed_scores(
+    events: impl IntoIterator<Item = (u32, f64, i64)>,
+    items: usize,
+    now_s: i64,
+    half_life_s: f64,
+) -> Vec<f64> {
+    let mut scores = vec![0.0; items];
+    for (i, w, ts) in events {
+        if let Some(s) = scores.get_mut(i as usize) {
+            let age = (now_s - ts).max(0) as f64;
+            *s += w * (-age / half_life_s.max(1.0)).exp2();
+        }
+    }
+    scores
+}
+
 /// Scales scores into 0..=1 relative to the maximum (all zero stays zero).
 pub fn normalise(scores: &[f64]) -> Vec<f64> {
     let max = scores.iter().copied().fold(0.0f64, f64::max);
@@ -55,6 +74,16 @@ mod tests {
         assert_eq!(overall, vec![(1, 9.0), (3, 9.0)], "tie broken by index");
         assert_eq!(per[&0], vec![(3, 9.0), (0, 5.0)]);
         assert_eq!(per[&1], vec![(1, 9.0)]);
+    }
+
+    #[test]
+    fn decay_halves_per_half_life() {
+        let day = 86_400;
+        // Item 0: one purchase (8) a week ago; item 1: two views (1) today.
+        let events = [(0, 8.0, 0), (1, 1.0, 7 * day), (1, 1.0, 7 * day)];
+        let s = decayed_scores(events, 2, 7 * day, (7 * day) as f64);
+        assert!((s[0] - 4.0).abs() < 1e-12, "one half-life: half of 8");
+        assert!((s[1] - 2.0).abs() < 1e-12);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! This version evaluates, on a temporal split:
 //! - `popularity`: the most interacted items of the training period;
-//! - `item-cf`: co-occurrence CF (cosine) from the user's whole history;
+//! - `item-cf`: co-occurrence CF (cosine, and BM25-weighted) from the
+//!   user's whole history;
+//! - `trending`: popularity with a 7-day half-life;
 //! - `als`: implicit-feedback ALS (`recmesh_algo::als`) on the same data;
 //! - the **served pipeline**, with the services' own code:
 //!   `RetrievalService::retrieve` → ranking's `Scorer::score` (item features
@@ -456,6 +458,64 @@ pub fn evaluate(
         list
     }));
 
+    // Item-item CF with BM25 weighting (implicit's BM25Recommender defaults).
+    let bm25 = cooccurrence::neighbours_weighted(
+        &histories,
+        fitted.catalog.len(),
+        50,
+        200,
+        cooccurrence::Weighting::Bm25 { k1: 100.0, b: 0.8 },
+    );
+    models.push(fitted.evaluate("item-cf (bm25)", k, |u| {
+        let seeds: Vec<(u32, f64)> = per_user
+            .get(u)
+            .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
+            .unwrap_or_default();
+        let mut list: Vec<String> = cooccurrence::score_from_seeds(&bm25, &seeds, k)
+            .into_iter()
+            .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
+            .collect();
+        if list.len() < k {
+            let have: HashSet<String> = list.iter().cloned().collect();
+            list.extend(top_popular(u, k - list.len(), &have));
+        }
+        list
+    }));
+
+    // Trending: popularity with a 7-day half-life, as of the end of training.
+    let end_s = train
+        .interactions
+        .last()
+        .map_or(0, |e| e.timestamp_ms / 1000);
+    let trending = recmesh_algo::popularity::decayed_scores(
+        train.interactions.iter().filter_map(|e| {
+            Some((
+                fitted.catalog.index_of(&e.item)?,
+                e.kind.weight(),
+                e.timestamp_ms / 1000,
+            ))
+        }),
+        fitted.catalog.len(),
+        end_s,
+        7.0 * 86_400.0,
+    );
+    let mut trending_order: Vec<u32> = (0..trending.len() as u32).collect();
+    trending_order.sort_by(|&a, &b| {
+        trending[b as usize]
+            .total_cmp(&trending[a as usize])
+            .then(a.cmp(&b))
+    });
+    models.push(fitted.evaluate("trending (7-day half-life)", k, |u| {
+        let seen = fitted.seen.get(u);
+        trending_order
+            .iter()
+            .filter_map(|&i| fitted.catalog.item(i))
+            .filter(|it| !seen.is_some_and(|s| s.contains(it.id.as_str())))
+            .take(k)
+            .map(|it| it.id.clone())
+            .collect()
+    }));
+
     // Implicit ALS on the same training data (event weights as strengths).
     let user_index: HashMap<&str, u32> = {
         let mut names: Vec<&str> = per_user.keys().copied().collect();
@@ -577,14 +637,14 @@ mod tests {
         assert!(ranker.rows > 1_000 && ranker.positives > 0);
         let report =
             evaluate(&split, 10, 1, &default_variants(), Some(&ranker)).expect("evaluates");
-        assert_eq!(report.models.len(), 7);
+        assert_eq!(report.models.len(), 9);
         for m in &report.models {
             assert!(m.users > 100, "{}: {} users", m.model, m.users);
             assert!(m.ndcg > 0.0 && m.ndcg <= 1.0, "{}: {}", m.model, m.ndcg);
             assert!(m.coverage > 0.0 && m.coverage <= 1.0);
         }
-        let served = &report.models[4];
-        let no_mmr = &report.models[6];
+        let served = &report.models[6];
+        let no_mmr = &report.models[8];
         assert!(
             served.diversity > no_mmr.diversity,
             "MMR and exploration raise diversity: {} vs {}",
