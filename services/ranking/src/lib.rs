@@ -64,6 +64,10 @@ pub struct Config {
     pub item_cache_ttl_ms: u64,
     /// Most items whose features are cached.
     pub item_cache_size: u64,
+    /// How often `model_path` is checked for a newer model (0: never). A
+    /// newer model is swapped in without a restart; one that does not load
+    /// is refused and the current model keeps serving.
+    pub model_reload_ms: u64,
 }
 
 impl Default for Config {
@@ -84,6 +88,8 @@ impl Default for Config {
             item_cache_ttl_ms: 5_000,
             // About 100 bytes an entry: ~10 MB at the bound.
             item_cache_size: 100_000,
+            // A new model shows within seconds; a stat() every 2 s costs nothing.
+            model_reload_ms: 2_000,
         }
     }
 }
@@ -147,6 +153,15 @@ fn parse_model(
         recmesh_algo::assign::fnv1a64(text.as_bytes()) as u32
     );
     Ok((LearnedModel { gbdt, columns }, version))
+}
+
+/// (modified time, length) of the model file, to notice a new one.
+fn model_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
+    if path.is_empty() {
+        return None;
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// The feature rows ([`ranking::FEATURE_NAMES`] order) of `candidates`, given
@@ -264,7 +279,10 @@ impl Scorer {
 pub struct RankingService {
     features: FeaturesClient<Channel>,
     config: Arc<Config>,
-    scorer: Scorer,
+    /// The current model; swapped whole when `model_path` changes.
+    scorer: Arc<std::sync::RwLock<Arc<Scorer>>>,
+    /// (modified time, length) of the model file the scorer was loaded from.
+    loaded: Arc<std::sync::Mutex<Option<(std::time::SystemTime, u64)>>>,
     cache: Cache<String, Arc<pb::ItemFeatures>>,
 }
 
@@ -307,6 +325,7 @@ impl RankingService {
     /// A service that fetches features through `features`, scoring with the
     /// model of `config.model_path` (or the baseline).
     pub fn new(config: Config, features: Channel) -> Result<Self, ConfigError> {
+        let loaded = model_stamp(&config.model_path);
         let scorer = Scorer::new(&config.model_path)?;
         if let Some(m) = &scorer.model {
             tracing::info!(version = %scorer.version, trees = m.gbdt.trees(), "ranking model loaded");
@@ -320,9 +339,78 @@ impl RankingService {
         Ok(RankingService {
             features: FeaturesClient::new(features),
             config: Arc::new(config),
-            scorer,
+            scorer: Arc::new(std::sync::RwLock::new(Arc::new(scorer))),
+            loaded: Arc::new(std::sync::Mutex::new(loaded)),
             cache,
         })
+    }
+
+    /// The model serving now.
+    pub fn scorer(&self) -> Arc<Scorer> {
+        self.scorer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads `model_path` again if the file changed since the last load.
+    /// Returns the new version when a model was swapped in; a model that
+    /// does not load is an error and changes nothing.
+    pub fn reload_if_changed(&self) -> Result<Option<String>, ConfigError> {
+        let path = &self.config.model_path;
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let stamp = model_stamp(path);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp.is_none() || stamp == *loaded {
+            return Ok(None);
+        }
+        // Remember the attempt either way: a broken file is reported once,
+        // not every poll, and a fixed one is picked up when it changes again.
+        *loaded = stamp;
+        let scorer = Scorer::new(path)?;
+        let version = scorer.version.to_string();
+        let old = std::mem::replace(
+            &mut *self.scorer.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(scorer),
+        );
+        metrics::gauge!("recmesh_ranking_model_info", "version" => old.version.to_string())
+            .set(0.0);
+        metrics::gauge!("recmesh_ranking_model_info", "version" => version.clone()).set(1.0);
+        Ok(Some(version))
+    }
+
+    /// Polls `model_path` every `model_reload_ms` while the service lives.
+    fn spawn_model_watch(&self) {
+        let every = self.config.model_reload_ms;
+        if every == 0 || self.config.model_path.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.scorer);
+        // The task's clone keeps one reference to the scorer; when it holds
+        // the only one, the server has stopped and so does the task.
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(every));
+            loop {
+                tick.tick().await;
+                if weak.strong_count() <= 1 {
+                    return;
+                }
+                match svc.reload_if_changed() {
+                    Ok(Some(version)) => {
+                        metrics::counter!("recmesh_ranking_model_reload_total", "outcome" => "swapped").increment(1);
+                        tracing::info!(%version, "ranking model swapped in");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics::counter!("recmesh_ranking_model_reload_total", "outcome" => "refused").increment(1);
+                        tracing::error!(error = %e, "new ranking model refused; the current one keeps serving");
+                    }
+                }
+            }
+        });
     }
 
     fn validate(&self, req: &pb::RankRequest) -> Result<(), FieldError> {
@@ -410,12 +498,11 @@ impl pb::ranking_server::Ranking for RankingService {
         ids.sort();
         ids.dedup();
         let (features, missing) = self.item_features(ids, &deadline, &rid).await;
-        let candidates = self
-            .scorer
-            .score(req.candidates, &req.recent, &features, now_s());
+        let scorer = self.scorer();
+        let candidates = scorer.score(req.candidates, &req.recent, &features, now_s());
         let version = match &missing {
-            None => self.scorer.version.to_string(),
-            Some(_) => format!("{}+no-features", self.scorer.version),
+            None => scorer.version.to_string(),
+            Some(_) => format!("{}+no-features", scorer.version),
         };
         metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
             .increment(candidates.len() as u64);
@@ -431,8 +518,9 @@ impl pb::ranking_server::Ranking for RankingService {
 /// The ranking server, ready to start or run.
 pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
     let features = lazy_channel("features_addr", &config.features_addr)?;
-    Ok(GrpcServer::new("ranking", config.server.clone())
-        .add_service(RankingServer::new(RankingService::new(config, features)?)))
+    let service = RankingService::new(config.clone(), features)?;
+    service.spawn_model_watch();
+    Ok(GrpcServer::new("ranking", config.server.clone()).add_service(RankingServer::new(service)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -494,7 +582,7 @@ mod tests {
     async fn baseline_lets_popularity_reorder_close_candidates() {
         let svc = RankingService::new(Config::default(), nowhere()).expect("service");
         let features: HashMap<_, _> = [item("a", 0.0), item("b", 1.0)].into();
-        let ranked = svc.scorer.score(
+        let ranked = svc.scorer().score(
             vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
             &[],
             &features,
@@ -517,12 +605,12 @@ mod tests {
         };
         let svc = RankingService::new(config, nowhere()).expect("fixture model loads");
         assert!(
-            svc.scorer.version.starts_with("lightgbm-model-"),
+            svc.scorer().version.starts_with("lightgbm-model-"),
             "{}",
-            svc.scorer.version
+            svc.scorer().version
         );
         let features: HashMap<_, _> = [item("a", 0.1), item("b", 0.9)].into();
-        let ranked = svc.scorer.score(
+        let ranked = svc.scorer().score(
             vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
             &[],
             &features,
@@ -532,7 +620,8 @@ mod tests {
         // fixture's labels rise with item_popularity).
         assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.score)));
         assert_eq!(ranked[0].item_id, "b");
-        let model = svc.scorer.model.as_ref().expect("model");
+        let scorer = svc.scorer();
+        let model = scorer.model.as_ref().expect("model");
         let mut row = ranking::row(
             &signals(&candidate("b", 0.5, &["cf"])),
             item_signals(&features["b"], 0).as_ref(),
@@ -541,6 +630,71 @@ mod tests {
         .to_vec();
         row = model.columns.iter().map(|&c| row[c]).collect();
         assert_eq!(ranked[0].score, model.gbdt.predict(&row));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_model_is_swapped_in_while_requests_keep_succeeding() {
+        let dir = std::env::temp_dir().join(format!("recmesh-swap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("model.txt");
+        let fixture = std::fs::read_to_string(FIXTURE).expect("fixture");
+        std::fs::write(&path, &fixture).expect("write");
+        let config = Config {
+            model_path: path.display().to_string(),
+            ..Config::default()
+        };
+        let svc = RankingService::new(config, nowhere()).expect("service");
+        let first = svc.scorer().version().to_owned();
+
+        // Requests run the whole time (features unreachable: they still rank).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let (svc, stop) = (svc.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = svc
+                        .rank(Request::new(pb::RankRequest {
+                            user_id: "u1".into(),
+                            candidates: vec![
+                                candidate("a", 0.5, &["cf"]),
+                                candidate("b", 0.4, &["cf"]),
+                            ],
+                            ..Default::default()
+                        }))
+                        .await
+                        .expect("every request succeeds during swaps");
+                    assert_eq!(r.into_inner().candidates.len(), 2);
+                    answered += 1;
+                    tokio::task::yield_now().await;
+                }
+                answered
+            })
+        };
+
+        // Publish a different model the way a trainer should: write, then rename.
+        let tmp = dir.join(".model.txt.tmp");
+        std::fs::write(&tmp, fixture.replacen("shrinkage=1", "shrinkage=1 ", 1)).expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+        let swapped = svc.reload_if_changed().expect("loads").expect("swapped");
+        assert_ne!(swapped, first);
+        assert_eq!(svc.scorer().version(), swapped);
+
+        // A broken model is refused and the last good one keeps serving.
+        std::fs::write(&tmp, "tree\nversion=v4\n").expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+        let err = svc.reload_if_changed().expect_err("refused");
+        assert!(err.to_string().contains("model_path"), "{err}");
+        assert_eq!(svc.scorer().version(), swapped);
+        assert_eq!(
+            svc.reload_if_changed().expect("unchanged"),
+            None,
+            "reported once"
+        );
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(load.await.expect("task") > 0);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
