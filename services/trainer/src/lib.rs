@@ -441,13 +441,13 @@ pub fn evaluate(
         .values()
         .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
         .collect();
-    let neighbours = cooccurrence::neighbours(&histories, fitted.catalog.len(), 50, 200);
-    models.push(fitted.evaluate("item-cf (cosine)", k, |u| {
+    // A user's CF list from given neighbours, topped up with popularity.
+    let cf_list = |neighbours: &[Vec<(u32, f32)>], u: &str| -> Vec<String> {
         let seeds: Vec<(u32, f64)> = per_user
             .get(u)
             .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
             .unwrap_or_default();
-        let mut list: Vec<String> = cooccurrence::score_from_seeds(&neighbours, &seeds, k)
+        let mut list: Vec<String> = cooccurrence::score_from_seeds(neighbours, &seeds, k)
             .into_iter()
             .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
             .collect();
@@ -456,9 +456,10 @@ pub fn evaluate(
             list.extend(top_popular(u, k - list.len(), &have));
         }
         list
-    }));
-
-    // Item-item CF with BM25 weighting (implicit's BM25Recommender defaults).
+    };
+    let cosine = cooccurrence::neighbours(&histories, fitted.catalog.len(), 50, 200);
+    models.push(fitted.evaluate("item-cf (cosine)", k, |u| cf_list(&cosine, u)));
+    // BM25 weighting with implicit's BM25Recommender defaults.
     let bm25 = cooccurrence::neighbours_weighted(
         &histories,
         fitted.catalog.len(),
@@ -466,21 +467,7 @@ pub fn evaluate(
         200,
         cooccurrence::Weighting::Bm25 { k1: 100.0, b: 0.8 },
     );
-    models.push(fitted.evaluate("item-cf (bm25)", k, |u| {
-        let seeds: Vec<(u32, f64)> = per_user
-            .get(u)
-            .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
-            .unwrap_or_default();
-        let mut list: Vec<String> = cooccurrence::score_from_seeds(&bm25, &seeds, k)
-            .into_iter()
-            .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
-            .collect();
-        if list.len() < k {
-            let have: HashSet<String> = list.iter().cloned().collect();
-            list.extend(top_popular(u, k - list.len(), &have));
-        }
-        list
-    }));
+    models.push(fitted.evaluate("item-cf (bm25)", k, |u| cf_list(&bm25, u)));
 
     // Trending: popularity with a 7-day half-life, as of the end of training.
     let end_s = train
