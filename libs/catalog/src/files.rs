@@ -131,47 +131,106 @@ pub fn write_dir(data: &Dataset, dir: &Path) -> Result<(), DataError> {
     Ok(())
 }
 
-/// Reads a dataset written by [`write_dir`] (or by hand in the same format).
+/// What to do with a malformed row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RowPolicy {
+    /// Stop at the first one, naming file, line and column (the default:
+    /// nothing shifts silently).
+    #[default]
+    Fail,
+    /// Skip it and count it; the caller reports the count and the first error.
+    Skip,
+}
+
+/// Rows skipped under [`RowPolicy::Skip`].
+#[derive(Debug, Default)]
+pub struct Skipped {
+    /// How many.
+    pub count: usize,
+    /// The first one's error (file, line, column, reason).
+    pub first: Option<DataError>,
+}
+
+impl Skipped {
+    /// Applies `policy` to a row error: `Fail` returns it, `Skip` counts it.
+    pub fn handle(&mut self, policy: RowPolicy, err: DataError) -> Result<(), DataError> {
+        match policy {
+            RowPolicy::Fail => Err(err),
+            RowPolicy::Skip => {
+                self.count += 1;
+                self.first.get_or_insert(err);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads a dataset written by [`write_dir`] (or by hand in the same format);
+/// the first malformed row is an error.
 pub fn read_dir(dir: &Path) -> Result<Dataset, DataError> {
+    read_dir_with(dir, RowPolicy::Fail).map(|(data, _)| data)
+}
+
+/// Reads a dataset with `policy` for malformed rows (header and I/O errors
+/// always stop the read).
+pub fn read_dir_with(dir: &Path, policy: RowPolicy) -> Result<(Dataset, Skipped), DataError> {
+    let mut skipped = Skipped::default();
     let items_path = dir.join(ITEMS_FILE);
     let text = std::fs::read_to_string(&items_path).map_err(io(&items_path))?;
     let mut items = Vec::new();
-    for_each_row(&items_path, &text, ITEMS_HEADER, |row| {
-        items.push(Item {
-            id: row.text(0)?,
-            category: row.text(1)?,
-            brand: row.get(2).to_owned(),
-            price: row.number(3)?,
-            in_stock: row.flag(4)?,
-            promoted: row.flag(5)?,
-            created_at: row.number(6)?,
-            title: row.get(7).to_owned(),
-        });
-        Ok(())
-    })?;
+    for_each_row(
+        &items_path,
+        &text,
+        ITEMS_HEADER,
+        policy,
+        &mut skipped,
+        |row| {
+            items.push(Item {
+                id: row.text(0)?,
+                category: row.text(1)?,
+                brand: row.get(2).to_owned(),
+                price: row.number(3)?,
+                in_stock: row.flag(4)?,
+                promoted: row.flag(5)?,
+                created_at: row.number(6)?,
+                title: row.get(7).to_owned(),
+            });
+            Ok(())
+        },
+    )?;
     let inter_path = dir.join(INTERACTIONS_FILE);
     let text = std::fs::read_to_string(&inter_path).map_err(io(&inter_path))?;
     let mut interactions = Vec::new();
-    for_each_row(&inter_path, &text, INTERACTIONS_HEADER, |row| {
-        let event = row.get(2);
-        interactions.push(Interaction {
-            user: row.text(0)?,
-            item: row.text(1)?,
-            kind: EventKind::parse(event).ok_or_else(|| {
-                row.error(
-                    2,
-                    format!("unknown event `{event}` (view, click, add_to_cart, purchase)"),
-                )
-            })?,
-            timestamp_ms: row.number(3)?,
-        });
-        Ok(())
-    })?;
+    for_each_row(
+        &inter_path,
+        &text,
+        INTERACTIONS_HEADER,
+        policy,
+        &mut skipped,
+        |row| {
+            let event = row.get(2);
+            interactions.push(Interaction {
+                user: row.text(0)?,
+                item: row.text(1)?,
+                kind: EventKind::parse(event).ok_or_else(|| {
+                    row.error(
+                        2,
+                        format!("unknown event `{event}` (view, click, add_to_cart, purchase)"),
+                    )
+                })?,
+                timestamp_ms: row.number(3)?,
+            });
+            Ok(())
+        },
+    )?;
     interactions.sort_by_key(|e| e.timestamp_ms);
-    Ok(Dataset {
-        items,
-        interactions,
-    })
+    Ok((
+        Dataset {
+            items,
+            interactions,
+        },
+        skipped,
+    ))
 }
 
 struct Row<'a> {
@@ -223,6 +282,8 @@ fn for_each_row<'a>(
     path: &'a Path,
     text: &'a str,
     header: &'a [&'a str],
+    policy: RowPolicy,
+    skipped: &mut Skipped,
     mut f: impl FnMut(Row<'a>) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     let mut lines = text.lines().enumerate();
@@ -253,17 +314,21 @@ fn for_each_row<'a>(
             header,
             fields,
         };
-        if row.fields.len() != header.len() {
-            return Err(row.error(
+        let result = if row.fields.len() != header.len() {
+            Err(row.error(
                 row.fields.len().min(header.len() - 1),
                 format!(
                     "expected {} tab-separated fields, found {}",
                     header.len(),
                     row.fields.len()
                 ),
-            ));
+            ))
+        } else {
+            f(row)
+        };
+        if let Err(e) = result {
+            skipped.handle(policy, e)?;
         }
-        f(row)?;
     }
     Ok(())
 }
@@ -320,6 +385,20 @@ mod tests {
         )
         .expect("write");
         let err = read_dir(&dir).expect_err("unknown event").to_string();
+        // Skip-and-count keeps the good rows and reports the bad one.
+        std::fs::write(
+            dir.join(INTERACTIONS_FILE),
+            "user_id\titem_id\tevent\ttimestamp_ms\nu1\ti1\tlike\t5\nu1\ti1\tview\t6\nu2\ti1\n",
+        )
+        .expect("write");
+        let (data, skipped) = read_dir_with(&dir, RowPolicy::Skip).expect("skips");
+        assert_eq!(data.interactions.len(), 1);
+        assert_eq!(skipped.count, 2, "the unknown event and the short row");
+        let first = skipped.first.expect("first").to_string();
+        assert!(
+            first.contains("interactions.tsv:2: column `event`"),
+            "{first}"
+        );
         assert!(
             err.contains("interactions.tsv:2: column `event`: unknown event `like`"),
             "{err}"

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::files::DataError;
+use crate::files::{DataError, RowPolicy, Skipped};
 use crate::{Dataset, EventKind, Interaction, Item};
 
 fn parse_err(path: &Path, line: usize, column: &str, reason: String) -> DataError {
@@ -24,12 +24,25 @@ fn parse_err(path: &Path, line: usize, column: &str, reason: String) -> DataErro
     }
 }
 
-/// Reads `<dir>/<name>.inter` and `<dir>/<name>.item`.
+/// Reads `<dir>/<name>.inter` and `<dir>/<name>.item`; the first malformed
+/// row is an error.
 pub fn read(dir: &Path, name: &str) -> Result<Dataset, DataError> {
+    read_with(dir, name, RowPolicy::Fail).map(|(data, _)| data)
+}
+
+/// Reads with `policy` for malformed rows.
+pub fn read_with(
+    dir: &Path,
+    name: &str,
+    policy: RowPolicy,
+) -> Result<(Dataset, Skipped), DataError> {
+    let mut skipped = Skipped::default();
     let items_path = dir.join(format!("{name}.item"));
     let inter_path = dir.join(format!("{name}.inter"));
     let items = read_table(
         &items_path,
+        policy,
+        &mut skipped,
         &["item_id", "movie_title", "release_year", "class"],
         |cols, line| {
             let id = cols[0];
@@ -62,6 +75,8 @@ pub fn read(dir: &Path, name: &str) -> Result<Dataset, DataError> {
     )?;
     let mut interactions = read_table(
         &inter_path,
+        policy,
+        &mut skipped,
         &["user_id", "item_id", "rating", "timestamp"],
         |cols, line| {
             let rating: f64 = cols[2].parse().map_err(|_| {
@@ -95,16 +110,21 @@ pub fn read(dir: &Path, name: &str) -> Result<Dataset, DataError> {
         },
     )?;
     interactions.sort_by_key(|e| e.timestamp_ms);
-    Ok(Dataset {
-        items,
-        interactions,
-    })
+    Ok((
+        Dataset {
+            items,
+            interactions,
+        },
+        skipped,
+    ))
 }
 
 /// Reads a RecBole table, picking `wanted` columns by name (the part of the
 /// header before `:`), and maps every row with `f(columns, line)`.
 fn read_table<T>(
     path: &Path,
+    policy: RowPolicy,
+    skipped: &mut Skipped,
     wanted: &[&str],
     mut f: impl FnMut(&[&str], usize) -> Result<T, DataError>,
 ) -> Result<Vec<T>, DataError> {
@@ -135,12 +155,29 @@ fn read_table<T>(
         }
         let fields: Vec<&str> = line.split('\t').collect();
         cols.clear();
-        for (w, &i) in wanted.iter().zip(&index) {
-            cols.push(*fields.get(i).ok_or_else(|| {
-                parse_err(path, n + 2, w, format!("row has {} fields", fields.len()))
-            })?);
+        let missing = wanted
+            .iter()
+            .zip(&index)
+            .find_map(|(w, &i)| match fields.get(i) {
+                Some(v) => {
+                    cols.push(*v);
+                    None
+                }
+                None => Some(parse_err(
+                    path,
+                    n + 2,
+                    w,
+                    format!("row has {} fields", fields.len()),
+                )),
+            });
+        let row = match missing {
+            Some(e) => Err(e),
+            None => f(&cols, n + 2),
+        };
+        match row {
+            Ok(v) => out.push(v),
+            Err(e) => skipped.handle(policy, e)?,
         }
-        out.push(f(&cols, n + 2)?);
     }
     Ok(out)
 }
@@ -177,6 +214,14 @@ mod tests {
         .expect("write");
         let e = read(&dir, "ml").expect_err("bad rating").to_string();
         assert!(e.contains("ml.inter:2: column `rating`"), "{e}");
+        std::fs::write(
+            dir.join("ml.inter"),
+            "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\tgood\t881250949\n7\t1\t4\t881250950\n7\n",
+        )
+        .expect("write");
+        let (d, skipped) = read_with(&dir, "ml", RowPolicy::Skip).expect("skips");
+        assert_eq!(d.interactions.len(), 1);
+        assert_eq!(skipped.count, 2, "the bad rating and the short row");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

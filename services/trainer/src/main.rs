@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use recmesh_catalog::Dataset;
 use recmesh_catalog::demo::DemoSpec;
+use recmesh_catalog::files::{RowPolicy, Skipped};
 use recmesh_trainer::{Protocol, Report, Split, default_variants, evaluate};
 
 #[derive(Parser)]
@@ -58,22 +59,47 @@ struct Input {
     /// K of every @K metric.
     #[arg(long, default_value_t = 10)]
     k: usize,
+    /// Malformed input rows: stop at the first (naming file, line and
+    /// column), or skip and count them.
+    #[arg(long, value_enum, default_value = "fail")]
+    bad_rows: BadRows,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BadRows {
+    /// Stop at the first malformed row.
+    Fail,
+    /// Skip malformed rows and report how many, and the first.
+    Skip,
 }
 
 impl Input {
     fn load(&self) -> anyhow::Result<(Dataset, Split)> {
         anyhow::ensure!((1..=1000).contains(&self.k), "--k: must be in 1..=1000");
         let started = Instant::now();
-        let dataset = match (&self.recbole, &self.data) {
-            (Some(dir), _) => recmesh_catalog::recbole::read(dir, &self.name)?,
-            (None, Some(dir)) => recmesh_catalog::files::read_dir(dir)?,
-            (None, None) => recmesh_catalog::demo::generate(&DemoSpec {
-                items: self.demo_items,
-                users: self.demo_users,
-                interactions: self.demo_interactions,
-                ..DemoSpec::default()
-            }),
+        let policy = match self.bad_rows {
+            BadRows::Fail => RowPolicy::Fail,
+            BadRows::Skip => RowPolicy::Skip,
         };
+        let (dataset, skipped) = match (&self.recbole, &self.data) {
+            (Some(dir), _) => recmesh_catalog::recbole::read_with(dir, &self.name, policy)?,
+            (None, Some(dir)) => recmesh_catalog::files::read_dir_with(dir, policy)?,
+            (None, None) => (
+                recmesh_catalog::demo::generate(&DemoSpec {
+                    items: self.demo_items,
+                    users: self.demo_users,
+                    interactions: self.demo_interactions,
+                    ..DemoSpec::default()
+                }),
+                Skipped::default(),
+            ),
+        };
+        if let Some(first) = &skipped.first {
+            eprintln!(
+                "skipped {} malformed rows; the first: {first}",
+                skipped.count
+            );
+        }
         let protocol = match self.split {
             SplitArg::PerUser => Protocol::PerUserTemporal,
             SplitArg::Global => Protocol::GlobalTemporal,
