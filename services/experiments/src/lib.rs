@@ -136,8 +136,8 @@ weight = 50
 params = { "retrieval.candidates" = "400", "rerank.category_cap" = "3" }
 "#;
 
-/// Parses and validates an experiments file.
-pub fn parse_file(text: &str) -> Result<Vec<ExperimentDef>, FieldError> {
+/// Parses and validates an experiments file into the set it describes.
+pub fn parse_file(text: &str) -> Result<ExperimentSet, FieldError> {
     let file: ExperimentsFile =
         toml::from_str(text).map_err(|e| FieldError::new("toml", e.to_string()))?;
     let mut set = ExperimentSet::default();
@@ -146,7 +146,7 @@ pub fn parse_file(text: &str) -> Result<Vec<ExperimentDef>, FieldError> {
             FieldError::new(format!("experiments[{n}].{}", err.field), err.reason)
         })?;
     }
-    Ok(set.experiments.into_iter().map(|(e, _)| e).collect())
+    Ok(set)
 }
 
 fn validate(e: &ExperimentDef) -> Result<(), FieldError> {
@@ -324,14 +324,9 @@ impl Experiments {
             std::fs::read_to_string(&config.experiments_file)
                 .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?
         };
-        let defs = parse_file(&text).map_err(|e| {
+        let set = parse_file(&text).map_err(|e| {
             ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
         })?;
-        let mut set = ExperimentSet::default();
-        for d in defs {
-            set.put(d, None)
-                .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?;
-        }
         if config.admin_token.is_empty() {
             tracing::warn!(
                 "experiments admin API is open: set admin_token (RECMESH_ADMIN_TOKEN) outside local demos"
@@ -490,7 +485,13 @@ mod tests {
     fn defaults_and_demo_set_are_valid() {
         let c: Config = recmesh_server::config::load(None).expect("defaults load");
         assert_eq!(c, Config::default());
-        assert_eq!(parse_file(DEMO_EXPERIMENTS).expect("demo parses").len(), 1);
+        assert_eq!(
+            parse_file(DEMO_EXPERIMENTS)
+                .expect("demo parses")
+                .experiments
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -236,13 +236,19 @@ impl Scorer {
         now_s: i64,
     ) -> Vec<pb::Candidate> {
         let scores: Vec<f64> = match &self.model {
-            Some(m) => feature_rows(&candidates, recent, features, now_s)
-                .iter()
-                .map(|full| {
-                    let row: Vec<f64> = m.columns.iter().map(|&col| full[col]).collect();
-                    m.gbdt.predict(&row)
-                })
-                .collect(),
+            Some(m) => {
+                // One buffer for the model's columns, reused for every candidate.
+                let mut row = vec![0.0; m.columns.len()];
+                feature_rows(&candidates, recent, features, now_s)
+                    .iter()
+                    .map(|full| {
+                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
+                            *slot = full[col];
+                        }
+                        m.gbdt.predict(&row)
+                    })
+                    .collect()
+            }
             None => {
                 let sources: std::collections::HashSet<&str> = candidates
                     .iter()

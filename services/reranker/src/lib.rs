@@ -14,9 +14,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use recmesh_algo::EventKind;
 use recmesh_algo::rerank::{Boost, RerankItem, RerankRequest, RerankRules, rerank, seed_of};
 use recmesh_algo::rules::HardFilters;
-use recmesh_catalog::EventKind;
 use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
 use recmesh_proto::v1::{self as pb, reranker_server::RerankerServer};
 use recmesh_server::GrpcServer;

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use recmesh_algo::rules::{HardFilters, RuleItem};
 use recmesh_algo::{cooccurrence, popularity};
 use recmesh_catalog::files::DataSource;
 use recmesh_catalog::{Catalog, Dataset, EventKind};
@@ -152,27 +153,26 @@ impl Index {
     }
 }
 
-/// Request filters after validation.
+/// Request filters after validation: the same hard filters the reranker
+/// applies (`recmesh_algo::rules`), pushed down so no slot is spent on an
+/// item that would be dropped later.
 struct Constraints<'a> {
-    excluded: std::collections::HashSet<&'a str>,
+    filters: HardFilters<'a>,
+    /// Category ids of `filters.categories`, for picking popularity lists.
     categories: Vec<u32>,
-    min_price: f64,
-    max_price: f64,
 }
 
 impl Constraints<'_> {
     fn allows(&self, index: &Index, item: u32) -> bool {
-        let Some(it) = index.catalog.item(item) else {
-            return false;
-        };
-        it.in_stock
-            && !self.excluded.contains(it.id.as_str())
-            && (self.categories.is_empty()
-                || self
-                    .categories
-                    .contains(&index.catalog.category_of[item as usize]))
-            && (self.min_price <= 0.0 || it.price >= self.min_price)
-            && (self.max_price <= 0.0 || it.price <= self.max_price)
+        index.catalog.item(item).is_some_and(|it| {
+            let rule = RuleItem {
+                id: &it.id,
+                category: &it.category,
+                price: it.price,
+                in_stock: it.in_stock,
+            };
+            self.filters.check(&rule).is_none()
+        })
     }
 }
 
@@ -285,7 +285,7 @@ impl RetrievalService {
     }
 
     fn constraints<'a>(
-        &self,
+        &'a self,
         exclude: &'a [String],
         filters: Option<&pb::Filters>,
     ) -> Result<Constraints<'a>, FieldError> {
@@ -296,7 +296,7 @@ impl RetrievalService {
             ));
         }
         let f = filters.cloned().unwrap_or_default();
-        let categories = f
+        let categories: Vec<u32> = f
             .categories
             .iter()
             .enumerate()
@@ -312,10 +312,17 @@ impl RetrievalService {
             ));
         }
         Ok(Constraints {
-            excluded: exclude.iter().map(String::as_str).collect(),
+            filters: HardFilters {
+                excluded: exclude.iter().map(String::as_str).collect(),
+                categories: categories
+                    .iter()
+                    .map(|&c| self.index.catalog.categories[c as usize].as_str())
+                    .collect(),
+                min_price: f.min_price,
+                max_price: f.max_price,
+                ..HardFilters::default()
+            },
             categories,
-            min_price: f.min_price,
-            max_price: f.max_price,
         })
     }
 
@@ -436,7 +443,7 @@ impl RetrievalService {
             .catalog
             .index_of(&req.item_id)
             .ok_or_else(|| Status::not_found(format!("item_id: unknown item `{}`", req.item_id)))?;
-        constraints.excluded.insert(req.item_id.as_str());
+        constraints.filters.excluded.insert(req.item_id.as_str());
         let title = index.title(anchor).to_owned();
         let mut merger = Merger::new(index, &constraints);
         merger.add(
