@@ -164,12 +164,24 @@ pub fn test_budgets() -> recmesh_gateway::config::Budgets {
     }
 }
 
+/// A new empty directory under the system temp dir, unique to this process
+/// and call.
+pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("recmesh-test-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
 impl TestMesh {
     /// Starts all six services; the gateway reaches each stage through a proxy.
     pub async fn start() -> Self {
         let data = Arc::new(test_data());
         let mut configs = recmesh::StageConfigs::default();
         configs.ranking.features_budget_ms *= BUDGET_SCALE;
+        configs.features.event_log.path = scratch_dir("mesh").join("events.tsv");
         let stages = recmesh::start_stages(&data, recmesh::PortPlan::EPHEMERAL, configs)
             .await
             .expect("stages start");

@@ -563,11 +563,17 @@ async fn invalid_input_is_rejected_naming_the_field() {
     )
     .await;
     expect_invalid(
-        c.track(track("e2", "no-such-item", pb::EventType::View))
-            .await,
+        c.track(track("e2", "bad\nid", pb::EventType::View)).await,
         "item_id",
     )
     .await;
+    // An item the catalog does not know yet is a new item, not an error.
+    let new = c
+        .track(track("e3", "brand-new-item", pb::EventType::View))
+        .await
+        .expect("a new item is accepted")
+        .into_inner();
+    assert!(new.applied && new.new_item, "{new:?}");
 
     expect_invalid(
         c.similar_items(pb::SimilarItemsRequest {

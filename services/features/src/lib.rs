@@ -1,28 +1,72 @@
 //! Features service: online user and item features, and event ingestion.
 //!
-//! The embedded default keeps everything in memory, loaded from the dataset
-//! at start and updated by `Ingest`. Events are idempotent by id within a
-//! bounded dedupe window. (Redis, the event log and spill-to-disk belong to
-//! the production backend; see the README.)
+//! Two backends behind [`FeatureStore`], chosen by `backend`:
+//! - `memory` (the embedded default): features in memory, computed from the
+//!   dataset at start; events appended to a local file before they are
+//!   applied, and replayed from it at the next start;
+//! - `redis`: features in Redis through `fred`, the event log a Redis
+//!   Stream, a moka L1 in front and a local outage buffer behind
+//!   ([`redis`] says how).
+//!
+//! Either way an `Ingest` is acknowledged only once its events are durable,
+//! and events are idempotent by id within the dedupe window.
 
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod log;
+pub mod memory;
+pub mod redis;
+pub mod store;
+
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use recmesh_catalog::Dataset;
 use recmesh_catalog::files::DataSource;
-use recmesh_catalog::{Dataset, EventKind, Item};
-use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind, event_type};
+use recmesh_mesh::convert::{FieldError, check_id, event_kind};
 use recmesh_proto::v1::{self as pb, features_server::FeaturesServer};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+pub use store::{FeatureStore, Ingested, StoreError, ValidEvent};
+
 /// Default gRPC port of the features service.
 pub const DEFAULT_PORT: u16 = 50056;
+
+/// Where features and events live.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In process, with the event log in a local file.
+    #[default]
+    Memory,
+    /// Redis (`[redis]`), with the event log a Redis Stream.
+    Redis,
+}
+
+/// The embedded event log (`[event_log]`, memory backend).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventLogConfig {
+    /// Append-only event file; empty: events are not logged (lost on restart).
+    pub path: PathBuf,
+    /// `fdatasync` each batch before acknowledging it. Off trades the last
+    /// events before a machine crash for latency.
+    pub fsync: bool,
+}
+
+impl Default for EventLogConfig {
+    fn default() -> Self {
+        EventLogConfig {
+            path: PathBuf::from("var/events.tsv"),
+            fsync: true,
+        }
+    }
+}
 
 /// Configuration of the features service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,12 +76,21 @@ pub struct Config {
     pub server: ServerConfig,
     /// Dataset the features are computed from at start.
     pub data: DataSource,
+    /// `memory` or `redis`.
+    pub backend: Backend,
+    /// The embedded event log (memory backend).
+    pub event_log: EventLogConfig,
+    /// The Redis backend.
+    pub redis: redis::RedisConfig,
     /// Recent interactions kept per user; older ones drop off.
     pub max_recent_per_user: usize,
     /// Recent interactions returned by `GetUser` when the request asks for 0.
     pub default_recent: u32,
-    /// Event ids remembered for deduplication; a replay older than this many
-    /// events is applied again.
+    /// Half-life of a user's category affinity, hours.
+    pub affinity_half_life_hours: f64,
+    /// Event ids remembered for deduplication by the memory backend; a
+    /// replay older than this many events is applied again. (Redis
+    /// remembers ids for `redis.dedupe_ttl_s`.)
     pub dedupe_window: usize,
     /// Most events one `Ingest` call may carry.
     pub max_events_per_call: usize,
@@ -50,14 +103,29 @@ impl Default for Config {
         Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
             data: DataSource::default(),
+            backend: Backend::Memory,
+            event_log: EventLogConfig::default(),
+            redis: redis::RedisConfig::default(),
             // Enough history for CF seeds and category affinity; bounded so a
             // bot hammering one user cannot grow memory.
             max_recent_per_user: 50,
             default_recent: 20,
+            affinity_half_life_hours: 7.0 * 24.0,
             // About a minute of events at 2k events/s: covers client retries.
             dedupe_window: 100_000,
             max_events_per_call: 1_000,
             max_items_per_call: 2_000,
+        }
+    }
+}
+
+impl Config {
+    /// The memory backend's limits.
+    pub fn limits(&self) -> memory::Limits {
+        memory::Limits {
+            max_recent: self.max_recent_per_user,
+            dedupe_window: self.dedupe_window,
+            half_life_hours: self.affinity_half_life_hours,
         }
     }
 }
@@ -73,7 +141,35 @@ impl ServiceConfig for Config {
             ("dedupe_window", self.dedupe_window as u64),
             ("max_events_per_call", self.max_events_per_call as u64),
             ("max_items_per_call", self.max_items_per_call as u64),
-        ])
+            ("redis.pool_size", self.redis.pool_size as u64),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.dedupe_ttl_s", self.redis.dedupe_ttl_s),
+            ("redis.max_buffered", self.redis.max_buffered as u64),
+            ("redis.batch", self.redis.batch as u64),
+        ])?;
+        if !(self.affinity_half_life_hours.is_finite() && self.affinity_half_life_hours >= 1.0) {
+            return Err(ConfigError::invalid(
+                "affinity_half_life_hours",
+                "must be at least 1 hour",
+            ));
+        }
+        if self.backend == Backend::Redis {
+            if self.redis.key_prefix.is_empty()
+                || self.redis.key_prefix.contains(char::is_whitespace)
+            {
+                return Err(ConfigError::invalid(
+                    "redis.key_prefix",
+                    "must be non-empty without spaces",
+                ));
+            }
+            if self.redis.buffer_path.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    "redis.buffer_path",
+                    "must name a file: events acknowledged during a Redis outage live there",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -84,26 +180,22 @@ fn reject(e: FieldError) -> Status {
     e.into()
 }
 
-fn now_ms() -> i64 {
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(m) => Status::unavailable(m),
+        StoreError::NotRecorded(m) => {
+            metrics::counter!("recmesh_features_rejected_total", "reason" => "not_recorded")
+                .increment(1);
+            Status::unavailable(format!("{m}; retry with the same event ids"))
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// An event after validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidEvent {
-    /// Client-chosen unique id.
-    pub event_id: String,
-    /// User.
-    pub user: String,
-    /// Item (known to the catalog).
-    pub item: String,
-    /// What happened.
-    pub kind: EventKind,
-    /// When, Unix ms.
-    pub timestamp_ms: i64,
 }
 
 /// Earliest accepted event time (2000-01-01): older is a unit mistake
@@ -112,191 +204,40 @@ const MIN_EVENT_MS: i64 = 946_684_800_000;
 /// Accepted clock skew of a client's timestamp into the future.
 const MAX_SKEW_MS: i64 = 5 * 60 * 1000;
 
-#[derive(Debug, Clone)]
-struct ItemState {
-    item: Item,
-    counts: [u64; 4],
-    score: f64,
-}
-
-#[derive(Debug, Default)]
-struct UserState {
-    /// Oldest first.
-    recent: VecDeque<(String, EventKind, i64)>,
-    purchased: HashSet<String>,
-    categories: HashMap<String, f64>,
-}
-
-/// The in-memory feature store.
-#[derive(Debug)]
-pub struct Store {
-    items: HashMap<String, ItemState>,
-    users: HashMap<String, UserState>,
-    max_score: f64,
-    seen: HashSet<String>,
-    seen_order: VecDeque<String>,
-    max_recent: usize,
-    dedupe_window: usize,
-}
-
-fn kind_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::View => 0,
-        EventKind::Click => 1,
-        EventKind::AddToCart => 2,
-        EventKind::Purchase => 3,
-    }
-}
-
-impl Store {
-    /// Builds the store from a dataset.
-    pub fn new(data: &Dataset, config: &Config) -> Self {
-        let mut store = Store {
-            items: data
-                .items
-                .iter()
-                .map(|i| {
-                    (
-                        i.id.clone(),
-                        ItemState {
-                            item: i.clone(),
-                            counts: [0; 4],
-                            score: 0.0,
-                        },
-                    )
-                })
-                .collect(),
-            users: HashMap::new(),
-            max_score: 0.0,
-            seen: HashSet::new(),
-            seen_order: VecDeque::new(),
-            max_recent: config.max_recent_per_user,
-            dedupe_window: config.dedupe_window,
-        };
-        for e in &data.interactions {
-            store.apply(&e.user, &e.item, e.kind, e.timestamp_ms);
+/// Opens the configured backend over `data`.
+pub async fn open_store(config: &Config, data: &Dataset) -> anyhow::Result<Arc<dyn FeatureStore>> {
+    let limits = config.limits();
+    Ok(match config.backend {
+        Backend::Memory => {
+            let path = &config.event_log.path;
+            let log =
+                (!path.as_os_str().is_empty()).then_some((path.as_path(), config.event_log.fsync));
+            Arc::new(memory::MemoryStore::open(data, limits, log)?)
         }
-        store
-    }
-
-    fn apply(&mut self, user: &str, item: &str, kind: EventKind, ts: i64) {
-        let Some(state) = self.items.get_mut(item) else {
-            return;
-        };
-        state.counts[kind_index(kind)] += 1;
-        state.score += kind.weight();
-        self.max_score = self.max_score.max(state.score);
-        let category = state.item.category.clone();
-        let u = self.users.entry(user.to_owned()).or_default();
-        u.recent.push_back((item.to_owned(), kind, ts));
-        while u.recent.len() > self.max_recent {
-            u.recent.pop_front();
+        Backend::Redis => {
+            redis::RedisStore::open(
+                config.redis.clone(),
+                data,
+                config.max_recent_per_user,
+                config.affinity_half_life_hours,
+            )
+            .await?
         }
-        if kind == EventKind::Purchase {
-            u.purchased.insert(item.to_owned());
-        }
-        *u.categories.entry(category).or_default() += kind.weight();
-    }
-
-    /// Applies validated events; returns (applied, duplicates).
-    pub fn ingest(&mut self, events: &[ValidEvent]) -> (u32, u32) {
-        let (mut applied, mut duplicates) = (0, 0);
-        for e in events {
-            if self.seen.contains(&e.event_id) {
-                duplicates += 1;
-                continue;
-            }
-            self.seen.insert(e.event_id.clone());
-            self.seen_order.push_back(e.event_id.clone());
-            while self.seen_order.len() > self.dedupe_window {
-                if let Some(old) = self.seen_order.pop_front() {
-                    self.seen.remove(&old);
-                }
-            }
-            self.apply(&e.user, &e.item, e.kind, e.timestamp_ms);
-            applied += 1;
-        }
-        (applied, duplicates)
-    }
-
-    /// True when the catalog has `item`.
-    pub fn knows_item(&self, item: &str) -> bool {
-        self.items.contains_key(item)
-    }
-
-    /// The features of one user (empty and `known = false` for a new user).
-    pub fn user(&self, user_id: &str, max_recent: usize) -> pb::UserFeatures {
-        let Some(u) = self.users.get(user_id) else {
-            return pb::UserFeatures {
-                user_id: user_id.to_owned(),
-                ..Default::default()
-            };
-        };
-        let mut recent: Vec<&(String, EventKind, i64)> = u.recent.iter().collect();
-        // Newest first; events can arrive out of order.
-        recent.sort_by_key(|e| std::cmp::Reverse(e.2));
-        let mut categories: Vec<(&String, &f64)> = u.categories.iter().collect();
-        categories.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
-        let mut purchased: Vec<String> = u.purchased.iter().cloned().collect();
-        purchased.sort();
-        pb::UserFeatures {
-            user_id: user_id.to_owned(),
-            known: true,
-            recent: recent
-                .into_iter()
-                .take(max_recent)
-                .map(|(item, kind, ts)| pb::Interaction {
-                    item_id: item.clone(),
-                    event_type: event_type(*kind) as i32,
-                    timestamp_ms: *ts,
-                })
-                .collect(),
-            purchased_item_ids: purchased,
-            top_categories: categories
-                .into_iter()
-                .take(3)
-                .map(|(c, _)| c.clone())
-                .collect(),
-        }
-    }
-
-    /// Features of the known items among `ids`, and the unknown ids.
-    pub fn items(&self, ids: &[String]) -> pb::GetItemsResponse {
-        let mut out = pb::GetItemsResponse::default();
-        for id in ids {
-            match self.items.get(id) {
-                Some(s) => out.items.push(pb::ItemFeatures {
-                    item_id: id.clone(),
-                    attributes: Some(attributes(&s.item)),
-                    views: s.counts[0],
-                    clicks: s.counts[1],
-                    carts: s.counts[2],
-                    purchases: s.counts[3],
-                    popularity: if self.max_score > 0.0 {
-                        s.score / self.max_score
-                    } else {
-                        0.0
-                    },
-                }),
-                None => out.unknown.push(id.clone()),
-            }
-        }
-        out
-    }
+    })
 }
 
 /// The gRPC face of the store.
 #[derive(Debug, Clone)]
 pub struct FeaturesService {
-    store: Arc<RwLock<Store>>,
+    store: Arc<dyn FeatureStore>,
     config: Arc<Config>,
 }
 
 impl FeaturesService {
-    /// A service over a store built from `data`.
-    pub fn new(config: Config, data: &Dataset) -> Self {
+    /// A service over `store`.
+    pub fn new(config: Config, store: Arc<dyn FeatureStore>) -> Self {
         FeaturesService {
-            store: Arc::new(RwLock::new(Store::new(data, &config))),
+            store,
             config: Arc::new(config),
         }
     }
@@ -315,7 +256,6 @@ impl FeaturesService {
             ));
         }
         let now = now_ms();
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
         req.events
             .iter()
             .enumerate()
@@ -324,9 +264,6 @@ impl FeaturesService {
                 check_id(&f("event_id"), &e.event_id)?;
                 check_id(&f("user_id"), &e.user_id)?;
                 check_id(&f("item_id"), &e.item_id)?;
-                if !store.knows_item(&e.item_id) {
-                    return Err(FieldError::new(f("item_id"), format!("unknown item `{}`", e.item_id)));
-                }
                 let kind = event_kind(e.event_type).ok_or_else(|| {
                     FieldError::new(f("event_type"), "must be VIEW, CLICK, ADD_TO_CART or PURCHASE")
                 })?;
@@ -363,8 +300,8 @@ impl pb::features_server::Features for FeaturesService {
             req.max_recent
         };
         let max = max.min(self.config.max_recent_per_user as u32) as usize;
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
-        Ok(Response::new(store.user(&req.user_id, max)))
+        let user = self.store.user(&req.user_id, max).await;
+        Ok(Response::new(user.map_err(store_status)?))
     }
 
     async fn get_items(
@@ -378,8 +315,8 @@ impl pb::features_server::Features for FeaturesService {
                 format!("at most {} ids per call", self.config.max_items_per_call),
             )));
         }
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
-        Ok(Response::new(store.items(&req.item_ids)))
+        let items = self.store.items(&req.item_ids).await;
+        Ok(Response::new(items.map_err(store_status)?))
     }
 
     async fn ingest(
@@ -389,30 +326,37 @@ impl pb::features_server::Features for FeaturesService {
         // Validate the whole batch before applying any of it: a bad event
         // never leaves half a batch applied.
         let events = self.validate(request.get_ref()).map_err(reject)?;
-        let (applied, duplicates) = self
-            .store
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .ingest(&events);
-        metrics::counter!("recmesh_features_events_applied_total").increment(u64::from(applied));
-        metrics::counter!("recmesh_features_dedupe_hits_total").increment(u64::from(duplicates));
+        let done = self.store.ingest(&events).await.map_err(store_status)?;
+        let backend = self.store.backend();
+        metrics::counter!("recmesh_features_events_applied_total", "backend" => backend)
+            .increment(u64::from(done.applied));
+        metrics::counter!("recmesh_features_dedupe_hits_total", "backend" => backend)
+            .increment(u64::from(done.duplicates));
+        if !done.new_items.is_empty() {
+            tracing::info!(items = ?done.new_items, "events on items the catalog does not know yet");
+        }
         Ok(Response::new(pb::IngestResponse {
-            applied,
-            duplicates,
+            applied: done.applied,
+            duplicates: done.duplicates,
+            buffered: done.buffered,
+            new_items: done.new_items,
         }))
     }
 }
 
-/// The features server over `data`, ready to start or run.
-pub fn server(config: Config, data: &Dataset) -> GrpcServer {
-    GrpcServer::new("features", config.server.clone())
-        .add_service(FeaturesServer::new(FeaturesService::new(config, data)))
+/// The features server over `data`, ready to start or run: opens the
+/// configured backend (for Redis: connects and bulk-loads).
+pub async fn server(config: Config, data: &Dataset) -> anyhow::Result<GrpcServer> {
+    let store = open_store(&config, data).await?;
+    tracing::info!(backend = store.backend(), "feature store open");
+    Ok(GrpcServer::new("features", config.server.clone())
+        .add_service(FeaturesServer::new(FeaturesService::new(config, store))))
 }
 
 /// Loads the data, serves until `shutdown`, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let data = config.data.load()?;
-    server(config, &data).run(shutdown).await?;
+    server(config, &data).await?.run(shutdown).await?;
     Ok(())
 }
 
@@ -432,7 +376,15 @@ mod tests {
             .items,
             interactions: vec![],
         };
-        FeaturesService::new(Config::default(), &data)
+        let config = Config {
+            event_log: EventLogConfig {
+                path: PathBuf::new(),
+                fsync: false,
+            },
+            ..Config::default()
+        };
+        let store = memory::MemoryStore::open(&data, config.limits(), None).expect("store");
+        FeaturesService::new(config, Arc::new(store))
     }
 
     fn event(id: &str, kind: pb::EventType) -> pb::Event {
@@ -517,20 +469,6 @@ mod tests {
             .expect("ok")
             .into_inner();
         assert!(!u.known, "nothing of the rejected batch was applied");
-
-        let mut unknown = event("e3", pb::EventType::View);
-        unknown.item_id = "i999999".into();
-        let err = s
-            .ingest(Request::new(pb::IngestRequest {
-                events: vec![unknown],
-            }))
-            .await
-            .expect_err("unknown item");
-        assert!(
-            err.message().starts_with("events[0].item_id"),
-            "{}",
-            err.message()
-        );
 
         let mut seconds = event("e4", pb::EventType::View);
         seconds.timestamp_ms = 1_700_000_000; // seconds, not ms

@@ -765,6 +765,8 @@ impl pb::gateway_server::Gateway for Gateway {
                 self.cache.invalidate(&req.user_id).await;
                 Ok(Response::new(pb::TrackResponse {
                     applied: r.applied == 1,
+                    buffered: r.buffered == 1,
+                    new_item: !r.new_items.is_empty(),
                 }))
             }
             // Field errors come back as `events[0].<field>: ...`; the client sent `<field>`.

@@ -23,10 +23,15 @@ fn main() -> anyhow::Result<()> {
         let features = recmesh_features::server(
             recmesh_features::Config {
                 server: recmesh_server::ServerConfig::ephemeral(),
+                event_log: recmesh_features::EventLogConfig {
+                    path: Default::default(),
+                    fsync: false,
+                },
                 ..Default::default()
             },
             &data,
         )
+        .await?
         .start()
         .await?;
         let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../libs/algo/fixtures/lightgbm/model.txt");

@@ -104,6 +104,9 @@ pub enum UpError {
     /// The experiments config is invalid.
     #[error(transparent)]
     Config(#[from] recmesh_server::ConfigError),
+    /// The feature store could not open (its event log, or Redis).
+    #[error("features: {0:#}")]
+    Features(anyhow::Error),
 }
 
 /// Configs of the five stage services; their server addresses (and
@@ -149,7 +152,11 @@ pub async fn start_stages(
         mut features,
     } = configs;
     features.server = ports.server(5);
-    let features = recmesh_features::server(features, data).start().await?;
+    let features = recmesh_features::server(features, data)
+        .await
+        .map_err(UpError::Features)?
+        .start()
+        .await?;
     retrieval.server = ports.server(1);
     let retrieval = recmesh_retrieval::server(retrieval, data).start().await?;
     ranking.server = ports.server(2);

@@ -83,6 +83,15 @@ enum Command {
         /// Serve the baseline ranking formula instead of training a model at start.
         #[arg(long, conflicts_with = "ranking_model")]
         no_train: bool,
+        /// Event log of the features service (default: `events.tsv` in
+        /// --data-dir, or in a temp folder named after the demo data). Events
+        /// tracked in one run are replayed at the next start.
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// Keep features and the event log in this Redis
+        /// (`redis://host:port`) instead of in memory.
+        #[arg(long, conflicts_with = "events")]
+        redis: Option<String>,
     },
     /// Recommendations for a user.
     Recommend {
@@ -189,7 +198,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             ranking_model,
             no_train,
-        } => up(demo, port, ranking_model, no_train).await,
+            events,
+            redis,
+        } => up(demo, port, ranking_model, no_train, events, redis).await,
         Command::Recommend {
             user,
             count,
@@ -272,8 +283,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            if r.get_ref().applied {
+            let r = r.get_ref();
+            if r.applied || r.buffered {
                 println!("recorded {event} of {item} by {user} (event {event_id})");
+                if r.buffered {
+                    println!(
+                        "  the feature store is unreachable: the event is buffered on disk and applied when it is back"
+                    );
+                }
+                if r.new_item {
+                    println!("  {item} is not in the catalog yet: counted as a new item");
+                }
             } else {
                 println!("event {event_id} was already recorded; nothing applied twice");
             }
@@ -311,6 +331,8 @@ async fn up(
     port: u16,
     ranking_model: Option<PathBuf>,
     no_train: bool,
+    events: Option<PathBuf>,
+    redis: Option<String>,
 ) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
     let source = DataSource {
@@ -335,6 +357,22 @@ async fn up(
         started.elapsed().as_secs_f64()
     );
     let mut stages = recmesh::StageConfigs::default();
+    let state_dir = demo
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("recmesh-{}", data.fingerprint())));
+    if let Some(url) = redis {
+        stages.features.backend = recmesh_features::Backend::Redis;
+        stages.features.redis.url = url;
+        stages.features.redis.buffer_path = state_dir.join("features-buffer.tsv");
+        eprintln!("features: redis at {}", stages.features.redis.url);
+    } else {
+        stages.features.event_log.path = events.unwrap_or_else(|| state_dir.join("events.tsv"));
+        eprintln!(
+            "features: in memory, event log {}",
+            stages.features.event_log.path.display()
+        );
+    }
     if let Some(model) = ranking_model {
         stages.ranking.model_path = model.display().to_string();
     } else if !no_train {

@@ -12,7 +12,7 @@ use recmesh_proto::v1 as pb;
 /// Retrieval and features over one training period.
 pub struct ServedStages {
     retrieval: recmesh_retrieval::RetrievalService,
-    store: recmesh_features::Store,
+    store: recmesh_features::memory::MemoryStore,
     /// The end of the training period, Unix seconds (the "now" of scoring).
     pub now_s: i64,
 }
@@ -39,7 +39,12 @@ impl ServedStages {
                 },
                 train,
             ),
-            store: recmesh_features::Store::new(train, &recmesh_features::Config::default()),
+            store: recmesh_features::memory::MemoryStore::open(
+                train,
+                recmesh_features::Config::default().limits(),
+                None,
+            )
+            .expect("no event file: nothing to fail"),
             now_s: train
                 .interactions
                 .last()
@@ -49,7 +54,7 @@ impl ServedStages {
 
     /// Retrieval's candidates for `user`, never any of `seen`.
     pub fn candidates(&self, user: &str, seen: &[String]) -> anyhow::Result<Candidates> {
-        let profile = self.store.user(user, 20);
+        let profile = self.store.user_features(user, 20);
         let candidates = self
             .retrieval
             .retrieve(&pb::RetrieveRequest {
@@ -65,7 +70,7 @@ impl ServedStages {
         ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
         let features = self
             .store
-            .items(&ids)
+            .item_features(&ids)
             .items
             .into_iter()
             .map(|f| (f.item_id.clone(), Arc::new(f)))

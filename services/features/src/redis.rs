@@ -1,0 +1,675 @@
+//! The production backend: features and the event log in Redis (`fred`),
+//! a moka L1 in front, a local file buffer behind.
+//!
+//! # Keys (prefix `rm` by default)
+//! | key | type | holds |
+//! |---|---|---|
+//! | `rm:events` | stream | the event log (fields `id user item event ts`), trimmed to about `stream_max_len` |
+//! | `rm:seen:<event id>` | string, TTL `dedupe_ttl_s` | dedupe marker |
+//! | `rm:i:<item>` | hash | attributes (`cat brand price stock promo created`), counters `0`–`3` (view, click, cart, purchase), score `s` |
+//! | `rm:pop` | sorted set | item → event-weight sum (popularity; its top is the normaliser) |
+//! | `rm:trend:<category>` | sorted set | item → forward-decayed weight (trending per category) |
+//! | `rm:u:<user>:r` | list | recent `item\tevent\tts`, newest pushed first, trimmed |
+//! | `rm:u:<user>:p` | set | items bought |
+//! | `rm:u:<user>:c` | hash | category → forward-decayed affinity |
+//! | `rm:u:<user>:h` | hash | hour bucket → events (last 7 days) |
+//! | `rm:meta` | hash | `dataset`: fingerprint of the bulk-loaded dataset |
+//!
+//! One Lua script checks the dedupe marker, appends to the stream and
+//! applies the event, atomically: an acknowledged event is in the stream
+//! and in the features exactly once, whatever retries happen. The script
+//! touches keys of one user and one item, so it needs a single Redis (or a
+//! primary with replicas/Sentinel), not Redis Cluster.
+//!
+//! # Outage
+//! Commands fail fast while the connection is down. Reads then answer from
+//! the L1, then from the last value read (the snapshot), then (items) from
+//! the catalog with zero counters. Writes go to the local buffer file,
+//! fsynced before the acknowledgement, and a background task replays it in
+//! order once Redis answers; past `max_buffered` events `Ingest` returns
+//! `UNAVAILABLE`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
+use moka::future::Cache;
+use recmesh_catalog::{Dataset, EventKind, Item};
+use recmesh_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::log::EventFile;
+use crate::now_ms;
+use crate::store::{
+    Counts, FeatureStore, HOURS_KEPT, Ingested, StoreError, UserRaw, ValidEvent, decay_factor,
+    hour_of, item_features, kind_index, user_features,
+};
+
+/// The Redis backend's settings (`[redis]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Prefix of every key, so several meshes can share one Redis.
+    pub key_prefix: String,
+    /// Timeout of one Redis round trip, ms; past it the call falls back.
+    pub command_timeout_ms: u64,
+    /// How long an event id is remembered for deduplication, seconds.
+    pub dedupe_ttl_s: u64,
+    /// Approximate bound of the event stream (`XADD MAXLEN ~`).
+    pub stream_max_len: u64,
+    /// L1 lifetime of a user's features, ms (this instance's own writes
+    /// invalidate at once; other instances' after this long).
+    pub l1_user_ttl_ms: u64,
+    /// L1 lifetime of an item's features, ms.
+    pub l1_item_ttl_ms: u64,
+    /// Entries in each L1 cache, and in each snapshot cache.
+    pub l1_capacity: u64,
+    /// Local buffer file for events while Redis is unreachable.
+    pub buffer_path: PathBuf,
+    /// Most events the buffer holds; past it `Ingest` is refused.
+    pub max_buffered: usize,
+    /// How often the buffer tries to replay while Redis is away, ms.
+    pub replay_interval_ms: u64,
+    /// Commands per pipeline in the bulk load and the replay.
+    pub batch: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            pool_size: 4,
+            key_prefix: "rm".into(),
+            command_timeout_ms: 50,
+            dedupe_ttl_s: 24 * 3600,
+            stream_max_len: 10_000_000,
+            l1_user_ttl_ms: 100,
+            l1_item_ttl_ms: 1_000,
+            l1_capacity: 100_000,
+            buffer_path: PathBuf::from("var/features-buffer.tsv"),
+            max_buffered: 100_000,
+            replay_interval_ms: 200,
+            batch: 1_000,
+        }
+    }
+}
+
+/// The apply script. ARGV: mode (`event` logs and deduplicates, `load` only
+/// applies), prefix, event id, user, item, event name, counter slot, weight,
+/// timestamp, max recent, dedupe TTL, stream bound, decay factor, hour,
+/// oldest hour kept. Returns 0 for a duplicate, 1 applied, 2 applied to an
+/// item the catalog does not know.
+const APPLY_LUA: &str = r#"
+local mode, p, id, user, item, ev, slot, w, ts, maxr, ttl, maxlen, decay, hour, oldest =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9],
+  tonumber(ARGV[10]), ARGV[11], ARGV[12], tonumber(ARGV[13]), ARGV[14], tonumber(ARGV[15])
+if mode == 'event' then
+  if not redis.call('SET', p .. ':seen:' .. id, '1', 'NX', 'EX', ttl) then return 0 end
+  redis.call('XADD', p .. ':events', 'MAXLEN', '~', maxlen, '*',
+    'id', id, 'user', user, 'item', item, 'event', ev, 'ts', ts)
+end
+local ik = p .. ':i:' .. item
+local cat = redis.call('HGET', ik, 'cat')
+redis.call('HINCRBY', ik, slot, 1)
+redis.call('HINCRBYFLOAT', ik, 's', w)
+redis.call('ZINCRBY', p .. ':pop', w, item)
+local uk = p .. ':u:' .. user
+redis.call('LPUSH', uk .. ':r', item .. '\t' .. ev .. '\t' .. ts)
+redis.call('LTRIM', uk .. ':r', 0, maxr - 1)
+if ev == 'purchase' then redis.call('SADD', uk .. ':p', item) end
+redis.call('HINCRBY', uk .. ':h', hour, 1)
+for _, h in ipairs(redis.call('HKEYS', uk .. ':h')) do
+  if tonumber(h) < oldest then redis.call('HDEL', uk .. ':h', h) end
+end
+if cat then
+  redis.call('HINCRBYFLOAT', uk .. ':c', cat, w * decay)
+  redis.call('ZINCRBY', p .. ':trend:' .. cat, w * decay, item)
+  return 1
+end
+return 2
+"#;
+
+/// The outage buffer: the file and its events in order.
+#[derive(Debug)]
+struct Buffer {
+    file: EventFile,
+    queue: VecDeque<ValidEvent>,
+}
+
+/// The Redis feature store.
+#[derive(Debug)]
+pub struct RedisStore {
+    pool: Pool,
+    config: RedisConfig,
+    max_recent: usize,
+    half_life_hours: f64,
+    script_sha: String,
+    catalog: Arc<HashMap<String, Item>>,
+    l1_users: Cache<String, Arc<pb::UserFeatures>>,
+    l1_items: Cache<String, pb::ItemFeatures>,
+    snapshot_users: Cache<String, Arc<pb::UserFeatures>>,
+    snapshot_items: Cache<String, pb::ItemFeatures>,
+    buffer: Mutex<Buffer>,
+    /// Events in the buffer, read without the lock on the fast path.
+    buffered: AtomicUsize,
+}
+
+fn unavailable(e: Error) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn parse_recent(entry: &str) -> Option<(String, EventKind, i64)> {
+    let mut f = entry.split('\t');
+    let item = f.next()?.to_owned();
+    let kind = EventKind::parse(f.next()?)?;
+    let ts = f.next()?.parse().ok()?;
+    Some((item, kind, ts))
+}
+
+impl RedisStore {
+    /// Connects, bulk-loads the dataset unless Redis already holds it,
+    /// reopens the outage buffer, and starts its replay task.
+    pub async fn open(
+        config: RedisConfig,
+        data: &Dataset,
+        max_recent: usize,
+        half_life_hours: f64,
+    ) -> anyhow::Result<Arc<Self>> {
+        let redis_config = Config::from_url(&config.url)
+            .map_err(|e| anyhow::anyhow!("config: `redis.url` {:?}: {e}", config.url))?;
+        let timeout = Duration::from_millis(config.command_timeout_ms);
+        let pool = Builder::from_config(redis_config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .set_policy(ReconnectPolicy::new_constant(0, 100))
+            .build_pool(config.pool_size.max(1))
+            .map_err(|e| anyhow::anyhow!("redis client: {e}"))?;
+        pool.init().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach Redis at {} (`redis.url`): {e}; start it or fix the address",
+                config.url
+            )
+        })?;
+        let script_sha: String = pool
+            .next()
+            .script_load(APPLY_LUA)
+            .await
+            .map_err(|e| anyhow::anyhow!("redis: loading the apply script: {e}"))?;
+        let (file, pending) = EventFile::open(&config.buffer_path, true)?;
+        if !pending.is_empty() {
+            tracing::warn!(events = pending.len(), path = %file.path().display(),
+                "outage buffer holds events from a previous run; replaying them");
+        }
+        let capacity = config.l1_capacity;
+        let store = Arc::new(RedisStore {
+            l1_users: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(Duration::from_millis(config.l1_user_ttl_ms.max(1)))
+                .build(),
+            l1_items: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(Duration::from_millis(config.l1_item_ttl_ms.max(1)))
+                .build(),
+            snapshot_users: Cache::new(capacity),
+            snapshot_items: Cache::new(capacity),
+            buffered: AtomicUsize::new(pending.len()),
+            buffer: Mutex::new(Buffer {
+                file,
+                queue: pending.into(),
+            }),
+            catalog: Arc::new(
+                data.items
+                    .iter()
+                    .map(|i| (i.id.clone(), i.clone()))
+                    .collect(),
+            ),
+            pool,
+            config,
+            max_recent,
+            half_life_hours,
+            script_sha,
+        });
+        store.bulk_load(data).await?;
+        let weak = Arc::downgrade(&store);
+        tokio::spawn(async move {
+            loop {
+                let Some(store) = weak.upgrade() else { return };
+                let pause = Duration::from_millis(store.config.replay_interval_ms.max(1));
+                if store.buffered.load(Ordering::Acquire) > 0 {
+                    store.replay().await;
+                }
+                drop(store);
+                tokio::time::sleep(pause).await;
+            }
+        });
+        Ok(store)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.config.key_prefix)
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            fail_fast: true,
+            max_attempts: Some(1),
+            timeout: Some(Duration::from_millis(self.config.command_timeout_ms)),
+            ..Default::default()
+        }
+    }
+
+    fn args(&self, mode: &str, e: &ValidEvent) -> Vec<String> {
+        let hour = hour_of(e.timestamp_ms);
+        vec![
+            mode.into(),
+            self.config.key_prefix.clone(),
+            e.event_id.clone(),
+            e.user.clone(),
+            e.item.clone(),
+            e.kind.as_str().into(),
+            kind_index(e.kind).to_string(),
+            e.kind.weight().to_string(),
+            e.timestamp_ms.to_string(),
+            self.max_recent.to_string(),
+            self.config.dedupe_ttl_s.max(1).to_string(),
+            self.config.stream_max_len.to_string(),
+            decay_factor(e.timestamp_ms, self.half_life_hours).to_string(),
+            hour.to_string(),
+            (hour - HOURS_KEPT + 1).to_string(),
+        ]
+    }
+
+    /// Runs the apply script for each event in one pipeline; reloads the
+    /// script once if Redis lost it (a restart without its script cache).
+    async fn run_script(&self, mode: &str, events: &[ValidEvent]) -> Result<Vec<i64>, Error> {
+        for attempt in 0..2 {
+            let pipeline = self.pool.next().pipeline().with_options(&self.options());
+            // EVALSHA sha 0 args...: through `custom`, the one way to send
+            // it with per-command options (fail fast, timeout).
+            let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Random, false);
+            for e in events {
+                let mut args = vec![self.script_sha.clone(), "0".to_owned()];
+                args.extend(self.args(mode, e));
+                let _: () = pipeline.custom(evalsha.clone(), args).await?;
+            }
+            match pipeline.all::<Vec<i64>>().await {
+                Err(e) if attempt == 0 && e.details().contains("NOSCRIPT") => {
+                    let _: String = self
+                        .pool
+                        .next()
+                        .with_options(&self.options())
+                        .script_load(APPLY_LUA)
+                        .await?;
+                }
+                // A batch of one comes back as a bare integer.
+                Ok(r) => return Ok(r),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(ErrorKind::Unknown, "NOSCRIPT after reload"))
+    }
+
+    /// Loads the catalog and the dataset's interactions, in pipelines, with
+    /// progress in the log; skipped when Redis already holds this dataset.
+    async fn bulk_load(&self, data: &Dataset) -> anyhow::Result<()> {
+        let client = self.pool.next();
+        let meta = self.key("meta");
+        let fingerprint = data.fingerprint();
+        let loaded: Option<String> = client.hget(&meta, "dataset").await?;
+        match loaded {
+            Some(f) if f == fingerprint => {
+                tracing::info!(%fingerprint, "redis already holds this dataset; bulk load skipped");
+                return Ok(());
+            }
+            Some(f) => anyhow::bail!(
+                "redis at {} holds features of another dataset ({f}, this one is {fingerprint}) \
+                 under prefix `{}`: set `redis.key_prefix` to a new prefix, or delete the old keys \
+                 (redis-cli --scan --pattern '{}:*' | xargs redis-cli del)",
+                self.config.url,
+                self.config.key_prefix,
+                self.config.key_prefix
+            ),
+            None => {}
+        }
+        let started = std::time::Instant::now();
+        let batch = self.config.batch.max(1);
+        for (n, chunk) in data.items.chunks(batch).enumerate() {
+            let pipeline = client.pipeline();
+            for i in chunk {
+                let fields: Vec<(&str, String)> = vec![
+                    ("cat", i.category.clone()),
+                    ("brand", i.brand.clone()),
+                    ("price", i.price.to_string()),
+                    ("stock", u8::from(i.in_stock).to_string()),
+                    ("promo", u8::from(i.promoted).to_string()),
+                    ("created", i.created_at.to_string()),
+                ];
+                let _: () = pipeline
+                    .hset(self.key(&format!("i:{}", i.id)), fields)
+                    .await?;
+            }
+            let _: Vec<Value> = pipeline.all().await?;
+            progress("items", (n + 1) * batch, data.items.len());
+        }
+        let events: Vec<ValidEvent> = data
+            .interactions
+            .iter()
+            .map(|e| ValidEvent {
+                event_id: String::new(),
+                user: e.user.clone(),
+                item: e.item.clone(),
+                kind: e.kind,
+                timestamp_ms: e.timestamp_ms,
+            })
+            .collect();
+        for (n, chunk) in events.chunks(batch).enumerate() {
+            self.run_script("load", chunk).await?;
+            progress("interactions", (n + 1) * batch, events.len());
+        }
+        let _: () = client
+            .hset(&meta, ("dataset", fingerprint.as_str()))
+            .await?;
+        tracing::info!(
+            items = data.items.len(),
+            interactions = events.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "bulk load into redis done"
+        );
+        Ok(())
+    }
+
+    async fn read_user(&self, user_id: &str) -> Result<Option<UserRaw>, Error> {
+        let uk = self.key(&format!("u:{user_id}"));
+        let pipeline = self.pool.next().pipeline().with_options(&self.options());
+        let _: () = pipeline.lrange(format!("{uk}:r"), 0, -1).await?;
+        let _: () = pipeline.smembers(format!("{uk}:p")).await?;
+        let _: () = pipeline.hgetall(format!("{uk}:c")).await?;
+        let _: () = pipeline.hgetall(format!("{uk}:h")).await?;
+        type Read = (
+            Vec<String>,
+            Vec<String>,
+            HashMap<String, f64>,
+            HashMap<i64, u64>,
+        );
+        let (recent, purchased, affinity, hours): Read = pipeline.all().await?;
+        if recent.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(UserRaw {
+            recent: recent.iter().filter_map(|r| parse_recent(r)).collect(),
+            purchased,
+            affinity,
+            hours: hours.into_iter().collect(),
+        }))
+    }
+
+    async fn read_items(&self, ids: &[String]) -> Result<Vec<Option<pb::ItemFeatures>>, Error> {
+        let pipeline = self.pool.next().pipeline().with_options(&self.options());
+        let _: () = pipeline
+            .zrange(self.key("pop"), 0, 0, None, true, None, true)
+            .await?;
+        for id in ids {
+            let _: () = pipeline
+                .hmget(self.key(&format!("i:{id}")), vec!["0", "1", "2", "3", "s"])
+                .await?;
+        }
+        let mut values: Vec<Value> = pipeline.all().await?;
+        // [member, score] of the most popular item.
+        let top: Vec<String> = values.remove(0).convert().unwrap_or_default();
+        let max = top.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        Ok(ids
+            .iter()
+            .zip(values)
+            .map(|(id, v)| {
+                let item = self.catalog.get(id)?;
+                let f: Vec<Option<String>> = v.convert().unwrap_or_default();
+                let num = |n: usize| {
+                    f.get(n)
+                        .and_then(|x| x.as_deref())
+                        .and_then(|x| x.parse().ok())
+                };
+                let counts: Counts = [0, 1, 2, 3].map(|n| num(n).unwrap_or(0));
+                let score = f
+                    .get(4)
+                    .and_then(|x| x.as_deref())
+                    .and_then(|x| x.parse().ok());
+                Some(item_features(item, counts, score.unwrap_or(0.0), max))
+            })
+            .collect())
+    }
+
+    /// Replays the buffer in order, a pipeline at a time, until it is empty
+    /// or Redis fails again.
+    async fn replay(&self) {
+        let mut buffer = self.buffer.lock().await;
+        let total = buffer.queue.len();
+        let mut replayed = 0usize;
+        while !buffer.queue.is_empty() {
+            let n = buffer.queue.len().min(self.config.batch.max(1));
+            let chunk: Vec<ValidEvent> = buffer.queue.iter().take(n).cloned().collect();
+            match self.run_script("event", &chunk).await {
+                Ok(_) => {
+                    buffer.queue.drain(..n);
+                    replayed += n;
+                    self.buffered.store(buffer.queue.len(), Ordering::Release);
+                    metrics::counter!("recmesh_features_replayed_total").increment(n as u64);
+                    for e in &chunk {
+                        self.l1_users.invalidate(&e.user).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, left = buffer.queue.len(), "replay paused: redis still unreachable");
+                    break;
+                }
+            }
+        }
+        if buffer.queue.is_empty()
+            && let Err(e) = buffer.file.clear()
+        {
+            tracing::error!(error = %e, "outage buffer replayed but the file could not be cleared; \
+                its events will be replayed again (deduplicated) at the next start");
+        }
+        metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
+        if replayed > 0 {
+            tracing::info!(
+                replayed,
+                total,
+                left = buffer.queue.len(),
+                "outage buffer replayed into redis"
+            );
+        }
+    }
+
+    /// Appends events to the outage buffer (durably) or refuses them.
+    async fn buffer(&self, events: &[ValidEvent], reason: &str) -> Result<Ingested, StoreError> {
+        let mut buffer = self.buffer.lock().await;
+        if buffer.queue.len() + events.len() > self.config.max_buffered {
+            metrics::counter!("recmesh_features_rejected_total", "reason" => "buffer_full")
+                .increment(events.len() as u64);
+            return Err(StoreError::NotRecorded(format!(
+                "redis is unreachable ({reason}) and the outage buffer is full \
+                 ({} of {} events, `redis.max_buffered`); retry later",
+                buffer.queue.len(),
+                self.config.max_buffered
+            )));
+        }
+        if buffer.queue.is_empty() {
+            tracing::warn!(
+                reason,
+                "redis unreachable: buffering events to {}",
+                buffer.file.path().display()
+            );
+        }
+        buffer
+            .file
+            .append(events)
+            .map_err(|e| StoreError::NotRecorded(format!("outage buffer: {e}")))?;
+        buffer.queue.extend(events.iter().cloned());
+        self.buffered.store(buffer.queue.len(), Ordering::Release);
+        metrics::counter!("recmesh_features_buffered_total").increment(events.len() as u64);
+        metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
+        Ok(Ingested {
+            buffered: events.len() as u32,
+            ..Default::default()
+        })
+    }
+
+    /// Events waiting in the outage buffer.
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Acquire)
+    }
+
+    /// Entries in the event stream and the consumer groups' lag (Redis 7),
+    /// for the `recmesh_features_stream_*` gauges.
+    pub async fn stream_len(&self) -> Result<u64, StoreError> {
+        self.pool
+            .next()
+            .with_options(&self.options())
+            .xlen(self.key("events"))
+            .await
+            .map_err(unavailable)
+    }
+}
+
+fn progress(what: &str, done: usize, total: usize) {
+    let done = done.min(total);
+    let step = (total / 10).max(1);
+    if done == total || done % step < (done.saturating_sub(1) % step) {
+        tracing::info!(what, done, total, "bulk load");
+    }
+}
+
+#[tonic::async_trait]
+impl FeatureStore for RedisStore {
+    async fn user(&self, user_id: &str, max_recent: usize) -> Result<pb::UserFeatures, StoreError> {
+        let shorten = |u: &pb::UserFeatures| {
+            let mut u = u.clone();
+            u.recent.truncate(max_recent);
+            u
+        };
+        if let Some(u) = self.l1_users.get(user_id).await {
+            metrics::counter!("recmesh_features_l1_total", "kind" => "user", "result" => "hit")
+                .increment(1);
+            return Ok(shorten(&u));
+        }
+        metrics::counter!("recmesh_features_l1_total", "kind" => "user", "result" => "miss")
+            .increment(1);
+        match self.read_user(user_id).await {
+            Ok(raw) => {
+                let full = Arc::new(user_features(user_id, raw, self.max_recent, now_ms()));
+                self.l1_users
+                    .insert(user_id.to_owned(), Arc::clone(&full))
+                    .await;
+                self.snapshot_users
+                    .insert(user_id.to_owned(), Arc::clone(&full))
+                    .await;
+                Ok(shorten(&full))
+            }
+            Err(e) => {
+                metrics::counter!("recmesh_features_stale_reads_total", "kind" => "user")
+                    .increment(1);
+                match self.snapshot_users.get(user_id).await {
+                    Some(u) => Ok(shorten(&u)),
+                    None => Err(unavailable(e)),
+                }
+            }
+        }
+    }
+
+    async fn items(&self, ids: &[String]) -> Result<pb::GetItemsResponse, StoreError> {
+        let mut found: Vec<Option<pb::ItemFeatures>> = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for (n, id) in ids.iter().enumerate() {
+            let hit = self.l1_items.get(id).await;
+            if hit.is_none() && self.catalog.contains_key(id) {
+                missing.push(n);
+            }
+            found.push(hit);
+        }
+        metrics::counter!("recmesh_features_l1_total", "kind" => "item", "result" => "miss")
+            .increment(missing.len() as u64);
+        if !missing.is_empty() {
+            let wanted: Vec<String> = missing.iter().map(|&n| ids[n].clone()).collect();
+            match self.read_items(&wanted).await {
+                Ok(read) => {
+                    for (&n, f) in missing.iter().zip(read) {
+                        if let Some(f) = &f {
+                            self.l1_items.insert(ids[n].clone(), f.clone()).await;
+                            self.snapshot_items.insert(ids[n].clone(), f.clone()).await;
+                        }
+                        found[n] = f;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "item read failed; answering from the snapshot and the catalog");
+                    metrics::counter!("recmesh_features_stale_reads_total", "kind" => "item")
+                        .increment(missing.len() as u64);
+                    for &n in &missing {
+                        found[n] = match self.snapshot_items.get(&ids[n]).await {
+                            Some(f) => Some(f),
+                            None => self
+                                .catalog
+                                .get(&ids[n])
+                                .map(|i| item_features(i, [0; 4], 0.0, 0.0)),
+                        };
+                    }
+                }
+            }
+        }
+        let mut out = pb::GetItemsResponse::default();
+        for (id, f) in ids.iter().zip(found) {
+            match f {
+                Some(f) => out.items.push(f),
+                None => out.unknown.push(id.clone()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ingest(&self, events: &[ValidEvent]) -> Result<Ingested, StoreError> {
+        // While older events wait in the buffer, newer ones queue behind
+        // them: the stream keeps the order events were acknowledged in.
+        if self.buffered.load(Ordering::Acquire) > 0 {
+            return self.buffer(events, "buffer still replaying").await;
+        }
+        let results = match self.run_script("event", events).await {
+            Ok(r) => r,
+            Err(e) => return self.buffer(events, &e.to_string()).await,
+        };
+        let mut out = Ingested::default();
+        for (e, r) in events.iter().zip(&results) {
+            match r {
+                0 => out.duplicates += 1,
+                2 => {
+                    out.applied += 1;
+                    if !out.new_items.contains(&e.item) {
+                        out.new_items.push(e.item.clone());
+                    }
+                }
+                _ => out.applied += 1,
+            }
+        }
+        for e in events {
+            self.l1_users.invalidate(&e.user).await;
+            self.l1_items.invalidate(&e.item).await;
+        }
+        Ok(out)
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
