@@ -17,6 +17,7 @@ pub mod log;
 pub mod memory;
 pub mod redis;
 pub mod store;
+pub mod testkit;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -30,6 +30,7 @@
 //! `UNAVAILABLE`.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -167,6 +168,26 @@ fn unavailable(e: Error) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
+/// Bounds a Redis call by `limit` on our side too, so no reconnect or
+/// `LOADING` phase of a restarting Redis can hold a caller past its budget,
+/// whatever fred does with commands caught by a dying connection. A command abandoned here may
+/// still run after the reconnect; the apply script's dedupe makes that
+/// harmless.
+async fn within<T>(
+    limit: Option<Duration>,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no answer within {} ms", limit.as_millis()),
+            ))
+        }),
+        None => call.await,
+    }
+}
+
 fn parse_recent(entry: &str) -> Option<(String, EventKind, i64)> {
     let mut f = entry.split('\t');
     let item = f.next()?.to_owned();
@@ -193,7 +214,9 @@ impl RedisStore {
                 c.internal_command_timeout = Duration::from_secs(2);
                 c.max_command_attempts = 1;
             })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
+            // Serving calls carry their own short timeout (`options`); bulk
+            // calls a long one (`bulk_options`).
+            .with_performance_config(|p| p.default_command_timeout = timeout * 100)
             .set_policy(ReconnectPolicy::new_constant(0, 100))
             .build_pool(config.pool_size.max(1))
             .map_err(|e| anyhow::anyhow!("redis client: {e}"))?;
@@ -271,6 +294,15 @@ impl RedisStore {
         }
     }
 
+    /// Options of the bulk load and the replay: pipelines of `batch`
+    /// scripts, each fsynced by an `appendfsync always` Redis.
+    fn bulk_options(&self) -> Options {
+        Options {
+            timeout: Some(Duration::from_secs(30)),
+            ..self.options()
+        }
+    }
+
     fn args(&self, mode: &str, e: &ValidEvent) -> Vec<String> {
         let hour = hour_of(e.timestamp_ms);
         vec![
@@ -294,9 +326,14 @@ impl RedisStore {
 
     /// Runs the apply script for each event in one pipeline; reloads the
     /// script once if Redis lost it (a restart without its script cache).
-    async fn run_script(&self, mode: &str, events: &[ValidEvent]) -> Result<Vec<i64>, Error> {
+    async fn run_script(
+        &self,
+        mode: &str,
+        events: &[ValidEvent],
+        options: &Options,
+    ) -> Result<Vec<i64>, Error> {
         for attempt in 0..2 {
-            let pipeline = self.pool.next().pipeline().with_options(&self.options());
+            let pipeline = self.pool.next().pipeline().with_options(options);
             // EVALSHA sha 0 args...: through `custom`, the one way to send
             // it with per-command options (fail fast, timeout).
             let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Random, false);
@@ -305,12 +342,12 @@ impl RedisStore {
                 args.extend(self.args(mode, e));
                 let _: () = pipeline.custom(evalsha.clone(), args).await?;
             }
-            match pipeline.all::<Vec<i64>>().await {
+            match within(options.timeout, pipeline.all::<Vec<i64>>()).await {
                 Err(e) if attempt == 0 && e.details().contains("NOSCRIPT") => {
                     let _: String = self
                         .pool
                         .next()
-                        .with_options(&self.options())
+                        .with_options(options)
                         .script_load(APPLY_LUA)
                         .await?;
                 }
@@ -376,7 +413,7 @@ impl RedisStore {
             })
             .collect();
         for (n, chunk) in events.chunks(batch).enumerate() {
-            self.run_script("load", chunk).await?;
+            self.run_script("load", chunk, &self.bulk_options()).await?;
             progress("interactions", (n + 1) * batch, events.len());
         }
         let _: () = client
@@ -404,7 +441,8 @@ impl RedisStore {
             HashMap<String, f64>,
             HashMap<i64, u64>,
         );
-        let (recent, purchased, affinity, hours): Read = pipeline.all().await?;
+        let (recent, purchased, affinity, hours): Read =
+            within(self.options().timeout, pipeline.all()).await?;
         if recent.is_empty() {
             return Ok(None);
         }
@@ -426,7 +464,7 @@ impl RedisStore {
                 .hmget(self.key(&format!("i:{id}")), vec!["0", "1", "2", "3", "s"])
                 .await?;
         }
-        let mut values: Vec<Value> = pipeline.all().await?;
+        let mut values: Vec<Value> = within(self.options().timeout, pipeline.all()).await?;
         // [member, score] of the most popular item.
         let top: Vec<String> = values.remove(0).convert().unwrap_or_default();
         let max = top.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
@@ -452,42 +490,52 @@ impl RedisStore {
     }
 
     /// Replays the buffer in order, a pipeline at a time, until it is empty
-    /// or Redis fails again.
+    /// or Redis fails again. The lock is not held during the Redis call:
+    /// `Ingest` keeps appending to the back (and answering) meanwhile, and
+    /// only this task removes from the front.
     async fn replay(&self) {
-        let mut buffer = self.buffer.lock().await;
-        let total = buffer.queue.len();
+        let options = Options {
+            timeout: Some(Duration::from_millis(
+                self.config.command_timeout_ms.saturating_mul(20),
+            )),
+            ..self.options()
+        };
         let mut replayed = 0usize;
-        while !buffer.queue.is_empty() {
-            let n = buffer.queue.len().min(self.config.batch.max(1));
-            let chunk: Vec<ValidEvent> = buffer.queue.iter().take(n).cloned().collect();
-            match self.run_script("event", &chunk).await {
-                Ok(_) => {
-                    buffer.queue.drain(..n);
-                    replayed += n;
-                    self.buffered.store(buffer.queue.len(), Ordering::Release);
-                    metrics::counter!("recmesh_features_replayed_total").increment(n as u64);
-                    for e in &chunk {
-                        self.l1_users.invalidate(&e.user).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, left = buffer.queue.len(), "replay paused: redis still unreachable");
-                    break;
-                }
+        loop {
+            let chunk: Vec<ValidEvent> = {
+                let buffer = self.buffer.lock().await;
+                let n = buffer.queue.len().min(self.config.batch.max(1));
+                buffer.queue.iter().take(n).cloned().collect()
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            if let Err(e) = self.run_script("event", &chunk, &options).await {
+                tracing::debug!(error = %e, "replay paused: redis still unreachable");
+                break;
+            }
+            let mut buffer = self.buffer.lock().await;
+            buffer.queue.drain(..chunk.len());
+            replayed += chunk.len();
+            self.buffered.store(buffer.queue.len(), Ordering::Release);
+            metrics::counter!("recmesh_features_replayed_total").increment(chunk.len() as u64);
+            metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
+            if buffer.queue.is_empty()
+                && let Err(e) = buffer.file.clear()
+            {
+                tracing::error!(error = %e, "outage buffer replayed but the file could not be cleared; \
+                    its events will be replayed again (deduplicated) at the next start");
+            }
+            drop(buffer);
+            for e in &chunk {
+                self.l1_users.invalidate(&e.user).await;
+                self.l1_items.invalidate(&e.item).await;
             }
         }
-        if buffer.queue.is_empty()
-            && let Err(e) = buffer.file.clear()
-        {
-            tracing::error!(error = %e, "outage buffer replayed but the file could not be cleared; \
-                its events will be replayed again (deduplicated) at the next start");
-        }
-        metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
         if replayed > 0 {
             tracing::info!(
                 replayed,
-                total,
-                left = buffer.queue.len(),
+                left = self.buffered(),
                 "outage buffer replayed into redis"
             );
         }
@@ -645,7 +693,7 @@ impl FeatureStore for RedisStore {
         if self.buffered.load(Ordering::Acquire) > 0 {
             return self.buffer(events, "buffer still replaying").await;
         }
-        let results = match self.run_script("event", events).await {
+        let results = match self.run_script("event", events, &self.options()).await {
             Ok(r) => r,
             Err(e) => return self.buffer(events, &e.to_string()).await,
         };

@@ -1,0 +1,315 @@
+//! The feature-store contract, run against both backends (the memory one
+//! with its event file, the Redis one against a real `redis-server`), and
+//! the Redis backend's outage behaviour: stale reads, the durable buffer, a
+//! kill -9 of Redis in the middle of a stream of `Ingest` calls.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use recmesh_catalog::{Dataset, EventKind, Interaction, Item};
+use recmesh_features::redis::{RedisConfig, RedisStore};
+use recmesh_features::testkit::RedisServer;
+use recmesh_features::{Backend, Config, EventLogConfig, FeatureStore, ValidEvent, open_store};
+use recmesh_proto::v1 as pb;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn scratch(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "recmesh-contract-{what}-{}-{n}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Ten items in two categories; u0 viewed i1 then bought i2 a day ago.
+fn data() -> Dataset {
+    let items = (0..10)
+        .map(|n| Item {
+            id: format!("i{n}"),
+            category: if n < 5 { "books" } else { "games" }.into(),
+            brand: "acme".into(),
+            price: 10.0 + f64::from(n),
+            in_stock: true,
+            promoted: false,
+            created_at: 1_700_000_000,
+            title: format!("Item {n}"),
+        })
+        .collect();
+    let day_ago = now_ms() - 86_400_000;
+    let interactions = vec![
+        Interaction {
+            user: "u0".into(),
+            item: "i1".into(),
+            kind: EventKind::View,
+            timestamp_ms: day_ago,
+        },
+        Interaction {
+            user: "u0".into(),
+            item: "i2".into(),
+            kind: EventKind::Purchase,
+            timestamp_ms: day_ago + 1_000,
+        },
+    ];
+    Dataset {
+        items,
+        interactions,
+    }
+}
+
+fn event(id: &str, user: &str, item: &str, kind: EventKind, ts: i64) -> ValidEvent {
+    ValidEvent {
+        event_id: id.into(),
+        user: user.into(),
+        item: item.into(),
+        kind,
+        timestamp_ms: ts,
+    }
+}
+
+fn memory_config(dir: &std::path::Path) -> Config {
+    Config {
+        event_log: EventLogConfig {
+            path: dir.join("events.tsv"),
+            fsync: true,
+        },
+        ..Config::default()
+    }
+}
+
+fn redis_config(server: &RedisServer, dir: &std::path::Path) -> Config {
+    Config {
+        backend: Backend::Redis,
+        redis: RedisConfig {
+            url: server.url(),
+            buffer_path: dir.join("buffer.tsv"),
+            replay_interval_ms: 20,
+            ..RedisConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// What every backend must do.
+async fn contract(store: Arc<dyn FeatureStore>) {
+    // The dataset's history is there from the start.
+    let u0 = store.user("u0", 10).await.expect("u0");
+    assert!(u0.known);
+    let recent: Vec<&str> = u0.recent.iter().map(|r| r.item_id.as_str()).collect();
+    assert_eq!(recent, ["i2", "i1"], "newest first");
+    assert_eq!(u0.purchased_item_ids, ["i2"]);
+    assert_eq!(u0.top_categories, ["books"]);
+    assert_eq!((u0.events_24h, u0.events_7d), (0, 2), "a day old: 7 d only");
+
+    let now = now_ms();
+    let batch = vec![
+        event("e1", "u9", "i3", EventKind::View, now - 3_000),
+        event("e2", "u9", "i3", EventKind::Click, now - 2_000),
+        event("e3", "u9", "i7", EventKind::Purchase, now - 1_000),
+    ];
+    let r = store.ingest(&batch).await.expect("ingest");
+    assert_eq!((r.applied, r.duplicates, r.buffered), (3, 0, 0));
+
+    // Idempotent: a replay applies nothing, a duplicate inside one batch once.
+    let mut again = batch.clone();
+    again.push(event("e4", "u9", "i3", EventKind::View, now));
+    let r = store.ingest(&again).await.expect("replay");
+    assert_eq!((r.applied, r.duplicates), (1, 3));
+    let twice = vec![
+        event("e5", "u9", "i4", EventKind::View, now),
+        event("e5", "u9", "i4", EventKind::View, now),
+    ];
+    let r = store.ingest(&twice).await.expect("batch duplicate");
+    assert_eq!((r.applied, r.duplicates), (1, 1));
+
+    // An item the catalog does not know is applied and flagged as new.
+    let r = store
+        .ingest(&[event("e6", "u9", "brand-new", EventKind::View, now)])
+        .await
+        .expect("new item");
+    assert_eq!(r.applied, 1);
+    assert_eq!(r.new_items, ["brand-new"]);
+
+    let u9 = store.user("u9", 3).await.expect("u9");
+    assert!(u9.known);
+    assert_eq!(u9.recent.len(), 3, "max_recent is honoured");
+    assert_eq!(u9.purchased_item_ids, ["i7"]);
+    // games: a purchase (8); books: view, click, view, view (5).
+    assert_eq!(u9.top_categories, ["games", "books"]);
+    assert!((u9.category_affinity["games"] - 1.0).abs() < 1e-9);
+    let books = u9.category_affinity["books"];
+    assert!(
+        (0.6..0.63).contains(&books),
+        "5/8 with a few seconds of decay: {books}"
+    );
+    assert_eq!((u9.events_24h, u9.events_7d), (6, 6));
+
+    // One call for many items: counters, CTR, popularity; unknown listed.
+    let ids: Vec<String> = ["i3", "i7", "nope", "brand-new"].map(String::from).to_vec();
+    let items = store.items(&ids).await.expect("items");
+    let by_id = |id: &str| -> &pb::ItemFeatures {
+        items
+            .items
+            .iter()
+            .find(|i| i.item_id == id)
+            .expect("item present")
+    };
+    let i3 = by_id("i3");
+    assert_eq!((i3.views, i3.clicks, i3.carts, i3.purchases), (2, 1, 0, 0));
+    assert!((i3.ctr - 0.5).abs() < 1e-12);
+    assert_eq!(
+        i3.attributes.as_ref().map(|a| a.category.as_str()),
+        Some("books")
+    );
+    let i7 = by_id("i7");
+    assert_eq!(i7.purchases, 1);
+    // i7 and i2 (bought in the dataset) share the top score 8; i3 has 1+2+1.
+    assert!((i7.popularity - 1.0).abs() < 1e-12);
+    assert!((i3.popularity - 0.5).abs() < 1e-12);
+    assert_eq!(items.unknown, ["nope", "brand-new"]);
+
+    // A user never seen is cold, not an error.
+    let cold = store.user("nobody", 10).await.expect("cold user");
+    assert!(!cold.known && cold.recent.is_empty());
+}
+
+#[tokio::test]
+async fn memory_backend_keeps_the_contract() {
+    let dir = scratch("memory");
+    let store = open_store(&memory_config(&dir), &data())
+        .await
+        .expect("open");
+    contract(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backend_keeps_the_contract() {
+    let dir = scratch("redis");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let store = open_store(&redis_config(&server, &dir), &data())
+        .await
+        .expect("open");
+    contract(store).await;
+}
+
+#[tokio::test]
+async fn memory_backend_replays_its_event_file_after_a_restart() {
+    let dir = scratch("memory-restart");
+    let config = memory_config(&dir);
+    let data = data();
+    let store = open_store(&config, &data).await.expect("open");
+    let now = now_ms();
+    store
+        .ingest(&[event("r1", "u5", "i8", EventKind::AddToCart, now)])
+        .await
+        .expect("ingest");
+    drop(store);
+    let store = open_store(&config, &data).await.expect("reopen");
+    let u5 = store.user("u5", 10).await.expect("u5");
+    assert_eq!(u5.recent.len(), 1, "the acknowledged event survived");
+    let r = store
+        .ingest(&[event("r1", "u5", "i8", EventKind::AddToCart, now)])
+        .await
+        .expect("replay");
+    assert_eq!(r.duplicates, 1, "and its id is still remembered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_bulk_load_runs_once_and_refuses_another_dataset() {
+    let dir = scratch("redis-load");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let config = redis_config(&server, &dir);
+    let data = data();
+    let store = open_store(&config, &data).await.expect("first open loads");
+    store
+        .ingest(&[event("x1", "u0", "i1", EventKind::View, now_ms())])
+        .await
+        .expect("ingest");
+    drop(store);
+    let store = open_store(&config, &data).await.expect("second open");
+    let u0 = store.user("u0", 10).await.expect("u0");
+    assert_eq!(u0.recent.len(), 3, "history not loaded twice: 2 + 1");
+
+    let mut other = data.clone();
+    other.items.truncate(3);
+    other.interactions.clear();
+    let err = open_store(&config, &other)
+        .await
+        .expect_err("another dataset")
+        .to_string();
+    assert!(err.contains("`redis.key_prefix`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
+    let dir = scratch("redis-outage");
+    let mut server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = redis_config(&server, &dir);
+    config.redis.max_buffered = 3;
+    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
+        .await
+        .expect("open");
+    let ids = vec!["i1".to_string(), "i2".to_string()];
+    let before = store.user("u0", 10).await.expect("u0");
+    let items_before = store.items(&ids).await.expect("items");
+
+    server.kill();
+    // Let the L1 entries expire: what answers now is the snapshot.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(store.user("u0", 10).await.expect("stale u0"), before);
+    assert_eq!(store.items(&ids).await.expect("stale items"), items_before);
+    let err = store.user("never-read", 10).await.expect_err("no snapshot");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+
+    let now = now_ms();
+    let r = store
+        .ingest(&[
+            event("o1", "u0", "i3", EventKind::View, now),
+            event("o2", "u0", "i4", EventKind::View, now),
+        ])
+        .await
+        .expect("buffered");
+    assert_eq!((r.applied, r.buffered), (0, 2));
+    let err = store
+        .ingest(&[
+            event("o3", "u0", "i5", EventKind::View, now),
+            event("o4", "u0", "i6", EventKind::View, now),
+        ])
+        .await
+        .expect_err("past the bound");
+    assert!(err.to_string().contains("redis.max_buffered"), "{err}");
+    assert_eq!(
+        store.buffered(),
+        2,
+        "the refused batch left the buffer as it was"
+    );
+
+    server.restart().expect("restart");
+    let started = Instant::now();
+    while store.buffered() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replay did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let u0 = store.user("u0", 10).await.expect("u0 after replay");
+    let recent: Vec<&str> = u0.recent.iter().map(|r| r.item_id.as_str()).collect();
+    assert_eq!(
+        &recent[..2]
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        &["i3", "i4"].into_iter().collect()
+    );
+    assert_eq!(store.stream_len().await.expect("xlen"), 2);
+}
