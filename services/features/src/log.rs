@@ -82,6 +82,42 @@ fn parse(text: &str) -> Result<ValidEvent, String> {
     })
 }
 
+/// The events of complete lines of an event file's text.
+fn parse_lines(path: &Path, text: &str) -> Result<Vec<ValidEvent>, LogError> {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER.trim_end()) {
+        return Err(LogError::Parse {
+            path: path.to_owned(),
+            line: 1,
+            reason: format!(
+                "not an event log: the header must be `{}`",
+                HEADER.trim_end()
+            ),
+        });
+    }
+    lines
+        .enumerate()
+        .map(|(n, l)| {
+            parse(l).map_err(|reason| LogError::Parse {
+                path: path.to_owned(),
+                line: n + 2,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// Reads an event file without changing it (a writer may be appending: a
+/// last line without its newline is ignored, not cut).
+pub fn read_events(path: &Path) -> Result<Vec<ValidEvent>, LogError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LogError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let complete = text.rfind('\n').map_or(0, |n| n + 1);
+    parse_lines(path, &text[..complete])
+}
+
 impl EventFile {
     /// Opens (or creates) the file and returns the events already in it.
     ///
@@ -115,27 +151,7 @@ impl EventFile {
             file.set_len(complete as u64).map_err(io)?;
             file.seek(SeekFrom::End(0)).map_err(io)?;
         }
-        let mut lines = text[..complete].lines();
-        if lines.next() != Some(HEADER.trim_end()) {
-            return Err(LogError::Parse {
-                path: path.to_owned(),
-                line: 1,
-                reason: format!(
-                    "not an event log: the header must be `{}`",
-                    HEADER.trim_end()
-                ),
-            });
-        }
-        let events = lines
-            .enumerate()
-            .map(|(n, l)| {
-                parse(l).map_err(|reason| LogError::Parse {
-                    path: path.to_owned(),
-                    line: n + 2,
-                    reason,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = parse_lines(path, &text[..complete])?;
         let len = events.len();
         Ok((
             EventFile {

@@ -311,5 +311,48 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
             .collect::<std::collections::BTreeSet<_>>(),
         &["i3", "i4"].into_iter().collect()
     );
-    assert_eq!(store.stream_len().await.expect("xlen"), 2);
+    assert_eq!(store.stream_stats().await.expect("xlen").0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_exports_through_a_consumer_group_once_per_event() {
+    use recmesh_features::redis::{Export, export_stream};
+    let dir = scratch("redis-export");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let config = redis_config(&server, &dir);
+    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
+        .await
+        .expect("open");
+    let now = now_ms();
+    let first: Vec<ValidEvent> = (0..5)
+        .map(|n| event(&format!("x{n}"), "u1", "i1", EventKind::Click, now + n))
+        .collect();
+    store.ingest(&first).await.expect("ingest");
+    let export = Export {
+        url: server.url(),
+        key_prefix: "rm".into(),
+        group: "trainer".into(),
+        consumer: "test".into(),
+        out: dir.join("export.tsv"),
+        follow: false,
+    };
+    assert_eq!(export_stream(&export).await.expect("export"), 5);
+    assert_eq!(
+        export_stream(&export).await.expect("again"),
+        0,
+        "nothing new"
+    );
+    let more = vec![event("x9", "u2", "i2", EventKind::Purchase, now)];
+    store.ingest(&more).await.expect("ingest");
+    let (len, groups) = store.stream_stats().await.expect("stats");
+    assert_eq!(
+        (len, groups),
+        (6, vec![("trainer".to_string(), 1)]),
+        "one event not yet exported"
+    );
+    assert_eq!(export_stream(&export).await.expect("export"), 1);
+    let exported = recmesh_features::log::read_events(&export.out).expect("read");
+    let mut expected = first;
+    expected.extend(more);
+    assert_eq!(exported, expected, "in order, each once");
 }

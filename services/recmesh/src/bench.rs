@@ -131,6 +131,115 @@ pub async fn run(
     Ok(total)
 }
 
+/// What a freshness run measured.
+#[derive(Debug, Default)]
+pub struct FreshnessReport {
+    /// `Track` sent → acknowledged.
+    pub ack: Vec<Duration>,
+    /// `Track` sent → a `Recommend` answered with a history-based (CF)
+    /// candidate for the item just viewed.
+    pub visible: Vec<Duration>,
+    /// Samples whose first `Recommend` after the ack did not show it yet.
+    pub stale_first: usize,
+    /// Samples that never showed it within the 2 s limit, or failed.
+    pub never: usize,
+}
+
+impl FreshnessReport {
+    /// A Markdown summary.
+    pub fn render(&mut self) -> String {
+        let mut out = format!(
+            "{} samples; first Recommend after the ack already fresh in {} of them; {} never fresh within 2 s\n\n",
+            self.visible.len() + self.never,
+            self.visible.len().saturating_sub(self.stale_first),
+            self.never
+        );
+        out.push_str("| measured | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|\n");
+        for (name, v) in [
+            ("Track acknowledged", &mut self.ack),
+            ("Track sent → visible in Recommend", &mut self.visible),
+        ] {
+            out.push_str(&format!(
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                ms(quantile(v, 0.5)),
+                ms(quantile(v, 0.9)),
+                ms(quantile(v, 0.99)),
+                ms(quantile(v, 1.0)),
+            ));
+        }
+        out
+    }
+}
+
+/// Freshness: for `samples` new users, one after another, `Track` a view of
+/// a popular item, then call `Recommend` until an answer carries a CF
+/// candidate (a history-based source: "because you viewed ..."). A new user
+/// has no CF candidates before the event, so their appearance is the event
+/// reaching the pipeline.
+pub async fn freshness(gateway: &str, samples: usize) -> anyhow::Result<FreshnessReport> {
+    let mut client = crate::client::connect(gateway).await?;
+    let popular: Vec<String> = client
+        .trending(pb::TrendingRequest {
+            category: String::new(),
+            count: 50,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("Trending: {}", s.message()))?
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|i| i.item_id)
+        .collect();
+    anyhow::ensure!(
+        !popular.is_empty(),
+        "the gateway returned no trending items to view"
+    );
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut report = FreshnessReport::default();
+    for n in 0..samples {
+        let user = format!("fresh-{run}-{n}");
+        let sent = Instant::now();
+        let tracked = client
+            .track(pb::TrackRequest {
+                event_id: format!("{user}-view"),
+                user_id: user.clone(),
+                item_id: popular[n % popular.len()].clone(),
+                event_type: pb::EventType::View as i32,
+                timestamp_ms: 0,
+            })
+            .await;
+        if tracked.is_err() {
+            report.never += 1;
+            continue;
+        }
+        report.ack.push(sent.elapsed());
+        let mut polls = 0;
+        loop {
+            polls += 1;
+            let answer = client
+                .recommend(pb::RecommendRequest {
+                    user_id: user.clone(),
+                    count: 10,
+                    ..Default::default()
+                })
+                .await;
+            if answer.is_ok_and(|a| a.into_inner().items.iter().any(|i| i.source == "cf")) {
+                report.visible.push(sent.elapsed());
+                report.stale_first += usize::from(polls > 1);
+                break;
+            }
+            if sent.elapsed() > Duration::from_secs(2) {
+                report.never += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

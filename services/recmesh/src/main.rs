@@ -165,6 +165,15 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Freshness: Track a view for a new user, then Recommend until a
+    /// history-based candidate appears; p50/p99 of both.
+    Freshness {
+        /// New users to try, one after another.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Write the demo dataset as TSV files.
     GenData {
         /// Output directory.
@@ -307,6 +316,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut report =
                 recmesh::bench::run(&target.gateway, requests, concurrency, users).await?;
+            print!("{}", report.render());
+            Ok(())
+        }
+        Command::Freshness { samples, target } => {
+            let mut report = recmesh::bench::freshness(&target.gateway, samples).await?;
             print!("{}", report.render());
             Ok(())
         }

@@ -53,6 +53,12 @@ struct Input {
     /// Demo users.
     #[arg(long, default_value_t = DemoSpec::default().users)]
     demo_users: u32,
+    /// Event logs the features service wrote (its embedded event file, or
+    /// the output of `export-events`), added to the interactions:
+    /// deduplicated by event id; events on items outside the catalog are
+    /// skipped and counted.
+    #[arg(long, num_args = 1..)]
+    events: Vec<PathBuf>,
     /// Split protocol.
     #[arg(long, value_enum, default_value = "per-user")]
     split: SplitArg,
@@ -81,7 +87,7 @@ impl Input {
             BadRows::Fail => RowPolicy::Fail,
             BadRows::Skip => RowPolicy::Skip,
         };
-        let (dataset, skipped) = match (&self.recbole, &self.data) {
+        let (mut dataset, skipped) = match (&self.recbole, &self.data) {
             (Some(dir), _) => recmesh_catalog::recbole::read_with(dir, &self.name, policy)?,
             (None, Some(dir)) => recmesh_catalog::files::read_dir_with(dir, policy)?,
             (None, None) => (
@@ -100,6 +106,13 @@ impl Input {
                 skipped.count
             );
         }
+        if !self.events.is_empty() {
+            let added = add_events(&mut dataset, &self.events)?;
+            eprintln!(
+                "event logs: {} events added, {} duplicates, {} on items outside the catalog",
+                added.added, added.duplicates, added.unknown_items
+            );
+        }
         let protocol = match self.split {
             SplitArg::PerUser => Protocol::PerUserTemporal,
             SplitArg::Global => Protocol::GlobalTemporal,
@@ -116,8 +129,69 @@ impl Input {
     }
 }
 
+/// What [`add_events`] did.
+struct Added {
+    added: usize,
+    duplicates: usize,
+    unknown_items: usize,
+}
+
+/// Appends the events of the event files to the dataset's interactions.
+fn add_events(dataset: &mut Dataset, files: &[PathBuf]) -> anyhow::Result<Added> {
+    let catalog: std::collections::HashSet<&str> =
+        dataset.items.iter().map(|i| i.id.as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut added = Added {
+        added: 0,
+        duplicates: 0,
+        unknown_items: 0,
+    };
+    let mut new = Vec::new();
+    for path in files {
+        let events = recmesh_features::log::read_events(path)
+            .map_err(|e| anyhow::anyhow!("--events: {e}"))?;
+        for e in events {
+            if !seen.insert(e.event_id.clone()) {
+                added.duplicates += 1;
+            } else if !catalog.contains(e.item.as_str()) {
+                added.unknown_items += 1;
+            } else {
+                added.added += 1;
+                new.push(recmesh_catalog::Interaction {
+                    user: e.user,
+                    item: e.item,
+                    kind: e.kind,
+                    timestamp_ms: e.timestamp_ms,
+                });
+            }
+        }
+    }
+    dataset.interactions.extend(new);
+    dataset.interactions.sort_by_key(|e| e.timestamp_ms);
+    Ok(added)
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Copy the features service's Redis event stream into an event file
+    /// through a consumer group (each event once per group), for `--events`.
+    ExportEvents {
+        /// Redis of the features service.
+        #[arg(long)]
+        redis: String,
+        /// The features service's `redis.key_prefix`.
+        #[arg(long, default_value = "rm")]
+        key_prefix: String,
+        /// Consumer group.
+        #[arg(long, default_value = "trainer")]
+        group: String,
+        /// Event file to append to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep following the stream (a long-running consumer).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Train the ranker on the validation period, then evaluate popularity,
     /// item-CF, ALS and the served pipeline (baseline and learned ranker, MMR
     /// and exploration on and off) on test.
@@ -177,6 +251,28 @@ fn print_report(report: &Report) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::ExportEvents {
+            redis,
+            key_prefix,
+            group,
+            out,
+            follow,
+        } => {
+            let export = recmesh_features::redis::Export {
+                url: redis,
+                key_prefix,
+                group,
+                consumer: format!("trainer-{}", std::process::id()),
+                out,
+                follow,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let written = runtime.block_on(recmesh_features::redis::export_stream(&export))?;
+            eprintln!("exported {written} events to {}", export.out.display());
+            Ok(())
+        }
         Command::Eval { input, seed, out } => {
             let started = Instant::now();
             let (_, split) = input.load()?;
@@ -291,5 +387,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::hint::black_box(model);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_logs_add_each_event_once_and_only_catalog_items() {
+        let mut data = recmesh_catalog::demo::generate(&DemoSpec {
+            items: 5,
+            users: 2,
+            interactions: 10,
+            ..DemoSpec::default()
+        });
+        let before = data.interactions.len();
+        let dir =
+            std::env::temp_dir().join(format!("recmesh-trainer-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("events.tsv");
+        std::fs::write(
+            &path,
+            format!(
+                "{}e1\tu9\ti1\tpurchase\t1700000000000\ne1\tu9\ti1\tpurchase\t1700000000000\n\
+                 e2\tu9\tnot-in-catalog\tview\t1700000000001\ne3\tu9\ti2\tview",
+                recmesh_features::log::HEADER
+            ),
+        )
+        .expect("write");
+        let added = add_events(&mut data, &[path]).expect("read");
+        assert_eq!(
+            (added.added, added.duplicates, added.unknown_items),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            data.interactions.len(),
+            before + 1,
+            "the torn last line is not read"
+        );
+        assert!(
+            data.interactions
+                .iter()
+                .any(|e| e.user == "u9" && e.item == "i1")
+        );
+        let err = add_events(&mut data, &[dir.join("missing.tsv")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("--events: "), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
