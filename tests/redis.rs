@@ -147,6 +147,40 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_track() {
         (tally.acked.len(), tally.acked.len()),
         "events acknowledged = events in the stream"
     );
+
+    // A malformed event is refused naming the field, and nothing reaches the stream.
+    let mut gateway = GatewayClient::connect(mesh.gateway.grpc_uri())
+        .await
+        .expect("gateway");
+    for (field, req) in [
+        (
+            "event_type",
+            pb::TrackRequest {
+                event_id: "bad-1".into(),
+                user_id: "u1".into(),
+                item_id: "i1".into(),
+                event_type: 99,
+                timestamp_ms: 0,
+            },
+        ),
+        (
+            "timestamp_ms",
+            pb::TrackRequest {
+                event_id: "bad-2".into(),
+                user_id: "u1".into(),
+                item_id: "i1".into(),
+                event_type: pb::EventType::View as i32,
+                timestamp_ms: 1_700_000_000, // seconds, not ms
+            },
+        ),
+    ] {
+        let err = gateway.track(req).await.expect_err(field);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    let after: usize = client.xlen("rm:events").await.expect("xlen");
+    assert_eq!(after, len, "nothing of the refused events was appended");
+
     eprintln!(
         "acknowledged {} events ({} while redis was down), all in the stream",
         tally.acked.len(),
