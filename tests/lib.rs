@@ -178,10 +178,19 @@ pub fn scratch_dir(what: &str) -> std::path::PathBuf {
 impl TestMesh {
     /// Starts all six services; the gateway reaches each stage through a proxy.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`TestMesh::start`] with stage configs adjusted by `adjust` first.
+    pub async fn start_with(adjust: impl FnOnce(&mut recmesh::StageConfigs)) -> Self {
         let data = Arc::new(test_data());
         let mut configs = recmesh::StageConfigs::default();
         configs.ranking.features_budget_ms *= BUDGET_SCALE;
-        configs.features.event_log.path = scratch_dir("mesh").join("events.tsv");
+        let state = scratch_dir("mesh");
+        configs.features.event_log.path = state.join("events.tsv");
+        configs.features.event_log.exposures_path = state.join("exposures.jsonl");
+        configs.experiments.state_dir = state.join("experiments").display().to_string();
+        adjust(&mut configs);
         let stages = recmesh::start_stages(&data, recmesh::PortPlan::EPHEMERAL, configs)
             .await
             .expect("stages start");

@@ -30,6 +30,7 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_track() {
     stages.features.backend = recmesh_features::Backend::Redis;
     stages.features.redis.url = redis.url();
     stages.features.redis.buffer_path = dir.join("buffer.tsv");
+    stages.experiments.state_dir = dir.join("experiments").display().to_string();
     stages.features.redis.replay_interval_ms = 20;
     let mesh = recmesh::start(
         Arc::clone(&data),

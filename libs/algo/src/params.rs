@@ -25,7 +25,17 @@ pub struct VariantParams {
     pub ranking_budget_ms: Option<u64>,
     /// `budget.rerank_ms`: override of the rerank stage budget.
     pub rerank_budget_ms: Option<u64>,
+    /// `retrieval.weight.<source>`: the source mix, by source name
+    /// ([`SOURCES`]); 0 turns a source off. Absent sources keep retrieval's
+    /// default weight.
+    pub source_weights: BTreeMap<String, f64>,
+    /// `cache.ttl_ms`: how long the gateway may serve this variant's answers
+    /// from its cache (0: never); `None`: the gateway's own TTL.
+    pub cache_ttl_ms: Option<u64>,
 }
+
+/// Retrieval's sources, as `retrieval.weight.<source>` names them.
+pub const SOURCES: &[&str] = &["anchor", "cf", "category", "popular"];
 
 impl Default for VariantParams {
     fn default() -> Self {
@@ -38,6 +48,8 @@ impl Default for VariantParams {
             retrieval_budget_ms: None,
             ranking_budget_ms: None,
             rerank_budget_ms: None,
+            source_weights: BTreeMap::new(),
+            cache_ttl_ms: None,
         }
     }
 }
@@ -59,6 +71,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "budget.retrieval_ms",
     "budget.ranking_ms",
     "budget.rerank_ms",
+    "retrieval.weight.<source> (anchor, cf, category, popular; 0..=10)",
+    "cache.ttl_ms",
 ];
 
 fn ranged(key: &str, value: &str, lo: u64, hi: u64) -> Result<u64, ParamError> {
@@ -118,6 +132,27 @@ impl VariantParams {
                 }
                 "budget.ranking_ms" => self.ranking_budget_ms = Some(ranged(key, value, 1, 150)?),
                 "budget.rerank_ms" => self.rerank_budget_ms = Some(ranged(key, value, 1, 150)?),
+                "cache.ttl_ms" => self.cache_ttl_ms = Some(ranged(key, value, 0, 600_000)?),
+                k if k.starts_with("retrieval.weight.") => {
+                    let source = &k["retrieval.weight.".len()..];
+                    if !SOURCES.contains(&source) {
+                        return Err(ParamError {
+                            key: key.clone(),
+                            reason: format!("unknown source; known: {}", SOURCES.join(", ")),
+                        });
+                    }
+                    match value.trim().parse::<f64>() {
+                        Ok(w) if (0.0..=10.0).contains(&w) => {
+                            self.source_weights.insert(source.to_owned(), w);
+                        }
+                        _ => {
+                            return Err(ParamError {
+                                key: key.clone(),
+                                reason: format!("`{value}` is not a number in 0..=10"),
+                            });
+                        }
+                    }
+                }
                 _ => {
                     return Err(ParamError {
                         key: key.clone(),
@@ -186,5 +221,31 @@ mod tests {
             .apply(&map(&[("budget.rerank_ms", "x")]))
             .expect_err("nan");
         assert!(e.to_string().contains("budget.rerank_ms"));
+        let e = VariantParams::default()
+            .apply(&map(&[("retrieval.weight.ann", "1")]))
+            .expect_err("unknown source");
+        assert_eq!(e.key, "retrieval.weight.ann");
+        let e = VariantParams::default()
+            .apply(&map(&[("retrieval.weight.cf", "11")]))
+            .expect_err("too heavy");
+        assert_eq!(e.key, "retrieval.weight.cf");
+        let e = VariantParams::default()
+            .apply(&map(&[("cache.ttl_ms", "-1")]))
+            .expect_err("negative");
+        assert_eq!(e.key, "cache.ttl_ms");
+    }
+
+    #[test]
+    fn source_mix_and_cache_ttl() {
+        let p = VariantParams::default()
+            .apply(&map(&[
+                ("retrieval.weight.popular", "0"),
+                ("retrieval.weight.cf", "2.5"),
+                ("cache.ttl_ms", "0"),
+            ]))
+            .expect("valid");
+        assert_eq!(p.source_weights["popular"], 0.0);
+        assert_eq!(p.source_weights["cf"], 2.5);
+        assert_eq!(p.cache_ttl_ms, Some(0));
     }
 }

@@ -113,6 +113,7 @@ pub struct GrpcServer {
     config: ServerConfig,
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
+    on_drain: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl GrpcServer {
@@ -123,7 +124,16 @@ impl GrpcServer {
             config,
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
+            on_drain: Vec::new(),
         }
+    }
+
+    /// Runs `f` when draining starts (after health turns `NOT_SERVING`):
+    /// how a service ends its long-lived streams, which graceful shutdown
+    /// would otherwise wait for until the drain timeout.
+    pub fn on_drain(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.on_drain.push(Box::new(f));
+        self
     }
 
     /// Adds a tonic service; its name is reported by the health service.
@@ -154,6 +164,7 @@ impl GrpcServer {
             config,
             mut routes,
             service_names,
+            on_drain,
         } = self;
         let grpc_addr = listeners.grpc_addr();
         let admin_addr = listeners.admin_addr();
@@ -210,6 +221,9 @@ impl GrpcServer {
                 }
                 health.set_service_status("", ServingStatus::NotServing).await;
                 tracing::info!(service = name, drain_ms = config.drain_timeout_ms, "draining");
+                for f in on_drain {
+                    f();
+                }
                 drain_tx.send(()).ok();
                 match tokio::time::timeout(config.drain_timeout(), &mut server).await {
                     Ok(result) => result.map_err(ServeError::from),

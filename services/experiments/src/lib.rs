@@ -1,33 +1,39 @@
-//! Experiments service: deterministic variant assignment, and the admin API
-//! the A/B platform pushes experiment configs through.
+//! Experiments service: deterministic variant assignment, the admin API the
+//! A/B platform pushes experiment configs through, results with
+//! significance from the event log, and guardrails that stop a losing
+//! variant.
 //!
-//! Assignment hashes (layer, user) into 10,000 buckets
-//! (`recmesh_algo::assign`). The running experiments of one layer own
-//! disjoint bucket ranges in config order, so a user is in at most one
-//! experiment per layer; layers are independent. A pushed experiment is
-//! validated in full (ids, traffic, weights, params against the pipeline's
-//! schema, the layer's total traffic); a rejected push changes nothing.
-//!
-//! Pushes are kept in memory in this embedded version: a restart reloads the
-//! experiments file (durable storage is issue #7).
+//! - [`model`]: experiments, validation, assignment (layers, holdout,
+//!   schedule, sticky users, stopped variants);
+//! - [`store`]: the embedded durable state (atomic JSON file, sticky TSV);
+//! - [`results`]: the event-log consumer, the statistics, the guardrail;
+//! - [`consul`]: experiment configs from Consul KV.
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::sync::{Arc, RwLock};
+pub mod consul;
+pub mod model;
+pub mod results;
+pub mod store;
 
-use recmesh_algo::assign::{BUCKETS, bucket, pick_variant, share_buckets};
-use recmesh_algo::params::VariantParams;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
 use recmesh_mesh::convert::{FieldError, check_id};
 use recmesh_proto::v1::{
     self as pb, experiments_admin_server::ExperimentsAdminServer,
-    experiments_server::ExperimentsServer,
+    experiments_server::ExperimentsServer, features_client::FeaturesClient,
 };
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+
+pub use model::{ExperimentDef, ExperimentSet, GuardrailDef, Refused, VariantDef};
 
 /// Default gRPC port of the experiments service.
 pub const DEFAULT_PORT: u16 = 50055;
@@ -38,11 +44,50 @@ pub const DEFAULT_PORT: u16 = 50055;
 pub struct Config {
     /// gRPC and admin server.
     pub server: ServerConfig,
-    /// TOML file of experiments loaded at start; empty: the built-in demo set.
+    /// TOML file of experiments loaded at the first start (when the state
+    /// directory holds none yet); empty: the built-in demo set.
     pub experiments_file: String,
-    /// Bearer token the admin API requires. Empty: the admin API is open
-    /// (for local demos only; a warning is logged at start).
+    /// Directory of the durable state (pushed experiments, sticky
+    /// assignments); empty: pushes live in memory only.
+    pub state_dir: String,
+    /// Bearer token the admin API requires. Empty (and no token file): the
+    /// admin API is open (for local demos only; a warning is logged).
     pub admin_token: String,
+    /// File holding the token instead (a mounted Kubernetes secret); wins
+    /// over `admin_token`.
+    pub admin_token_file: String,
+    /// Share of all users kept out of every experiment, 0..=0.5.
+    pub holdout: f64,
+    /// Features service whose exposure and event logs the results read;
+    /// empty: no results, no guardrails.
+    pub features_addr: String,
+    /// Results consumer.
+    pub results: ResultsConfig,
+    /// Experiment configs from Consul KV.
+    pub consul: consul::ConsulConfig,
+}
+
+/// The results consumer's settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    /// Pause between reads once the logs are drained, ms.
+    pub poll_ms: u64,
+    /// Events are attributed this long after their time, ms, so their
+    /// exposure (sent by the gateway in batches) is read first.
+    pub attribution_delay_ms: u64,
+    /// Entries per `ReadLog` call.
+    pub page: u32,
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        ResultsConfig {
+            poll_ms: 500,
+            attribution_delay_ms: 2_000,
+            page: 5_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -50,7 +95,13 @@ impl Default for Config {
         Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
             experiments_file: String::new(),
+            state_dir: "var/experiments".into(),
             admin_token: String::new(),
+            admin_token_file: String::new(),
+            holdout: 0.0,
+            features_addr: "http://127.0.0.1:50056".into(),
+            results: ResultsConfig::default(),
+            consul: consul::ConsulConfig::default(),
         }
     }
 }
@@ -72,42 +123,19 @@ impl ServiceConfig for Config {
                 ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
             })?;
         }
-        Ok(())
+        if !(0.0..=0.5).contains(&self.holdout) {
+            return Err(ConfigError::invalid("holdout", "must be in 0.0..=0.5"));
+        }
+        if !self.features_addr.is_empty() {
+            recmesh_mesh::check_address("features_addr", &self.features_addr)
+                .map_err(|e| ConfigError::invalid("features_addr", e.to_string()))?;
+        }
+        recmesh_server::config::at_least_one(&[
+            ("results.poll_ms", self.results.poll_ms),
+            ("results.page", u64::from(self.results.page)),
+        ])?;
+        self.consul.validate()
     }
-}
-
-/// One variant of an experiment.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct VariantDef {
-    /// Name, unique in the experiment; reported in responses.
-    pub name: String,
-    /// Relative weight.
-    pub weight: u32,
-    /// Pipeline params (see `recmesh_algo::params`).
-    #[serde(default)]
-    pub params: BTreeMap<String, String>,
-}
-
-/// One experiment.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ExperimentDef {
-    /// Unique id: lowercase letters, digits, `-` and `_`.
-    pub id: String,
-    /// Layer: experiments in one layer are mutually exclusive.
-    pub layer: String,
-    /// Share of the layer's users in the experiment, 0..=1.
-    pub traffic: f64,
-    /// `running` or `paused`.
-    #[serde(default = "running")]
-    pub status: String,
-    /// Variants, at least one.
-    pub variants: Vec<VariantDef>,
-}
-
-fn running() -> String {
-    "running".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,204 +170,213 @@ pub fn parse_file(text: &str) -> Result<ExperimentSet, FieldError> {
         toml::from_str(text).map_err(|e| FieldError::new("toml", e.to_string()))?;
     let mut set = ExperimentSet::default();
     for (n, e) in file.experiments.into_iter().enumerate() {
-        set.put(e, None).map_err(|err| {
-            FieldError::new(format!("experiments[{n}].{}", err.field), err.reason)
+        set.put(e, None).map_err(|err| match err {
+            Refused::Invalid(err) => {
+                FieldError::new(format!("experiments[{n}].{}", err.field), err.reason)
+            }
+            other => FieldError::new(format!("experiments[{n}]"), format!("{other:?}")),
         })?;
     }
     Ok(set)
 }
 
-fn validate(e: &ExperimentDef) -> Result<(), FieldError> {
-    check_id("id", &e.id)?;
-    if !e
-        .id
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-    {
-        return Err(FieldError::new(
-            "id",
-            "must be lowercase letters, digits, `-` or `_`",
-        ));
-    }
-    check_id("layer", &e.layer)?;
-    if !(0.0..=1.0).contains(&e.traffic) || e.traffic.is_nan() {
-        return Err(FieldError::new("traffic", "must be in 0.0..=1.0"));
-    }
-    if e.status != "running" && e.status != "paused" {
-        return Err(FieldError::new("status", "must be `running` or `paused`"));
-    }
-    if e.variants.is_empty() {
-        return Err(FieldError::new("variants", "needs at least one variant"));
-    }
-    let mut names = std::collections::HashSet::new();
-    for (n, v) in e.variants.iter().enumerate() {
-        check_id(&format!("variants[{n}].name"), &v.name)?;
-        if !names.insert(v.name.as_str()) {
-            return Err(FieldError::new(
-                format!("variants[{n}].name"),
-                format!("`{}` is used twice", v.name),
-            ));
-        }
-        let params: HashMap<String, String> = v.params.clone().into_iter().collect();
-        VariantParams::default().apply(&params).map_err(|err| {
-            FieldError::new(format!("variants[{n}].params.{}", err.key), err.reason)
-        })?;
-    }
-    if e.variants.iter().all(|v| v.weight == 0) {
-        return Err(FieldError::new(
-            "variants",
-            "at least one weight must be above 0",
-        ));
-    }
-    Ok(())
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// All experiments with their versions.
-#[derive(Debug, Default, Clone)]
-pub struct ExperimentSet {
-    experiments: Vec<(ExperimentDef, u64)>,
-    version: u64,
-}
-
-impl ExperimentSet {
-    /// Validates and stores `e` (replacing one with the same id); returns its
-    /// new version. `expected` is for optimistic concurrency (the version the
-    /// caller last read).
-    pub fn put(&mut self, e: ExperimentDef, expected: Option<u64>) -> Result<u64, FieldError> {
-        validate(&e)?;
-        let existing = self.experiments.iter().position(|(x, _)| x.id == e.id);
-        if let (Some(want), Some(i)) = (expected, existing)
-            && self.experiments[i].1 != want
-        {
-            return Err(FieldError::new(
-                "version",
-                format!("is {}, not {want}", self.experiments[i].1),
-            ));
+/// How a refused change reads to the caller.
+fn refused(err: Refused, prefix: &str) -> Status {
+    match err {
+        Refused::Invalid(f) => {
+            metrics::counter!("recmesh_experiments_rejected_total", "reason" => "invalid")
+                .increment(1);
+            FieldError::new(format!("{prefix}{}", f.field), f.reason).into()
         }
-        let layer_total: u32 = self
-            .experiments
-            .iter()
-            .filter(|(x, _)| x.layer == e.layer && x.id != e.id)
-            .map(|(x, _)| share_buckets(x.traffic))
-            .sum::<u32>()
-            + share_buckets(e.traffic);
-        if layer_total > BUCKETS {
-            return Err(FieldError::new(
-                "traffic",
-                format!(
-                    "layer `{}` would be over-allocated ({:.2} of its users)",
-                    e.layer,
-                    f64::from(layer_total) / f64::from(BUCKETS)
-                ),
-            ));
+        Refused::Stale { expected, current } => {
+            metrics::counter!("recmesh_experiments_rejected_total", "reason" => "stale")
+                .increment(1);
+            Status::failed_precondition(format!(
+                "version: the experiment is at version {current}, not {expected}; read it again and retry"
+            ))
         }
-        self.version += 1;
-        match existing {
-            Some(i) => self.experiments[i] = (e, self.version),
-            None => self.experiments.push((e, self.version)),
-        }
-        Ok(self.version)
-    }
-
-    /// The variants `user` is in, one per layer at most.
-    pub fn assign(&self, user: &str) -> Vec<pb::Assignment> {
-        let mut offsets: HashMap<&str, u32> = HashMap::new();
-        let mut out = Vec::new();
-        for (e, _) in &self.experiments {
-            // Paused experiments keep their range so others do not shift.
-            let offset = offsets.entry(e.layer.as_str()).or_insert(0);
-            let start = *offset;
-            *offset += share_buckets(e.traffic);
-            if e.status != "running" {
-                continue;
-            }
-            let weights: Vec<u32> = e.variants.iter().map(|v| v.weight).collect();
-            if let Some(v) = pick_variant(bucket(&e.layer, user), start, e.traffic, &weights) {
-                let variant = &e.variants[v];
-                out.push(pb::Assignment {
-                    experiment_id: e.id.clone(),
-                    variant: variant.name.clone(),
-                    params: variant.params.clone().into_iter().collect(),
-                });
-            }
-        }
-        out
+        Refused::NotFound(id) => Status::not_found(format!("id: no experiment `{id}`")),
     }
 }
 
-fn to_proto(e: &ExperimentDef, version: u64) -> pb::Experiment {
-    pb::Experiment {
-        id: e.id.clone(),
-        layer: e.layer.clone(),
-        traffic: e.traffic,
-        status: e.status.clone(),
-        version,
-        variants: e
-            .variants
-            .iter()
-            .map(|v| pb::Variant {
-                name: v.name.clone(),
-                weight: v.weight,
-                params: v.params.clone().into_iter().collect(),
-            })
-            .collect(),
-    }
+/// Shared state of both gRPC services and the background tasks.
+#[derive(Debug)]
+struct Inner {
+    set: RwLock<Arc<ExperimentSet>>,
+    /// Serialises changes (validate, persist, swap).
+    changing: Mutex<()>,
+    sticky: RwLock<store::Sticky>,
+    store: Option<store::FileStore>,
+    version: watch::Sender<u64>,
+    closing: watch::Sender<bool>,
+    results: Mutex<results::Results>,
+    holdout: f64,
+    token: String,
 }
 
-fn from_proto(e: pb::Experiment) -> ExperimentDef {
-    ExperimentDef {
-        id: e.id,
-        layer: e.layer,
-        traffic: e.traffic,
-        status: if e.status.is_empty() {
-            running()
-        } else {
-            e.status
-        },
-        variants: e
-            .variants
-            .into_iter()
-            .map(|v| VariantDef {
-                name: v.name,
-                weight: v.weight,
-                params: v.params.into_iter().collect(),
-            })
-            .collect(),
-    }
-}
-
-/// Shared state of both gRPC services.
+/// The experiments service state.
 #[derive(Debug, Clone)]
-pub struct Experiments {
-    set: Arc<RwLock<ExperimentSet>>,
-    token: Arc<str>,
-}
+pub struct Experiments(Arc<Inner>);
 
 impl Experiments {
-    /// State from `config` (its experiments file, or the demo set).
+    /// State from `config`: the saved state when there is one, else the
+    /// experiments file, else the demo set.
     pub fn new(config: &Config) -> Result<Self, ConfigError> {
-        let text = if config.experiments_file.is_empty() {
-            DEMO_EXPERIMENTS.to_owned()
+        let (store, saved, sticky) = if config.state_dir.is_empty() {
+            (None, None, store::Sticky::new())
         } else {
-            std::fs::read_to_string(&config.experiments_file)
-                .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?
+            let (s, saved, sticky) =
+                store::FileStore::open(std::path::Path::new(&config.state_dir))
+                    .map_err(|e| ConfigError::invalid("state_dir", format!("{e:#}")))?;
+            (Some(s), saved, sticky)
         };
-        let set = parse_file(&text).map_err(|e| {
-            ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
-        })?;
-        if config.admin_token.is_empty() {
+        let set = match saved {
+            Some(set) => {
+                tracing::info!(experiments = set.experiments.len(), version = set.version,
+                    dir = %config.state_dir, "experiments restored from the state directory");
+                set
+            }
+            None => {
+                let text = if config.experiments_file.is_empty() {
+                    DEMO_EXPERIMENTS.to_owned()
+                } else {
+                    std::fs::read_to_string(&config.experiments_file)
+                        .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?
+                };
+                parse_file(&text).map_err(|e| {
+                    ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
+                })?
+            }
+        };
+        let token = if config.admin_token_file.is_empty() {
+            config.admin_token.clone()
+        } else {
+            std::fs::read_to_string(&config.admin_token_file)
+                .map_err(|e| {
+                    ConfigError::invalid(
+                        "admin_token_file",
+                        format!("{}: {e}", config.admin_token_file),
+                    )
+                })?
+                .trim()
+                .to_owned()
+        };
+        if token.is_empty() {
             tracing::warn!(
-                "experiments admin API is open: set admin_token (RECMESH_ADMIN_TOKEN) outside local demos"
+                "experiments admin API is open: set admin_token_file or admin_token (RECMESH_ADMIN_TOKEN) outside local demos"
             );
         }
-        Ok(Experiments {
-            set: Arc::new(RwLock::new(set)),
-            token: Arc::from(config.admin_token.as_str()),
-        })
+        let (version, _) = watch::channel(set.version);
+        let (closing, _) = watch::channel(false);
+        Ok(Experiments(Arc::new(Inner {
+            set: RwLock::new(Arc::new(set)),
+            changing: Mutex::new(()),
+            sticky: RwLock::new(sticky),
+            store,
+            version,
+            closing,
+            results: Mutex::new(results::Results::default()),
+            holdout: config.holdout,
+            token,
+        })))
+    }
+
+    /// The current set.
+    pub fn current(&self) -> Arc<ExperimentSet> {
+        self.0.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies a change to a copy of the set, saves it, then serves it. A
+    /// refused change, or one that cannot be saved, changes nothing.
+    pub fn change(
+        &self,
+        f: impl FnOnce(&mut ExperimentSet) -> Result<u64, Refused>,
+    ) -> Result<Result<u64, Refused>, anyhow::Error> {
+        let _turn = self.0.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = (*self.current()).clone();
+        let version = match f(&mut next) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(store) = &self.0.store {
+            store.save(&next)?;
+        }
+        *self.0.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.0.version.send_replace(version);
+        metrics::gauge!("recmesh_experiments_config_version").set(version as f64);
+        Ok(Ok(version))
+    }
+
+    fn apply(
+        &self,
+        f: impl FnOnce(&mut ExperimentSet) -> Result<u64, Refused>,
+        prefix: &str,
+    ) -> Result<u64, Status> {
+        match self.change(f) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(refused(e, prefix)),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "experiment change not saved; the previous config keeps serving");
+                Err(Status::unavailable(format!(
+                    "the change could not be saved ({e:#}); the previous config keeps serving"
+                )))
+            }
+        }
+    }
+
+    /// The assignments of `user` now.
+    pub fn assign(&self, user: &str) -> pb::AssignResponse {
+        let set = self.current();
+        let mut new_sticky = Vec::new();
+        let (assignments, holdout) = {
+            let sticky = self.0.sticky.read().unwrap_or_else(|p| p.into_inner());
+            set.assign(
+                user,
+                now_ms(),
+                self.0.holdout,
+                |exp| sticky.get(&(exp.to_owned(), user.to_owned())).cloned(),
+                |exp, variant| new_sticky.push((exp.to_owned(), variant.to_owned())),
+            )
+        };
+        if !new_sticky.is_empty() {
+            let mut sticky = self.0.sticky.write().unwrap_or_else(|p| p.into_inner());
+            for (exp, variant) in new_sticky {
+                if let Some(store) = &self.0.store {
+                    store.record_sticky(&exp, user, &variant);
+                }
+                sticky.insert((exp, user.to_owned()), variant);
+            }
+        }
+        pb::AssignResponse {
+            assignments,
+            config_version: set.version,
+            holdout,
+        }
+    }
+
+    /// Results of one experiment.
+    pub fn results(&self, id: &str) -> Option<pb::ExperimentResults> {
+        let set = self.current();
+        self.0
+            .results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report(&set, id)
+    }
+
+    /// Ends the version streams (the server is draining).
+    pub fn close(&self) {
+        self.0.closing.send_replace(true);
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if self.token.is_empty() {
+        if self.0.token.is_empty() {
             return Ok(());
         }
         let Some(value) = req.metadata().get("authorization") else {
@@ -352,15 +389,105 @@ impl Experiments {
             .unwrap_or_default()
             .strip_prefix("Bearer ")
             .unwrap_or_default();
-        if constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
+        if constant_time_eq(presented.as_bytes(), self.0.token.as_bytes()) {
             Ok(())
         } else {
             Err(Status::permission_denied("admin token not accepted"))
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, ExperimentSet> {
-        self.set.read().unwrap_or_else(|p| p.into_inner())
+    /// Follows the exposure and event logs through the features service,
+    /// keeps the results, and stops variants whose guardrail fires.
+    pub fn spawn_results(
+        &self,
+        features_addr: &str,
+        config: ResultsConfig,
+    ) -> Result<(), ConfigError> {
+        let channel = recmesh_mesh::lazy_channel("features_addr", features_addr)
+            .map_err(|e| ConfigError::invalid("features_addr", e.to_string()))?;
+        let mut client = FeaturesClient::new(channel);
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let drained = match state.read_logs(&mut client, &config).await {
+                    Ok(drained) => drained,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "results: logs unavailable; retrying");
+                        true
+                    }
+                };
+                state.check_guardrails();
+                if drained {
+                    tokio::time::sleep(Duration::from_millis(config.poll_ms)).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// One round: a page of each log. True when both are drained.
+    async fn read_logs(
+        &self,
+        client: &mut FeaturesClient<tonic::transport::Channel>,
+        config: &ResultsConfig,
+    ) -> Result<bool, Status> {
+        let (exposures_cursor, events_cursor) = {
+            let r = self.0.results.lock().unwrap_or_else(|p| p.into_inner());
+            (r.exposures_cursor.clone(), r.events_cursor.clone())
+        };
+        let exposures = client
+            .read_log(pb::ReadLogRequest {
+                log: pb::LogName::Exposures as i32,
+                cursor: exposures_cursor,
+                max: config.page,
+            })
+            .await?
+            .into_inner();
+        let events = client
+            .read_log(pb::ReadLogRequest {
+                log: pb::LogName::Events as i32,
+                cursor: events_cursor,
+                max: config.page,
+            })
+            .await?
+            .into_inner();
+        let drained = exposures.exposures.len() < config.page as usize
+            && events.events.len() < config.page as usize;
+        let mut r = self.0.results.lock().unwrap_or_else(|p| p.into_inner());
+        r.add_exposures(&exposures.exposures);
+        r.exposures_cursor = exposures.next_cursor;
+        r.add_events(events.events);
+        r.events_cursor = events.next_cursor;
+        r.attribute(now_ms() - config.attribution_delay_ms as i64);
+        Ok(drained)
+    }
+
+    fn check_guardrails(&self) {
+        let set = self.current();
+        let breaches = self
+            .0
+            .results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .breaches(&set);
+        for (experiment, variant, reason) in breaches {
+            let stopped = self.change(|set| {
+                set.stop_variant(&experiment, &variant, reason.clone())
+                    .ok_or_else(|| Refused::NotFound(experiment.clone()))
+            });
+            match stopped {
+                Ok(Ok(version)) => {
+                    metrics::counter!("recmesh_experiments_guardrail_stops_total",
+                        "experiment" => experiment.clone(), "variant" => variant.clone())
+                    .increment(1);
+                    tracing::warn!(%experiment, %variant, version, %reason,
+                        "guardrail fired: variant stopped, its users get control");
+                }
+                Ok(Err(_)) => {}
+                Err(e) => tracing::error!(%experiment, %variant, error = %format!("{e:#}"),
+                    "guardrail fired but the stop could not be saved; retrying next round"),
+            }
+        }
     }
 }
 
@@ -372,6 +499,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+type VersionStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigVersion, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::experiments_server::Experiments for Experiments {
     async fn assign(
@@ -380,11 +509,37 @@ impl pb::experiments_server::Experiments for Experiments {
     ) -> Result<Response<pb::AssignResponse>, Status> {
         let req = request.into_inner();
         check_id("user_id", &req.user_id)?;
-        let set = self.read();
-        Ok(Response::new(pb::AssignResponse {
-            assignments: set.assign(&req.user_id),
-            config_version: set.version,
-        }))
+        Ok(Response::new(Experiments::assign(self, &req.user_id)))
+    }
+
+    type WatchVersionStream = VersionStream;
+
+    async fn watch_version(
+        &self,
+        _request: Request<pb::WatchVersionRequest>,
+    ) -> Result<Response<VersionStream>, Status> {
+        let version = self.0.version.subscribe();
+        let closing = self.0.closing.subscribe();
+        let stream = futures::stream::unfold(
+            (version, closing, true),
+            |(mut version, mut closing, first)| async move {
+                if !first {
+                    tokio::select! {
+                        changed = version.changed() => changed.ok()?,
+                        _ = closing.wait_for(|c| *c) => return None,
+                    }
+                }
+                if *closing.borrow() {
+                    return None;
+                }
+                let v = *version.borrow_and_update();
+                Some((
+                    Ok(pb::ConfigVersion { version: v }),
+                    (version, closing, false),
+                ))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -400,14 +555,10 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
             .experiment
             .ok_or_else(|| FieldError::new("experiment", "is required"))?;
         let expected = (e.version > 0).then_some(e.version);
-        let def = from_proto(e);
-        let version = self
-            .set
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(def.clone(), expected)
-            .map_err(|err| FieldError::new(format!("experiment.{}", err.field), err.reason))?;
-        tracing::info!(experiment = %def.id, version, "experiment accepted");
+        let def = model::from_proto(e);
+        let id = def.id.clone();
+        let version = self.apply(|set| set.put(def, expected), "experiment.")?;
+        tracing::info!(experiment = %id, version, "experiment accepted");
         Ok(Response::new(pb::PutExperimentResponse { version }))
     }
 
@@ -417,11 +568,9 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
     ) -> Result<Response<pb::Experiment>, Status> {
         self.authorize(&request)?;
         let id = request.into_inner().id;
-        self.read()
-            .experiments
-            .iter()
-            .find(|(e, _)| e.id == id)
-            .map(|(e, v)| Response::new(to_proto(e, *v)))
+        self.current()
+            .get(&id)
+            .map(|s| Response::new(model::to_proto(s)))
             .ok_or_else(|| Status::not_found(format!("id: no experiment `{id}`")))
     }
 
@@ -432,21 +581,68 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
         self.authorize(&request)?;
         Ok(Response::new(pb::ListExperimentsResponse {
             experiments: self
-                .read()
+                .current()
                 .experiments
                 .iter()
-                .map(|(e, v)| to_proto(e, *v))
+                .map(model::to_proto)
                 .collect(),
         }))
     }
+
+    async fn set_status(
+        &self,
+        request: Request<pb::SetStatusRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let expected = (req.expected_version > 0).then_some(req.expected_version);
+        self.apply(|set| set.set_status(&req.id, &req.status, expected), "")?;
+        tracing::info!(experiment = %req.id, status = %req.status, "experiment status set");
+        self.current()
+            .get(&req.id)
+            .map(|s| Response::new(model::to_proto(s)))
+            .ok_or_else(|| Status::not_found(format!("id: no experiment `{}`", req.id)))
+    }
+
+    async fn delete_experiment(
+        &self,
+        request: Request<pb::DeleteExperimentRequest>,
+    ) -> Result<Response<pb::DeleteExperimentResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let expected = (req.expected_version > 0).then_some(req.expected_version);
+        self.apply(|set| set.delete(&req.id, expected), "")?;
+        tracing::info!(experiment = %req.id, "experiment deleted");
+        Ok(Response::new(pb::DeleteExperimentResponse {}))
+    }
+
+    async fn get_results(
+        &self,
+        request: Request<pb::GetResultsRequest>,
+    ) -> Result<Response<pb::ExperimentResults>, Status> {
+        self.authorize(&request)?;
+        let id = request.into_inner().id;
+        self.results(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("id: no experiment `{id}`")))
+    }
 }
 
-/// The experiments server, ready to start or run.
+/// The experiments server, ready to start or run; starts the results
+/// consumer and the Consul watch when configured (inside a Tokio runtime).
 pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
     let state = Experiments::new(&config)?;
+    if !config.features_addr.is_empty() {
+        state.spawn_results(&config.features_addr, config.results.clone())?;
+    }
+    if config.consul.enabled() {
+        consul::spawn_watch(config.consul.clone(), state.clone());
+    }
+    let closer = state.clone();
     Ok(GrpcServer::new("experiments", config.server.clone())
         .add_service(ExperimentsServer::new(state.clone()))
-        .add_service(ExperimentsAdminServer::new(state)))
+        .add_service(ExperimentsAdminServer::new(state))
+        .on_drain(move || closer.close()))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -459,25 +655,53 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 mod tests {
     use super::*;
     use pb::experiments_admin_server::ExperimentsAdmin;
+    use pb::experiments_server::Experiments as _;
 
-    fn experiment(id: &str, layer: &str, traffic: f64) -> ExperimentDef {
-        ExperimentDef {
-            id: id.into(),
-            layer: layer.into(),
-            traffic,
-            status: "running".into(),
-            variants: vec![
-                VariantDef {
-                    name: "a".into(),
-                    weight: 1,
-                    params: BTreeMap::new(),
-                },
-                VariantDef {
-                    name: "b".into(),
-                    weight: 1,
-                    params: BTreeMap::new(),
-                },
-            ],
+    fn scratch(what: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("recmesh-exp-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.display().to_string()
+    }
+
+    fn config(state_dir: String, token: &str) -> Config {
+        Config {
+            state_dir,
+            admin_token: token.into(),
+            features_addr: String::new(),
+            ..Config::default()
+        }
+    }
+
+    fn authed<T>(msg: T, token: &str) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        req
+    }
+
+    fn push(id: &str, weights: [u32; 2], lambda: &str) -> pb::PutExperimentRequest {
+        pb::PutExperimentRequest {
+            experiment: Some(pb::Experiment {
+                id: id.into(),
+                layer: "rerank".into(),
+                traffic: 1.0,
+                variants: vec![
+                    pb::Variant {
+                        name: "control".into(),
+                        weight: weights[0],
+                        ..Default::default()
+                    },
+                    pb::Variant {
+                        name: "diverse".into(),
+                        weight: weights[1],
+                        params: [("rerank.mmr_lambda".to_string(), lambda.to_string())].into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
         }
     }
 
@@ -494,89 +718,169 @@ mod tests {
         );
     }
 
-    #[test]
-    fn assignment_is_deterministic_and_exclusive_within_a_layer() {
-        let mut set = ExperimentSet::default();
-        set.put(experiment("x", "home", 0.5), None).expect("ok");
-        set.put(experiment("y", "home", 0.5), None).expect("ok");
-        set.put(experiment("z", "other", 1.0), None).expect("ok");
-        let mut in_x = 0;
-        for u in 0..2_000 {
-            let user = format!("u{u}");
-            let a = set.assign(&user);
-            assert_eq!(a, set.assign(&user), "deterministic");
-            let home: Vec<_> = a.iter().filter(|x| x.experiment_id != "z").collect();
-            assert_eq!(
-                home.len(),
-                1,
-                "exactly one experiment of a fully allocated layer"
-            );
-            assert!(a.iter().any(|x| x.experiment_id == "z"));
-            in_x += usize::from(home[0].experiment_id == "x");
-        }
-        assert!((800..1_200).contains(&in_x), "{in_x}");
-    }
-
-    #[test]
-    fn invalid_pushes_name_the_field_and_change_nothing() {
-        let mut set = ExperimentSet::default();
-        set.put(experiment("x", "home", 0.6), None).expect("ok");
-        let err = set
-            .put(experiment("y", "home", 0.6), None)
-            .expect_err("over-allocated");
-        assert_eq!(err.field, "traffic");
-        let mut bad = experiment("x", "home", 0.6);
-        bad.variants[1]
-            .params
-            .insert("retrieval.candidates".into(), "1".into());
-        let err = set.put(bad, None).expect_err("out of range");
-        assert_eq!(err.field, "variants[1].params.retrieval.candidates");
-        let mut dup = experiment("x", "home", 0.6);
-        dup.variants[1].name = "a".into();
-        assert_eq!(
-            set.put(dup, None).expect_err("dup").field,
-            "variants[1].name"
-        );
-        assert_eq!(
-            set.put(experiment("x", "home", 0.6), Some(99))
-                .expect_err("stale")
-                .field,
-            "version"
-        );
-        assert_eq!(set.experiments.len(), 1);
-        assert_eq!(set.experiments[0].1, 1, "previous version still serving");
-    }
-
     #[tokio::test]
     async fn admin_needs_the_token() {
-        let config = Config {
-            admin_token: "s3cret".into(),
-            ..Config::default()
-        };
-        let svc = Experiments::new(&config).expect("state");
+        let svc = Experiments::new(&config(String::new(), "s3cret")).expect("state");
         let err = svc
             .list_experiments(Request::new(pb::ListExperimentsRequest {}))
             .await
             .expect_err("no token");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        let mut req = Request::new(pb::ListExperimentsRequest {});
-        req.metadata_mut()
-            .insert("authorization", "Bearer nope".parse().expect("ascii"));
-        assert_eq!(
-            svc.list_experiments(req).await.expect_err("wrong").code(),
-            tonic::Code::PermissionDenied
-        );
-        let mut req = Request::new(pb::ListExperimentsRequest {});
-        req.metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().expect("ascii"));
-        assert_eq!(
-            svc.list_experiments(req)
+        let wrong = svc
+            .list_experiments(authed(pb::ListExperimentsRequest {}, "nope"))
+            .await
+            .expect_err("wrong");
+        assert_eq!(wrong.code(), tonic::Code::PermissionDenied);
+        for call in [
+            svc.put_experiment(Request::new(push("x", [1, 1], "0.5")))
                 .await
-                .expect("ok")
-                .into_inner()
-                .experiments
-                .len(),
-            1
+                .err(),
+            svc.delete_experiment(Request::new(pb::DeleteExperimentRequest {
+                id: "candidate-count".into(),
+                expected_version: 0,
+            }))
+            .await
+            .err(),
+            svc.get_results(Request::new(pb::GetResultsRequest {
+                id: "candidate-count".into(),
+            }))
+            .await
+            .err(),
+        ] {
+            assert_eq!(call.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+        }
+        let ok = svc
+            .list_experiments(authed(pb::ListExperimentsRequest {}, "s3cret"))
+            .await
+            .expect("ok");
+        assert_eq!(ok.into_inner().experiments.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn pushes_survive_a_restart_and_a_bad_push_keeps_the_old_version() {
+        let dir = scratch("restart");
+        let svc = Experiments::new(&config(dir.clone(), "t")).expect("state");
+        let v = svc
+            .put_experiment(authed(push("mmr", [1, 1], "0.5"), "t"))
+            .await
+            .expect("accepted")
+            .into_inner()
+            .version;
+        // Bad weights: rejected naming the field, nothing changes.
+        let err = svc
+            .put_experiment(authed(push("mmr", [0, 0], "0.5"), "t"))
+            .await
+            .expect_err("bad weights");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("experiment.variants"),
+            "{}",
+            err.message()
         );
+        let err = svc
+            .put_experiment(authed(push("mmr", [1, 1], "7"), "t"))
+            .await
+            .expect_err("bad lambda");
+        assert!(
+            err.message()
+                .starts_with("experiment.variants[1].params.rerank.mmr_lambda"),
+            "{}",
+            err.message()
+        );
+        // A stale expected version.
+        let mut stale = push("mmr", [1, 2], "0.5");
+        if let Some(e) = stale.experiment.as_mut() {
+            e.version = v + 10;
+        }
+        let err = svc
+            .put_experiment(authed(stale, "t"))
+            .await
+            .expect_err("stale");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            svc.current().version,
+            v,
+            "the accepted version still serves"
+        );
+
+        svc.set_status(authed(
+            pb::SetStatusRequest {
+                id: "mmr".into(),
+                status: "paused".into(),
+                expected_version: 0,
+            },
+            "t",
+        ))
+        .await
+        .expect("paused");
+        drop(svc);
+        let again = Experiments::new(&config(dir.clone(), "t")).expect("restart");
+        let mmr = again.current().get("mmr").cloned().expect("survived");
+        assert_eq!(mmr.def.status, "paused");
+        assert_eq!(mmr.def.variants[1].params["rerank.mmr_lambda"], "0.5");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn sticky_assignments_survive_a_restart() {
+        let dir = scratch("sticky");
+        let svc = Experiments::new(&config(dir.clone(), "")).expect("state");
+        let mut req = push("s", [1, 1], "0.5");
+        if let Some(e) = req.experiment.as_mut() {
+            e.sticky = true;
+            e.layer = "ranking".into();
+        }
+        svc.put_experiment(Request::new(req.clone()))
+            .await
+            .expect("ok");
+        let first: Vec<String> = (0..200)
+            .map(|u| {
+                svc.assign(&format!("u{u}"))
+                    .assignments
+                    .iter()
+                    .find(|a| a.experiment_id == "s")
+                    .expect("in s")
+                    .variant
+                    .clone()
+            })
+            .collect();
+        drop(svc);
+        let svc = Experiments::new(&config(dir.clone(), "")).expect("restart");
+        if let Some(e) = req.experiment.as_mut() {
+            e.variants[0].weight = 99;
+        }
+        svc.put_experiment(Request::new(req))
+            .await
+            .expect("reweighted");
+        for (u, want) in first.iter().enumerate() {
+            let a = svc.assign(&format!("u{u}"));
+            let got = &a
+                .assignments
+                .iter()
+                .find(|a| a.experiment_id == "s")
+                .expect("in s")
+                .variant;
+            assert_eq!(got, want, "u{u}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn version_stream_sends_current_then_changes_and_ends_on_close() {
+        use futures::StreamExt;
+        let svc = Experiments::new(&config(String::new(), "")).expect("state");
+        let mut stream = svc
+            .watch_version(Request::new(pb::WatchVersionRequest {}))
+            .await
+            .expect("stream")
+            .into_inner();
+        let first = stream.next().await.expect("current").expect("ok").version;
+        svc.put_experiment(Request::new(push("w", [1, 1], "0.5")))
+            .await
+            .expect("ok");
+        let second = stream.next().await.expect("change").expect("ok").version;
+        assert_eq!(second, first + 1);
+        svc.close();
+        assert!(stream.next().await.is_none(), "ends when the server drains");
     }
 }

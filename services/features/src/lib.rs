@@ -58,6 +58,8 @@ pub struct EventLogConfig {
     /// `fdatasync` each batch before acknowledging it. Off trades the last
     /// events before a machine crash for latency.
     pub fsync: bool,
+    /// Exposure log (JSON lines), kept with the event file.
+    pub exposures_path: PathBuf,
 }
 
 impl Default for EventLogConfig {
@@ -65,6 +67,7 @@ impl Default for EventLogConfig {
         EventLogConfig {
             path: PathBuf::from("var/events.tsv"),
             fsync: true,
+            exposures_path: PathBuf::from("var/exposures.jsonl"),
         }
     }
 }
@@ -184,6 +187,8 @@ fn reject(e: FieldError) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Unavailable(m) => Status::unavailable(m),
+        StoreError::BadCursor(m) => Status::invalid_argument(format!("cursor: {m}")),
+        StoreError::NoLog(m) => Status::failed_precondition(m),
         StoreError::NotRecorded(m) => {
             metrics::counter!("recmesh_features_rejected_total", "reason" => "not_recorded")
                 .increment(1);
@@ -210,9 +215,7 @@ pub async fn open_store(config: &Config, data: &Dataset) -> anyhow::Result<Arc<d
     let limits = config.limits();
     Ok(match config.backend {
         Backend::Memory => {
-            let path = &config.event_log.path;
-            let log =
-                (!path.as_os_str().is_empty()).then_some((path.as_path(), config.event_log.fsync));
+            let log = (!config.event_log.path.as_os_str().is_empty()).then_some(&config.event_log);
             Arc::new(memory::MemoryStore::open(data, limits, log)?)
         }
         Backend::Redis => {
@@ -343,7 +346,86 @@ impl pb::features_server::Features for FeaturesService {
             new_items: done.new_items,
         }))
     }
+
+    async fn log_exposures(
+        &self,
+        request: Request<pb::LogExposuresRequest>,
+    ) -> Result<Response<pb::LogExposuresResponse>, Status> {
+        let req = request.into_inner();
+        if req.exposures.len() > self.config.max_events_per_call {
+            return Err(reject(FieldError::new(
+                "exposures",
+                format!(
+                    "at most {} exposures per call",
+                    self.config.max_events_per_call
+                ),
+            )));
+        }
+        for (n, e) in req.exposures.iter().enumerate() {
+            check_id(&format!("exposures[{n}].user_id"), &e.user_id).map_err(reject)?;
+            for (k, a) in e.assignments.iter().enumerate() {
+                check_id(
+                    &format!("exposures[{n}].assignments[{k}].experiment_id"),
+                    &a.experiment_id,
+                )
+                .map_err(reject)?;
+                check_id(
+                    &format!("exposures[{n}].assignments[{k}].variant"),
+                    &a.variant,
+                )
+                .map_err(reject)?;
+            }
+        }
+        let logged = self
+            .store
+            .log_exposures(&req.exposures)
+            .await
+            .map_err(store_status)?;
+        metrics::counter!("recmesh_features_exposures_logged_total").increment(u64::from(logged));
+        Ok(Response::new(pb::LogExposuresResponse { logged }))
+    }
+
+    async fn read_log(
+        &self,
+        request: Request<pb::ReadLogRequest>,
+    ) -> Result<Response<pb::ReadLogResponse>, Status> {
+        let req = request.into_inner();
+        let log = match pb::LogName::try_from(req.log) {
+            Ok(pb::LogName::Events) => store::LogKind::Events,
+            Ok(pb::LogName::Exposures) => store::LogKind::Exposures,
+            _ => {
+                return Err(reject(FieldError::new(
+                    "log",
+                    "must be LOG_NAME_EVENTS or LOG_NAME_EXPOSURES",
+                )));
+            }
+        };
+        let max = (req.max as usize).clamp(1, MAX_LOG_PAGE);
+        let page = self
+            .store
+            .read_log(log, &req.cursor, max)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ReadLogResponse {
+            events: page
+                .events
+                .into_iter()
+                .map(|e| pb::Event {
+                    event_id: e.event_id,
+                    user_id: e.user,
+                    item_id: e.item,
+                    event_type: recmesh_mesh::convert::event_type(e.kind) as i32,
+                    timestamp_ms: e.timestamp_ms,
+                })
+                .collect(),
+            exposures: page.exposures,
+            next_cursor: page.next_cursor,
+        }))
+    }
 }
+
+/// Most entries one `ReadLog` returns.
+const MAX_LOG_PAGE: usize = 10_000;
 
 /// The features server over `data`, ready to start or run: opens the
 /// configured backend (for Redis: connects and bulk-loads).
@@ -381,6 +463,7 @@ mod tests {
             event_log: EventLogConfig {
                 path: PathBuf::new(),
                 fsync: false,
+                exposures_path: PathBuf::new(),
             },
             ..Config::default()
         };

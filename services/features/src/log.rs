@@ -274,3 +274,114 @@ mod tests {
         assert!(err.ends_with("events.tsv:2: unknown event `like`"), "{err}");
     }
 }
+
+/// Reads up to `max` complete lines of `path` starting at byte `offset`
+/// (0: after the header line, when `skip_header`). Returns the lines and the
+/// offset after the last one returned: the cursor of the next read. A line
+/// still being written (no newline yet) is left for the next read.
+pub fn read_lines_after(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    skip_header: bool,
+) -> Result<(Vec<String>, u64), LogError> {
+    let io = |source| LogError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        // Nothing written yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), offset)),
+        Err(e) => return Err(io(e)),
+    };
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut lines = Vec::new();
+    let mut at = offset;
+    let mut buf = String::new();
+    while lines.len() < max {
+        buf.clear();
+        let n = std::io::BufRead::read_line(&mut reader, &mut buf).map_err(io)?;
+        if n == 0 || !buf.ends_with('\n') {
+            break;
+        }
+        at += n as u64;
+        if skip_header && at == n as u64 {
+            continue;
+        }
+        lines.push(buf.trim_end_matches('\n').to_owned());
+    }
+    Ok((lines, at))
+}
+
+/// The events of an event file after byte `offset`; see [`read_lines_after`].
+pub fn read_events_after(
+    path: &Path,
+    offset: u64,
+    max: usize,
+) -> Result<(Vec<ValidEvent>, u64), LogError> {
+    let (lines, next) = read_lines_after(path, offset, max, true)?;
+    let events = lines
+        .iter()
+        .map(|l| {
+            parse(l).map_err(|reason| LogError::Parse {
+                path: path.to_owned(),
+                line: 0,
+                reason,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((events, next))
+}
+
+/// An append-only file of JSON lines (the exposure log of the memory
+/// backend). Not fsynced per batch: exposures feed experiment results, and
+/// losing the last ones in a machine crash only delays them.
+#[derive(Debug)]
+pub struct JsonLines {
+    path: PathBuf,
+    file: File,
+}
+
+impl JsonLines {
+    /// Opens (or creates) the file for appending.
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let io = |source| LogError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(JsonLines {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    /// Appends lines (each without a newline) in one write.
+    pub fn append(&mut self, lines: &[String]) -> Result<(), LogError> {
+        let mut body = String::new();
+        for l in lines {
+            body.push_str(l);
+            body.push('\n');
+        }
+        self.file
+            .write_all(body.as_bytes())
+            .map_err(|source| LogError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

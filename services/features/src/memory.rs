@@ -11,11 +11,13 @@ use recmesh_catalog::{Dataset, EventKind, Item};
 use recmesh_proto::v1 as pb;
 use tokio::sync::Mutex;
 
-use crate::log::{EventFile, LogError};
+use crate::EventLogConfig;
+use crate::log::{EventFile, JsonLines, LogError, read_events_after, read_lines_after};
 use crate::now_ms;
 use crate::store::{
-    Counts, FeatureStore, HOURS_KEPT, Ingested, StoreError, UserRaw, ValidEvent, decay_factor,
-    hour_of, item_features, kind_index, user_features,
+    Counts, FeatureStore, HOURS_KEPT, Ingested, LogKind, LogPage, StoreError, UserRaw, ValidEvent,
+    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index,
+    user_features,
 };
 
 #[derive(Debug)]
@@ -109,15 +111,17 @@ pub struct MemoryStore {
     turn: Mutex<()>,
     /// The event file (`None`: not logged).
     log: Option<Arc<std::sync::Mutex<EventFile>>>,
+    /// The exposure file (`None` with the event file).
+    exposures: Option<Arc<std::sync::Mutex<JsonLines>>>,
 }
 
 impl MemoryStore {
-    /// Builds the store from a dataset, then replays the event file at
-    /// `log_path` (created when missing; `None`: events are not logged).
+    /// Builds the store from a dataset, then replays the event file of
+    /// `log` (created when missing; `None`: events are not logged).
     pub fn open(
         data: &Dataset,
         limits: Limits,
-        log_path: Option<(&std::path::Path, bool)>,
+        log: Option<&EventLogConfig>,
     ) -> Result<Self, LogError> {
         let mut state = State {
             items: data
@@ -143,9 +147,16 @@ impl MemoryStore {
         for e in &data.interactions {
             state.apply(&e.user, &e.item, e.kind, e.timestamp_ms);
         }
-        let log = match log_path {
-            Some((path, fsync)) => {
-                let (file, events) = EventFile::open(path, fsync)?;
+        let exposures = match log {
+            Some(c) => Some(Arc::new(std::sync::Mutex::new(JsonLines::open(
+                &c.exposures_path,
+            )?))),
+            None => None,
+        };
+        let log = match log {
+            Some(c) => {
+                let path = c.path.as_path();
+                let (file, events) = EventFile::open(path, c.fsync)?;
                 let mut replayed = 0usize;
                 for e in &events {
                     if state.first_sighting(&e.event_id) {
@@ -163,6 +174,7 @@ impl MemoryStore {
             state: RwLock::new(state),
             turn: Mutex::new(()),
             log,
+            exposures,
         })
     }
 
@@ -239,6 +251,83 @@ impl FeatureStore for MemoryStore {
             None => fresh,
         };
         Ok(self.apply(events.len(), &fresh))
+    }
+
+    async fn log_exposures(&self, exposures: &[pb::Exposure]) -> Result<u32, StoreError> {
+        let Some(file) = &self.exposures else {
+            return Err(StoreError::NoLog(
+                "no exposure log: the memory backend runs without `event_log.path`".into(),
+            ));
+        };
+        let lines: Vec<String> = exposures.iter().map(exposure_json).collect();
+        let file = Arc::clone(file);
+        tokio::task::spawn_blocking(move || {
+            file.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .append(&lines)
+        })
+        .await
+        .map_err(|e| StoreError::NotRecorded(e.to_string()))?
+        .map_err(|e| StoreError::NotRecorded(e.to_string()))?;
+        Ok(exposures.len() as u32)
+    }
+
+    async fn read_log(
+        &self,
+        log: LogKind,
+        cursor: &str,
+        max: usize,
+    ) -> Result<LogPage, StoreError> {
+        let offset: u64 = if cursor.is_empty() {
+            0
+        } else {
+            cursor.parse().map_err(|_| {
+                StoreError::BadCursor(format!("`{cursor}` is not a cursor of this log"))
+            })?
+        };
+        let (Some(events), Some(exposures)) = (&self.log, &self.exposures) else {
+            return Err(StoreError::NoLog(
+                "no event log: the memory backend runs without `event_log.path`".into(),
+            ));
+        };
+        let path = match log {
+            LogKind::Events => events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .path()
+                .to_owned(),
+            LogKind::Exposures => exposures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .path()
+                .to_owned(),
+        };
+        let read = tokio::task::spawn_blocking(move || -> Result<LogPage, LogError> {
+            Ok(match log {
+                LogKind::Events => {
+                    let (events, next) = read_events_after(&path, offset, max)?;
+                    LogPage {
+                        events,
+                        next_cursor: next.to_string(),
+                        ..Default::default()
+                    }
+                }
+                LogKind::Exposures => {
+                    let (lines, next) = read_lines_after(&path, offset, max, false)?;
+                    LogPage {
+                        exposures: lines
+                            .iter()
+                            .filter_map(|l| exposure_from_json(l).ok())
+                            .collect(),
+                        next_cursor: next.to_string(),
+                        ..Default::default()
+                    }
+                }
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        read.map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     fn backend(&self) -> &'static str {

@@ -47,8 +47,9 @@ use tokio::sync::Mutex;
 use crate::log::EventFile;
 use crate::now_ms;
 use crate::store::{
-    Counts, FeatureStore, HOURS_KEPT, Ingested, StoreError, UserRaw, ValidEvent, decay_factor,
-    hour_of, item_features, kind_index, user_features,
+    Counts, FeatureStore, HOURS_KEPT, Ingested, LogKind, LogPage, StoreError, UserRaw, ValidEvent,
+    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index,
+    user_features,
 };
 
 /// The Redis backend's settings (`[redis]`).
@@ -334,7 +335,7 @@ impl RedisStore {
         options: &Options,
     ) -> Result<Vec<i64>, Error> {
         for attempt in 0..2 {
-            let pipeline = self.pool.next().pipeline().with_options(options);
+            let pipeline = self.pool.next_connected().pipeline().with_options(options);
             // EVALSHA sha 0 args...: through `custom`, the one way to send
             // it with per-command options (fail fast, timeout).
             let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Random, false);
@@ -363,7 +364,7 @@ impl RedisStore {
     /// Loads the catalog and the dataset's interactions, in pipelines, with
     /// progress in the log; skipped when Redis already holds this dataset.
     async fn bulk_load(&self, data: &Dataset) -> anyhow::Result<()> {
-        let client = self.pool.next();
+        let client = self.pool.next_connected();
         let meta = self.key("meta");
         let fingerprint = data.fingerprint();
         let loaded: Option<String> = client.hget(&meta, "dataset").await?;
@@ -431,7 +432,11 @@ impl RedisStore {
 
     async fn read_user(&self, user_id: &str) -> Result<Option<UserRaw>, Error> {
         let uk = self.key(&format!("u:{user_id}"));
-        let pipeline = self.pool.next().pipeline().with_options(&self.options());
+        let pipeline = self
+            .pool
+            .next_connected()
+            .pipeline()
+            .with_options(&self.options());
         let _: () = pipeline.lrange(format!("{uk}:r"), 0, -1).await?;
         let _: () = pipeline.smembers(format!("{uk}:p")).await?;
         let _: () = pipeline.hgetall(format!("{uk}:c")).await?;
@@ -456,7 +461,11 @@ impl RedisStore {
     }
 
     async fn read_items(&self, ids: &[String]) -> Result<Vec<Option<pb::ItemFeatures>>, Error> {
-        let pipeline = self.pool.next().pipeline().with_options(&self.options());
+        let pipeline = self
+            .pool
+            .next_connected()
+            .pipeline()
+            .with_options(&self.options());
         let _: () = pipeline
             .zrange(self.key("pop"), 0, 0, None, true, None, true)
             .await?;
@@ -707,6 +716,98 @@ impl FeatureStore for RedisStore {
         Ok(out)
     }
 
+    async fn log_exposures(&self, exposures: &[pb::Exposure]) -> Result<u32, StoreError> {
+        let key = self.key("exposures");
+        let pipeline = self
+            .pool
+            .next_connected()
+            .pipeline()
+            .with_options(&self.options());
+        let maxlen = self.config.stream_max_len.to_string();
+        let xadd = CustomCommand::new_static("XADD", ClusterHash::FirstKey, false);
+        for e in exposures {
+            let args = vec![
+                key.clone(),
+                "MAXLEN".into(),
+                "~".into(),
+                maxlen.clone(),
+                "*".into(),
+                "e".into(),
+                exposure_json(e),
+            ];
+            let _: () = pipeline
+                .custom(xadd.clone(), args)
+                .await
+                .map_err(unavailable)?;
+        }
+        let _: Vec<Value> = within(self.options().timeout, pipeline.all())
+            .await
+            .map_err(unavailable)?;
+        Ok(exposures.len() as u32)
+    }
+
+    async fn read_log(
+        &self,
+        log: LogKind,
+        cursor: &str,
+        max: usize,
+    ) -> Result<LogPage, StoreError> {
+        let key = match log {
+            LogKind::Events => self.key("events"),
+            LogKind::Exposures => self.key("exposures"),
+        };
+        let valid = cursor
+            .split_once('-')
+            .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok());
+        if !cursor.is_empty() && !valid {
+            return Err(StoreError::BadCursor(format!(
+                "`{cursor}` is not a stream id"
+            )));
+        }
+        // "(" makes the start exclusive (Redis 6.2+).
+        let start = if cursor.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("({cursor}")
+        };
+        let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
+        let reply: Value = within(
+            self.options().timeout,
+            self.pool
+                .next_connected()
+                .with_options(&self.options())
+                .custom(
+                    xrange,
+                    vec![key, start, "+".into(), "COUNT".into(), max.to_string()],
+                ),
+        )
+        .await
+        .map_err(unavailable)?;
+        // XRANGE's reply has the shape of one stream's part of XREADGROUP's.
+        let entries = stream_entries(Value::Array(vec![Value::Array(vec![Value::Null, reply])]));
+        let mut page = LogPage {
+            next_cursor: entries
+                .last()
+                .map_or_else(|| cursor.to_owned(), |(id, _)| id.clone()),
+            ..Default::default()
+        };
+        for (id, fields) in entries {
+            match log {
+                LogKind::Events => match stream_event(&fields) {
+                    Ok(e) => page.events.push(e),
+                    Err(reason) => {
+                        tracing::warn!(%id, reason, "stream entry is not an event; skipped")
+                    }
+                },
+                LogKind::Exposures => match fields.get("e").map(|e| exposure_from_json(e)) {
+                    Some(Ok(e)) => page.exposures.push(e),
+                    _ => tracing::warn!(%id, "stream entry is not an exposure; skipped"),
+                },
+            }
+        }
+        Ok(page)
+    }
+
     fn backend(&self) -> &'static str {
         "redis"
     }
@@ -850,7 +951,7 @@ impl RedisStore {
     /// (Redis 7's `XINFO GROUPS` `lag`: entries not yet delivered to it).
     pub async fn stream_stats(&self) -> Result<(u64, Vec<(String, u64)>), StoreError> {
         let key = self.key("events");
-        let client = self.pool.next().with_options(&self.options());
+        let client = self.pool.next_connected().with_options(&self.options());
         let len: u64 = client.xlen(&key).await.map_err(unavailable)?;
         let groups: Value = match client.xinfo_groups(&key).await {
             Ok(v) => v,

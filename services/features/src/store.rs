@@ -37,9 +37,80 @@ pub struct Ingested {
     pub new_items: Vec<String>,
 }
 
+/// Which log a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    /// The event log (`Ingest`).
+    Events,
+    /// The exposure log (`LogExposures`).
+    Exposures,
+}
+
+/// One page of a log.
+#[derive(Debug, Default, PartialEq)]
+pub struct LogPage {
+    /// Events (for [`LogKind::Events`]).
+    pub events: Vec<ValidEvent>,
+    /// Exposures (for [`LogKind::Exposures`]).
+    pub exposures: Vec<pb::Exposure>,
+    /// Where the next read starts.
+    pub next_cursor: String,
+}
+
+/// An exposure as one JSON line (memory backend) or stream field (Redis).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ExposureRecord {
+    r: String,
+    u: String,
+    t: i64,
+    a: Vec<(String, String)>,
+    i: Vec<String>,
+}
+
+/// An exposure's JSON form.
+pub fn exposure_json(e: &pb::Exposure) -> String {
+    let record = ExposureRecord {
+        r: e.request_id.clone(),
+        u: e.user_id.clone(),
+        t: e.timestamp_ms,
+        a: e.assignments
+            .iter()
+            .map(|a| (a.experiment_id.clone(), a.variant.clone()))
+            .collect(),
+        i: e.item_ids.clone(),
+    };
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+/// An exposure from its JSON form.
+pub fn exposure_from_json(text: &str) -> Result<pb::Exposure, String> {
+    let r: ExposureRecord = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(pb::Exposure {
+        request_id: r.r,
+        user_id: r.u,
+        timestamp_ms: r.t,
+        assignments: r
+            .a
+            .into_iter()
+            .map(|(experiment_id, variant)| pb::Assignment {
+                experiment_id,
+                variant,
+                params: Default::default(),
+            })
+            .collect(),
+        item_ids: r.i,
+    })
+}
+
 /// The store could not serve a call.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A log cursor that this backend did not hand out.
+    #[error("cursor: {0}")]
+    BadCursor(String),
+    /// The log asked for is not kept (memory backend without an event file).
+    #[error("{0}")]
+    NoLog(String),
     /// The backend is unreachable and nothing local can answer; retry.
     #[error("feature store unavailable: {0}")]
     Unavailable(String),
@@ -61,6 +132,13 @@ pub trait FeatureStore: Send + Sync + std::fmt::Debug + 'static {
     /// Appends the events not seen before to the event log, then applies
     /// them. Returns only once every event is durable.
     async fn ingest(&self, events: &[ValidEvent]) -> Result<Ingested, StoreError>;
+
+    /// Appends exposures to the exposure log; returns how many.
+    async fn log_exposures(&self, exposures: &[pb::Exposure]) -> Result<u32, StoreError>;
+
+    /// Up to `max` entries of a log after `cursor` ("" = the beginning).
+    async fn read_log(&self, log: LogKind, cursor: &str, max: usize)
+    -> Result<LogPage, StoreError>;
 
     /// `memory` or `redis`, for logs and metrics.
     fn backend(&self) -> &'static str;

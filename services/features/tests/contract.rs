@@ -81,6 +81,7 @@ fn memory_config(dir: &std::path::Path) -> Config {
         event_log: EventLogConfig {
             path: dir.join("events.tsv"),
             fsync: true,
+            exposures_path: dir.join("exposures.jsonl"),
         },
         ..Config::default()
     }

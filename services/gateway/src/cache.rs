@@ -6,7 +6,7 @@
 //! the entry is no longer in the cache and the stale answer is dropped with it.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use prost::Message;
@@ -18,27 +18,42 @@ use crate::config::CacheConfig;
 /// of one visit fit; more would only hold stale answers.
 const QUERIES_PER_USER: usize = 8;
 
+/// One cached answer.
+#[derive(Debug)]
+struct Answer {
+    key: u64,
+    response: Arc<pb::RecommendResponse>,
+    /// Until when it may be served (a variant's `cache.ttl_ms` can make it
+    /// shorter than the cache's own TTL).
+    until: Option<Instant>,
+}
+
 /// One user's cached answers, by query key.
 #[derive(Debug, Default)]
 pub struct UserEntry {
-    answers: Mutex<Vec<(u64, Arc<pb::RecommendResponse>)>>,
+    answers: Mutex<Vec<Answer>>,
 }
 
 impl UserEntry {
-    /// The cached answer to `key`.
+    /// The cached answer to `key`, unless its own TTL has passed.
     pub fn get(&self, key: u64) -> Option<Arc<pb::RecommendResponse>> {
         let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         answers
             .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, r)| r.clone())
+            .find(|a| a.key == key && a.until.is_none_or(|t| Instant::now() < t))
+            .map(|a| a.response.clone())
     }
 
-    /// Stores an answer, evicting the oldest beyond [`QUERIES_PER_USER`].
-    pub fn put(&self, key: u64, response: Arc<pb::RecommendResponse>) {
+    /// Stores an answer, evicting the oldest beyond [`QUERIES_PER_USER`];
+    /// `ttl` (a variant's) bounds how long it is served.
+    pub fn put(&self, key: u64, response: Arc<pb::RecommendResponse>, ttl: Option<Duration>) {
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        answers.retain(|(k, _)| *k != key);
-        answers.push((key, response));
+        answers.retain(|a| a.key != key);
+        answers.push(Answer {
+            key,
+            response,
+            until: ttl.map(|t| Instant::now() + t),
+        });
         if answers.len() > QUERIES_PER_USER {
             answers.remove(0);
         }
@@ -71,6 +86,13 @@ impl ResponseCache {
                 .get_with_by_ref(user, async { Arc::new(UserEntry::default()) })
                 .await,
         )
+    }
+
+    /// Drops every cached answer (the experiment config changed).
+    pub fn invalidate_all(&self) {
+        if let Some(users) = &self.users {
+            users.invalidate_all();
+        }
     }
 
     /// Drops everything cached for `user`.
@@ -109,10 +131,27 @@ mod tests {
         let entry = cache.entry("u1").await.expect("enabled");
         cache.invalidate("u1").await;
         // A request that started before the Track stores into the old entry...
-        entry.put(1, Arc::new(pb::RecommendResponse::default()));
+        entry.put(1, Arc::new(pb::RecommendResponse::default()), None);
         // ...which the next request does not see.
         let fresh = cache.entry("u1").await.expect("enabled");
         assert!(fresh.get(1).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_variant_ttl_expires_its_answer_and_invalidate_all_drops_everything() {
+        let cache = ResponseCache::new(&CacheConfig::default());
+        let entry = cache.entry("u1").await.expect("enabled");
+        entry.put(
+            1,
+            Arc::new(pb::RecommendResponse::default()),
+            Some(Duration::ZERO),
+        );
+        entry.put(2, Arc::new(pb::RecommendResponse::default()), None);
+        assert!(entry.get(1).is_none(), "its variant's TTL of 0 has passed");
+        assert!(entry.get(2).is_some());
+        cache.invalidate_all();
+        let fresh = cache.entry("u1").await.expect("enabled");
+        assert!(fresh.get(2).is_none());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     /// The L1 response cache.
     pub cache: CacheConfig,
+    /// Exposure logging (what each user was shown under which variants).
+    pub exposures: ExposureConfig,
     /// The popularity lists the gateway answers from when retrieval fails.
     pub popularity: PopularityConfig,
     /// Dataset the popularity lists are seeded from at start, so the gateway
@@ -40,6 +42,7 @@ impl Default for Config {
             budgets: Budgets::default(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
+            exposures: ExposureConfig::default(),
             popularity: PopularityConfig::default(),
             data: DataSource::default(),
         }
@@ -143,6 +146,34 @@ impl Default for Limits {
     }
 }
 
+/// Exposure logging: every `Recommend` answer with experiment assignments is
+/// queued and sent to the features service's exposure log in batches, off
+/// the request path. A full queue drops (and counts) rather than slow
+/// requests down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExposureConfig {
+    /// Log exposures at all.
+    pub enabled: bool,
+    /// Exposures waiting to be sent at most.
+    pub queue: usize,
+    /// Exposures per `LogExposures` call at most.
+    pub batch: usize,
+    /// Longest wait before a partial batch is sent, ms.
+    pub flush_ms: u64,
+}
+
+impl Default for ExposureConfig {
+    fn default() -> Self {
+        ExposureConfig {
+            enabled: true,
+            queue: 10_000,
+            batch: 500,
+            flush_ms: 100,
+        }
+    }
+}
+
 /// The L1 response cache.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -204,6 +235,13 @@ impl ServiceConfig for Config {
             ("upstreams.reranker", &u.reranker),
         ] {
             check_address(key, addr)?;
+        }
+        if self.exposures.enabled {
+            recmesh_server::config::at_least_one(&[
+                ("exposures.queue", self.exposures.queue as u64),
+                ("exposures.batch", self.exposures.batch as u64),
+                ("exposures.flush_ms", self.exposures.flush_ms),
+            ])?;
         }
         let b = &self.budgets;
         for (key, ms) in [

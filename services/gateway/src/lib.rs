@@ -21,6 +21,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod experiments;
 pub mod fallback;
 
 use std::collections::HashMap;
@@ -92,6 +93,8 @@ pub struct Gateway {
     config: Arc<Config>,
     lists: SharedLists,
     cache: cache::ResponseCache,
+    /// Exposures on their way to the exposure log (`None`: not logged).
+    exposures: Option<tokio::sync::mpsc::Sender<pb::Exposure>>,
 }
 
 /// A `Recommend` request after validation.
@@ -213,11 +216,18 @@ impl Gateway {
             p.overall,
             p.per_category,
         );
+        let cache = cache::ResponseCache::new(&config.cache);
+        experiments::watch_version(clients.experiments.clone(), cache.clone());
+        let exposures = config
+            .exposures
+            .enabled
+            .then(|| experiments::spawn_exposure_log(clients.features.clone(), &config.exposures));
         Ok(Gateway {
             clients,
-            cache: cache::ResponseCache::new(&config.cache),
+            cache,
             config: Arc::new(config),
             lists,
+            exposures,
         })
     }
 
@@ -375,12 +385,13 @@ impl Gateway {
         kept.into_iter().filter_map(|i| slots[i].take()).collect()
     }
 
+    /// The pipeline's answer, and how long the variant lets it be cached.
     async fn recommend_pipeline(
         &self,
         q: &RecommendQuery,
         deadline: Deadline,
         rid: &str,
-    ) -> pb::RecommendResponse {
+    ) -> (pb::RecommendResponse, Option<Duration>) {
         let b = &self.config.budgets;
         let mut stages = Vec::with_capacity(5);
 
@@ -444,6 +455,7 @@ impl Gateway {
             count: params.candidates,
             exclude_item_ids: q.exclude.clone(),
             filters: Some(q.filters.clone()),
+            source_weights: params.source_weights.clone().into_iter().collect(),
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
         let (retrieved, mut report) =
@@ -533,7 +545,7 @@ impl Gateway {
         stages.push(report);
 
         let degraded = stages.iter().any(|s| !s.fallback.is_empty());
-        pb::RecommendResponse {
+        let response = pb::RecommendResponse {
             request_id: rid.to_owned(),
             items: to_items(finals),
             model_version,
@@ -541,6 +553,16 @@ impl Gateway {
             stages,
             degraded,
             cached: false,
+        };
+        (response, params.cache_ttl_ms.map(Duration::from_millis))
+    }
+
+    /// Queues the exposure of an answer with assignments; never waits.
+    fn log_exposure(&self, user: &str, response: &pb::RecommendResponse) {
+        if let Some(queue) = &self.exposures
+            && !response.assignments.is_empty()
+        {
+            experiments::queue_exposure(queue, user, response);
         }
     }
 
@@ -609,21 +631,24 @@ impl pb::gateway_server::Gateway for Gateway {
                 let mut response = (*hit).clone();
                 response.request_id = rid;
                 response.cached = true;
+                self.log_exposure(&q.user_id, &response);
                 return Ok(Response::new(response));
             }
             metrics::counter!("recmesh_gateway_cache_total", "result" => "miss").increment(1);
         }
 
-        let response = self.recommend_pipeline(&q, deadline, &rid).await;
+        let (response, variant_ttl) = self.recommend_pipeline(&q, deadline, &rid).await;
+        self.log_exposure(&q.user_id, &response);
         metrics::counter!("recmesh_gateway_recommend_total", "degraded" => if response.degraded { "true" } else { "false" })
             .increment(1);
         // Degraded answers are not cached: the next request should get the
         // real thing as soon as the stage is back.
         if !response.degraded
             && !q.debug
+            && variant_ttl != Some(Duration::ZERO)
             && let Some(e) = entry
         {
-            e.put(key, Arc::new(response.clone()));
+            e.put(key, Arc::new(response.clone()), variant_ttl);
         }
         Ok(Response::new(response))
     }

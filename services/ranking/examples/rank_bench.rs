@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
                 event_log: recmesh_features::EventLogConfig {
                     path: Default::default(),
                     fsync: false,
+                    exposures_path: Default::default(),
                 },
                 ..Default::default()
             },

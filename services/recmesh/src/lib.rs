@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ab;
 pub mod bench;
 pub mod client;
 
@@ -165,6 +166,7 @@ pub async fn start_stages(
     reranker.server = ports.server(3);
     let reranker = recmesh_reranker::server(reranker).start().await?;
     experiments.server = ports.server(4);
+    experiments.features_addr = features.grpc_uri();
     let experiments = recmesh_experiments::server(experiments)?.start().await?;
     Ok(Stages {
         retrieval,

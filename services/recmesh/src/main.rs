@@ -23,6 +23,55 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone)]
+struct AdminTarget {
+    /// Experiments service address.
+    #[arg(
+        long,
+        env = "RECMESH_EXPERIMENTS",
+        default_value = "http://127.0.0.1:50055",
+        global = true
+    )]
+    experiments: String,
+    /// Admin bearer token (the service's admin_token).
+    #[arg(
+        long,
+        env = "RECMESH_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        global = true
+    )]
+    token: String,
+}
+
+#[derive(Subcommand, Clone)]
+enum ExperimentAction {
+    /// Every experiment with its variants.
+    List,
+    /// Create or replace the experiments of a TOML file (`[[experiments]]`).
+    Put {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Set a status: draft, running, paused or stopped.
+    Status {
+        /// Experiment id.
+        id: String,
+        /// New status.
+        status: String,
+    },
+    /// Delete an experiment.
+    Delete {
+        /// Experiment id.
+        id: String,
+    },
+    /// Per-variant impressions, clicks, conversions, lift and p-values.
+    Results {
+        /// Experiment id.
+        id: String,
+    },
+}
+
+#[derive(clap::Args, Clone)]
 struct DemoArgs {
     /// Load items.tsv and interactions.tsv from this directory instead of
     /// generating demo data.
@@ -150,6 +199,40 @@ enum Command {
         event_id: Option<String>,
         #[command(flatten)]
         target: Target,
+    },
+    /// The experiments admin API, as an A/B platform uses it.
+    Experiments {
+        #[command(subcommand)]
+        action: ExperimentAction,
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
+    /// Synthetic traffic: demo users u0.. ask for recommendations and click
+    /// with a position-biased model that favours each user's first-shown
+    /// category; then the experiment's results.
+    Simulate {
+        /// Users u0 .. u{users-1}.
+        #[arg(long, default_value_t = 500)]
+        users: u32,
+        /// Recommendations per user.
+        #[arg(long, default_value_t = 4)]
+        rounds: u32,
+        /// Seed of the click draws.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Users of this variant click less (a simulated CTR drop)...
+        #[arg(long)]
+        drop_variant: Option<String>,
+        /// ...by this share, 0..1.
+        #[arg(long, default_value_t = 0.3)]
+        drop: f64,
+        /// Print this experiment's results at the end.
+        #[arg(long)]
+        experiment: Option<String>,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminTarget,
     },
     /// Measure Recommend latency against a running gateway (closed loop).
     Bench {
@@ -308,6 +391,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Experiments { action, admin } => {
+            let mut a = recmesh::ab::Admin::connect(&admin.experiments, &admin.token).await?;
+            match action {
+                ExperimentAction::List => {
+                    for e in a.list().await? {
+                        print!("{}", recmesh::ab::render_experiment(&e));
+                    }
+                }
+                ExperimentAction::Put { file } => {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                    for (id, version) in a.put_file(&text).await? {
+                        println!("{id}: accepted as version {version}");
+                    }
+                }
+                ExperimentAction::Status { id, status } => {
+                    print!(
+                        "{}",
+                        recmesh::ab::render_experiment(&a.set_status(&id, &status).await?)
+                    );
+                }
+                ExperimentAction::Delete { id } => {
+                    a.delete(&id).await?;
+                    println!("{id}: deleted");
+                }
+                ExperimentAction::Results { id } => {
+                    print!("{}", recmesh::ab::render_results(&a.results(&id).await?));
+                }
+            }
+            Ok(())
+        }
+        Command::Simulate {
+            users,
+            rounds,
+            seed,
+            drop_variant,
+            drop,
+            experiment,
+            target,
+            admin,
+        } => {
+            anyhow::ensure!((0.0..1.0).contains(&drop), "--drop: must be in 0..1");
+            let spec = recmesh::ab::SimSpec {
+                users,
+                rounds,
+                seed,
+                drop: drop_variant.map(|v| (v, drop)),
+            };
+            let report = recmesh::ab::simulate(&target.gateway, &spec).await?;
+            println!(
+                "{} recommendations, {} clicks, {} purchases, {} errors",
+                report.recommends, report.clicks, report.purchases, report.errors
+            );
+            let mut by: Vec<_> = report.by_variant.iter().collect();
+            by.sort();
+            for ((e, v), n) in by {
+                println!("  {e} = {v}: {n} answers");
+            }
+            if let Some(id) = experiment {
+                // The results attribute clicks 2 s after they happen.
+                tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+                let mut a = recmesh::ab::Admin::connect(&admin.experiments, &admin.token).await?;
+                print!("\n{}", recmesh::ab::render_results(&a.results(&id).await?));
+            }
+            Ok(())
+        }
         Command::Bench {
             requests,
             concurrency,
@@ -382,11 +531,18 @@ async fn up(
         eprintln!("features: redis at {}", stages.features.redis.url);
     } else {
         stages.features.event_log.path = events.unwrap_or_else(|| state_dir.join("events.tsv"));
+        stages.features.event_log.exposures_path = stages
+            .features
+            .event_log
+            .path
+            .with_file_name("exposures.jsonl");
         eprintln!(
             "features: in memory, event log {}",
             stages.features.event_log.path.display()
         );
     }
+    stages.experiments.state_dir = state_dir.join("experiments").display().to_string();
+    eprintln!("experiments: state in {}", stages.experiments.state_dir);
     if let Some(model) = ranking_model {
         stages.ranking.model_path = model.display().to_string();
     } else if !no_train {

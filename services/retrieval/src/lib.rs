@@ -176,6 +176,45 @@ impl Constraints<'_> {
     }
 }
 
+/// The merge weight of each source (`RetrieveRequest.source_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SourceWeights {
+    anchor: f64,
+    cf: f64,
+    category: f64,
+    popular: f64,
+}
+
+impl SourceWeights {
+    fn from_request(map: &HashMap<String, f64>) -> Result<Self, FieldError> {
+        let mut w = SourceWeights {
+            anchor: 1.0,
+            cf: 1.0,
+            category: 0.6,
+            popular: 0.4,
+        };
+        for (name, &value) in map {
+            let field = format!("source_weights.{name}");
+            if !(0.0..=10.0).contains(&value) {
+                return Err(FieldError::new(field, "must be in 0..=10"));
+            }
+            match name.as_str() {
+                "anchor" => w.anchor = value,
+                "cf" => w.cf = value,
+                "category" => w.category = value,
+                "popular" => w.popular = value,
+                _ => {
+                    return Err(FieldError::new(
+                        field,
+                        "unknown source; known: anchor, cf, category, popular",
+                    ));
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
 /// Builds the merged candidate list, first source to find an item first.
 struct Merger<'a> {
     index: &'a Index,
@@ -201,6 +240,10 @@ impl<'a> Merger<'a> {
         weight: f64,
         results: impl IntoIterator<Item = (u32, f64, String)>,
     ) {
+        // Weight 0: the variant turned this source off.
+        if weight <= 0.0 {
+            return;
+        }
         let results: Vec<(u32, f64, String)> = results.into_iter().collect();
         let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
         for (item, raw, reason) in results {
@@ -344,11 +387,14 @@ impl RetrievalService {
     }
 
     /// Candidates for a user; see the crate docs for the sources.
+    ///
+    /// A source of weight 0 is skipped (its candidates are not added).
     pub fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
         check_id("user_id", &req.user_id)?;
         let count = self.count("count", req.count)?;
         let constraints = self.constraints(&req.exclude_item_ids, req.filters.as_ref())?;
         let ctx = req.context.clone().unwrap_or_default();
+        let weights = SourceWeights::from_request(&req.source_weights)?;
         let index = &self.index;
         let mut merger = Merger::new(index, &constraints);
 
@@ -358,7 +404,7 @@ impl RetrievalService {
             let title = index.title(anchor).to_owned();
             merger.add(
                 "anchor",
-                1.0,
+                weights.anchor,
                 index.neighbours[anchor as usize]
                     .iter()
                     .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}"))),
@@ -392,7 +438,7 @@ impl RetrievalService {
         let cf = cooccurrence::score_from_seeds(&index.neighbours, &seed_list, count * 2);
         merger.add(
             "cf",
-            1.0,
+            weights.cf,
             cf.into_iter().filter(|c| !seen.contains(&c.item)).map(|c| {
                 let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
                 (
@@ -418,13 +464,13 @@ impl RetrievalService {
         for c in categories {
             merger.add(
                 "popular",
-                0.6,
+                weights.category,
                 self.popular_in(c).filter(|(i, _, _)| !seen.contains(i)),
             );
         }
         merger.add(
             "popular",
-            0.4,
+            weights.popular,
             self.popular_overall().filter(|(i, _, _)| !seen.contains(i)),
         );
         Ok(pb::RetrieveResponse {
@@ -602,6 +648,17 @@ mod tests {
         );
         let ids: std::collections::HashSet<_> = out.iter().map(|c| &c.item_id).collect();
         assert_eq!(ids.len(), out.len(), "no duplicates");
+
+        // A variant's source mix: popularity off leaves CF alone; CF off
+        // leaves popularity alone.
+        let mut only_cf = req.clone();
+        only_cf.source_weights = HashMap::from([("popular".into(), 0.0), ("category".into(), 0.0)]);
+        let out = s.retrieve(&only_cf).expect("ok").candidates;
+        assert!(!out.is_empty() && out.iter().all(|c| c.source == "cf"));
+        let mut no_cf = req;
+        no_cf.source_weights = HashMap::from([("cf".into(), 0.0)]);
+        let out = s.retrieve(&no_cf).expect("ok").candidates;
+        assert!(!out.is_empty() && out.iter().all(|c| c.source == "popular"));
     }
 
     #[test]
@@ -640,6 +697,17 @@ mod tests {
         });
         assert_eq!(s.retrieve(&req).expect_err("bad").field, "context.category");
         req.context = None;
+        req.source_weights = HashMap::from([("ann".into(), 1.0)]);
+        assert_eq!(
+            s.retrieve(&req).expect_err("bad").field,
+            "source_weights.ann"
+        );
+        req.source_weights = HashMap::from([("cf".into(), -1.0)]);
+        assert_eq!(
+            s.retrieve(&req).expect_err("bad").field,
+            "source_weights.cf"
+        );
+        req.source_weights.clear();
         req.count = 1_000_000;
         assert_eq!(s.retrieve(&req).expect_err("bad").field, "count");
         let err = s
