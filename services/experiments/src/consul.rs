@@ -228,7 +228,7 @@ pub struct Applied {
 /// Applies a listing: every key an experiment. The experiment of a key
 /// that is gone is deleted; that of a key that no longer parses is kept.
 /// `from_consul`: key → the id of the experiment it last applied.
-fn apply(
+async fn apply(
     state: &Experiments,
     entries: &[KvEntry],
     from_consul: &mut HashMap<String, String>,
@@ -261,7 +261,7 @@ fn apply(
             continue;
         }
         let id = def.id.clone();
-        match state.change(|set| set.put(def, None)) {
+        match state.change(|set| set.put(def.clone(), None)).await {
             Ok(Ok(_)) => {
                 from_consul.insert(entry.key.clone(), id.clone());
                 out.changed.push(id);
@@ -283,7 +283,7 @@ fn apply(
         .collect();
     for key in gone {
         if let Some(id) = from_consul.remove(&key)
-            && let Ok(Ok(_)) = state.change(|set| set.delete(&id, None))
+            && let Ok(Ok(_)) = state.change(|set| set.delete(&id, None)).await
         {
             out.deleted.push(id);
         }
@@ -342,7 +342,7 @@ pub fn spawn_watch(config: ConsulConfig, state: Experiments) {
             if new_index == index && index != 0 {
                 continue;
             }
-            let applied = apply(&state, &entries, &mut from_consul);
+            let applied = apply(&state, &entries, &mut from_consul).await;
             for (key, reason) in &applied.rejected {
                 metrics::counter!("recmesh_experiments_consul_rejected_total").increment(1);
                 tracing::error!(%key, %reason, "consul: experiment refused; its previous version keeps serving");
@@ -471,11 +471,12 @@ mod tests {
             let _hold = listener.accept().await;
             tokio::time::sleep(Duration::from_secs(60)).await;
         });
-        let state = Experiments::new(&Config {
+        let state = Experiments::open(&Config {
             state_dir: String::new(),
             features_addr: String::new(),
             ..Config::default()
         })
+        .await
         .expect("state");
         spawn_watch(
             ConsulConfig {
@@ -534,21 +535,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_key_keeps_the_previous_version() {
-        let state = Experiments::new(&Config {
+        let state = Experiments::open(&Config {
             state_dir: String::new(),
             features_addr: String::new(),
             ..Config::default()
         })
+        .await
         .expect("state");
         let mut from = HashMap::new();
         let entry = |json: &str| KvEntry {
             key: "recmesh/experiments/x".into(),
             value: Some(encode(json.as_bytes())),
         };
-        let a = apply(&state, &[entry(GOOD)], &mut from);
+        let a = apply(&state, &[entry(GOOD)], &mut from).await;
         assert_eq!(a.changed, ["from-consul"]);
         let before = state.current().get("from-consul").cloned();
-        let a = apply(&state, &[entry(BAD_WEIGHTS)], &mut from);
+        let a = apply(&state, &[entry(BAD_WEIGHTS)], &mut from).await;
         assert_eq!(a.rejected.len(), 1);
         assert!(
             a.rejected[0].1.starts_with("variants: at least one weight"),
@@ -556,14 +558,14 @@ mod tests {
             a.rejected
         );
         assert_eq!(state.current().get("from-consul").cloned(), before);
-        let a = apply(&state, &[entry("{not json")], &mut from);
+        let a = apply(&state, &[entry("{not json")], &mut from).await;
         assert!(
             a.rejected[0].1.starts_with("not an experiment as JSON"),
             "{:?}",
             a.rejected
         );
         assert_eq!(state.current().get("from-consul").cloned(), before, "kept");
-        let a = apply(&state, &[], &mut from);
+        let a = apply(&state, &[], &mut from).await;
         assert_eq!(a.deleted, ["from-consul"], "its key is gone");
     }
 }

@@ -48,8 +48,16 @@ pub struct Config {
     /// directory holds none yet); empty: the built-in demo set.
     pub experiments_file: String,
     /// Directory of the durable state (pushed experiments, sticky
-    /// assignments); empty: pushes live in memory only.
+    /// assignments); empty: pushes live in memory only. Not used with
+    /// `redis_url`.
     pub state_dir: String,
+    /// Keep the state in this Redis instead (`redis://host:port`), shared
+    /// by every replica: production.
+    pub redis_url: String,
+    /// Key prefix in Redis.
+    pub redis_prefix: String,
+    /// How often a replica checks Redis for another replica's change, ms.
+    pub redis_poll_ms: u64,
     /// Bearer token the admin API requires. Empty (and no token file): the
     /// admin API is open (for local demos only; a warning is logged).
     pub admin_token: String,
@@ -96,6 +104,9 @@ impl Default for Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
             experiments_file: String::new(),
             state_dir: "var/experiments".into(),
+            redis_url: String::new(),
+            redis_prefix: "rm".into(),
+            redis_poll_ms: 500,
             admin_token: String::new(),
             admin_token_file: String::new(),
             holdout: 0.0,
@@ -131,6 +142,7 @@ impl ServiceConfig for Config {
                 .map_err(|e| ConfigError::invalid("features_addr", e.to_string()))?;
         }
         recmesh_server::config::at_least_one(&[
+            ("redis_poll_ms", self.redis_poll_ms),
             ("results.poll_ms", self.results.poll_ms),
             ("results.page", u64::from(self.results.page)),
         ])?;
@@ -210,9 +222,9 @@ fn refused(err: Refused, prefix: &str) -> Status {
 struct Inner {
     set: RwLock<Arc<ExperimentSet>>,
     /// Serialises changes (validate, persist, swap).
-    changing: Mutex<()>,
+    changing: tokio::sync::Mutex<()>,
     sticky: RwLock<store::Sticky>,
-    store: Option<store::FileStore>,
+    store: Option<store::Store>,
     version: watch::Sender<u64>,
     closing: watch::Sender<bool>,
     results: Mutex<results::Results>,
@@ -225,21 +237,30 @@ struct Inner {
 pub struct Experiments(Arc<Inner>);
 
 impl Experiments {
-    /// State from `config`: the saved state when there is one, else the
-    /// experiments file, else the demo set.
-    pub fn new(config: &Config) -> Result<Self, ConfigError> {
-        let (store, saved, sticky) = if config.state_dir.is_empty() {
+    /// State from `config`: the saved state when there is one (Redis, or
+    /// the state directory), else the experiments file, else the demo set.
+    pub async fn open(config: &Config) -> Result<Self, ConfigError> {
+        let (store, saved, sticky) = if !config.redis_url.is_empty() {
+            let (s, saved, sticky) =
+                store::RedisStore::open(&config.redis_url, &config.redis_prefix)
+                    .await
+                    .map_err(|e| ConfigError::invalid("redis_url", format!("{e:#}")))?;
+            (Some(store::Store::Redis(s)), saved, sticky)
+        } else if config.state_dir.is_empty() {
             (None, None, store::Sticky::new())
         } else {
             let (s, saved, sticky) =
                 store::FileStore::open(std::path::Path::new(&config.state_dir))
                     .map_err(|e| ConfigError::invalid("state_dir", format!("{e:#}")))?;
-            (Some(s), saved, sticky)
+            (Some(store::Store::File(s)), saved, sticky)
         };
         let set = match saved {
             Some(set) => {
-                tracing::info!(experiments = set.experiments.len(), version = set.version,
-                    dir = %config.state_dir, "experiments restored from the state directory");
+                tracing::info!(
+                    experiments = set.experiments.len(),
+                    version = set.version,
+                    "experiments restored from the saved state"
+                );
                 set
             }
             None => {
@@ -249,9 +270,17 @@ impl Experiments {
                     std::fs::read_to_string(&config.experiments_file)
                         .map_err(|e| ConfigError::invalid("experiments_file", e.to_string()))?
                 };
-                parse_file(&text).map_err(|e| {
+                let set = parse_file(&text).map_err(|e| {
                     ConfigError::invalid(format!("experiments_file: {}", e.field), e.reason)
-                })?
+                })?;
+                // The first replica to start seeds Redis; a lost race is
+                // fine (another replica seeded it).
+                if let Some(store::Store::Redis(r)) = &store {
+                    r.save(&set, 0)
+                        .await
+                        .map_err(|e| ConfigError::invalid("redis_url", format!("{e:#}")))?;
+                }
+                set
             }
         };
         let token = if config.admin_token_file.is_empty() {
@@ -276,7 +305,7 @@ impl Experiments {
         let (closing, _) = watch::channel(false);
         Ok(Experiments(Arc::new(Inner {
             set: RwLock::new(Arc::new(set)),
-            changing: Mutex::new(()),
+            changing: tokio::sync::Mutex::new(()),
             sticky: RwLock::new(sticky),
             store,
             version,
@@ -293,32 +322,100 @@ impl Experiments {
     }
 
     /// Applies a change to a copy of the set, saves it, then serves it. A
-    /// refused change, or one that cannot be saved, changes nothing.
-    pub fn change(
+    /// refused change, or one that cannot be saved, changes nothing. With
+    /// Redis the change starts from the saved state and is saved only if no
+    /// other replica changed it meanwhile (else it is applied again to the
+    /// newer state, up to three times).
+    pub async fn change(
         &self,
-        f: impl FnOnce(&mut ExperimentSet) -> Result<u64, Refused>,
+        f: impl Fn(&mut ExperimentSet) -> Result<u64, Refused>,
     ) -> Result<Result<u64, Refused>, anyhow::Error> {
-        let _turn = self.0.changing.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = (*self.current()).clone();
-        let version = match f(&mut next) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        if let Some(store) = &self.0.store {
-            store.save(&next)?;
+        let _turn = self.0.changing.lock().await;
+        for _ in 0..3 {
+            let base = match &self.0.store {
+                Some(store::Store::Redis(r)) => {
+                    if let Some(saved) = r.load().await?
+                        && saved.version > self.current().version
+                    {
+                        self.swap(saved);
+                    }
+                    self.current()
+                }
+                _ => self.current(),
+            };
+            let mut next = (*base).clone();
+            let version = match f(&mut next) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            let saved = match &self.0.store {
+                Some(store::Store::File(file)) => file.save(&next).map(|()| true)?,
+                // False: another replica changed it first; start over.
+                Some(store::Store::Redis(r)) => r.save(&next, base.version).await?,
+                None => true,
+            };
+            if !saved {
+                continue;
+            }
+            self.swap(next);
+            return Ok(Ok(version));
         }
-        *self.0.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        self.0.version.send_replace(version);
-        metrics::gauge!("recmesh_experiments_config_version").set(version as f64);
-        Ok(Ok(version))
+        anyhow::bail!("other replicas kept changing the experiments; try again")
     }
 
-    fn apply(
+    /// Serves `set` and tells the version watchers.
+    fn swap(&self, set: ExperimentSet) {
+        let version = set.version;
+        *self.0.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        self.0.version.send_replace(version);
+        metrics::gauge!("recmesh_experiments_config_version").set(version as f64);
+    }
+
+    /// Follows another replica's changes in Redis (what [`server`] starts
+    /// with `redis_url`).
+    pub fn spawn_redis_poll(&self, every: Duration) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(store::Store::Redis(r)) = &state.0.store else {
+                    return;
+                };
+                match r.version().await {
+                    Ok(v) if v > state.current().version => match r.load().await {
+                        Ok(Some(set)) => {
+                            match r.load_sticky(&set).await {
+                                Ok(sticky) => {
+                                    *state.0.sticky.write().unwrap_or_else(|p| p.into_inner()) =
+                                        sticky;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "sticky assignments not reloaded")
+                                }
+                            }
+                            tracing::info!(version = v, "experiments changed by another replica");
+                            state.swap(set);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "experiments not reloaded")
+                        }
+                    },
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %format!("{e:#}"), "redis unreachable; keeping the current experiments")
+                    }
+                }
+            }
+        });
+    }
+
+    async fn apply(
         &self,
-        f: impl FnOnce(&mut ExperimentSet) -> Result<u64, Refused>,
+        f: impl Fn(&mut ExperimentSet) -> Result<u64, Refused>,
         prefix: &str,
     ) -> Result<u64, Status> {
-        match self.change(f) {
+        match self.change(f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(refused(e, prefix)),
             Err(e) => {
@@ -347,8 +444,10 @@ impl Experiments {
         if !new_sticky.is_empty() {
             let mut sticky = self.0.sticky.write().unwrap_or_else(|p| p.into_inner());
             for (exp, variant) in new_sticky {
-                if let Some(store) = &self.0.store {
-                    store.record_sticky(&exp, user, &variant);
+                match &self.0.store {
+                    Some(store::Store::File(f)) => f.record_sticky(&exp, user, &variant),
+                    Some(store::Store::Redis(r)) => r.record_sticky(&exp, user, &variant),
+                    None => {}
                 }
                 sticky.insert((exp, user.to_owned()), variant);
             }
@@ -416,7 +515,7 @@ impl Experiments {
                         true
                     }
                 };
-                state.check_guardrails();
+                state.check_guardrails().await;
                 if drained {
                     tokio::time::sleep(Duration::from_millis(config.poll_ms)).await;
                 }
@@ -462,7 +561,7 @@ impl Experiments {
         Ok(drained)
     }
 
-    fn check_guardrails(&self) {
+    async fn check_guardrails(&self) {
         let set = self.current();
         let breaches = self
             .0
@@ -471,10 +570,12 @@ impl Experiments {
             .unwrap_or_else(|p| p.into_inner())
             .breaches(&set);
         for (experiment, variant, reason) in breaches {
-            let stopped = self.change(|set| {
-                set.stop_variant(&experiment, &variant, reason.clone())
-                    .ok_or_else(|| Refused::NotFound(experiment.clone()))
-            });
+            let stopped = self
+                .change(|set| {
+                    set.stop_variant(&experiment, &variant, reason.clone())
+                        .ok_or_else(|| Refused::NotFound(experiment.clone()))
+                })
+                .await;
             match stopped {
                 Ok(Ok(version)) => {
                     metrics::counter!("recmesh_experiments_guardrail_stops_total",
@@ -557,7 +658,9 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
         let expected = (e.version > 0).then_some(e.version);
         let def = model::from_proto(e);
         let id = def.id.clone();
-        let version = self.apply(|set| set.put(def, expected), "experiment.")?;
+        let version = self
+            .apply(|set| set.put(def.clone(), expected), "experiment.")
+            .await?;
         tracing::info!(experiment = %id, version, "experiment accepted");
         Ok(Response::new(pb::PutExperimentResponse { version }))
     }
@@ -596,7 +699,8 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
         self.authorize(&request)?;
         let req = request.into_inner();
         let expected = (req.expected_version > 0).then_some(req.expected_version);
-        self.apply(|set| set.set_status(&req.id, &req.status, expected), "")?;
+        self.apply(|set| set.set_status(&req.id, &req.status, expected), "")
+            .await?;
         tracing::info!(experiment = %req.id, status = %req.status, "experiment status set");
         self.current()
             .get(&req.id)
@@ -611,7 +715,7 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
         self.authorize(&request)?;
         let req = request.into_inner();
         let expected = (req.expected_version > 0).then_some(req.expected_version);
-        self.apply(|set| set.delete(&req.id, expected), "")?;
+        self.apply(|set| set.delete(&req.id, expected), "").await?;
         tracing::info!(experiment = %req.id, "experiment deleted");
         Ok(Response::new(pb::DeleteExperimentResponse {}))
     }
@@ -629,9 +733,12 @@ impl pb::experiments_admin_server::ExperimentsAdmin for Experiments {
 }
 
 /// The experiments server, ready to start or run; starts the results
-/// consumer and the Consul watch when configured (inside a Tokio runtime).
-pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
-    let state = Experiments::new(&config)?;
+/// consumer, the Redis poll and the Consul watch when configured.
+pub async fn server(config: Config) -> Result<GrpcServer, ConfigError> {
+    let state = Experiments::open(&config).await?;
+    if !config.redis_url.is_empty() {
+        state.spawn_redis_poll(Duration::from_millis(config.redis_poll_ms));
+    }
     if !config.features_addr.is_empty() {
         state.spawn_results(&config.features_addr, config.results.clone())?;
     }
@@ -647,7 +754,7 @@ pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
 
 /// Serves until `shutdown`, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    server(config)?.run(shutdown).await?;
+    server(config).await?.run(shutdown).await?;
     Ok(())
 }
 
@@ -720,7 +827,9 @@ mod tests {
 
     #[tokio::test]
     async fn admin_needs_the_token() {
-        let svc = Experiments::new(&config(String::new(), "s3cret")).expect("state");
+        let svc = Experiments::open(&config(String::new(), "s3cret"))
+            .await
+            .expect("state");
         let err = svc
             .list_experiments(Request::new(pb::ListExperimentsRequest {}))
             .await
@@ -759,7 +868,9 @@ mod tests {
     #[tokio::test]
     async fn pushes_survive_a_restart_and_a_bad_push_keeps_the_old_version() {
         let dir = scratch("restart");
-        let svc = Experiments::new(&config(dir.clone(), "t")).expect("state");
+        let svc = Experiments::open(&config(dir.clone(), "t"))
+            .await
+            .expect("state");
         let v = svc
             .put_experiment(authed(push("mmr", [1, 1], "0.5"), "t"))
             .await
@@ -814,7 +925,9 @@ mod tests {
         .await
         .expect("paused");
         drop(svc);
-        let again = Experiments::new(&config(dir.clone(), "t")).expect("restart");
+        let again = Experiments::open(&config(dir.clone(), "t"))
+            .await
+            .expect("restart");
         let mmr = again.current().get("mmr").cloned().expect("survived");
         assert_eq!(mmr.def.status, "paused");
         assert_eq!(mmr.def.variants[1].params["rerank.mmr_lambda"], "0.5");
@@ -824,7 +937,9 @@ mod tests {
     #[tokio::test]
     async fn sticky_assignments_survive_a_restart() {
         let dir = scratch("sticky");
-        let svc = Experiments::new(&config(dir.clone(), "")).expect("state");
+        let svc = Experiments::open(&config(dir.clone(), ""))
+            .await
+            .expect("state");
         let mut req = push("s", [1, 1], "0.5");
         if let Some(e) = req.experiment.as_mut() {
             e.sticky = true;
@@ -845,7 +960,9 @@ mod tests {
             })
             .collect();
         drop(svc);
-        let svc = Experiments::new(&config(dir.clone(), "")).expect("restart");
+        let svc = Experiments::open(&config(dir.clone(), ""))
+            .await
+            .expect("restart");
         if let Some(e) = req.experiment.as_mut() {
             e.variants[0].weight = 99;
         }
@@ -868,7 +985,9 @@ mod tests {
     #[tokio::test]
     async fn version_stream_sends_current_then_changes_and_ends_on_close() {
         use futures::StreamExt;
-        let svc = Experiments::new(&config(String::new(), "")).expect("state");
+        let svc = Experiments::open(&config(String::new(), ""))
+            .await
+            .expect("state");
         let mut stream = svc
             .watch_version(Request::new(pb::WatchVersionRequest {}))
             .await

@@ -167,7 +167,10 @@ pub async fn start_stages(
     let reranker = recmesh_reranker::server(reranker).start().await?;
     experiments.server = ports.server(4);
     experiments.features_addr = features.grpc_uri();
-    let experiments = recmesh_experiments::server(experiments)?.start().await?;
+    let experiments = recmesh_experiments::server(experiments)
+        .await?
+        .start()
+        .await?;
     Ok(Stages {
         retrieval,
         ranking,
