@@ -825,6 +825,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_readme_example_files_are_what_they_say() {
+        let good = parse_file(include_str!("../examples/mmr-and-mix.toml")).expect("valid");
+        let e = &good.get("mmr-and-mix").expect("present").def;
+        assert_eq!(e.variants[1].params["rerank.mmr_lambda"], "0.5");
+        assert_eq!(e.guardrails[0].min_sample, 500);
+        let err = parse_file(include_str!("../examples/bad-weights.toml")).expect_err("refused");
+        assert_eq!(err.field, "experiments[0].variants");
+    }
+
     #[tokio::test]
     async fn admin_needs_the_token() {
         let svc = Experiments::open(&config(String::new(), "s3cret"))
