@@ -68,6 +68,11 @@ pub struct Config {
     /// newer model is swapped in without a restart; one that does not load
     /// is refused and the current model keeps serving.
     pub model_reload_ms: u64,
+    /// More models by name (LightGBM text files), for experiments: a variant
+    /// with `ranking.model = "<name>"` is scored by that model, `baseline`
+    /// by the baseline formula. An unknown name is scored by the default
+    /// model (the answer's `model_version` says which ran) and counted.
+    pub models: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -90,6 +95,7 @@ impl Default for Config {
             item_cache_size: 100_000,
             // A new model shows within seconds; a stat() every 2 s costs nothing.
             model_reload_ms: 2_000,
+            models: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -107,6 +113,21 @@ impl ServiceConfig for Config {
         check_address("features_addr", &self.features_addr)?;
         if !self.model_path.is_empty() {
             load_model(&self.model_path)?;
+        }
+        for (name, path) in &self.models {
+            if name == "baseline"
+                || name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::invalid(
+                    format!("models.{name}"),
+                    "names are [A-Za-z0-9-_.], and `baseline` is built in",
+                ));
+            }
+            load_model(path)
+                .map_err(|e| ConfigError::invalid(format!("models.{name}"), e.to_string()))?;
         }
         Ok(())
     }
@@ -289,6 +310,8 @@ pub struct RankingService {
     scorer: Arc<std::sync::RwLock<Arc<Scorer>>>,
     /// (modified time, length) of the model file the scorer was loaded from.
     loaded: Arc<std::sync::Mutex<Option<(std::time::SystemTime, u64)>>>,
+    /// Models a request can ask for by name (`baseline` included).
+    named: Arc<HashMap<String, Arc<Scorer>>>,
     cache: Cache<String, Arc<pb::ItemFeatures>>,
 }
 
@@ -342,13 +365,38 @@ impl RankingService {
             .max_capacity(config.item_cache_size)
             .time_to_live(Duration::from_millis(config.item_cache_ttl_ms.max(1)))
             .build();
+        let mut named = HashMap::new();
+        named.insert("baseline".to_owned(), Arc::new(Scorer::new("")?));
+        for (name, path) in &config.models {
+            let s = Scorer::new(path)
+                .map_err(|e| ConfigError::invalid(format!("models.{name}"), e.to_string()))?;
+            tracing::info!(%name, version = %s.version, "named ranking model loaded");
+            named.insert(name.clone(), Arc::new(s));
+        }
         Ok(RankingService {
             features: FeaturesClient::new(features),
             config: Arc::new(config),
             scorer: Arc::new(std::sync::RwLock::new(Arc::new(scorer))),
             loaded: Arc::new(std::sync::Mutex::new(loaded)),
+            named: Arc::new(named),
             cache,
         })
+    }
+
+    /// The model a request asked for: by name, or the default for "" and
+    /// for a name this service does not have (counted).
+    pub fn scorer_for(&self, name: &str) -> Arc<Scorer> {
+        if name.is_empty() {
+            return self.scorer();
+        }
+        match self.named.get(name) {
+            Some(s) => s.clone(),
+            None => {
+                metrics::counter!("recmesh_ranking_unknown_model_total").increment(1);
+                tracing::debug!(model = name, "unknown model asked for; the default scores");
+                self.scorer()
+            }
+        }
     }
 
     /// The model serving now.
@@ -504,7 +552,7 @@ impl pb::ranking_server::Ranking for RankingService {
         ids.sort();
         ids.dedup();
         let (features, missing) = self.item_features(ids, &deadline, &rid).await;
-        let scorer = self.scorer();
+        let scorer = self.scorer_for(&req.model);
         let candidates = scorer.score(req.candidates, &req.recent, &features, now_s());
         let version = match &missing {
             None => scorer.version.to_string(),
@@ -636,6 +684,37 @@ mod tests {
         .to_vec();
         row = model.columns.iter().map(|&c| row[c]).collect();
         assert_eq!(ranked[0].score, model.gbdt.predict(&row));
+    }
+
+    #[tokio::test]
+    async fn a_request_picks_a_named_model() {
+        let config = Config {
+            model_path: FIXTURE.into(),
+            models: [("fixture-b".to_string(), FIXTURE.to_string())].into(),
+            ..Config::default()
+        };
+        let svc = RankingService::new(config, nowhere()).expect("models load");
+        let default = svc.scorer().version.to_string();
+        assert!(default.starts_with("lightgbm-"));
+        assert_eq!(&*svc.scorer_for("").version, default.as_str());
+        assert_eq!(&*svc.scorer_for("baseline").version, BASELINE_VERSION);
+        assert!(svc.scorer_for("fixture-b").version.starts_with("lightgbm-"));
+        assert_eq!(
+            &*svc.scorer_for("no-such-model").version,
+            default.as_str(),
+            "an unknown name is scored by the default"
+        );
+        let bad = Config {
+            models: [("baseline".to_string(), FIXTURE.to_string())].into(),
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err(), "baseline is built in");
+        let missing = Config {
+            models: [("x".to_string(), "/no/such/model.txt".to_string())].into(),
+            ..Config::default()
+        };
+        let err = missing.validate().expect_err("missing file").to_string();
+        assert!(err.contains("models.x"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
