@@ -77,15 +77,37 @@ pub fn load<T: ServiceConfig>(file: Option<&Path>) -> Result<T, ConfigError> {
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&[
-        "log",
-        "log_format",
-        "config",
-    ]));
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
+    finish(figment)
+}
+
+/// `RECMESH_*` variables that are not config keys.
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_format", "config"];
+
+fn finish<T: ServiceConfig>(figment: Figment) -> Result<T, ConfigError> {
     let config: T = figment.extract()?;
     config.server().validate()?;
     config.validate()?;
     Ok(config)
+}
+
+/// Loads `T` from its defaults and the `RECMESH_*` variables among `vars`
+/// (name, value), read exactly as the process environment would be; for
+/// checking deployment manifests against what a binary accepts.
+pub fn load_with_env<T: ServiceConfig>(vars: &[(String, String)]) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    for (name, value) in vars {
+        let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if ENV_NOT_CONFIG.contains(&key.as_str()) {
+            continue;
+        }
+        let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+        figment = figment.merge(Serialized::default(&key.replace("__", "."), value));
+    }
+    finish(figment)
 }
 
 /// Reads a service binary's command line: `--config FILE` (or `RECMESH_CONFIG`),
@@ -250,6 +272,26 @@ mod tests {
         fn validate(&self) -> Result<(), ConfigError> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn env_pairs_load_like_the_environment() {
+        let vars = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c: Probe = load_with_env(&vars(&[
+            ("RECMESH_LIMIT", "9"),
+            ("RECMESH_SERVER__MAX_CONCURRENCY", "12"),
+            ("RECMESH_LOG_FORMAT", "json"),
+            ("PATH", "/bin"),
+        ]))
+        .expect("valid");
+        assert_eq!((c.limit, c.server.max_concurrency), (9, 12));
+        let err = load_with_env::<Probe>(&vars(&[("RECMESH_LIMMIT", "9")])).expect_err("typo");
+        assert!(err.to_string().contains("limmit"), "{err}");
     }
 
     #[test]

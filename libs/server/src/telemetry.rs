@@ -55,6 +55,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
             // a private one so /metrics still renders our own registrations.
             Err(_) => PrometheusBuilder::new().build_recorder().handle(),
         };
+        describe();
         // Histograms buffer samples until upkeep runs; without it memory grows
         // when nobody scrapes. Every 5 s bounds that buffer cheaply.
         let upkeep = handle.clone();
@@ -69,4 +70,203 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .ok();
         handle
     })
+}
+
+/// A metric's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution (latency buckets for `_seconds`).
+    Histogram,
+}
+
+/// Every metric recmesh exports, with its help text: the one list the
+/// `/metrics` HELP lines, the README and the dashboards agree on. A test
+/// (`tests/metrics.rs`) checks that every `recmesh_*` name in the code is
+/// here, and `promtool check metrics` that the exposition is clean.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "recmesh_grpc_server_requests_total",
+        Kind::Counter,
+        "gRPC calls handled, by service, rpc and status code",
+    ),
+    (
+        "recmesh_grpc_server_duration_seconds",
+        Kind::Histogram,
+        "gRPC call latency inside the server, by service, rpc and status code",
+    ),
+    (
+        "recmesh_grpc_server_shed_total",
+        Kind::Counter,
+        "calls refused at once with RESOURCE_EXHAUSTED by the concurrency limit, by service",
+    ),
+    (
+        "recmesh_gateway_stage_duration_seconds",
+        Kind::Histogram,
+        "latency of each pipeline stage as the gateway saw it, by stage and outcome (ok, timeout, error, skipped)",
+    ),
+    (
+        "recmesh_gateway_fallback_total",
+        Kind::Counter,
+        "answers where a stage fell back, by stage and fallback",
+    ),
+    (
+        "recmesh_gateway_recommend_total",
+        Kind::Counter,
+        "Recommend answers, by degraded",
+    ),
+    (
+        "recmesh_gateway_cache_total",
+        Kind::Counter,
+        "response cache lookups, by result (hit, miss)",
+    ),
+    (
+        "recmesh_gateway_popularity_refresh_total",
+        Kind::Counter,
+        "refreshes of the fallback popularity lists, by outcome",
+    ),
+    (
+        "recmesh_gateway_exposures_total",
+        Kind::Counter,
+        "exposures sent to the exposure log, by outcome (logged, failed, dropped)",
+    ),
+    (
+        "recmesh_gateway_config_version",
+        Kind::Gauge,
+        "experiment config version the gateway follows",
+    ),
+    (
+        "recmesh_gateway_config_changes_total",
+        Kind::Counter,
+        "experiment config changes seen (each drops the response cache)",
+    ),
+    (
+        "recmesh_ranking_features_fallback_total",
+        Kind::Counter,
+        "rankings without (all) item features, by outcome",
+    ),
+    (
+        "recmesh_ranking_scored_total",
+        Kind::Counter,
+        "candidates lists scored, by model version",
+    ),
+    (
+        "recmesh_ranking_model_info",
+        Kind::Gauge,
+        "1 for the ranking model version serving, 0 for replaced ones",
+    ),
+    (
+        "recmesh_ranking_model_reload_total",
+        Kind::Counter,
+        "model file reloads, by outcome (swapped, refused)",
+    ),
+    (
+        "recmesh_ranking_item_cache_total",
+        Kind::Counter,
+        "item feature cache lookups, by result",
+    ),
+    (
+        "recmesh_ranking_unknown_model_total",
+        Kind::Counter,
+        "requests naming a model this ranking service does not have (scored by the default)",
+    ),
+    (
+        "recmesh_reranker_removed_total",
+        Kind::Counter,
+        "candidates removed by the re-ranking rules, by rule",
+    ),
+    (
+        "recmesh_reranker_exploration_total",
+        Kind::Counter,
+        "exploration picks placed",
+    ),
+    (
+        "recmesh_experiments_config_version",
+        Kind::Gauge,
+        "version of the experiment set serving",
+    ),
+    (
+        "recmesh_experiments_rejected_total",
+        Kind::Counter,
+        "experiment changes refused, by reason (invalid, stale)",
+    ),
+    (
+        "recmesh_experiments_guardrail_stops_total",
+        Kind::Counter,
+        "variants stopped by a guardrail, by experiment and variant",
+    ),
+    (
+        "recmesh_experiments_consul_rejected_total",
+        Kind::Counter,
+        "Consul KV keys refused (the previous version keeps serving)",
+    ),
+    (
+        "recmesh_features_events_applied_total",
+        Kind::Counter,
+        "events appended to the event log and applied, by backend",
+    ),
+    (
+        "recmesh_features_dedupe_hits_total",
+        Kind::Counter,
+        "events whose id was seen before, by backend",
+    ),
+    (
+        "recmesh_features_rejected_total",
+        Kind::Counter,
+        "Ingest calls refused, by reason (invalid_argument, buffer_full, not_recorded)",
+    ),
+    (
+        "recmesh_features_exposures_logged_total",
+        Kind::Counter,
+        "exposures appended to the exposure log",
+    ),
+    (
+        "recmesh_features_buffered",
+        Kind::Gauge,
+        "events waiting in the outage buffer for Redis",
+    ),
+    (
+        "recmesh_features_buffered_total",
+        Kind::Counter,
+        "events written to the outage buffer while Redis was unreachable",
+    ),
+    (
+        "recmesh_features_replayed_total",
+        Kind::Counter,
+        "buffered events replayed into Redis",
+    ),
+    (
+        "recmesh_features_stale_reads_total",
+        Kind::Counter,
+        "reads answered from the snapshot or the catalog while Redis was unreachable, by kind",
+    ),
+    (
+        "recmesh_features_l1_total",
+        Kind::Counter,
+        "L1 cache lookups in front of Redis, by kind and result",
+    ),
+    (
+        "recmesh_features_stream_length",
+        Kind::Gauge,
+        "entries in the Redis event stream",
+    ),
+    (
+        "recmesh_features_stream_lag",
+        Kind::Gauge,
+        "entries of the event stream not yet delivered to a consumer group, by group",
+    ),
+];
+
+/// Registers the help text of every metric with the installed recorder.
+fn describe() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
