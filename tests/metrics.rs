@@ -53,6 +53,34 @@ fn every_metric_in_the_code_is_in_the_catalog() {
     }
 }
 
+#[test]
+fn the_dashboard_uses_only_cataloged_metrics() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/recmesh/dashboards/recmesh.json"));
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("json");
+    let catalog: BTreeSet<&str> = METRICS.iter().map(|m| m.0).collect();
+    let mut used = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for piece in expr.split("recmesh_").skip(1) {
+                let name: String = piece
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                let full = format!("recmesh_{name}");
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| full.strip_suffix(s))
+                    .unwrap_or(&full);
+                assert!(catalog.contains(base), "{} uses unknown metric {full}", panel["title"]);
+                used += 1;
+            }
+        }
+    }
+    assert!(used > 20, "{used}");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
