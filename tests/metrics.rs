@@ -55,7 +55,10 @@ fn every_metric_in_the_code_is_in_the_catalog() {
 
 #[test]
 fn the_dashboard_uses_only_cataloged_metrics() {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/recmesh/dashboards/recmesh.json"));
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../helm/recmesh/dashboards/recmesh.json"
+    ));
     let dash: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("json");
     let catalog: BTreeSet<&str> = METRICS.iter().map(|m| m.0).collect();
@@ -73,7 +76,11 @@ fn the_dashboard_uses_only_cataloged_metrics() {
                     .iter()
                     .find_map(|s| full.strip_suffix(s))
                     .unwrap_or(&full);
-                assert!(catalog.contains(base), "{} uses unknown metric {full}", panel["title"]);
+                assert!(
+                    catalog.contains(base),
+                    "{} uses unknown metric {full}",
+                    panel["title"]
+                );
                 used += 1;
             }
         }

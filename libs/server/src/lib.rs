@@ -15,6 +15,12 @@ pub mod config;
 pub mod layers;
 pub mod telemetry;
 
+/// mimalloc for every binary built on this crate: under load the mesh is
+/// allocation-heavy (protobuf messages per hop), and glibc malloc spent about
+/// a quarter of its CPU (docs/performance.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
