@@ -234,6 +234,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminTarget,
     },
+    /// The serving pipeline called in process (no gRPC): the baseline the
+    /// mesh's throughput is compared with.
+    BenchInProcess {
+        #[command(flatten)]
+        demo: DemoArgs,
+        /// Pipelines to run.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Measure Recommend latency against a running gateway (closed loop).
     Bench {
         /// Requests to send.
@@ -389,6 +401,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("event {event_id} was already recorded; nothing applied twice");
             }
+            Ok(())
+        }
+        Command::BenchInProcess {
+            demo,
+            requests,
+            threads,
+        } => {
+            let source = DataSource {
+                dir: demo
+                    .data_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+                demo: demo.spec(),
+            };
+            let data = source.load()?;
+            let built = Instant::now();
+            let r = recmesh_trainer::in_process_throughput(&data, requests, threads)?;
+            let q = |p: f64| {
+                let i = ((r.latencies.len() as f64 - 1.0) * p).round() as usize;
+                r.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            };
+            println!(
+                "{} pipelines on {threads} threads in {:.1}s (stages built and run in {:.1}s): {:.0}/s; per pipeline p50 {:.2} ms, p99 {:.2} ms",
+                r.requests,
+                r.elapsed.as_secs_f64(),
+                built.elapsed().as_secs_f64(),
+                r.requests as f64 / r.elapsed.as_secs_f64(),
+                q(0.5),
+                q(0.99)
+            );
             Ok(())
         }
         Command::Experiments { action, admin } => {

@@ -606,10 +606,102 @@ fn served_list(
     Ok(out.candidates.into_iter().map(|c| c.item_id).collect())
 }
 
+/// What [`in_process_throughput`] measured.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    /// Pipelines run.
+    pub requests: usize,
+    /// Wall time.
+    pub elapsed: std::time::Duration,
+    /// Per-request latencies, sorted.
+    pub latencies: Vec<std::time::Duration>,
+}
+
+/// The serving pipeline called in process, with no gRPC between the stages:
+/// the same code as the services (feature store, retrieval, baseline
+/// ranking, re-ranking with the default rules) on `data`, `requests` users
+/// u0.. spread over `threads` threads. The baseline the mesh's throughput is
+/// compared with.
+pub fn in_process_throughput(data: &recmesh_catalog::Dataset, requests: usize, threads: usize) -> anyhow::Result<InProcess> {
+    let stages = served::ServedStages::new(data);
+    let scorer = recmesh_ranking::Scorer::new("")?;
+    let reranker = recmesh_reranker::RerankerService::new(recmesh_reranker::Config::default());
+    let users = data
+        .interactions
+        .iter()
+        .map(|e| e.user.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>();
+    anyhow::ensure!(!users.is_empty(), "no users in the data");
+    let threads = threads.max(1);
+    let started = std::time::Instant::now();
+    let latencies = std::thread::scope(|scope| -> anyhow::Result<Vec<std::time::Duration>> {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (stages, scorer, reranker, users) = (&stages, &scorer, &reranker, &users);
+                scope.spawn(move || -> anyhow::Result<Vec<std::time::Duration>> {
+                    let mut out = Vec::new();
+                    for n in (t..requests).step_by(threads) {
+                        let user = users[n % users.len()];
+                        let begun = std::time::Instant::now();
+                        let c = stages.candidates(user, &[])?;
+                        let ranked = scorer.score(c.candidates, &c.profile.recent, &c.features, stages.now_s);
+                        let answer = reranker
+                            .rerank(
+                                pb::RerankRequest {
+                                    user_id: user.to_owned(),
+                                    candidates: ranked,
+                                    count: 10,
+                                    purchased_item_ids: c.profile.purchased_item_ids,
+                                    request_id: format!("{n}"),
+                                    recent: c.profile.recent,
+                                    usual_categories: c.profile.top_categories,
+                                    ..Default::default()
+                                },
+                                stages.now_s,
+                            )
+                            .map_err(|e| anyhow::anyhow!("rerank: {e}"))?;
+                        std::hint::black_box(answer);
+                        out.push(begun.elapsed());
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))??);
+        }
+        Ok(all)
+    })?;
+    let elapsed = started.elapsed();
+    let mut latencies = latencies;
+    latencies.sort();
+    Ok(InProcess {
+        requests: latencies.len(),
+        elapsed,
+        latencies,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use recmesh_catalog::demo::{DemoSpec, generate};
+
+    #[test]
+    fn the_in_process_pipeline_runs_every_request() {
+        let data = generate(&DemoSpec {
+            items: 300,
+            users: 50,
+            interactions: 3_000,
+            ..DemoSpec::default()
+        });
+        let r = in_process_throughput(&data, 40, 2).expect("runs");
+        assert_eq!((r.requests, r.latencies.len()), (40, 40));
+        assert!(r.latencies.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    }
 
     #[test]
     fn every_model_beats_nothing_and_the_served_rows_differ_in_diversity() {
