@@ -622,7 +622,11 @@ pub struct InProcess {
 /// ranking, re-ranking with the default rules) on `data`, `requests` users
 /// u0.. spread over `threads` threads. The baseline the mesh's throughput is
 /// compared with.
-pub fn in_process_throughput(data: &recmesh_catalog::Dataset, requests: usize, threads: usize) -> anyhow::Result<InProcess> {
+pub fn in_process_throughput(
+    data: &recmesh_catalog::Dataset,
+    requests: usize,
+    threads: usize,
+) -> anyhow::Result<InProcess> {
     let stages = served::ServedStages::new(data);
     let scorer = recmesh_ranking::Scorer::new("")?;
     let reranker = recmesh_reranker::RerankerService::new(recmesh_reranker::Config::default());
@@ -646,7 +650,12 @@ pub fn in_process_throughput(data: &recmesh_catalog::Dataset, requests: usize, t
                         let user = users[n % users.len()];
                         let begun = std::time::Instant::now();
                         let c = stages.candidates(user, &[])?;
-                        let ranked = scorer.score(c.candidates, &c.profile.recent, &c.features, stages.now_s);
+                        let ranked = scorer.score(
+                            c.candidates,
+                            &c.profile.recent,
+                            &c.features,
+                            stages.now_s,
+                        );
                         let answer = reranker
                             .rerank(
                                 pb::RerankRequest {
@@ -671,7 +680,10 @@ pub fn in_process_throughput(data: &recmesh_catalog::Dataset, requests: usize, t
             .collect();
         let mut all = Vec::new();
         for h in handles {
-            all.extend(h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))??);
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))??,
+            );
         }
         Ok(all)
     })?;
