@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use recmesh_e2e::{Fault, TestMesh};
+use recmesh_e2e::{Fault, TestMesh, http_get};
 use recmesh_proto::v1::{self as pb, features_client::FeaturesClient};
 use tonic::Code;
 
@@ -611,21 +611,6 @@ async fn invalid_input_is_rejected_naming_the_field() {
         .into_inner();
     assert_eq!(r.items.len(), 10);
     assert!(!r.degraded);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("admin port");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
 
 async fn channel(uri: &str) -> tonic::transport::Channel {

@@ -88,23 +88,6 @@ fn the_dashboard_uses_only_cataloged_metrics() {
     assert!(used > 20, "{used}");
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("admin port");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exposition_passes_promtool() {
     let mesh = TestMesh::start().await;
@@ -129,7 +112,11 @@ async fn the_exposition_passes_promtool() {
         })
         .await
         .expect("tracked");
-    let body = http_get(mesh.mesh.gateway.admin_addr, "/metrics").await;
+    let response = recmesh_e2e::http_get(mesh.mesh.gateway.admin_addr, "/metrics").await;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
     assert!(
         body.contains("# HELP recmesh_gateway_stage_duration_seconds"),
         "help text present"

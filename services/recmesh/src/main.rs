@@ -92,6 +92,18 @@ struct DemoArgs {
 }
 
 impl DemoArgs {
+    /// The dataset these arguments name: `--data-dir`, else the demo.
+    fn source(&self) -> DataSource {
+        DataSource {
+            dir: self
+                .data_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            demo: self.spec(),
+        }
+    }
+
     fn spec(&self) -> DemoSpec {
         DemoSpec {
             items: self.items,
@@ -408,14 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             requests,
             threads,
         } => {
-            let source = DataSource {
-                dir: demo
-                    .data_dir
-                    .as_ref()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_default(),
-                demo: demo.spec(),
-            };
+            let source = demo.source();
             let data = source.load()?;
             let built = Instant::now();
             let r = recmesh_trainer::in_process_throughput(&data, requests, threads)?;
@@ -541,14 +546,7 @@ async fn up(
     redis: Option<String>,
 ) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
-    let source = DataSource {
-        dir: demo
-            .data_dir
-            .as_ref()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default(),
-        demo: demo.spec(),
-    };
+    let source = demo.source();
     let started = Instant::now();
     let data = Arc::new(source.load()?);
     let what = if source.dir.is_empty() {
