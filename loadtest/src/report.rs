@@ -152,6 +152,17 @@ impl Report {
             error_rate * 100.0,
             scenario.slo.max_error_rate * 100.0
         ));
+        let degraded_rate = rate(m.degraded);
+        if scenario.slo.max_degraded_rate < 1.0 {
+            let ok = degraded_rate <= scenario.slo.max_degraded_rate;
+            pass &= ok;
+            checks.push(format!(
+                "{} degraded {:.3}% ≤ {:.3}%",
+                if ok { "PASS" } else { "FAIL" },
+                degraded_rate * 100.0,
+                scenario.slo.max_degraded_rate * 100.0
+            ));
+        }
         let achieved = m.counted as f64 / scenario.duration_s;
         Report {
             scenario: scenario.clone(),
@@ -171,7 +182,7 @@ impl Report {
                 .collect(),
             errors: m.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             error_rate,
-            degraded_rate: rate(m.degraded),
+            degraded_rate,
             fallbacks: m.fallbacks,
             timeline,
             latency,
@@ -246,5 +257,56 @@ impl Report {
             out.push_str(&format!("  {c}\n"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn measured(counted: u64, degraded: u64, errors: u64, latency_ms: u64) -> Measured {
+        let mut latency = crate::histogram();
+        for _ in 0..counted {
+            crate::record(&mut latency, Duration::from_millis(latency_ms));
+        }
+        Measured {
+            latency,
+            per_call: BTreeMap::new(),
+            per_stage: BTreeMap::new(),
+            fallbacks: BTreeMap::new(),
+            errors: if errors > 0 {
+                BTreeMap::from([("UNAVAILABLE", errors)])
+            } else {
+                BTreeMap::new()
+            },
+            degraded,
+            counted,
+            sent: counted,
+            seconds: Vec::new(),
+            wall: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_verdict_checks_each_objective() {
+        let s = Scenario::default();
+        let r = Report::new(&s, measured(1000, 0, 0, 50));
+        assert!(r.verdict.pass, "{:?}", r.verdict);
+        assert_eq!(
+            r.verdict.checks.len(),
+            2,
+            "degraded share not checked by default"
+        );
+        let r = Report::new(&s, measured(1000, 0, 0, 250));
+        assert!(!r.verdict.pass && r.verdict.checks[0].starts_with("FAIL p99 25"));
+        let r = Report::new(&s, measured(1000, 0, 2, 50));
+        assert!(!r.verdict.pass && r.verdict.checks[1].starts_with("FAIL error rate 0.2000%"));
+        let mut strict = s.clone();
+        strict.slo.max_degraded_rate = 0.05;
+        let r = Report::new(&strict, measured(1000, 100, 0, 50));
+        assert!(!r.verdict.pass);
+        assert_eq!(r.verdict.checks[2], "FAIL degraded 10.000% ≤ 5.000%");
+        assert!((r.degraded_rate - 0.1).abs() < 1e-12);
     }
 }

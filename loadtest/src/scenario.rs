@@ -70,6 +70,9 @@ pub struct Slo {
     pub p99_ms: f64,
     /// Highest accepted share of failed calls.
     pub max_error_rate: f64,
+    /// Highest accepted share of degraded answers (a stage fell back); 1
+    /// (the default) does not check it.
+    pub max_degraded_rate: f64,
 }
 
 impl Default for Scenario {
@@ -121,6 +124,7 @@ impl Default for Slo {
         Slo {
             p99_ms: 200.0,
             max_error_rate: 0.001,
+            max_degraded_rate: 1.0,
         }
     }
 }
@@ -200,6 +204,10 @@ impl Scenario {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.slo.max_error_rate),
             "scenario: `slo.max_error_rate` must be in 0..=1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.slo.max_degraded_rate),
+            "scenario: `slo.max_degraded_rate` must be in 0..=1"
         );
         Ok(())
     }
