@@ -133,8 +133,17 @@ where
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
     let given = deadline.budget(budget);
+    // One span per stage, inside the request's span (which carries the
+    // request id, also sent to the stage in the call's metadata).
+    let span = tracing::debug_span!(
+        "stage",
+        stage = name,
+        budget_ms = given.as_millis() as u64,
+        outcome = tracing::field::Empty,
+        latency_us = tracing::field::Empty
+    );
     let started = Instant::now();
-    let result = bounded(given, call).await;
+    let result = tracing::Instrument::instrument(bounded(given, call), span.clone()).await;
     let latency = started.elapsed();
     let (outcome, label, detail) = match &result {
         Ok(_) => (pb::StageOutcome::Ok, "ok", String::new()),
@@ -144,6 +153,11 @@ where
     };
     metrics::histogram!("recmesh_gateway_stage_duration_seconds", "stage" => name, "outcome" => label)
         .record(latency.as_secs_f64());
+    span.record("outcome", label);
+    span.record("latency_us", latency.as_micros() as u64);
+    if !matches!(outcome, pb::StageOutcome::Ok) {
+        tracing::debug!(parent: &span, %detail, "stage did not answer in time or failed");
+    }
     let report = pb::StageReport {
         stage: name.to_owned(),
         latency_us: latency.as_micros().min(u128::from(u32::MAX)) as u32,
