@@ -27,6 +27,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Exposure logging (what each user was shown under which variants).
     pub exposures: ExposureConfig,
+    /// Adaptive degradation under load.
+    pub adaptive: AdaptiveConfig,
     /// The popularity lists the gateway answers from when retrieval fails.
     pub popularity: PopularityConfig,
     /// Dataset the popularity lists are seeded from at start, so the gateway
@@ -43,6 +45,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheConfig::default(),
             exposures: ExposureConfig::default(),
+            adaptive: AdaptiveConfig::default(),
             popularity: PopularityConfig::default(),
             data: DataSource::default(),
         }
@@ -174,6 +177,36 @@ impl Default for ExposureConfig {
     }
 }
 
+/// Adaptive degradation: above `soft_inflight` Recommends in flight the
+/// gateway asks retrieval for fewer candidates, in proportion
+/// (`candidates × soft_inflight / in_flight`, at least `min_candidates`),
+/// and skips the category-popularity source; every stage then does less
+/// work, before any stage misses its budget and falls back wholesale. The
+/// retrieval stage report says so (`detail`), and
+/// `recmesh_gateway_adaptive_total` counts it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConfig {
+    /// Degrade at all.
+    pub enabled: bool,
+    /// Recommends in flight (in this gateway) before it starts.
+    pub soft_inflight: usize,
+    /// Fewest candidates asked for.
+    pub min_candidates: u32,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        AdaptiveConfig {
+            enabled: true,
+            // On 2 cores a healthy mesh has a handful in flight; dozens
+            // means queues are forming (docs/performance.md).
+            soft_inflight: 32,
+            min_candidates: 50,
+        }
+    }
+}
+
 /// The L1 response cache.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -235,6 +268,15 @@ impl ServiceConfig for Config {
             ("upstreams.reranker", &u.reranker),
         ] {
             check_address(key, addr)?;
+        }
+        if self.adaptive.enabled {
+            recmesh_server::config::at_least_one(&[
+                ("adaptive.soft_inflight", self.adaptive.soft_inflight as u64),
+                (
+                    "adaptive.min_candidates",
+                    u64::from(self.adaptive.min_candidates),
+                ),
+            ])?;
         }
         if self.exposures.enabled {
             recmesh_server::config::at_least_one(&[

@@ -95,6 +95,34 @@ pub struct Gateway {
     cache: cache::ResponseCache,
     /// Exposures on their way to the exposure log (`None`: not logged).
     exposures: Option<tokio::sync::mpsc::Sender<pb::Exposure>>,
+    /// Recommends in flight, for adaptive degradation.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a Recommend in flight until dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<std::sync::atomic::AtomicUsize>) -> (Self, usize) {
+        let now = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (InFlight(counter.clone()), now)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Candidates to ask for with `in_flight` Recommends running: all of them
+/// up to `soft`, then in proportion, never below `min`.
+pub fn adaptive_candidates(wanted: u32, in_flight: usize, soft: usize, min: u32) -> u32 {
+    if in_flight <= soft {
+        return wanted;
+    }
+    let scaled = (u64::from(wanted) * soft as u64 / in_flight as u64) as u32;
+    scaled.max(min.min(wanted))
 }
 
 /// A `Recommend` request after validation.
@@ -242,6 +270,7 @@ impl Gateway {
             config: Arc::new(config),
             lists,
             exposures,
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -462,14 +491,29 @@ impl Gateway {
 
         // 2. Retrieval.
         let mut retrieval = self.clients.retrieval.clone();
+        let (_guard, in_flight) = InFlight::enter(&self.in_flight);
+        let a = &self.config.adaptive;
+        let mut count = params.candidates;
+        let mut source_weights: HashMap<String, f64> =
+            params.source_weights.clone().into_iter().collect();
+        let mut adapted = String::new();
+        if a.enabled && in_flight > a.soft_inflight {
+            count = adaptive_candidates(count, in_flight, a.soft_inflight, a.min_candidates);
+            source_weights.insert("category".into(), 0.0);
+            adapted = format!(
+                "under load ({in_flight} in flight): {count} of {} candidates, category source off",
+                params.candidates
+            );
+            metrics::counter!("recmesh_gateway_adaptive_total").increment(1);
+        }
         let retrieve_req = pb::RetrieveRequest {
             user_id: q.user_id.clone(),
             recent: profile.recent.clone(),
             context: Some(q.context.clone()),
-            count: params.candidates,
+            count,
             exclude_item_ids: q.exclude.clone(),
             filters: Some(q.filters.clone()),
-            source_weights: params.source_weights.clone().into_iter().collect(),
+            source_weights,
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
         let (retrieved, mut report) =
@@ -486,6 +530,9 @@ impl Gateway {
                     .candidates(&categories, params.candidates as usize)
             }
         };
+        if !adapted.is_empty() && report.detail.is_empty() {
+            report.detail = adapted;
+        }
         stages.push(report);
 
         // 3. Ranking.
@@ -832,4 +879,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let data = config.data.load()?;
     server(config, &data)?.run(shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_candidates_shrink_in_proportion_with_a_floor() {
+        assert_eq!(adaptive_candidates(200, 10, 32, 50), 200, "below soft: all");
+        assert_eq!(adaptive_candidates(200, 32, 32, 50), 200);
+        assert_eq!(
+            adaptive_candidates(200, 64, 32, 50),
+            100,
+            "twice the load: half"
+        );
+        assert_eq!(
+            adaptive_candidates(200, 1000, 32, 50),
+            50,
+            "never below the floor"
+        );
+        assert_eq!(
+            adaptive_candidates(30, 1000, 32, 50),
+            30,
+            "nor above what was asked"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c: Config = recmesh_server::config::load(None).expect("defaults load");
+        assert_eq!(c, Config::default());
+    }
 }
