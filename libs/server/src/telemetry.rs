@@ -124,6 +124,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "response cache lookups, by result (hit, miss)",
     ),
     (
+        "recmesh_gateway_adaptive_total",
+        Kind::Counter,
+        "Recommends answered with fewer candidates because of load (adaptive degradation)",
+    ),
+    (
         "recmesh_gateway_popularity_refresh_total",
         Kind::Counter,
         "refreshes of the fallback popularity lists, by outcome",
