@@ -95,6 +95,27 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Each user's strongest event weight per catalog item (events on
+    /// unknown items are skipped): the input of item-item CF, built the same
+    /// way for serving (retrieval) and for evaluation (trainer).
+    pub fn strongest_per_user<'a>(
+        &self,
+        interactions: &'a [Interaction],
+    ) -> HashMap<&'a str, HashMap<u32, f64>> {
+        let mut per_user: HashMap<&str, HashMap<u32, f64>> = HashMap::new();
+        for e in interactions {
+            if let Some(i) = self.index_of(&e.item) {
+                let w = per_user
+                    .entry(e.user.as_str())
+                    .or_default()
+                    .entry(i)
+                    .or_default();
+                *w = w.max(e.kind.weight());
+            }
+        }
+        per_user
+    }
+
     /// Indexes `items`.
     pub fn new(items: Vec<Item>) -> Self {
         let mut categories: Vec<String> = items.iter().map(|i| i.category.clone()).collect();

@@ -379,6 +379,27 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::E
     }
 }
 
+/// The shutdown future [`service_main`] hands to a service's `run`.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The whole `main` of a service binary: tracing, the config from the
+/// command line (`--config`, `--print-config`, `--help`), then `run` until
+/// SIGTERM or SIGINT, and the exit code.
+pub async fn service_main<C, F, Fut, E>(binary: &str, run: F) -> std::process::ExitCode
+where
+    C: config::ServiceConfig,
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    telemetry::init_tracing();
+    match config::from_args::<C>(binary) {
+        Ok(Some(config)) => exit_code(run(config, Box::pin(shutdown_signal())).await),
+        Ok(None) => std::process::ExitCode::SUCCESS,
+        Err(e) => exit_code(Err(e)),
+    }
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C): the signal a binary passes to
 /// `run` as its shutdown future.
 pub async fn shutdown_signal() {

@@ -430,6 +430,17 @@ mod tests {
         .into_bytes()
     }
 
+    /// Experiments in memory only, with no results consumer.
+    async fn state() -> Experiments {
+        Experiments::open(&Config {
+            state_dir: String::new(),
+            features_addr: String::new(),
+            ..Config::default()
+        })
+        .await
+        .expect("state")
+    }
+
     const GOOD: &str = r#"{"id":"from-consul","layer":"consul","traffic":1.0,"variants":[{"name":"control","weight":1},{"name":"b","weight":1,"params":{"rerank.mmr_lambda":"0.5"}}]}"#;
     const BAD_WEIGHTS: &str = r#"{"id":"from-consul","layer":"consul","traffic":1.0,"variants":[{"name":"control","weight":0},{"name":"b","weight":0}]}"#;
     const CHANGED: &str = r#"{"id":"from-consul","layer":"consul","traffic":0.5,"variants":[{"name":"control","weight":1},{"name":"b","weight":3}]}"#;
@@ -471,13 +482,7 @@ mod tests {
             let _hold = listener.accept().await;
             tokio::time::sleep(Duration::from_secs(60)).await;
         });
-        let state = Experiments::open(&Config {
-            state_dir: String::new(),
-            features_addr: String::new(),
-            ..Config::default()
-        })
-        .await
-        .expect("state");
+        let state = state().await;
         spawn_watch(
             ConsulConfig {
                 address: format!("http://{addr}"),
@@ -535,13 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_key_keeps_the_previous_version() {
-        let state = Experiments::open(&Config {
-            state_dir: String::new(),
-            features_addr: String::new(),
-            ..Config::default()
-        })
-        .await
-        .expect("state");
+        let state = state().await;
         let mut from = HashMap::new();
         let entry = |json: &str| KvEntry {
             key: "recmesh/experiments/x".into(),

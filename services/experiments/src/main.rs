@@ -2,15 +2,8 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    recmesh_server::telemetry::init_tracing();
-    recmesh_server::exit_code(run().await)
-}
-
-async fn run() -> anyhow::Result<()> {
-    let Some(config) =
-        recmesh_server::config::from_args::<recmesh_experiments::Config>("recmesh-experiments")?
-    else {
-        return Ok(());
-    };
-    recmesh_experiments::run(config, recmesh_server::shutdown_signal()).await
+    recmesh_server::service_main("recmesh-experiments", |config, stop| {
+        recmesh_experiments::run(config, stop)
+    })
+    .await
 }

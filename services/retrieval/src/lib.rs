@@ -113,17 +113,7 @@ impl Index {
     /// Builds CF neighbours and popularity lists from `data`.
     pub fn build(data: &Dataset, config: &Config) -> Self {
         let catalog = Catalog::new(data.items.clone());
-        let mut per_user: HashMap<&str, HashMap<u32, f64>> = HashMap::new();
-        for e in &data.interactions {
-            if let Some(i) = catalog.index_of(&e.item) {
-                let w = per_user
-                    .entry(e.user.as_str())
-                    .or_default()
-                    .entry(i)
-                    .or_default();
-                *w = w.max(e.kind.weight());
-            }
-        }
+        let per_user = catalog.strongest_per_user(&data.interactions);
         let histories: Vec<cooccurrence::History> = per_user
             .into_values()
             .map(|h| h.into_iter().collect())

@@ -426,17 +426,7 @@ pub fn evaluate(
     models.push(fitted.evaluate("popularity", k, |u| top_popular(u, k, &HashSet::new())));
 
     // Item-item CF (cosine), seeded with the user's whole training history.
-    let mut per_user: HashMap<&str, HashMap<u32, f64>> = HashMap::new();
-    for e in &train.interactions {
-        if let Some(i) = fitted.catalog.index_of(&e.item) {
-            let w = per_user
-                .entry(e.user.as_str())
-                .or_default()
-                .entry(i)
-                .or_default();
-            *w = w.max(e.kind.weight());
-        }
-    }
+    let per_user = fitted.catalog.strongest_per_user(&train.interactions);
     let histories: Vec<cooccurrence::History> = per_user
         .values()
         .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
