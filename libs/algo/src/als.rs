@@ -153,6 +153,78 @@ fn gramian(y: &[f32], f: usize, reg: f32) -> Vec<f32> {
     g
 }
 
+/// `r`, `p` and `Ap` of one conjugate-gradient solve, reused across rows.
+struct Scratch {
+    r: Vec<f32>,
+    p: Vec<f32>,
+    ap: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(f: usize) -> Self {
+        Scratch {
+            r: vec![0.0; f],
+            p: vec![0.0; f],
+            ap: vec![0.0; f],
+        }
+    }
+}
+
+/// `steps` CG steps on one row: `(YᵀY + λI + Σ (cᵢ − 1) yᵢyᵢᵀ) x = Σ cᵢ yᵢ`
+/// over the row's `(item, strength)` entries, starting from `xu`.
+fn solve_row(
+    xu: &mut [f32],
+    y: &[f32],
+    yty: &[f32],
+    entries: impl Iterator<Item = (u32, f32)> + Clone,
+    alpha: f32,
+    steps: usize,
+    s: &mut Scratch,
+) {
+    let f = xu.len();
+    let Scratch { r, p: pv, ap } = s;
+    // r = b − A·x
+    for (a, ra) in r.iter_mut().enumerate() {
+        *ra = -dot(&yty[a * f..(a + 1) * f], xu);
+    }
+    for (i, v) in entries.clone() {
+        let yi = &y[i as usize * f..][..f];
+        let conf = 1.0 + alpha * v;
+        let coef = conf - (conf - 1.0) * dot(yi, xu);
+        for (ra, yv) in r.iter_mut().zip(yi) {
+            *ra += coef * yv;
+        }
+    }
+    pv.copy_from_slice(r);
+    let mut rs_old = dot(r, r);
+    for _ in 0..steps {
+        if rs_old < 1e-20 {
+            break;
+        }
+        // Ap = YtY·p + Σ (c − 1)(yᵢ·p) yᵢ
+        for (a, apa) in ap.iter_mut().enumerate() {
+            *apa = dot(&yty[a * f..(a + 1) * f], pv);
+        }
+        for (i, v) in entries.clone() {
+            let yi = &y[i as usize * f..][..f];
+            let coef = alpha * v * dot(yi, pv);
+            for (apa, yv) in ap.iter_mut().zip(yi) {
+                *apa += coef * yv;
+            }
+        }
+        let step = rs_old / dot(pv, ap);
+        for a in 0..f {
+            xu[a] += step * pv[a];
+            r[a] -= step * ap[a];
+        }
+        let rs_new = dot(r, r);
+        for a in 0..f {
+            pv[a] = r[a] + (rs_new / rs_old) * pv[a];
+        }
+        rs_old = rs_new;
+    }
+}
+
 /// Solves every row of `x` against fixed `y` (see the module docs).
 fn solve_rows(x: &mut [f32], y: &[f32], m: &Csr, p: &AlsParams) {
     let f = p.factors;
@@ -164,58 +236,74 @@ fn solve_rows(x: &mut [f32], y: &[f32], m: &Csr, p: &AlsParams) {
         for (chunk, xs) in x.chunks_mut(per * f).enumerate() {
             let yty = &yty;
             scope.spawn(move || {
-                let (mut r, mut pv, mut ap) = (vec![0.0f32; f], vec![0.0f32; f], vec![0.0f32; f]);
+                let mut scratch = Scratch::new(f);
                 for (local, xu) in xs.chunks_exact_mut(f).enumerate() {
                     let u = chunk * per + local;
                     let entries = m.indptr[u]..m.indptr[u + 1];
-                    // r = b − A·x
-                    for (a, ra) in r.iter_mut().enumerate() {
-                        *ra = -dot(&yty[a * f..(a + 1) * f], xu);
-                    }
-                    for k in entries.clone() {
-                        let yi = &y[m.indices[k] as usize * f..][..f];
-                        let conf = 1.0 + p.alpha * m.values[k];
-                        let coef = conf - (conf - 1.0) * dot(yi, xu);
-                        for (ra, yv) in r.iter_mut().zip(yi) {
-                            *ra += coef * yv;
-                        }
-                    }
-                    pv.copy_from_slice(&r);
-                    let mut rs_old = dot(&r, &r);
-                    for _ in 0..p.cg_steps {
-                        if rs_old < 1e-20 {
-                            break;
-                        }
-                        // Ap = YtY·p + Σ (c − 1)(yᵢ·p) yᵢ
-                        for (a, apa) in ap.iter_mut().enumerate() {
-                            *apa = dot(&yty[a * f..(a + 1) * f], &pv);
-                        }
-                        for k in entries.clone() {
-                            let yi = &y[m.indices[k] as usize * f..][..f];
-                            let coef = p.alpha * m.values[k] * dot(yi, &pv);
-                            for (apa, yv) in ap.iter_mut().zip(yi) {
-                                *apa += coef * yv;
-                            }
-                        }
-                        let alpha = rs_old / dot(&pv, &ap);
-                        for a in 0..f {
-                            xu[a] += alpha * pv[a];
-                            r[a] -= alpha * ap[a];
-                        }
-                        let rs_new = dot(&r, &r);
-                        for a in 0..f {
-                            pv[a] = r[a] + (rs_new / rs_old) * pv[a];
-                        }
-                        rs_old = rs_new;
-                    }
+                    let row = entries.map(|k| (m.indices[k], m.values[k]));
+                    solve_row(xu, y, yty, row, p.alpha, p.cg_steps, &mut scratch);
                 }
             });
         }
     });
 }
 
+/// What serving needs to place a user the model has not seen (or whose
+/// newest events it has not seen) among the trained item factors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldIn {
+    /// Factors per row.
+    pub factors: usize,
+    /// `YᵀY + λI` of the item factors.
+    pub gramian: Vec<f32>,
+    /// Confidence scale α the items were trained with.
+    pub alpha: f32,
+}
+
+impl FoldIn {
+    /// Precomputes `YᵀY + λI` for the row-major item factors `items`.
+    pub fn new(items: &[f32], factors: usize, regularization: f32, alpha: f32) -> Self {
+        FoldIn {
+            factors,
+            gramian: gramian(items, factors, regularization),
+            alpha,
+        }
+    }
+
+    /// A user's factors from their `(item, strength)` history, solved against
+    /// the fixed item factors `items` exactly as training solves a user row
+    /// (CG from zero, `factors` steps: exact up to rounding). Items outside
+    /// `items` are ignored.
+    pub fn user(&self, items: &[f32], history: &[(u32, f32)]) -> Vec<f32> {
+        let f = self.factors;
+        let n = (items.len() / f.max(1)) as u32;
+        let mut x = vec![0.0f32; f];
+        let row = history.iter().copied().filter(|&(i, _)| i < n);
+        solve_row(
+            &mut x,
+            items,
+            &self.gramian,
+            row,
+            self.alpha,
+            f,
+            &mut Scratch::new(f),
+        );
+        x
+    }
+}
+
 /// Trains user and item factors on `user_items` (users × items strengths).
 pub fn train(user_items: &Csr, items: usize, p: &AlsParams) -> AlsModel {
+    train_with(user_items, items, p, |_| {})
+}
+
+/// [`train`], calling `done(n)` after iteration `n` (1-based), for progress.
+pub fn train_with(
+    user_items: &Csr,
+    items: usize,
+    p: &AlsParams,
+    mut done: impl FnMut(usize),
+) -> AlsModel {
     let f = p.factors.max(1);
     let p = AlsParams { factors: f, ..*p };
     let users = user_items.rows();
@@ -236,9 +324,10 @@ pub fn train(user_items: &Csr, items: usize, p: &AlsParams) -> AlsModel {
     };
     let mut x = init(users * f);
     let mut y = init(items * f);
-    for _ in 0..p.iterations {
+    for n in 1..=p.iterations {
         solve_rows(&mut x, &y, user_items, &p);
         solve_rows(&mut y, &x, &item_users, &p);
+        done(n);
     }
     AlsModel {
         factors: f,
@@ -341,5 +430,19 @@ mod tests {
             },
         );
         assert_eq!(one.users, model.users);
+
+        // A user the model never saw, folded in from a group-1 history
+        // missing item 13: the exact least-squares solve puts 13 first.
+        let fold = FoldIn::new(&model.items, 2, params.regularization, params.alpha);
+        let history: Vec<(u32, f32)> = (10..20).filter(|&i| i != 13).map(|i| (i, 1.0)).collect();
+        let x = fold.user(&model.items, &history);
+        let best = (0..items as u32)
+            .filter(|i| !history.iter().any(|h| h.0 == *i))
+            .max_by(|&a, &b| {
+                dot(&x, model.item(a as usize)).total_cmp(&dot(&x, model.item(b as usize)))
+            });
+        assert_eq!(best, Some(13));
+        // Unknown items are ignored; no history is the zero vector.
+        assert_eq!(fold.user(&model.items, &[(999, 1.0)]), vec![0.0, 0.0]);
     }
 }

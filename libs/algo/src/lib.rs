@@ -8,6 +8,7 @@
 
 pub mod als;
 pub mod assign;
+pub mod content;
 pub mod cooccurrence;
 pub mod gbdt;
 pub mod metrics;

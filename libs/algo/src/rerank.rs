@@ -245,7 +245,7 @@ pub fn seed_of(request_id: &str) -> u64 {
 }
 
 /// Price band: powers of two, so "similar price" means within a factor of two.
-fn price_band(price: f64) -> i32 {
+pub fn price_band(price: f64) -> i32 {
     if price > 0.0 {
         price.log2().floor() as i32
     } else {

@@ -90,15 +90,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     }
 }
 
-/// Writes `data` into `dir` (created if missing). Each file is written to a
-/// temporary name and renamed, so a reader never sees half a file.
-pub fn write_dir(data: &Dataset, dir: &Path) -> Result<(), DataError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut items = ITEMS_HEADER.join("\t");
-    items.push('\n');
-    for i in &data.items {
+/// The catalog as the text of an `items.tsv`.
+pub fn items_tsv(items: &[Item]) -> String {
+    let mut out = ITEMS_HEADER.join("\t");
+    out.push('\n');
+    for i in items {
         let _ = writeln!(
-            items,
+            out,
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             i.id,
             i.category,
@@ -110,6 +108,14 @@ pub fn write_dir(data: &Dataset, dir: &Path) -> Result<(), DataError> {
             i.title.replace(['\t', '\n'], " ")
         );
     }
+    out
+}
+
+/// Writes `data` into `dir` (created if missing). Each file is written to a
+/// temporary name and renamed, so a reader never sees half a file.
+pub fn write_dir(data: &Dataset, dir: &Path) -> Result<(), DataError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let items = items_tsv(&data.items);
     let mut inter = INTERACTIONS_HEADER.join("\t");
     inter.push('\n');
     for e in &data.interactions {
@@ -175,29 +181,7 @@ pub fn read_dir(dir: &Path) -> Result<Dataset, DataError> {
 /// always stop the read).
 pub fn read_dir_with(dir: &Path, policy: RowPolicy) -> Result<(Dataset, Skipped), DataError> {
     let mut skipped = Skipped::default();
-    let items_path = dir.join(ITEMS_FILE);
-    let text = std::fs::read_to_string(&items_path).map_err(io(&items_path))?;
-    let mut items = Vec::new();
-    for_each_row(
-        &items_path,
-        &text,
-        ITEMS_HEADER,
-        policy,
-        &mut skipped,
-        |row| {
-            items.push(Item {
-                id: row.text(0)?,
-                category: row.text(1)?,
-                brand: row.get(2).to_owned(),
-                price: row.number(3)?,
-                in_stock: row.flag(4)?,
-                promoted: row.flag(5)?,
-                created_at: row.number(6)?,
-                title: row.get(7).to_owned(),
-            });
-            Ok(())
-        },
-    )?;
+    let items = read_items(&dir.join(ITEMS_FILE), policy, &mut skipped)?;
     let inter_path = dir.join(INTERACTIONS_FILE);
     let text = std::fs::read_to_string(&inter_path).map_err(io(&inter_path))?;
     let mut interactions = Vec::new();
@@ -231,6 +215,30 @@ pub fn read_dir_with(dir: &Path, policy: RowPolicy) -> Result<(Dataset, Skipped)
         },
         skipped,
     ))
+}
+
+/// Reads an `items.tsv` with `policy` for malformed rows.
+pub fn read_items(
+    path: &Path,
+    policy: RowPolicy,
+    skipped: &mut Skipped,
+) -> Result<Vec<Item>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let mut items = Vec::new();
+    for_each_row(path, &text, ITEMS_HEADER, policy, skipped, |row| {
+        items.push(Item {
+            id: row.text(0)?,
+            category: row.text(1)?,
+            brand: row.get(2).to_owned(),
+            price: row.number(3)?,
+            in_stock: row.flag(4)?,
+            promoted: row.flag(5)?,
+            created_at: row.number(6)?,
+            title: row.get(7).to_owned(),
+        });
+        Ok(())
+    })?;
+    Ok(items)
 }
 
 struct Row<'a> {

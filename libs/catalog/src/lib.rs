@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod demo;
 pub mod files;
 pub mod recbole;
