@@ -637,7 +637,7 @@ fn encode_neighbours(neighbours: &[Vec<(u32, f32)>]) -> Vec<u8> {
 
 fn decode_neighbours(bytes: &[u8], items: usize) -> Result<Vec<Vec<(u32, f32)>>, String> {
     let mut words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err("length is not a multiple of 4".into());
     }
     let mut out = Vec::with_capacity(items);
