@@ -132,6 +132,39 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// The `k` rows of the row-major `items` (`factors` columns) with the
+/// largest dot product with `query`, skipping `exclude`; best first, ties by
+/// index. Exact (brute force): O(items · factors).
+pub fn nearest(
+    items: &[f32],
+    factors: usize,
+    query: &[f32],
+    k: usize,
+    exclude: impl Fn(u32) -> bool,
+) -> Vec<(u32, f32)> {
+    let f = factors.max(1);
+    let mut scored: Vec<(u32, f32)> = items
+        .chunks_exact(f)
+        .enumerate()
+        .map(|(i, row)| (i as u32, row))
+        .filter(|&(i, _)| !exclude(i))
+        .map(|(i, row)| (i, dot(query, row)))
+        .collect();
+    let k = k.min(scored.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    scored.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored
+}
+
+/// Dot product of two factor rows.
+pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
+    dot(a, b)
+}
+
 /// `YᵀY + λI` for the row-major `y` with `f` columns.
 fn gramian(y: &[f32], f: usize, reg: f32) -> Vec<f32> {
     let mut g = vec![0.0f32; f * f];
@@ -349,19 +382,7 @@ impl AlsModel {
 
     /// The `k` best items for user `u` not in `exclude`, best first.
     pub fn recommend(&self, u: usize, k: usize, exclude: impl Fn(u32) -> bool) -> Vec<(u32, f32)> {
-        let xu = self.user(u);
-        let mut scored: Vec<(u32, f32)> = (0..(self.items.len() / self.factors) as u32)
-            .filter(|&i| !exclude(i))
-            .map(|i| (i, dot(xu, self.item(i as usize))))
-            .collect();
-        let k = k.min(scored.len());
-        if k == 0 {
-            return Vec::new();
-        }
-        scored.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored.truncate(k);
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored
+        nearest(&self.items, self.factors, self.user(u), k, exclude)
     }
 }
 

@@ -159,6 +159,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "candidates lists scored, by model version",
     ),
     (
+        "recmesh_bundle_info",
+        Kind::Gauge,
+        "1 for the model bundle version a service serves, 0 for replaced ones",
+    ),
+    (
+        "recmesh_bundle_reload_total",
+        Kind::Counter,
+        "bundle reloads, by service and outcome (swapped, refused)",
+    ),
+    (
         "recmesh_ranking_model_info",
         Kind::Gauge,
         "1 for the ranking model version serving, 0 for replaced ones",

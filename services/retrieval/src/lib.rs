@@ -1,18 +1,29 @@
 //! Retrieval service: turns a user (or an anchor item) into a few hundred
 //! candidates from several sources, each with the source and a reason.
 //!
-//! Sources in this embedded version, in priority order:
+//! It serves from a model bundle (`recmesh_catalog::bundle`): the trainer's
+//! published one when `bundle_dir` is set (swapped for a newer one without
+//! a restart), or one built in memory from the dataset at start (CF, lists
+//! and content vectors; no ALS factors, which are the trainer's job).
+//!
+//! Sources, in priority order:
 //! - `anchor`: item-item CF neighbours of the item being viewed;
 //! - `cf`: CF neighbours of the user's recent items, weighted by event
 //!   strength and recency ("because you viewed X");
+//! - `ann`: items nearest the user's ALS vector (the trained one, or one
+//!   folded in from their recent events for a user the bundle has not
+//!   seen), explained by the recent item they are closest to;
+//! - `content`: cold items (no co-occurrence yet) whose content vector
+//!   matches the user's recent items ("new in Y");
 //! - `popular`: popularity in the categories the user is browsing or engages
 //!   with ("popular in Y"), then overall ("popular right now").
 //!
 //! A candidate found by several sources keeps every source's score and its
 //! best reason. Candidate score = max over sources of
-//! `source weight × score / best score of that source` (weights: anchor and
-//! cf 1.0, category popularity 0.6, overall popularity 0.4), so the merged
-//! order is personal first, popular last; ranking falls back to this order.
+//! `source weight × score / best score of that source` (weights: anchor, cf
+//! and ann 1.0, content 0.5, category popularity 0.6, overall popularity
+//! 0.4), so the merged order is personal first, popular last; ranking falls
+//! back to this order.
 
 #![forbid(unsafe_code)]
 
@@ -20,8 +31,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use recmesh_algo::als::{self, FoldIn};
 use recmesh_algo::rules::{HardFilters, RuleItem};
-use recmesh_algo::{cooccurrence, popularity};
+use recmesh_algo::{content, cooccurrence};
+use recmesh_catalog::bundle::{self, BuildParams, Bundle};
 use recmesh_catalog::files::DataSource;
 use recmesh_catalog::{Catalog, Dataset, EventKind};
 use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind};
@@ -40,8 +53,15 @@ pub const DEFAULT_PORT: u16 = 50052;
 pub struct Config {
     /// gRPC and admin server.
     pub server: ServerConfig,
-    /// Dataset the index is built from at start.
+    /// Dataset the index is built from at start when `bundle_dir` is empty.
     pub data: DataSource,
+    /// Root of the trainer's published bundles (`recmesh-trainer bundle
+    /// --out DIR`); served from `DIR/current`. Empty: build from `data`.
+    pub bundle_dir: String,
+    /// How often `bundle_dir/current` is checked for a newer bundle (0:
+    /// never). A newer one is swapped in without a restart; one that does
+    /// not load is refused and the current one keeps serving.
+    pub bundle_reload_ms: u64,
     /// CF neighbours kept per item.
     pub neighbours_per_item: usize,
     /// Strongest items per user used when counting co-occurrences (bounds
@@ -64,6 +84,9 @@ impl Default for Config {
         Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
             data: DataSource::default(),
+            bundle_dir: String::new(),
+            // A new bundle shows within seconds; a readlink every 2 s costs nothing.
+            bundle_reload_ms: 2_000,
             // 50 neighbours per item cover a 20-seed history several times over.
             neighbours_per_item: 50,
             max_history_per_user: 100,
@@ -89,6 +112,19 @@ impl ServiceConfig for Config {
             ("popular_list_len", self.popular_list_len as u64),
             ("max_exclusions", self.max_exclusions as u64),
         ])?;
+        if !self.bundle_dir.is_empty()
+            && bundle::current(std::path::Path::new(&self.bundle_dir)).is_none()
+        {
+            return Err(ConfigError::invalid(
+                "bundle_dir",
+                format!(
+                    "no bundle at {}/{}: publish one with `recmesh-trainer bundle --out {}`, or leave bundle_dir empty to build from `data`",
+                    self.bundle_dir,
+                    bundle::CURRENT,
+                    self.bundle_dir
+                ),
+            ));
+        }
         if self.default_count == 0 || self.default_count > self.max_count {
             return Err(ConfigError::invalid(
                 "default_count",
@@ -99,47 +135,89 @@ impl ServiceConfig for Config {
     }
 }
 
-/// Everything retrieval serves from, built once from a dataset.
+/// Everything retrieval serves from: one bundle, indexed for serving.
 #[derive(Debug)]
 pub struct Index {
     catalog: Catalog,
     neighbours: Vec<Vec<(u32, f32)>>,
     popular: Vec<(u32, f64)>,
     popular_by_category: HashMap<u32, Vec<(u32, f64)>>,
+    content: Vec<f32>,
+    /// Items with no co-occurrence neighbour: what the `content` source offers.
+    cold: Vec<u32>,
+    factors: Option<Factors>,
     version: String,
 }
 
+/// ALS factors with the user lookup and the fold-in solver.
+#[derive(Debug)]
+struct Factors {
+    trained: bundle::Factors,
+    user_row: HashMap<String, u32>,
+    fold: FoldIn,
+}
+
 impl Index {
-    /// Builds CF neighbours and popularity lists from `data`.
+    /// Builds a bundle from `data` in memory (no ALS) and indexes it.
     pub fn build(data: &Dataset, config: &Config) -> Self {
-        let catalog = Catalog::new(data.items.clone());
-        let per_user = catalog.strongest_per_user(&data.interactions);
-        let histories: Vec<cooccurrence::History> = per_user
-            .into_values()
-            .map(|h| h.into_iter().collect())
+        let params = BuildParams {
+            neighbours_per_item: config.neighbours_per_item,
+            max_history_per_user: config.max_history_per_user,
+            list_len: config.popular_list_len,
+            als: recmesh_algo::als::AlsParams {
+                factors: 0,
+                ..Default::default()
+            },
+            ..BuildParams::default()
+        };
+        Index::from_bundle(Bundle::build(data, &params, |_| {}))
+    }
+
+    /// Indexes a loaded (or built) bundle.
+    pub fn from_bundle(b: Bundle) -> Self {
+        let cold = (0..b.catalog.len() as u32)
+            .filter(|&i| b.neighbours[i as usize].is_empty())
             .collect();
-        let neighbours = cooccurrence::neighbours(
-            &histories,
-            catalog.len(),
-            config.neighbours_per_item,
-            config.max_history_per_user,
-        );
-        let scores = recmesh_catalog::item_scores(&catalog, &data.interactions);
-        let (popular, popular_by_category) =
-            popularity::top_lists(&scores, &catalog.category_of, config.popular_list_len);
+        let factors = b.factors.map(|trained| Factors {
+            user_row: trained
+                .user_ids
+                .iter()
+                .enumerate()
+                .map(|(n, u)| (u.clone(), n as u32))
+                .collect(),
+            fold: FoldIn::new(
+                &trained.items,
+                trained.factors,
+                trained.regularization,
+                trained.alpha,
+            ),
+            trained,
+        });
         Index {
-            catalog,
-            neighbours,
-            popular,
-            popular_by_category,
-            version: data.fingerprint(),
+            catalog: b.catalog,
+            neighbours: b.neighbours,
+            popular: b.popular.overall,
+            popular_by_category: b.popular.by_category,
+            content: b.content,
+            cold,
+            factors,
+            version: b.manifest.version,
         }
+    }
+
+    /// Version of the bundle served (its manifest's `version`).
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     fn title(&self, index: u32) -> &str {
         self.catalog
             .item(index)
             .map_or("an item", |i| i.title.as_str())
+    }
+
+    fn content_of(&self, i: u32) -> &[f32] {
+        &self.content[i as usize * content::DIM..][..content::DIM]
     }
 }
 
@@ -171,6 +249,8 @@ impl Constraints<'_> {
 struct SourceWeights {
     anchor: f64,
     cf: f64,
+    ann: f64,
+    content: f64,
     category: f64,
     popular: f64,
 }
@@ -180,6 +260,8 @@ impl SourceWeights {
         let mut w = SourceWeights {
             anchor: 1.0,
             cf: 1.0,
+            ann: 1.0,
+            content: 0.5,
             category: 0.6,
             popular: 0.4,
         };
@@ -191,12 +273,14 @@ impl SourceWeights {
             match name.as_str() {
                 "anchor" => w.anchor = value,
                 "cf" => w.cf = value,
+                "ann" => w.ann = value,
+                "content" => w.content = value,
                 "category" => w.category = value,
                 "popular" => w.popular = value,
                 _ => {
                     return Err(FieldError::new(
                         field,
-                        "unknown source; known: anchor, cf, category, popular",
+                        "unknown source; known: anchor, cf, ann, content, category, popular",
                     ));
                 }
             }
@@ -279,26 +363,144 @@ impl<'a> Merger<'a> {
 /// The retrieval gRPC service.
 #[derive(Debug, Clone)]
 pub struct RetrievalService {
+    /// The index serving now; a request keeps the one it started with.
+    current: Arc<std::sync::RwLock<Arc<Index>>>,
+    /// Directory of the bundle `current` was loaded from (None: built in memory).
+    loaded: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    config: Arc<Config>,
+}
+
+/// One request's view: the index at its start and the config.
+struct Snapshot {
     index: Arc<Index>,
     config: Arc<Config>,
 }
 
 impl RetrievalService {
-    /// A service over an index built from `data`.
+    /// A service over an index built in memory from `data`.
     pub fn new(config: Config, data: &Dataset) -> Self {
         let index = Index::build(data, &config);
+        RetrievalService::with_index(config, index, None)
+    }
+
+    /// A service over `bundle`.
+    pub fn from_bundle(config: Config, bundle: Bundle) -> Self {
+        RetrievalService::with_index(config, Index::from_bundle(bundle), None)
+    }
+
+    fn with_index(config: Config, index: Index, dir: Option<std::path::PathBuf>) -> Self {
         tracing::info!(
             items = index.catalog.len(),
             categories = index.catalog.categories.len(),
+            als = index.factors.as_ref().map_or(0, |f| f.trained.factors),
             version = %index.version,
-            "retrieval index built"
+            "retrieval index ready"
         );
+        metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => index.version.clone()).set(1.0);
         RetrievalService {
-            index: Arc::new(index),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(index))),
+            loaded: Arc::new(std::sync::Mutex::new(dir)),
             config: Arc::new(config),
         }
     }
 
+    /// The index serving now.
+    pub fn index(&self) -> Arc<Index> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            index: self.index(),
+            config: self.config.clone(),
+        }
+    }
+
+    /// Candidates for a user; see the crate docs for the sources.
+    pub fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
+        self.snapshot().retrieve(req)
+    }
+
+    /// Neighbours of an item, topped up with its category's popular items.
+    pub fn similar(&self, req: &pb::SimilarRequest) -> Result<pb::RetrieveResponse, Status> {
+        self.snapshot().similar(req)
+    }
+
+    /// Popular lists: overall or one category, optionally every category's too.
+    pub fn popular(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
+        self.snapshot().popular(req)
+    }
+
+    /// Loads the bundle `bundle_dir/current` points at if it is not the one
+    /// serving, and swaps it in; requests already running finish on the old
+    /// index. Returns the new version when one was swapped in; a bundle that
+    /// does not load is an error and changes nothing (it is tried again only
+    /// once `current` moves on).
+    pub fn reload_if_changed(&self) -> Result<Option<String>, bundle::BundleError> {
+        if self.config.bundle_dir.is_empty() {
+            return Ok(None);
+        }
+        let Some(dir) = bundle::current(std::path::Path::new(&self.config.bundle_dir)) else {
+            return Ok(None);
+        };
+        {
+            let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            if loaded.as_ref() == Some(&dir) {
+                return Ok(None);
+            }
+            *loaded = Some(dir.clone());
+        }
+        let index = Index::from_bundle(Bundle::load(&dir)?);
+        let version = index.version.clone();
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(index),
+        );
+        metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => old.version.clone()).set(0.0);
+        metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => version.clone()).set(1.0);
+        Ok(Some(version))
+    }
+
+    /// Polls `bundle_dir` every `bundle_reload_ms` while the service lives;
+    /// loading runs on a blocking thread, never on a runtime worker.
+    fn spawn_bundle_watch(&self) {
+        let every = self.config.bundle_reload_ms;
+        if every == 0 || self.config.bundle_dir.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.current);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(every));
+            loop {
+                tick.tick().await;
+                // The task's clone holds one reference; alone, the server is gone.
+                if weak.strong_count() <= 1 {
+                    return;
+                }
+                let svc2 = svc.clone();
+                let outcome = tokio::task::spawn_blocking(move || svc2.reload_if_changed()).await;
+                match outcome {
+                    Ok(Ok(Some(version))) => {
+                        metrics::counter!("recmesh_bundle_reload_total", "service" => "retrieval", "outcome" => "swapped").increment(1);
+                        tracing::info!(%version, "retrieval bundle swapped in");
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        metrics::counter!("recmesh_bundle_reload_total", "service" => "retrieval", "outcome" => "refused").increment(1);
+                        tracing::error!(error = %e, "new bundle refused; the current one keeps serving");
+                    }
+                    Err(e) => tracing::error!(error = %e, "bundle reload task failed"),
+                }
+            }
+        });
+    }
+}
+
+impl Snapshot {
     fn count(&self, field: &str, count: u32) -> Result<usize, FieldError> {
         match count {
             0 => Ok(self.config.default_count as usize),
@@ -376,10 +578,8 @@ impl RetrievalService {
             .map(|&(i, s)| (i, s, "popular right now".to_owned()))
     }
 
-    /// Candidates for a user; see the crate docs for the sources.
-    ///
-    /// A source of weight 0 is skipped (its candidates are not added).
-    pub fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
+    /// Candidates for a user; a source of weight 0 is skipped.
+    fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
         check_id("user_id", &req.user_id)?;
         let count = self.count("count", req.count)?;
         let constraints = self.constraints(&req.exclude_item_ids, req.filters.as_ref())?;
@@ -439,6 +639,84 @@ impl RetrievalService {
             }),
         );
 
+        // ANN: the user's trained vector, or one folded in from their recent
+        // events when the bundle has not seen them.
+        if let Some(f) = index.factors.as_ref().filter(|_| weights.ann > 0.0) {
+            let folded: Vec<f32>;
+            let user = match f.user_row.get(&req.user_id) {
+                Some(&row) => Some(f.trained.user(row as usize)),
+                None if !seeds.is_empty() => {
+                    let history: Vec<(u32, f32)> = seeds
+                        .iter()
+                        .map(|(&i, &(_, kind))| (i, kind.weight() as f32))
+                        .collect();
+                    folded = f.fold.user(&f.trained.items, &history);
+                    Some(folded.as_slice())
+                }
+                None => None,
+            };
+            if let Some(user) = user {
+                // Filters are pushed into the scan, so every slot is usable.
+                let top = als::nearest(&f.trained.items, f.trained.factors, user, count, |i| {
+                    seen.contains(&i) || !constraints.allows(index, i)
+                });
+                // Explained by the strongest recent items it is closest to.
+                let mut strongest: Vec<(u32, f64, EventKind)> =
+                    seeds.iter().map(|(&i, &(w, k))| (i, w, k)).collect();
+                strongest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                strongest.truncate(5);
+                let item = |i: u32| {
+                    &f.trained.items[i as usize * f.trained.factors..][..f.trained.factors]
+                };
+                merger.add(
+                    "ann",
+                    weights.ann,
+                    top.into_iter().map(|(i, s)| {
+                        let reason = strongest
+                            .iter()
+                            .max_by(|a, b| {
+                                als::similarity(item(i), item(a.0))
+                                    .total_cmp(&als::similarity(item(i), item(b.0)))
+                            })
+                            .map_or_else(
+                                || "picked for your taste".to_owned(),
+                                |&(seed, _, kind)| {
+                                    format!("because you {} {}", kind.verb(), index.title(seed))
+                                },
+                            );
+                        (i, f64::from(s), reason)
+                    }),
+                );
+            }
+        }
+
+        // Content: cold items (no co-occurrence yet) like the recent ones.
+        if weights.content > 0.0 && !seeds.is_empty() && !index.cold.is_empty() {
+            let profile = content::profile(
+                seeds
+                    .iter()
+                    .map(|(&i, &(w, _))| (index.content_of(i), w as f32)),
+            );
+            let mut matches: Vec<(u32, f32)> = index
+                .cold
+                .iter()
+                .filter(|i| !seen.contains(i))
+                .map(|&i| (i, als::similarity(&profile, index.content_of(i))))
+                .filter(|&(_, s)| s > 0.0)
+                .collect();
+            matches.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            matches.truncate((count / 4).max(1));
+            merger.add(
+                "content",
+                weights.content,
+                matches.into_iter().map(|(i, s)| {
+                    let category =
+                        &index.catalog.categories[index.catalog.category_of[i as usize] as usize];
+                    (i, f64::from(s), format!("new in {category}"))
+                }),
+            );
+        }
+
         // Category popularity: the browsed category, else the filter's, else
         // the two the user engaged with most.
         let mut categories: Vec<u32> = Vec::new();
@@ -469,8 +747,7 @@ impl RetrievalService {
         })
     }
 
-    /// Neighbours of an item, topped up with its category's popular items.
-    pub fn similar(&self, req: &pb::SimilarRequest) -> Result<pb::RetrieveResponse, Status> {
+    fn similar(&self, req: &pb::SimilarRequest) -> Result<pb::RetrieveResponse, Status> {
         check_id("item_id", &req.item_id)?;
         let count = self.count("count", req.count)?;
         let mut constraints = self.constraints(&req.exclude_item_ids, req.filters.as_ref())?;
@@ -500,8 +777,7 @@ impl RetrievalService {
         })
     }
 
-    /// Popular lists: overall or one category, optionally every category's too.
-    pub fn popular(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
+    fn popular(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
         let count = self.count("count", req.count)?;
         let constraints = self.constraints(&[], None)?;
         let index = &self.index;
@@ -562,16 +838,47 @@ impl pb::retrieval_server::Retrieval for RetrievalService {
     }
 }
 
-/// The retrieval server over `data`, ready to start or run.
-pub fn server(config: Config, data: &Dataset) -> GrpcServer {
-    GrpcServer::new("retrieval", config.server.clone())
-        .add_service(RetrievalServer::new(RetrievalService::new(config, data)))
+/// The retrieval server over `service`, ready to start or run; it watches
+/// `bundle_dir` for newer bundles while it runs.
+pub fn server_for(service: RetrievalService) -> GrpcServer {
+    service.spawn_bundle_watch();
+    GrpcServer::new("retrieval", service.config.server.clone())
+        .add_service(RetrievalServer::new(service))
 }
 
-/// Loads the data, serves until `shutdown`, then drains.
+/// The retrieval server over `data`, ready to start or run.
+pub fn server(config: Config, data: &Dataset) -> GrpcServer {
+    server_for(RetrievalService::new(config, data))
+}
+
+/// The service for `config`: from `bundle_dir/current` when set, else
+/// built from `data` (loaded only then).
+pub fn service(
+    config: Config,
+    data: impl FnOnce() -> anyhow::Result<Dataset>,
+) -> anyhow::Result<RetrievalService> {
+    if config.bundle_dir.is_empty() {
+        return Ok(RetrievalService::new(config, &data()?));
+    }
+    let dir = bundle::current(std::path::Path::new(&config.bundle_dir)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "bundle_dir: no bundle at {}/{}",
+            config.bundle_dir,
+            bundle::CURRENT
+        )
+    })?;
+    let index = Index::from_bundle(Bundle::load(&dir)?);
+    Ok(RetrievalService::with_index(config, index, Some(dir)))
+}
+
+/// Loads the bundle (or the data), serves until `shutdown`, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let data = config.data.load()?;
-    server(config, &data).run(shutdown).await?;
+    let svc = tokio::task::spawn_blocking(move || {
+        let source = config.data.clone();
+        service(config, || Ok(source.load()?))
+    })
+    .await??;
+    server_for(svc).run(shutdown).await?;
     Ok(())
 }
 
@@ -581,13 +888,7 @@ mod tests {
     use recmesh_catalog::demo::{DemoSpec, generate};
 
     fn service() -> RetrievalService {
-        let data = generate(&DemoSpec {
-            items: 400,
-            users: 200,
-            interactions: 20_000,
-            ..DemoSpec::default()
-        });
-        RetrievalService::new(Config::default(), &data)
+        RetrievalService::new(Config::default(), &demo())
     }
 
     fn viewed(item: &str) -> pb::Interaction {
@@ -608,9 +909,9 @@ mod tests {
     fn history_brings_cf_candidates_with_reasons() {
         let s = service();
         let seed = s
-            .index
+            .index()
             .catalog
-            .item(s.index.popular[0].0)
+            .item(s.index().popular[0].0)
             .expect("item")
             .id
             .clone();
@@ -642,11 +943,15 @@ mod tests {
         // A variant's source mix: popularity off leaves CF alone; CF off
         // leaves popularity alone.
         let mut only_cf = req.clone();
-        only_cf.source_weights = HashMap::from([("popular".into(), 0.0), ("category".into(), 0.0)]);
+        only_cf.source_weights = HashMap::from([
+            ("popular".into(), 0.0),
+            ("category".into(), 0.0),
+            ("content".into(), 0.0),
+        ]);
         let out = s.retrieve(&only_cf).expect("ok").candidates;
         assert!(!out.is_empty() && out.iter().all(|c| c.source == "cf"));
         let mut no_cf = req;
-        no_cf.source_weights = HashMap::from([("cf".into(), 0.0)]);
+        no_cf.source_weights = HashMap::from([("cf".into(), 0.0), ("content".into(), 0.0)]);
         let out = s.retrieve(&no_cf).expect("ok").candidates;
         assert!(!out.is_empty() && out.iter().all(|c| c.source == "popular"));
     }
@@ -654,7 +959,7 @@ mod tests {
     #[test]
     fn new_user_gets_popularity_and_filters_hold() {
         let s = service();
-        let category = s.index.catalog.categories[0].clone();
+        let category = s.index().catalog.categories[0].clone();
         let req = pb::RetrieveRequest {
             user_id: "new".into(),
             count: 20,
@@ -687,10 +992,10 @@ mod tests {
         });
         assert_eq!(s.retrieve(&req).expect_err("bad").field, "context.category");
         req.context = None;
-        req.source_weights = HashMap::from([("ann".into(), 1.0)]);
+        req.source_weights = HashMap::from([("vector".into(), 1.0)]);
         assert_eq!(
             s.retrieve(&req).expect_err("bad").field,
-            "source_weights.ann"
+            "source_weights.vector"
         );
         req.source_weights = HashMap::from([("cf".into(), -1.0)]);
         assert_eq!(
@@ -709,6 +1014,167 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::NotFound);
     }
 
+    fn demo() -> Dataset {
+        generate(&DemoSpec {
+            items: 400,
+            users: 200,
+            interactions: 20_000,
+            ..DemoSpec::default()
+        })
+    }
+
+    fn trained(data: &Dataset) -> Bundle {
+        Bundle::build(
+            data,
+            &BuildParams {
+                als: recmesh_algo::als::AlsParams {
+                    factors: 16,
+                    iterations: 5,
+                    threads: 1,
+                    ..Default::default()
+                },
+                ..BuildParams::default()
+            },
+            |_| {},
+        )
+    }
+
+    fn only(source: &str) -> HashMap<String, f64> {
+        ["anchor", "cf", "ann", "content", "category", "popular"]
+            .into_iter()
+            .filter(|s| *s != source)
+            .map(|s| (s.to_owned(), 0.0))
+            .collect()
+    }
+
+    #[test]
+    fn ann_serves_trained_users_and_folds_in_new_ones() {
+        let data = demo();
+        let s = RetrievalService::from_bundle(Config::default(), trained(&data));
+        let known = data.interactions[0].user.clone();
+        let req = pb::RetrieveRequest {
+            user_id: known,
+            count: 30,
+            source_weights: only("ann"),
+            ..Default::default()
+        };
+        let out = s.retrieve(&req).expect("ok").candidates;
+        assert_eq!(out.len(), 30, "a trained user gets ALS candidates");
+        assert!(
+            out.iter()
+                .all(|c| c.source == "ann" && c.reasons == ["picked for your taste"])
+        );
+
+        // A user the bundle never saw: folded in from recent events, and
+        // explained by one of them.
+        let index = s.index();
+        let seed = index
+            .catalog
+            .item(index.popular[0].0)
+            .expect("item")
+            .id
+            .clone();
+        let fresh = pb::RetrieveRequest {
+            user_id: "never-seen".into(),
+            recent: vec![viewed(&seed)],
+            ..req.clone()
+        };
+        let out = s.retrieve(&fresh).expect("ok").candidates;
+        assert_eq!(out.len(), 30);
+        let title = &index.catalog.item(index.popular[0].0).expect("item").title;
+        assert!(out.iter().all(|c| c.item_id != seed
+            && c.reasons[0] == format!("because you viewed {title}")));
+        // No vector and no history: nothing from ANN, popularity still answers.
+        let cold = pb::RetrieveRequest {
+            user_id: "never-seen".into(),
+            ..req
+        };
+        assert!(s.retrieve(&cold).expect("ok").candidates.is_empty());
+    }
+
+    #[test]
+    fn a_cold_item_is_retrieved_through_its_content() {
+        let mut data = demo();
+        // An item no one has touched, in the category and brand of the seed.
+        let seed = data.interactions[0].item.clone();
+        let like = data
+            .items
+            .iter()
+            .find(|i| i.id == seed)
+            .expect("seed")
+            .clone();
+        data.items.push(recmesh_catalog::Item {
+            id: "brand-new".into(),
+            title: format!("{} mark II", like.title),
+            ..like
+        });
+        let s = RetrievalService::new(Config::default(), &data);
+        let out = s
+            .retrieve(&pb::RetrieveRequest {
+                user_id: "u1".into(),
+                recent: vec![viewed(&seed)],
+                count: 40,
+                source_weights: only("content"),
+                ..Default::default()
+            })
+            .expect("ok")
+            .candidates;
+        let category = &out
+            .iter()
+            .find(|c| c.item_id == "brand-new")
+            .expect("the new item is a candidate")
+            .attributes
+            .as_ref()
+            .expect("attributes")
+            .category;
+        assert!(out.iter().all(|c| c.source == "content"));
+        assert_eq!(out[0].item_id, "brand-new", "it matches best");
+        assert_eq!(out[0].reasons, [format!("new in {category}")]);
+    }
+
+    #[test]
+    fn a_published_bundle_is_swapped_in_and_a_broken_one_refused() {
+        let root =
+            std::env::temp_dir().join(format!("recmesh-retrieval-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = demo();
+        let mut first = trained(&data);
+        first.manifest.version = "v0000000000001-first".into();
+        first.publish(&root).expect("publish");
+        let config = Config {
+            bundle_dir: root.display().to_string(),
+            ..Config::default()
+        };
+        let s = super::service(config, || unreachable!("the bundle is used")).expect("service");
+        assert_eq!(s.index().version(), "v0000000000001-first");
+        assert_eq!(s.reload_if_changed().expect("no change"), None);
+
+        let mut second = trained(&data);
+        second.manifest.version = "v0000000000002-second".into();
+        let dir = second.publish(&root).expect("publish");
+        let before = s.index();
+        assert_eq!(
+            s.reload_if_changed().expect("swap").as_deref(),
+            Some("v0000000000002-second")
+        );
+        assert_eq!(
+            before.version(),
+            "v0000000000001-first",
+            "a running request keeps its index"
+        );
+        assert_eq!(s.index().version(), "v0000000000002-second");
+
+        // A damaged third one is refused and the second keeps serving.
+        let mut third = trained(&data);
+        third.manifest.version = "v0000000000003-third".into();
+        let bad = third.publish(&root).expect("publish");
+        std::fs::write(bad.join("lists.tsv"), "list\tcategory\titem_id\tscore\n").expect("damage");
+        assert!(s.reload_if_changed().is_err());
+        assert_eq!(s.index().version(), "v0000000000002-second");
+        assert!(dir.exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn popular_per_category_covers_every_category() {
         let s = service();
@@ -724,6 +1190,6 @@ mod tests {
             .iter()
             .filter_map(|c| c.attributes.as_ref().map(|a| a.category.clone()))
             .collect();
-        assert_eq!(categories.len(), s.index.catalog.categories.len());
+        assert_eq!(categories.len(), s.index().catalog.categories.len());
     }
 }
