@@ -7,8 +7,11 @@
 
 use std::collections::HashMap;
 
-/// Feature names, in row order.
-pub const FEATURE_NAMES: [&str; 13] = [
+/// Number of features in a row.
+pub const FEATURES: usize = 15;
+
+/// Feature names, in row order (new ones are appended: models name theirs).
+pub const FEATURE_NAMES: [&str; FEATURES] = [
     "retrieval_score",
     "cf_score",
     "anchor_score",
@@ -22,6 +25,8 @@ pub const FEATURE_NAMES: [&str; 13] = [
     "user_category_affinity",
     "price_fit",
     "user_activity",
+    "ann_score",
+    "content_score",
 ];
 
 /// What retrieval said about a candidate.
@@ -35,6 +40,10 @@ pub struct CandidateSignals {
     pub anchor: f64,
     /// Popularity source score (weighted interaction count).
     pub popular: f64,
+    /// ANN source score (dot product with the user's ALS vector).
+    pub ann: f64,
+    /// Content source score (cosine with the user's content profile).
+    pub content: f64,
     /// Sources that found it.
     pub sources: usize,
 }
@@ -89,7 +98,11 @@ impl UserSignals {
 }
 
 /// The feature row of one candidate ([`FEATURE_NAMES`] order).
-pub fn row(c: &CandidateSignals, item: Option<&ItemSignals<'_>>, user: &UserSignals) -> [f64; 13] {
+pub fn row(
+    c: &CandidateSignals,
+    item: Option<&ItemSignals<'_>>,
+    user: &UserSignals,
+) -> [f64; FEATURES] {
     let nan = f64::NAN;
     let (popularity, ctr, price, age, promoted, affinity, fit) = match item {
         Some(i) => (
@@ -121,6 +134,8 @@ pub fn row(c: &CandidateSignals, item: Option<&ItemSignals<'_>>, user: &UserSign
         affinity,
         fit,
         user.activity as f64,
+        c.ann,
+        c.content,
     ]
 }
 
@@ -161,9 +176,12 @@ mod tests {
             cf: 0.7,
             anchor: 0.0,
             popular: 0.0,
+            ann: 0.4,
+            content: 0.0,
             sources: 1,
         };
         let r = row(&c, Some(&item), &user);
+        assert_eq!((r[13], r[14]), (0.4, 0.0));
         assert_eq!(r[0], 0.7);
         assert_eq!(r[9], 1.0);
         assert!((r[10] - 2.0 / 3.0).abs() < 1e-12);

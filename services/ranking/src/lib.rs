@@ -8,7 +8,8 @@
 //! item popularity, CTR, price, age and promotion, the user's affinity to the
 //! item's category, price fit, and user activity.
 //!
-//! The model is a LightGBM text model when `model_path` names one (evaluated
+//! The model is a LightGBM text model when `model_path` names one, or the
+//! ranker of the current model bundle when `bundle_dir` is set (evaluated
 //! natively, `recmesh_algo::gbdt`). Otherwise it is the documented baseline
 //! formula (`recmesh_algo::scoring`) until the trainer's bundle ships a model.
 //! When features are missing or late, the service still answers: it scores
@@ -64,7 +65,11 @@ pub struct Config {
     pub item_cache_ttl_ms: u64,
     /// Most items whose features are cached.
     pub item_cache_size: u64,
-    /// How often `model_path` is checked for a newer model (0: never). A
+    /// Root of the trainer's published bundles: with `model_path` empty, the
+    /// model is `bundle_dir/current/ranker.txt`, followed as bundles are
+    /// published (the baseline until a bundle with a ranker exists).
+    pub bundle_dir: String,
+    /// How often the model file is checked for a newer model (0: never). A
     /// newer model is swapped in without a restart; one that does not load
     /// is refused and the current model keeps serving.
     pub model_reload_ms: u64,
@@ -88,6 +93,7 @@ impl Default for Config {
             scoring_reserve_ms: 2,
             max_candidates: 2_000,
             model_path: String::new(),
+            bundle_dir: String::new(),
             // Counters and stock move slowly compared with a request; 5 s of
             // staleness is invisible, and the cache absorbs the hot items.
             item_cache_ttl_ms: 5_000,
@@ -96,6 +102,20 @@ impl Default for Config {
             // A new model shows within seconds; a stat() every 2 s costs nothing.
             model_reload_ms: 2_000,
             models: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The model file served: `model_path`, else the current bundle's
+    /// ranker when `bundle_dir` is set; empty for the baseline.
+    pub fn model_file(&self) -> String {
+        if self.model_path.is_empty() && !self.bundle_dir.is_empty() {
+            recmesh_catalog::bundle::current_ranker(std::path::Path::new(&self.bundle_dir))
+                .display()
+                .to_string()
+        } else {
+            self.model_path.clone()
         }
     }
 }
@@ -113,6 +133,12 @@ impl ServiceConfig for Config {
         check_address("features_addr", &self.features_addr)?;
         if !self.model_path.is_empty() {
             load_model(&self.model_path)?;
+        }
+        if self.model_path.is_empty() && !self.bundle_dir.is_empty() {
+            let file = self.model_file();
+            if std::path::Path::new(&file).exists() {
+                load_model(&file).map_err(|e| ConfigError::invalid("bundle_dir", e.to_string()))?;
+            }
         }
         for (name, path) in &self.models {
             if name == "baseline"
@@ -194,7 +220,7 @@ pub fn feature_rows(
     recent: &[pb::Interaction],
     features: &HashMap<String, Arc<pb::ItemFeatures>>,
     now_s: i64,
-) -> Vec<[f64; 13]> {
+) -> Vec<[f64; ranking::FEATURES]> {
     let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
         let a = features.get(&r.item_id)?.attributes.as_ref()?;
         Some((a.category.as_str(), a.price))
@@ -330,6 +356,8 @@ fn signals(c: &pb::Candidate) -> CandidateSignals {
         cf: s("cf"),
         anchor: s("anchor"),
         popular: s("popular"),
+        ann: s("ann"),
+        content: s("content"),
         sources: c.source_scores.len().max(1),
     }
 }
@@ -354,8 +382,15 @@ impl RankingService {
     /// A service that fetches features through `features`, scoring with the
     /// model of `config.model_path` (or the baseline).
     pub fn new(config: Config, features: Channel) -> Result<Self, ConfigError> {
-        let loaded = model_stamp(&config.model_path);
-        let scorer = Scorer::new(&config.model_path)?;
+        let file = config.model_file();
+        // A bundle without a ranker (yet) serves the baseline.
+        let file = if model_stamp(&file).is_some() || !config.model_path.is_empty() {
+            file
+        } else {
+            String::new()
+        };
+        let loaded = model_stamp(&file);
+        let scorer = Scorer::new(&file)?;
         if let Some(m) = &scorer.model {
             tracing::info!(version = %scorer.version, trees = m.gbdt.trees(), "ranking model loaded");
         }
@@ -411,7 +446,7 @@ impl RankingService {
     /// Returns the new version when a model was swapped in; a model that
     /// does not load is an error and changes nothing.
     pub fn reload_if_changed(&self) -> Result<Option<String>, ConfigError> {
-        let path = &self.config.model_path;
+        let path = &self.config.model_file();
         if path.is_empty() {
             return Ok(None);
         }
@@ -438,7 +473,7 @@ impl RankingService {
     /// Polls `model_path` every `model_reload_ms` while the service lives.
     fn spawn_model_watch(&self) {
         let every = self.config.model_reload_ms;
-        if every == 0 || self.config.model_path.is_empty() {
+        if every == 0 || self.config.model_file().is_empty() {
             return;
         }
         let weak = Arc::downgrade(&self.scorer);

@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use forust_ml::GradientBooster;
 use forust_ml::data::Matrix;
 use forust_ml::objective::ObjectiveType;
-use recmesh_algo::ranking::FEATURE_NAMES;
+use recmesh_algo::ranking::{self, FEATURE_NAMES};
 
 use crate::served::ServedStages;
 use crate::split::Split;
@@ -29,7 +29,7 @@ use crate::split::Split;
 #[derive(Debug, Default)]
 pub struct TrainingSet {
     /// One feature row per candidate.
-    pub rows: Vec<[f64; 13]>,
+    pub rows: Vec<[f64; ranking::FEATURES]>,
     /// 1.0 when the user engaged with the candidate in validation.
     pub labels: Vec<f64>,
     /// Users that contributed rows.
@@ -192,7 +192,7 @@ mod tests {
             (x >> 11) as f64 / (1u64 << 53) as f64
         };
         for _ in 0..3_000 {
-            let mut row = [0.0; 13];
+            let mut row = [0.0; ranking::FEATURES];
             for v in row.iter_mut() {
                 *v = (next() * 20.0).round() / 20.0;
             }
@@ -215,13 +215,13 @@ mod tests {
         .expect("trains");
         let model = GbdtModel::from_lightgbm(&to_lightgbm_text(&booster)).expect("loads");
         let n = set.rows.len();
-        let mut columns = vec![0.0; n * 13];
+        let mut columns = vec![0.0; n * ranking::FEATURES];
         for (r, row) in set.rows.iter().enumerate() {
             for (c, v) in row.iter().enumerate() {
                 columns[c * n + r] = *v;
             }
         }
-        let theirs = booster.predict(&Matrix::new(&columns, n, 13), false);
+        let theirs = booster.predict(&Matrix::new(&columns, n, ranking::FEATURES), false);
         for (row, expected) in set.rows.iter().zip(theirs) {
             assert_eq!(model.predict_raw(row), expected, "{row:?}");
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use recmesh_catalog::Dataset;
+use recmesh_catalog::bundle::{BuildParams, Bundle};
 use recmesh_proto::v1 as pb;
 
 /// Retrieval and features over one training period.
@@ -28,16 +29,23 @@ pub struct Candidates {
 }
 
 impl ServedStages {
-    /// Fits retrieval and the feature store on `train`.
+    /// Fits retrieval (a bundle with the default build parameters, ALS
+    /// included) and the feature store on `train`.
     pub fn new(train: &Dataset) -> Self {
+        let bundle = Bundle::build(train, &BuildParams::default(), |_| {});
+        ServedStages::with_bundle(train, bundle)
+    }
+
+    /// Retrieval over `bundle` (built from `train`) and the feature store on `train`.
+    pub fn with_bundle(train: &Dataset, bundle: Bundle) -> Self {
         ServedStages {
-            retrieval: recmesh_retrieval::RetrievalService::new(
+            retrieval: recmesh_retrieval::RetrievalService::from_bundle(
                 recmesh_retrieval::Config {
                     // Training histories of heavy users are long; all are excluded.
                     max_exclusions: 5_000,
                     ..Default::default()
                 },
-                train,
+                bundle,
             ),
             store: recmesh_features::memory::MemoryStore::open(
                 train,
