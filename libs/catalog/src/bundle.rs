@@ -244,7 +244,8 @@ pub enum Step {
     Lists,
     /// Content vectors.
     Content,
-    /// ALS iteration `n` of the total.
+    /// ALS: `Als(0, total)` as it starts, then `Als(n, total)` after
+    /// iteration `n`.
     Als(usize, usize),
 }
 
@@ -307,6 +308,7 @@ impl Bundle {
 
         let factors = (params.als.factors > 0).then(|| {
             let (matrix, user_ids) = interaction_matrix(&catalog, &data.interactions);
+            step(Step::Als(0, params.als.iterations));
             let model = als::train_with(&matrix, catalog.len(), &params.als, |n| {
                 step(Step::Als(n, params.als.iterations));
             });

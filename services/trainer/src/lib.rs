@@ -16,11 +16,13 @@
 //! Every report names its protocol, the data fingerprint and the seed. The
 //! models are fitted on train + validation and evaluated on test; nothing is
 //! tuned yet (the validation period is kept out of test either way).
-//! Training ALS and the ranking model, and writing the model bundle, are
-//! still to come (issue #3).
+//! `recmesh-trainer bundle` trains every model on the whole dataset and
+//! publishes the model bundle the services load ([`publish`]).
 
 #![forbid(unsafe_code)]
 
+pub mod progress;
+pub mod publish;
 pub mod ranker;
 pub mod served;
 pub mod split;

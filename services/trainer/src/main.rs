@@ -192,6 +192,37 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Train every model on the whole dataset and publish the model bundle
+    /// retrieval and ranking serve (swapped in while they run): CF
+    /// neighbours, popularity and trending lists, content vectors, ALS
+    /// factors, and the ranker (learned on the validation period).
+    Bundle {
+        #[command(flatten)]
+        input: Input,
+        /// Bundle root: the bundle goes to OUT/<version>, OUT/current points
+        /// at it (the services' `bundle_dir`).
+        #[arg(long)]
+        out: PathBuf,
+        /// ALS latent factors (0: no ALS vectors, no ANN source).
+        #[arg(long, default_value_t = 64)]
+        factors: usize,
+        /// ALS iterations.
+        #[arg(long, default_value_t = 15)]
+        iterations: usize,
+        /// ALS threads.
+        #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+        threads: usize,
+        /// Leave the learned ranker out (ranking serves the baseline).
+        #[arg(long)]
+        no_ranker: bool,
+        /// Also evaluate the recipe on the per-user split and record the
+        /// served pipeline's figures in the manifest.
+        #[arg(long)]
+        eval: bool,
+        /// No progress bars or step lines (CI).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Train the ranker on the validation period, then evaluate popularity,
     /// item-CF, ALS and the served pipeline (baseline and learned ranker, MMR
     /// and exploration on and off) on test.
@@ -271,6 +302,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             let written = runtime.block_on(recmesh_features::redis::export_stream(&export))?;
             eprintln!("exported {written} events to {}", export.out.display());
+            Ok(())
+        }
+        Command::Bundle {
+            input,
+            out,
+            factors,
+            iterations,
+            threads,
+            no_ranker,
+            eval,
+            quiet,
+        } => {
+            let started = Instant::now();
+            let (data, _) = input.load()?;
+            let options = recmesh_trainer::publish::BundleOptions {
+                build: recmesh_catalog::bundle::BuildParams {
+                    als: recmesh_algo::als::AlsParams {
+                        factors,
+                        iterations,
+                        threads: threads.max(1),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                ranker: !no_ranker,
+                evaluate_k: eval.then_some(input.k),
+            };
+            let mut progress = recmesh_trainer::progress::Progress::new(quiet);
+            let mut bundle = recmesh_trainer::publish::make_bundle(&data, &options, &mut progress)?;
+            progress.start("write and publish", 0);
+            let dir = bundle.publish(&out)?;
+            let table = progress.table();
+            if !quiet {
+                eprintln!("\n{table}");
+            }
+            println!(
+                "published {} ({} items, {} users with vectors, ranker: {}) in {:.1}s",
+                dir.display(),
+                bundle.manifest.items,
+                bundle.manifest.users,
+                if bundle.ranker.is_some() {
+                    "learned"
+                } else {
+                    "baseline"
+                },
+                started.elapsed().as_secs_f64()
+            );
+            for (name, value) in &bundle.manifest.metrics {
+                println!("  {name} = {value:.4}");
+            }
             Ok(())
         }
         Command::Eval { input, seed, out } => {
