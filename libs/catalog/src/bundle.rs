@@ -151,6 +151,16 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
 }
 
+impl Manifest {
+    /// Reads `dir/manifest.json` (without checking the files).
+    pub fn read(dir: &Path) -> Result<Manifest, BundleError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read(&path).map_err(io(&path))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| corrupt(&path, format!("not a bundle manifest: {e}")))
+    }
+}
+
 /// Popularity-like lists: overall and per category id.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Lists {
@@ -464,9 +474,7 @@ impl Bundle {
     /// Reads and checks the bundle in `dir`.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join(MANIFEST);
-        let text = std::fs::read(&manifest_path).map_err(io(&manifest_path))?;
-        let manifest: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| corrupt(&manifest_path, format!("not a bundle manifest: {e}")))?;
+        let manifest = Manifest::read(dir)?;
         if manifest.format != FORMAT {
             return Err(corrupt(
                 &manifest_path,

@@ -105,6 +105,9 @@ pub enum UpError {
     /// The experiments config is invalid.
     #[error(transparent)]
     Config(#[from] recmesh_server::ConfigError),
+    /// Retrieval could not load its bundle.
+    #[error("retrieval: {0:#}")]
+    Retrieval(anyhow::Error),
     /// The feature store could not open (its event log, or Redis).
     #[error("features: {0:#}")]
     Features(anyhow::Error),
@@ -159,7 +162,10 @@ pub async fn start_stages(
         .start()
         .await?;
     retrieval.server = ports.server(1);
-    let retrieval = recmesh_retrieval::server(retrieval, data).start().await?;
+    // From `bundle_dir` when set, else built from `data`.
+    let retrieval = recmesh_retrieval::service(retrieval, || Ok(data.clone()))
+        .map_err(UpError::Retrieval)?;
+    let retrieval = recmesh_retrieval::server_for(retrieval).start().await?;
     ranking.server = ports.server(2);
     ranking.features_addr = features.grpc_uri();
     let ranking = recmesh_ranking::server(ranking)?.start().await?;

@@ -1,12 +1,14 @@
 //! `recmesh`: run the whole mesh (`up`), call it (`recommend`, `similar`,
 //! `trending`, `track`), or write demo data (`gen-data`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use recmesh::{PortPlan, client};
+use recmesh_catalog::Dataset;
+use recmesh_catalog::bundle;
 use recmesh_catalog::demo::DemoSpec;
 use recmesh_catalog::files::{DataSource, write_dir};
 use recmesh_proto::v1 as pb;
@@ -137,12 +139,19 @@ enum Command {
         /// 1000 above each. 0 picks free ports.
         #[arg(long, default_value_t = PortPlan::DEFAULT.base)]
         port: u16,
-        /// LightGBM text model for the ranking service (default: one trained
-        /// on the data's validation period at start).
+        /// LightGBM text model for the ranking service (default: the
+        /// bundle's ranker).
         #[arg(long)]
         ranking_model: Option<PathBuf>,
-        /// Serve the baseline ranking formula instead of training a model at start.
-        #[arg(long, conflicts_with = "ranking_model")]
+        /// Model bundle root to serve (`recmesh-trainer bundle --out DIR`);
+        /// bundles published there later are swapped in while the mesh
+        /// runs. Default: `bundles` in the state folder, trained at start
+        /// when it holds no bundle for this data.
+        #[arg(long, conflicts_with = "no_train")]
+        bundle: Option<PathBuf>,
+        /// Train nothing: retrieval builds CF and lists from the data at
+        /// start (no ALS) and ranking serves the baseline formula.
+        #[arg(long)]
         no_train: bool,
         /// Event log of the features service (default: `events.tsv` in
         /// --data-dir, or in a temp folder named after the demo data). Events
@@ -314,9 +323,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             ranking_model,
             no_train,
+            bundle,
             events,
             redis,
-        } => up(demo, port, ranking_model, no_train, events, redis).await,
+        } => {
+            let models = Models {
+                ranking_model,
+                bundle,
+                no_train,
+            };
+            up(demo, port, models, events, redis).await
+        }
         Command::Recommend {
             user,
             count,
@@ -537,11 +554,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Where `up` gets its models.
+#[derive(Clone)]
+struct Models {
+    ranking_model: Option<PathBuf>,
+    bundle: Option<PathBuf>,
+    no_train: bool,
+}
+
+/// Catalogs above this size get no ALS vectors from `up`: the ANN source
+/// scans every item (exact search) until the HNSW index (issue #4) lands.
+const UP_MAX_ALS_ITEMS: usize = 200_000;
+
+/// The bundle root `up` serves: `--bundle`, or `state_dir/bundles` with a
+/// bundle trained now unless one for this data is there.
+fn bundle_for_up(data: &Dataset, state_dir: &Path, models: &Models) -> anyhow::Result<PathBuf> {
+    if let Some(root) = &models.bundle {
+        let dir = bundle::current(root).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--bundle: no bundle at {}/{}; publish one with `recmesh-trainer bundle --out {}`",
+                root.display(),
+                bundle::CURRENT,
+                root.display()
+            )
+        })?;
+        eprintln!("model bundle: {}", dir.display());
+        return Ok(root.clone());
+    }
+    let root = state_dir.join("bundles");
+    let fingerprint = data.fingerprint();
+    if let Some(dir) = bundle::current(&root) {
+        match bundle::Manifest::read(&dir) {
+            Ok(m) if m.data_fingerprint == fingerprint => {
+                eprintln!("model bundle: {} (built for this data)", dir.display());
+                return Ok(root);
+            }
+            Ok(_) => eprintln!(
+                "model bundle: {} was built from other data; training a new one",
+                dir.display()
+            ),
+            Err(e) => eprintln!("model bundle: {e}; training a new one"),
+        }
+    }
+    let mut build = bundle::BuildParams::default();
+    if data.items.len() > UP_MAX_ALS_ITEMS {
+        eprintln!(
+            "model bundle: {} items: no ALS vectors (exact ANN search over more than {UP_MAX_ALS_ITEMS} items is too slow to serve)",
+            data.items.len()
+        );
+        build.als.factors = 0;
+    }
+    let options = recmesh_trainer::publish::BundleOptions {
+        build,
+        ranker: true,
+        evaluate_k: None,
+    };
+    let started = Instant::now();
+    let mut progress = recmesh_trainer::progress::Progress::new(false);
+    let mut b = recmesh_trainer::publish::make_bundle(data, &options, &mut progress)?;
+    let dir = b.publish(&root)?;
+    eprintln!(
+        "model bundle: trained and published {} ({:.1}s)",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(root)
+}
+
 async fn up(
     demo: DemoArgs,
     port: u16,
-    ranking_model: Option<PathBuf>,
-    no_train: bool,
+    models: Models,
     events: Option<PathBuf>,
     redis: Option<String>,
 ) -> anyhow::Result<()> {
@@ -584,23 +667,15 @@ async fn up(
     }
     stages.experiments.state_dir = state_dir.join("experiments").display().to_string();
     eprintln!("experiments: state in {}", stages.experiments.state_dir);
-    if let Some(model) = ranking_model {
+    if !models.no_train {
+        let (data, state, task_models) = (data.clone(), state_dir.clone(), models.clone());
+        let root = tokio::task::spawn_blocking(move || bundle_for_up(&data, &state, &task_models))
+            .await??;
+        stages.retrieval.bundle_dir = root.display().to_string();
+        stages.ranking.bundle_dir = root.display().to_string();
+    }
+    if let Some(model) = &models.ranking_model {
         stages.ranking.model_path = model.display().to_string();
-    } else if !no_train {
-        // Learn the ranker on this data's validation period, as the trainer does.
-        let trained = Instant::now();
-        let split = recmesh_trainer::Split::new(&data, recmesh_trainer::Protocol::PerUserTemporal);
-        let ranker = recmesh_trainer::train_ranker(&split)?;
-        let path = std::env::temp_dir().join(format!("recmesh-ranker-{}.txt", data.fingerprint()));
-        std::fs::write(&path, &ranker.model_text)?;
-        eprintln!(
-            "trained the ranking model on {} rows from {} users ({:.1}s): {}",
-            ranker.rows,
-            ranker.users,
-            trained.elapsed().as_secs_f64(),
-            path.display()
-        );
-        stages.ranking.model_path = path.display().to_string();
     }
     let mesh = recmesh::start(data, PortPlan { base: port }, stages, |_| {})
         .await
