@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script binary reused from a shared target
+    // directory may have been compiled for a checkout at another path.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("recmesh/v1"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
