@@ -119,7 +119,9 @@ async fn a_new_bundle_is_swapped_in_while_requests_keep_succeeding() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let versions = versions.lock().expect("lock").clone();
-    eprintln!("{ok} answered ({before} before the publish), {failed} failed; ranker versions {versions:?}");
+    eprintln!(
+        "{ok} answered ({before} before the publish), {failed} failed; ranker versions {versions:?}"
+    );
     assert!(swapped, "retrieval serves the second bundle");
     assert_eq!(failed, 0, "no request failed across the swap");
     assert!(ok > before, "requests were answered after the publish too");

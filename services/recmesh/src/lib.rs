@@ -163,8 +163,8 @@ pub async fn start_stages(
         .await?;
     retrieval.server = ports.server(1);
     // From `bundle_dir` when set, else built from `data`.
-    let retrieval = recmesh_retrieval::service(retrieval, || Ok(data.clone()))
-        .map_err(UpError::Retrieval)?;
+    let retrieval =
+        recmesh_retrieval::service(retrieval, || Ok(data.clone())).map_err(UpError::Retrieval)?;
     let retrieval = recmesh_retrieval::server_for(retrieval).start().await?;
     ranking.server = ports.server(2);
     ranking.features_addr = features.grpc_uri();

@@ -389,14 +389,6 @@ impl RetrievalService {
     }
 
     fn with_index(config: Config, index: Index, dir: Option<std::path::PathBuf>) -> Self {
-        tracing::info!(
-            items = index.catalog.len(),
-            categories = index.catalog.categories.len(),
-            als = index.factors.as_ref().map_or(0, |f| f.trained.factors),
-            version = %index.version,
-            "retrieval index ready"
-        );
-        metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => index.version.clone()).set(1.0);
         RetrievalService {
             current: Arc::new(std::sync::RwLock::new(Arc::new(index))),
             loaded: Arc::new(std::sync::Mutex::new(dir)),
@@ -841,6 +833,15 @@ impl pb::retrieval_server::Retrieval for RetrievalService {
 /// The retrieval server over `service`, ready to start or run; it watches
 /// `bundle_dir` for newer bundles while it runs.
 pub fn server_for(service: RetrievalService) -> GrpcServer {
+    let index = service.index();
+    tracing::info!(
+        items = index.catalog.len(),
+        categories = index.catalog.categories.len(),
+        als = index.factors.as_ref().map_or(0, |f| f.trained.factors),
+        version = %index.version,
+        "retrieval index ready"
+    );
+    metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => index.version.clone()).set(1.0);
     service.spawn_bundle_watch();
     GrpcServer::new("retrieval", service.config.server.clone())
         .add_service(RetrievalServer::new(service))
