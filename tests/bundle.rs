@@ -131,19 +131,3 @@ async fn a_new_bundle_is_swapped_in_while_requests_keep_succeeding() {
     t.mesh.shutdown().await.expect("shutdown");
     let _ = std::fs::remove_dir_all(&root);
 }
-
-#[tokio::test]
-async fn a_missing_bundle_is_a_config_error_naming_the_fix() {
-    let root = scratch_dir("no-bundle");
-    let config = recmesh_retrieval::Config {
-        bundle_dir: root.display().to_string(),
-        ..Default::default()
-    };
-    let err = recmesh_server::ServiceConfig::validate(&config)
-        .expect_err("no bundle")
-        .to_string();
-    assert!(
-        err.contains("bundle_dir") && err.contains("recmesh-trainer bundle --out"),
-        "{err}"
-    );
-}

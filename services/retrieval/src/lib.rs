@@ -112,19 +112,6 @@ impl ServiceConfig for Config {
             ("popular_list_len", self.popular_list_len as u64),
             ("max_exclusions", self.max_exclusions as u64),
         ])?;
-        if !self.bundle_dir.is_empty()
-            && bundle::current(std::path::Path::new(&self.bundle_dir)).is_none()
-        {
-            return Err(ConfigError::invalid(
-                "bundle_dir",
-                format!(
-                    "no bundle at {}/{}: publish one with `recmesh-trainer bundle --out {}`, or leave bundle_dir empty to build from `data`",
-                    self.bundle_dir,
-                    bundle::CURRENT,
-                    self.bundle_dir
-                ),
-            ));
-        }
         if self.default_count == 0 || self.default_count > self.max_count {
             return Err(ConfigError::invalid(
                 "default_count",
@@ -861,13 +848,16 @@ pub fn service(
     if config.bundle_dir.is_empty() {
         return Ok(RetrievalService::new(config, &data()?));
     }
-    let dir = bundle::current(std::path::Path::new(&config.bundle_dir)).ok_or_else(|| {
-        anyhow::anyhow!(
-            "bundle_dir: no bundle at {}/{}",
-            config.bundle_dir,
-            bundle::CURRENT
-        )
-    })?;
+    let Some(dir) = bundle::current(std::path::Path::new(&config.bundle_dir)) else {
+        // Before the trainer's first run (a new deployment): serve what the
+        // data gives and swap in the first bundle when it is published.
+        tracing::warn!(
+            bundle_dir = %config.bundle_dir,
+            "no bundle published yet; serving an index built from `data` (no ALS) until `recmesh-trainer bundle --out {}` publishes one",
+            config.bundle_dir
+        );
+        return Ok(RetrievalService::new(config, &data()?));
+    };
     let index = Index::from_bundle(Bundle::load(&dir)?);
     Ok(RetrievalService::with_index(config, index, Some(dir)))
 }
@@ -1139,13 +1129,20 @@ mod tests {
             std::env::temp_dir().join(format!("recmesh-retrieval-swap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let data = demo();
-        let mut first = trained(&data);
-        first.manifest.version = "v0000000000001-first".into();
-        first.publish(&root).expect("publish");
         let config = Config {
             bundle_dir: root.display().to_string(),
             ..Config::default()
         };
+        // Nothing published yet: the index is built from the data.
+        let s = super::service(config.clone(), || Ok(data.clone())).expect("service");
+        assert!(s.index().factors.is_none());
+        let mut first = trained(&data);
+        first.manifest.version = "v0000000000001-first".into();
+        first.publish(&root).expect("publish");
+        assert_eq!(
+            s.reload_if_changed().expect("first").as_deref(),
+            Some("v0000000000001-first")
+        );
         let s = super::service(config, || unreachable!("the bundle is used")).expect("service");
         assert_eq!(s.index().version(), "v0000000000001-first");
         assert_eq!(s.reload_if_changed().expect("no change"), None);
