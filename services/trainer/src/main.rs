@@ -42,8 +42,12 @@ struct Input {
     #[arg(long, default_value = "ml-100k")]
     name: String,
     /// Directory with items.tsv and interactions.tsv (default: demo data).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "parquet")]
     data: Option<PathBuf>,
+    /// Directory with items.parquet and interactions.parquet (the same
+    /// columns as the TSV files, by name).
+    #[arg(long, conflicts_with = "recbole")]
+    parquet: Option<PathBuf>,
     /// Demo data size when neither --recbole nor --data is given.
     #[arg(long, default_value_t = DemoSpec::default().interactions)]
     demo_interactions: u64,
@@ -87,10 +91,11 @@ impl Input {
             BadRows::Fail => RowPolicy::Fail,
             BadRows::Skip => RowPolicy::Skip,
         };
-        let (mut dataset, skipped) = match (&self.recbole, &self.data) {
-            (Some(dir), _) => recmesh_catalog::recbole::read_with(dir, &self.name, policy)?,
-            (None, Some(dir)) => recmesh_catalog::files::read_dir_with(dir, policy)?,
-            (None, None) => (
+        let (mut dataset, skipped) = match (&self.recbole, &self.data, &self.parquet) {
+            (Some(dir), _, _) => recmesh_catalog::recbole::read_with(dir, &self.name, policy)?,
+            (None, Some(dir), _) => recmesh_catalog::files::read_dir_with(dir, policy)?,
+            (None, None, Some(dir)) => recmesh_trainer::parquet_input::read_dir(dir, policy)?,
+            (None, None, None) => (
                 recmesh_catalog::demo::generate(&DemoSpec {
                     items: self.demo_items,
                     users: self.demo_users,
