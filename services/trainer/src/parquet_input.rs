@@ -111,8 +111,8 @@ impl Row<'_> {
             None => Ok(None),
             Some(Field::Bool(b)) => Ok(Some(*b)),
             Some(_) => match self.number(column)? {
-                Some(v) if v == 0.0 => Ok(Some(false)),
-                Some(v) if v == 1.0 => Ok(Some(true)),
+                Some(0.0) => Ok(Some(false)),
+                Some(1.0) => Ok(Some(true)),
                 _ => Err(self.error(column, "is not a boolean or 0/1")),
             },
         }
