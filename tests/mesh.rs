@@ -386,6 +386,15 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
                 report.latency_us <= report.budget_us + 50_000,
                 "{stage} {fault:?}: bounded by its budget: {report:?}"
             );
+            // Idempotent reads refused with UNAVAILABLE are retried once
+            // inside their budget; ranking and re-ranking are not.
+            let retried = report.detail.contains("retry");
+            let reads = ["assign", "features", "retrieval"].contains(&stage);
+            assert_eq!(
+                retried,
+                reads && fault == Fault::Refuse,
+                "{stage} {fault:?}: {report:?}"
+            );
             let others: Vec<_> = r
                 .stages
                 .iter()

@@ -186,9 +186,193 @@ where
     }
 }
 
+/// Retries of idempotent reads that failed in transport (`UNAVAILABLE`, or
+/// a connection dropped mid-call: a reset, an instance restarting): up to `retries` more
+/// attempts, each after a jittered exponential backoff, never past the
+/// call's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// More attempts after the first (0: off).
+    pub retries: u32,
+    /// Backoff before the first retry; doubles each time, drawn uniformly
+    /// from [backoff/2, backoff] ("equal jitter").
+    pub base_ms: u64,
+    /// Longest backoff.
+    pub cap_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        // One quick retry: enough for a reset connection or an instance that
+        // just restarted; more would only eat the budget of a dead one.
+        RetryPolicy {
+            retries: 1,
+            base_ms: 2,
+            cap_ms: 20,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff before retry `n` (0-based), with `draw` in [0, 1).
+    pub fn backoff(&self, n: u32, draw: f64) -> Duration {
+        let full = self
+            .base_ms
+            .saturating_mul(1u64 << n.min(20))
+            .min(self.cap_ms.max(self.base_ms));
+        let ms = full as f64 * (0.5 + 0.5 * draw.clamp(0.0, 1.0));
+        Duration::from_secs_f64(ms / 1_000.0)
+    }
+}
+
+/// A uniform draw in [0, 1) from the clock, for backoff jitter (spreading
+/// retries apart is all it is for).
+fn jitter_draw() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut z = u64::from(nanos).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether a call failed in transport, before the peer could act on it:
+/// `UNAVAILABLE` (refused, not connected), or `CANCELLED` before the
+/// deadline, which is how tonic reports a connection dropped mid-call
+/// ([`bounded`] turns a late `CANCELLED` into a timeout).
+pub fn is_transport(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled
+    )
+}
+
+/// [`bounded`] with retries on transport failures ([`is_transport`]) under `policy`, all inside
+/// `timeout`: a retry is made only when its backoff plus a millisecond still
+/// fits. `call` makes each attempt (so it must be repeatable: an idempotent
+/// read). Returns the outcome and how many retries were made.
+pub async fn bounded_retry<T, F, Fut>(
+    timeout: Duration,
+    policy: &RetryPolicy,
+    mut call: F,
+) -> (Result<T, CallError>, u32)
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let end = Instant::now() + timeout;
+    let mut retries = 0;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let result = bounded(left, &mut call).await;
+        match result {
+            Err(CallError::Status(status)) if is_transport(&status) && retries < policy.retries => {
+                let pause = policy.backoff(retries, jitter_draw());
+                let left = end.saturating_duration_since(Instant::now());
+                if left <= pause + Duration::from_millis(1) {
+                    return (Err(CallError::Status(status)), retries);
+                }
+                tokio::time::sleep(pause).await;
+                retries += 1;
+            }
+            other => return (other, retries),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unavailable_then_ok(
+        failures: u32,
+        calls: &std::cell::Cell<u32>,
+    ) -> impl FnMut(Duration) -> std::future::Ready<Result<tonic::Response<u32>, tonic::Status>> + '_
+    {
+        move |_| {
+            let n = calls.get();
+            calls.set(n + 1);
+            std::future::ready(if n < failures {
+                Err(tonic::Status::unavailable("connection refused"))
+            } else {
+                Ok(tonic::Response::new(n))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn unavailable_is_retried_within_the_policy_and_the_time() {
+        let policy = RetryPolicy {
+            retries: 2,
+            base_ms: 1,
+            cap_ms: 2,
+        };
+        let calls = std::cell::Cell::new(0);
+        let (r, retries) = bounded_retry(
+            Duration::from_secs(5),
+            &policy,
+            unavailable_then_ok(2, &calls),
+        )
+        .await;
+        assert_eq!((r.ok(), retries, calls.get()), (Some(2), 2, 3));
+
+        // More failures than retries: the last error comes back.
+        let calls = std::cell::Cell::new(0);
+        let (r, retries) = bounded_retry(
+            Duration::from_secs(5),
+            &policy,
+            unavailable_then_ok(9, &calls),
+        )
+        .await;
+        assert!(matches!(r, Err(CallError::Status(s)) if s.code() == tonic::Code::Unavailable));
+        assert_eq!((retries, calls.get()), (2, 3));
+
+        // No time for a backoff: no retry.
+        let calls = std::cell::Cell::new(0);
+        let slow = RetryPolicy {
+            retries: 3,
+            base_ms: 50,
+            cap_ms: 50,
+        };
+        let (r, retries) = bounded_retry(
+            Duration::from_millis(20),
+            &slow,
+            unavailable_then_ok(1, &calls),
+        )
+        .await;
+        assert!(r.is_err());
+        assert_eq!((retries, calls.get()), (0, 1));
+
+        // Other errors are not retried.
+        let calls = std::cell::Cell::new(0);
+        let (r, retries) = bounded_retry(Duration::from_secs(5), &policy, |_| {
+            calls.set(calls.get() + 1);
+            std::future::ready(Err::<tonic::Response<u32>, _>(
+                tonic::Status::invalid_argument("user_id"),
+            ))
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!((retries, calls.get()), (0, 1));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_equal_jitter() {
+        let p = RetryPolicy {
+            retries: 5,
+            base_ms: 2,
+            cap_ms: 10,
+        };
+        assert_eq!(p.backoff(0, 0.0), Duration::from_millis(1));
+        assert_eq!(p.backoff(0, 1.0), Duration::from_millis(2));
+        assert_eq!(p.backoff(1, 1.0), Duration::from_millis(4));
+        assert_eq!(p.backoff(9, 1.0), Duration::from_millis(10));
+        assert_eq!(p.backoff(9, 0.0), Duration::from_millis(5));
+        let d = jitter_draw();
+        assert!((0.0..1.0).contains(&d));
+    }
 
     #[test]
     fn budget_is_the_smaller_of_stage_and_remaining() {

@@ -159,6 +159,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "candidates lists scored, by model version",
     ),
     (
+        "recmesh_gateway_retries_total",
+        Kind::Counter,
+        "retries of idempotent stage reads after a transport failure, by stage and final outcome",
+    ),
+    (
         "recmesh_bundle_info",
         Kind::Gauge,
         "1 for the model bundle version a service serves, 0 for replaced ones",

@@ -29,6 +29,12 @@ pub struct Config {
     pub exposures: ExposureConfig,
     /// Adaptive degradation under load.
     pub adaptive: AdaptiveConfig,
+    /// Retries of the idempotent reads (assign, features, retrieval) after
+    /// a transport failure (`UNAVAILABLE`, a dropped connection), inside
+    /// each stage's budget. Ranking and re-ranking are
+    /// not retried: their requests carry every candidate, and their
+    /// fallbacks cost nothing.
+    pub retry: recmesh_mesh::RetryPolicy,
     /// The popularity lists the gateway answers from when retrieval fails.
     pub popularity: PopularityConfig,
     /// Dataset the popularity lists are seeded from at start, so the gateway
@@ -46,6 +52,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             exposures: ExposureConfig::default(),
             adaptive: AdaptiveConfig::default(),
+            retry: recmesh_mesh::RetryPolicy::default(),
             popularity: PopularityConfig::default(),
             data: DataSource::default(),
         }

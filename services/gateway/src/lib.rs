@@ -33,7 +33,9 @@ use recmesh_algo::params::VariantParams;
 use recmesh_algo::rules::{HardFilters, select};
 use recmesh_catalog::Dataset;
 use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
-use recmesh_mesh::{CallError, Deadline, bounded, lazy_channel, outgoing, request_id};
+use recmesh_mesh::{
+    CallError, Deadline, RetryPolicy, bounded, bounded_retry, lazy_channel, outgoing, request_id,
+};
 use recmesh_proto::v1::{
     self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient,
     gateway_server::GatewayServer, ranking_client::RankingClient, reranker_client::RerankerClient,
@@ -160,6 +162,39 @@ where
     F: FnOnce(Duration) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
+    report_stage(name, budget, deadline, async |given| {
+        (bounded(given, call).await, 0)
+    })
+    .await
+}
+
+/// [`run_stage`] for an idempotent read: a transport failure
+/// (`recmesh_mesh::is_transport`) is retried under
+/// `policy` inside the same budget (`call` makes each attempt).
+async fn run_stage_retrying<T, F, Fut>(
+    name: &'static str,
+    budget: Duration,
+    deadline: &Deadline,
+    policy: &RetryPolicy,
+    call: F,
+) -> (Result<T, CallError>, pb::StageReport)
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    report_stage(name, budget, deadline, async |given| {
+        bounded_retry(given, policy, call).await
+    })
+    .await
+}
+
+/// Runs `attempt` with the stage's time, then measures, traces and reports it.
+async fn report_stage<T>(
+    name: &'static str,
+    budget: Duration,
+    deadline: &Deadline,
+    attempt: impl AsyncFnOnce(Duration) -> (Result<T, CallError>, u32),
+) -> (Result<T, CallError>, pb::StageReport) {
     let given = deadline.budget(budget);
     // One span per stage, inside the request's span (which carries the
     // request id, also sent to the stage in the call's metadata).
@@ -171,7 +206,11 @@ where
         latency_us = tracing::field::Empty
     );
     let started = Instant::now();
-    let result = tracing::Instrument::instrument(bounded(given, call), span.clone()).await;
+    let (result, retries) = tracing::Instrument::instrument(attempt(given), span.clone()).await;
+    if retries > 0 {
+        metrics::counter!("recmesh_gateway_retries_total", "stage" => name, "outcome" => if result.is_ok() { "answered" } else { "failed" })
+            .increment(u64::from(retries));
+    }
     let latency = started.elapsed();
     let (outcome, label, detail) = match &result {
         Ok(_) => (pb::StageOutcome::Ok, "ok", String::new()),
@@ -186,6 +225,11 @@ where
     if !matches!(outcome, pb::StageOutcome::Ok) {
         tracing::debug!(parent: &span, %detail, "stage did not answer in time or failed");
     }
+    let detail = match (retries, detail.is_empty()) {
+        (0, _) => detail,
+        (n, true) => format!("answered after {n} retry(ies) on a transport failure"),
+        (n, false) => format!("{detail} (after {n} retry(ies))"),
+    };
     let report = pb::StageReport {
         stage: name.to_owned(),
         latency_us: latency.as_micros().min(u128::from(u32::MAX)) as u32,
@@ -439,8 +483,8 @@ impl Gateway {
         let mut stages = Vec::with_capacity(5);
 
         // 1. Assignment and user features, in parallel.
-        let mut experiments = self.clients.experiments.clone();
-        let mut features = self.clients.features.clone();
+        let experiments = &self.clients.experiments;
+        let features = &self.clients.features;
         let assign_req = pb::AssignRequest {
             user_id: q.user_id.clone(),
             context: Some(q.context.clone()),
@@ -449,15 +493,27 @@ impl Gateway {
             user_id: q.user_id.clone(),
             max_recent: 0,
         };
+        let retry = &self.config.retry;
         let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
-            run_stage(stage::ASSIGN, Budgets::ms(b.assign_ms), &deadline, |t| {
-                experiments.assign(outgoing(assign_req, t, rid))
-            }),
-            run_stage(
+            run_stage_retrying(
+                stage::ASSIGN,
+                Budgets::ms(b.assign_ms),
+                &deadline,
+                retry,
+                |t| {
+                    let (mut c, r) = (experiments.clone(), assign_req.clone());
+                    async move { c.assign(outgoing(r, t, rid)).await }
+                }
+            ),
+            run_stage_retrying(
                 stage::FEATURES,
                 Budgets::ms(b.features_ms),
                 &deadline,
-                |t| features.get_user(outgoing(user_req, t, rid))
+                retry,
+                |t| {
+                    let (mut c, r) = (features.clone(), user_req.clone());
+                    async move { c.get_user(outgoing(r, t, rid)).await }
+                }
             ),
         );
         let (assignments, params) = match assigned {
@@ -490,7 +546,7 @@ impl Gateway {
         stages.push(user_report);
 
         // 2. Retrieval.
-        let mut retrieval = self.clients.retrieval.clone();
+        let retrieval = &self.clients.retrieval;
         let (_guard, in_flight) = InFlight::enter(&self.in_flight);
         let a = &self.config.adaptive;
         let mut count = params.candidates;
@@ -516,11 +572,17 @@ impl Gateway {
             source_weights,
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
-        let (retrieved, mut report) =
-            run_stage(stage::RETRIEVAL, Budgets::ms(budget), &deadline, |t| {
-                retrieval.retrieve(outgoing(retrieve_req, t, rid))
-            })
-            .await;
+        let (retrieved, mut report) = run_stage_retrying(
+            stage::RETRIEVAL,
+            Budgets::ms(budget),
+            &deadline,
+            retry,
+            |t| {
+                let (mut c, r) = (retrieval.clone(), retrieve_req.clone());
+                async move { c.retrieve(outgoing(r, t, rid)).await }
+            },
+        )
+        .await;
         let candidates = match retrieved {
             Ok(r) if !r.candidates.is_empty() => r.candidates,
             _ => {
@@ -735,15 +797,23 @@ impl pb::gateway_server::Gateway for Gateway {
         let mut earlier = Vec::new();
         let mut purchased = Vec::new();
         if !req.user_id.is_empty() {
-            let mut features = self.clients.features.clone();
+            let features = &self.clients.features;
             let user_req = pb::GetUserRequest {
                 user_id: req.user_id.clone(),
                 max_recent: 0,
             };
             let budget = Budgets::ms(self.config.budgets.features_ms);
-            let (user, mut report) = run_stage(stage::FEATURES, budget, &deadline, |t| {
-                features.get_user(outgoing(user_req, t, &rid))
-            })
+            let (user, mut report) = run_stage_retrying(
+                stage::FEATURES,
+                budget,
+                &deadline,
+                &self.config.retry,
+                |t| {
+                    let (mut c, r) = (features.clone(), user_req.clone());
+                    let rid = rid.as_str();
+                    async move { c.get_user(outgoing(r, t, rid)).await }
+                },
+            )
             .await;
             match user {
                 Ok(u) => purchased = u.purchased_item_ids,
