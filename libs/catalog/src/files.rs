@@ -207,14 +207,7 @@ pub fn read_dir_with(dir: &Path, policy: RowPolicy) -> Result<(Dataset, Skipped)
             Ok(())
         },
     )?;
-    interactions.sort_by_key(|e| e.timestamp_ms);
-    Ok((
-        Dataset {
-            items,
-            interactions,
-        },
-        skipped,
-    ))
+    Ok((Dataset::from_rows(items, interactions), skipped))
 }
 
 /// Reads an `items.tsv` with `policy` for malformed rows.

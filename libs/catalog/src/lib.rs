@@ -61,6 +61,16 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset from rows read in any order: interactions sorted by time
+    /// (stable, so ties keep their input order).
+    pub fn from_rows(items: Vec<Item>, mut interactions: Vec<Interaction>) -> Dataset {
+        interactions.sort_by_key(|e| e.timestamp_ms);
+        Dataset {
+            items,
+            interactions,
+        }
+    }
+
     /// A short content hash identifying this exact data (its "version").
     pub fn fingerprint(&self) -> String {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -73,7 +73,7 @@ pub fn read_with(
             })
         },
     )?;
-    let mut interactions = read_table(
+    let interactions = read_table(
         &inter_path,
         policy,
         &mut skipped,
@@ -109,14 +109,7 @@ pub fn read_with(
             })
         },
     )?;
-    interactions.sort_by_key(|e| e.timestamp_ms);
-    Ok((
-        Dataset {
-            items,
-            interactions,
-        },
-        skipped,
-    ))
+    Ok((Dataset::from_rows(items, interactions), skipped))
 }
 
 /// Reads a RecBole table, picking `wanted` columns by name (the part of the

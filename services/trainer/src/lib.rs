@@ -366,30 +366,10 @@ pub fn interaction_matrix(
     train: &recmesh_catalog::Dataset,
 ) -> (recmesh_algo::als::Csr, Vec<String>, Vec<String>) {
     let catalog = Catalog::new(train.items.clone());
-    let mut users: Vec<&str> = train.interactions.iter().map(|e| e.user.as_str()).collect();
-    users.sort_unstable();
-    users.dedup();
-    let index: HashMap<&str, u32> = users
-        .iter()
-        .enumerate()
-        .map(|(n, u)| (*u, n as u32))
-        .collect();
-    let triples: Vec<(u32, u32, f32)> = train
-        .interactions
-        .iter()
-        .filter_map(|e| {
-            Some((
-                index[e.user.as_str()],
-                catalog.index_of(&e.item)?,
-                e.kind.weight() as f32,
-            ))
-        })
-        .collect();
-    (
-        recmesh_algo::als::Csr::from_triples(users.len(), &triples),
-        users.into_iter().map(str::to_owned).collect(),
-        catalog.items.iter().map(|i| i.id.clone()).collect(),
-    )
+    let (matrix, users) =
+        recmesh_catalog::bundle::interaction_matrix(&catalog, &train.interactions);
+    let items = catalog.items.iter().map(|i| i.id.clone()).collect();
+    (matrix, users, items)
 }
 
 /// Evaluates every model on `split` at `k`; variants with `learned` rank

@@ -231,14 +231,7 @@ pub fn read_dir(dir: &Path, policy: RowPolicy) -> Result<(Dataset, Skipped), Dat
             Ok(())
         },
     )?;
-    interactions.sort_by_key(|e| e.timestamp_ms);
-    Ok((
-        Dataset {
-            items,
-            interactions,
-        },
-        skipped,
-    ))
+    Ok((Dataset::from_rows(items, interactions), skipped))
 }
 
 #[cfg(test)]
