@@ -238,15 +238,19 @@ fn jitter_draw() -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Whether a call failed in transport, before the peer could act on it:
-/// `UNAVAILABLE` (refused, not connected), or `CANCELLED` before the
-/// deadline, which is how tonic reports a connection dropped mid-call
-/// ([`bounded`] turns a late `CANCELLED` into a timeout).
+/// Whether a call failed in transport: `UNAVAILABLE` (refused, not
+/// connected, or the peer said so), `CANCELLED` before the deadline (how
+/// tonic reports a connection dropped mid-call; [`bounded`] turns a late one
+/// into a timeout), or `UNKNOWN` made by the client itself from a transport
+/// error (it carries the error as its source; a peer's `UNKNOWN` arrives as
+/// headers and has none). Seen all three for one dropped connection.
 pub fn is_transport(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled
-    )
+    use std::error::Error as _;
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        tonic::Code::Unknown => status.source().is_some(),
+        _ => false,
+    }
 }
 
 /// [`bounded`] with retries on transport failures ([`is_transport`]) under `policy`, all inside
@@ -356,6 +360,18 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert_eq!((retries, calls.get()), (0, 1));
+    }
+
+    #[test]
+    fn transport_failures_are_told_from_answers() {
+        assert!(is_transport(&tonic::Status::unavailable("refused")));
+        assert!(is_transport(&tonic::Status::cancelled("reset")));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(is_transport(&tonic::Status::from_error(Box::new(io))));
+        // A peer's UNKNOWN (no local source) and other answers are not.
+        assert!(!is_transport(&tonic::Status::unknown("handler failed")));
+        assert!(!is_transport(&tonic::Status::invalid_argument("user_id")));
+        assert!(!is_transport(&tonic::Status::not_found("item_id")));
     }
 
     #[test]
