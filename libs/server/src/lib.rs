@@ -369,6 +369,47 @@ async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>) {
 
 /// The exit code of a binary's `main`: success, or the error on one line of
 /// stderr (with its causes, no backtrace) and failure.
+/// Watches for a newer model while a service lives: every `every`, runs
+/// `reload` on a blocking thread (loading never holds a runtime worker),
+/// logs what happened to `what`, and calls `count` with the outcome
+/// (`swapped` or `refused`). `reload` returns the new version when it
+/// swapped one in. The watch ends when `alive` has no owner left but the
+/// one `reload` holds (the server has stopped).
+pub fn spawn_reload_watch<T, E>(
+    what: &'static str,
+    every: std::time::Duration,
+    alive: std::sync::Weak<T>,
+    reload: impl Fn() -> Result<Option<String>, E> + Send + Sync + 'static,
+    count: impl Fn(&'static str) + Send + 'static,
+) where
+    T: Send + Sync + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let reload = std::sync::Arc::new(reload);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if alive.strong_count() <= 1 {
+                return;
+            }
+            let attempt = reload.clone();
+            match tokio::task::spawn_blocking(move || attempt()).await {
+                Ok(Ok(Some(version))) => {
+                    count("swapped");
+                    tracing::info!(%version, "{what} swapped in");
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    count("refused");
+                    tracing::error!(error = %e, "new {what} refused; the current one keeps serving");
+                }
+                Err(e) => tracing::error!(error = %e, "{what} reload task failed"),
+            }
+        }
+    });
+}
+
 pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

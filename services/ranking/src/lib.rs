@@ -476,30 +476,17 @@ impl RankingService {
         if every == 0 || self.config.model_file().is_empty() {
             return;
         }
-        let weak = Arc::downgrade(&self.scorer);
-        // The task's clone keeps one reference to the scorer; when it holds
-        // the only one, the server has stopped and so does the task.
         let svc = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(every));
-            loop {
-                tick.tick().await;
-                if weak.strong_count() <= 1 {
-                    return;
-                }
-                match svc.reload_if_changed() {
-                    Ok(Some(version)) => {
-                        metrics::counter!("recmesh_ranking_model_reload_total", "outcome" => "swapped").increment(1);
-                        tracing::info!(%version, "ranking model swapped in");
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        metrics::counter!("recmesh_ranking_model_reload_total", "outcome" => "refused").increment(1);
-                        tracing::error!(error = %e, "new ranking model refused; the current one keeps serving");
-                    }
-                }
-            }
-        });
+        recmesh_server::spawn_reload_watch(
+            "ranking model",
+            Duration::from_millis(every),
+            Arc::downgrade(&self.scorer),
+            move || svc.reload_if_changed(),
+            |outcome| {
+                metrics::counter!("recmesh_ranking_model_reload_total", "outcome" => outcome)
+                    .increment(1);
+            },
+        );
     }
 
     fn validate(&self, req: &pb::RankRequest) -> Result<(), FieldError> {

@@ -151,7 +151,7 @@ impl Index {
             neighbours_per_item: config.neighbours_per_item,
             max_history_per_user: config.max_history_per_user,
             list_len: config.popular_list_len,
-            als: recmesh_algo::als::AlsParams {
+            als: als::AlsParams {
                 factors: 0,
                 ..Default::default()
             },
@@ -450,32 +450,17 @@ impl RetrievalService {
         if every == 0 || self.config.bundle_dir.is_empty() {
             return;
         }
-        let weak = Arc::downgrade(&self.current);
         let svc = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(every));
-            loop {
-                tick.tick().await;
-                // The task's clone holds one reference; alone, the server is gone.
-                if weak.strong_count() <= 1 {
-                    return;
-                }
-                let svc2 = svc.clone();
-                let outcome = tokio::task::spawn_blocking(move || svc2.reload_if_changed()).await;
-                match outcome {
-                    Ok(Ok(Some(version))) => {
-                        metrics::counter!("recmesh_bundle_reload_total", "service" => "retrieval", "outcome" => "swapped").increment(1);
-                        tracing::info!(%version, "retrieval bundle swapped in");
-                    }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => {
-                        metrics::counter!("recmesh_bundle_reload_total", "service" => "retrieval", "outcome" => "refused").increment(1);
-                        tracing::error!(error = %e, "new bundle refused; the current one keeps serving");
-                    }
-                    Err(e) => tracing::error!(error = %e, "bundle reload task failed"),
-                }
-            }
-        });
+        recmesh_server::spawn_reload_watch(
+            "retrieval bundle",
+            std::time::Duration::from_millis(every),
+            Arc::downgrade(&self.current),
+            move || svc.reload_if_changed(),
+            |outcome| {
+                metrics::counter!("recmesh_bundle_reload_total", "service" => "retrieval", "outcome" => outcome)
+                    .increment(1);
+            },
+        );
     }
 }
 
@@ -653,10 +638,9 @@ impl Snapshot {
                     top.into_iter().map(|(i, s)| {
                         let reason = strongest
                             .iter()
-                            .max_by(|a, b| {
-                                als::similarity(item(i), item(a.0))
-                                    .total_cmp(&als::similarity(item(i), item(b.0)))
-                            })
+                            .map(|seed| (als::similarity(item(i), item(seed.0)), seed))
+                            .max_by(|a, b| a.0.total_cmp(&b.0))
+                            .map(|(_, seed)| seed)
                             .map_or_else(
                                 || "picked for your taste".to_owned(),
                                 |&(seed, _, kind)| {

@@ -84,9 +84,28 @@ enum BadRows {
 }
 
 impl Input {
+    /// The dataset and its split (for evaluation and exports).
     fn load(&self) -> anyhow::Result<(Dataset, Split)> {
-        anyhow::ensure!((1..=1000).contains(&self.k), "--k: must be in 1..=1000");
         let started = Instant::now();
+        let dataset = self.read()?;
+        let protocol = match self.split {
+            SplitArg::PerUser => Protocol::PerUserTemporal,
+            SplitArg::Global => Protocol::GlobalTemporal,
+        };
+        let split = Split::new(&dataset, protocol);
+        eprintln!(
+            "{} items, {} interactions; {} test users ({:.1}s)",
+            dataset.items.len(),
+            dataset.interactions.len(),
+            split.test.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok((dataset, split))
+    }
+
+    /// The dataset alone (the bundle trains on all of it).
+    fn read(&self) -> anyhow::Result<Dataset> {
+        anyhow::ensure!((1..=1000).contains(&self.k), "--k: must be in 1..=1000");
         let policy = match self.bad_rows {
             BadRows::Fail => RowPolicy::Fail,
             BadRows::Skip => RowPolicy::Skip,
@@ -118,19 +137,7 @@ impl Input {
                 added.added, added.duplicates, added.unknown_items
             );
         }
-        let protocol = match self.split {
-            SplitArg::PerUser => Protocol::PerUserTemporal,
-            SplitArg::Global => Protocol::GlobalTemporal,
-        };
-        let split = Split::new(&dataset, protocol);
-        eprintln!(
-            "{} items, {} interactions; {} test users ({:.1}s)",
-            dataset.items.len(),
-            dataset.interactions.len(),
-            split.test.len(),
-            started.elapsed().as_secs_f64()
-        );
-        Ok((dataset, split))
+        Ok(dataset)
     }
 }
 
@@ -320,7 +327,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
         } => {
             let started = Instant::now();
-            let (data, _) = input.load()?;
+            let data = input.read()?;
+            eprintln!(
+                "{} items, {} interactions ({:.1}s)",
+                data.items.len(),
+                data.interactions.len(),
+                started.elapsed().as_secs_f64()
+            );
             let options = recmesh_trainer::publish::BundleOptions {
                 build: recmesh_catalog::bundle::BuildParams {
                     als: recmesh_algo::als::AlsParams {
