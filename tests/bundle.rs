@@ -47,10 +47,16 @@ async fn a_new_bundle_is_swapped_in_while_requests_keep_succeeding() {
     })
     .await;
     let retrieval_admin = t.mesh.stages.retrieval.admin_addr;
-    assert!(serving(
-        &http_get(retrieval_admin, "/metrics").await,
-        "v0000000000001-first"
-    ));
+    let metrics = http_get(retrieval_admin, "/metrics").await;
+    assert!(
+        serving(&metrics, "v0000000000001-first"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("bundle") || l.starts_with("HTTP"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
