@@ -306,7 +306,7 @@ impl EdgeIndex {
             params: Some(SearchParams {
                 hnsw_ef: Some(self.ef.max(query.limit)),
                 exact,
-                quantization: self.quantized.then(|| QuantizationSearchParams {
+                quantization: self.quantized.then_some(QuantizationSearchParams {
                     ignore: false,
                     rescore: Some(true),
                     oversampling: Some(2.0),
