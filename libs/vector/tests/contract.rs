@@ -117,16 +117,21 @@ async fn contract(index: &dyn VectorIndex) {
     let backend = index.backend();
     let reference = ExactIndex::new(DIM);
     let all = points(200);
-    reference.upsert_now(all.clone()).unwrap();
+    reference
+        .upsert_now(all.clone())
+        .expect("the backend answers");
 
     assert_eq!(
-        index.count().await.unwrap(),
+        index.count().await.expect("the backend answers"),
         0,
         "{backend}: a new index is empty"
     );
-    index.upsert(all.clone()).await.unwrap();
+    index
+        .upsert(all.clone())
+        .await
+        .expect("the backend answers");
     assert_eq!(
-        index.count().await.unwrap(),
+        index.count().await.expect("the backend answers"),
         200,
         "{backend}: count after upsert"
     );
@@ -138,9 +143,9 @@ async fn contract(index: &dyn VectorIndex) {
                 limit: 10,
                 filter,
             };
-            let want = reference.search_now(&q).unwrap();
+            let want = reference.search_now(&q).expect("the backend answers");
             assert!(!want.is_empty(), "the reference finds something for {what}");
-            let got = index.search(q.clone()).await.unwrap();
+            let got = index.search(q.clone()).await.expect("the backend answers");
             assert_same(backend, what, &got, &want);
             for h in &got {
                 assert!(
@@ -160,7 +165,7 @@ async fn contract(index: &dyn VectorIndex) {
             filter: Filter::default(),
         })
         .await
-        .unwrap();
+        .expect("the backend answers");
     assert_eq!(ids(&own), vec![17], "{backend}: nearest to itself");
 
     // Nothing passes: an empty answer, not an error.
@@ -176,7 +181,7 @@ async fn contract(index: &dyn VectorIndex) {
             },
         })
         .await
-        .unwrap();
+        .expect("the backend answers");
     assert!(
         none.is_empty(),
         "{backend}: no item of category 4 costs 0.5..=3"
@@ -185,9 +190,12 @@ async fn contract(index: &dyn VectorIndex) {
     // Upsert replaces by id: point 5 moves to point 17's place.
     let mut moved = all[5].clone();
     moved.vector = all[17].vector.iter().map(|v| v * 2.0).collect();
-    index.upsert(vec![moved]).await.unwrap();
+    index
+        .upsert(vec![moved])
+        .await
+        .expect("the backend answers");
     assert_eq!(
-        index.count().await.unwrap(),
+        index.count().await.expect("the backend answers"),
         200,
         "{backend}: replacing adds nothing"
     );
@@ -198,7 +206,7 @@ async fn contract(index: &dyn VectorIndex) {
             filter: Filter::default(),
         })
         .await
-        .unwrap();
+        .expect("the backend answers");
     let mut got = ids(&near);
     got.sort();
     assert_eq!(
@@ -230,10 +238,13 @@ async fn contract(index: &dyn VectorIndex) {
     }
     let mut bad = all[3].clone();
     bad.vector.pop();
-    let e = index.upsert(vec![all[4].clone(), bad]).await.unwrap_err();
+    let e = index
+        .upsert(vec![all[4].clone(), bad])
+        .await
+        .expect_err("a bad point is refused");
     assert!(e.to_string().contains("points[1].vector"), "{backend}: {e}");
     assert_eq!(
-        index.count().await.unwrap(),
+        index.count().await.expect("the backend answers"),
         200,
         "{backend}: a refused upsert stores nothing"
     );
@@ -245,7 +256,7 @@ async fn contract(index: &dyn VectorIndex) {
             filter: Filter::default(),
         })
         .await
-        .unwrap();
+        .expect("the backend answers");
     assert!(zero.is_empty(), "{backend}: limit 0");
 }
 
@@ -263,7 +274,8 @@ async fn exact_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_passes_the_contract() {
     let dir = scratch("contract");
-    let index = EdgeIndex::create(&dir, DIM, &HnswParams::default(), None).unwrap();
+    let index =
+        EdgeIndex::create(&dir, DIM, &HnswParams::default(), None).expect("the backend answers");
     contract(&index).await;
     drop(index);
     let _ = std::fs::remove_dir_all(&dir);
@@ -276,14 +288,17 @@ fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>
         dir: &std::path::Path,
         out: &mut std::collections::BTreeMap<String, Vec<u8>>,
     ) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
+        for e in std::fs::read_dir(dir).expect("shard dir") {
+            let p = e.expect("dir entry").path();
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
                 out.insert(
-                    p.strip_prefix(root).unwrap().display().to_string(),
-                    std::fs::read(&p).unwrap(),
+                    p.strip_prefix(root)
+                        .expect("under root")
+                        .display()
+                        .to_string(),
+                    std::fs::read(&p).expect("readable"),
                 );
             }
         }
@@ -310,16 +325,16 @@ async fn a_built_edge_graph_is_searched_and_opened_from_a_copy() {
         all.clone().into_iter(),
         |_| {},
     )
-    .unwrap();
+    .expect("the backend answers");
     let (stored, indexed) = index.counts();
     assert_eq!(stored, 2_000);
     assert_eq!(indexed, 2_000, "every vector is in the HNSW graph");
     drop(index);
     let before = snapshot(&built);
 
-    let index = EdgeIndex::open_copy(&built, &serving, params.ef).unwrap();
+    let index = EdgeIndex::open_copy(&built, &serving, params.ef).expect("the backend answers");
     let reference = ExactIndex::new(DIM);
-    reference.upsert_now(all).unwrap();
+    reference.upsert_now(all).expect("the backend answers");
     let (mut found, mut wanted) = (0, 0);
     for seed in 10_000..10_050u64 {
         for (_, filter) in filters() {
@@ -328,8 +343,8 @@ async fn a_built_edge_graph_is_searched_and_opened_from_a_copy() {
                 limit: 10,
                 filter,
             };
-            let want = ids(&reference.search_now(&q).unwrap());
-            let got = index.search(q).await.unwrap();
+            let want = ids(&reference.search_now(&q).expect("the backend answers"));
+            let got = index.search(q).await.expect("the backend answers");
             wanted += want.len();
             found += want
                 .iter()
@@ -365,7 +380,10 @@ async fn qdrant_server_passes_the_contract() {
     config.search_timeout = std::time::Duration::from_secs(2);
     let index = QdrantIndex::connect(config, DIM, &HnswParams::default())
         .await
-        .unwrap();
+        .expect("the backend answers");
     contract(&index).await;
-    index.delete_collection().await.unwrap();
+    index
+        .delete_collection()
+        .await
+        .expect("the backend answers");
 }
