@@ -28,13 +28,15 @@ use qdrant_edge::{
     Range, SearchParams, SearchRequest, UpdateOperation, ValueVariants, VectorInternal,
     VectorStructPersisted,
 };
-use qdrant_edge::{CreateIndex, FieldIndexOperations, FloatIndexParams};
+use qdrant_edge::{CreateIndex, FieldIndexOperations, FloatIndexParams, WalOptions};
 
 use crate::{
     BoxFuture, Filter, Hit, HnswParams, Point, Query, VectorError, VectorIndex, check_dim, field,
 };
 
 const BACKEND: &str = "edge";
+/// The engine's write-ahead log directory inside a shard.
+const WAL_DIR: &str = "wal";
 /// Points per update call (the engine takes ~80k points/s in batches of 10k).
 const BATCH: usize = 10_000;
 
@@ -42,15 +44,37 @@ fn err(e: impl std::fmt::Display) -> VectorError {
     VectorError::backend(BACKEND, e)
 }
 
-/// An `EdgeShard` with its dimension and search settings.
+/// An `EdgeShard` with its dimension and search settings. Clones share
+/// the shard (a search on the blocking pool holds one).
 #[derive(Debug, Clone)]
 pub struct EdgeIndex {
+    // Declared before `_owned`: a clone drops (and so flushes) the shard
+    // before it lets go of the directory.
     shard: Arc<EdgeShard>,
+    /// The private copy this index serves from, removed when the last clone
+    /// is dropped ([`EdgeIndex::open_copy`]).
+    _owned: Option<Arc<RemoveOnDrop>>,
     dim: usize,
     ef: usize,
     quantized: bool,
     path: PathBuf,
 }
+
+/// Removes a directory when dropped.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "serving copy of a vector index not removed");
+        }
+    }
+}
+
+/// Write-ahead log segments of a serving copy: it takes no updates, so
+/// 1 MiB instead of the engine's 32 MiB.
+const SERVING_WAL_BYTES: usize = 1 << 20;
 
 impl EdgeIndex {
     /// Creates an empty shard in `path` (which must not hold one).
@@ -101,6 +125,7 @@ impl EdgeIndex {
         })?;
         let index = EdgeIndex {
             shard: Arc::new(shard),
+            _owned: None,
             dim,
             ef: params.ef,
             quantized: params.quantize,
@@ -163,7 +188,23 @@ impl EdgeIndex {
 
     /// Opens the shard in `path` as it is (it writes to the directory).
     pub fn open(path: &Path, ef: usize) -> Result<Self, VectorError> {
-        let shard = EdgeShard::load(path, None)
+        let config = match EdgeConfig::load(path) {
+            Some(Ok(mut c)) => {
+                c.wal_options = Some(WalOptions {
+                    segment_capacity: SERVING_WAL_BYTES,
+                    ..WalOptions::default()
+                });
+                Some(c)
+            }
+            Some(Err(e)) => {
+                return Err(err(format!(
+                    "the shard config in {} does not read: {e}",
+                    path.display()
+                )));
+            }
+            None => None,
+        };
+        let shard = EdgeShard::load(path, config)
             .map_err(|e| err(format!("cannot open the shard in {}: {e}", path.display())))?;
         let (dim, quantized) = {
             let config = shard.config();
@@ -177,6 +218,7 @@ impl EdgeIndex {
         };
         Ok(EdgeIndex {
             shard: Arc::new(shard),
+            _owned: None,
             dim,
             ef,
             quantized,
@@ -201,17 +243,20 @@ impl EdgeIndex {
         EdgeIndex::open(to, ef)
     }
 
-    /// Creates a shard in `path` holding `points` and builds its HNSW graph:
-    /// minutes at a million items, on every core. `progress` gets the
-    /// points loaded so far, then `None` when the graph build starts.
+    /// Creates a shard in `path` holding `points`, builds its HNSW graph
+    /// (minutes at a million items, on every core), flushes it and drops
+    /// its write-ahead log, whose updates are all in the segments by then:
+    /// what is left is the finished shard to ship and [`EdgeIndex::open`].
+    /// `progress` gets the points loaded so far, then `None` when the graph
+    /// build starts. Returns the points stored and the points in a graph.
     pub fn build(
         path: &Path,
         dim: usize,
         params: &HnswParams,
         index_threshold_kb: Option<usize>,
-        points: impl ExactSizeIterator<Item = Point>,
+        points: impl Iterator<Item = Point>,
         mut progress: impl FnMut(Option<usize>),
-    ) -> Result<Self, VectorError> {
+    ) -> Result<(usize, usize), VectorError> {
         let index = EdgeIndex::create(path, dim, params, index_threshold_kb)?;
         let mut batch = Vec::with_capacity(BATCH);
         let mut done = 0;
@@ -230,7 +275,13 @@ impl EdgeIndex {
         }
         progress(None);
         index.optimize()?;
-        Ok(index)
+        let counts = index.counts();
+        // The last handle: dropping it flushes the segments.
+        drop(index);
+        let wal = path.join(WAL_DIR);
+        std::fs::remove_dir_all(&wal)
+            .map_err(|e| err(format!("cannot remove {}: {e}", wal.display())))?;
+        Ok(counts)
     }
 
     /// Builds the HNSW graph of segments above the indexing threshold
