@@ -433,6 +433,18 @@ impl Bundle {
     /// `current` at it (see the module docs); keeps the newest [`KEEP`].
     /// Returns the bundle's directory.
     pub fn publish(&mut self, root: &Path) -> Result<PathBuf, BundleError> {
+        self.publish_with(root, |_, _| Ok(BTreeMap::new()))
+    }
+
+    /// [`Bundle::publish`], with `extra` writing more parts into the new
+    /// version's directory before it is published (the vector index shard):
+    /// every file it writes is listed in the manifest with its size and
+    /// hash, and the parameters it returns are added to the manifest's.
+    pub fn publish_with(
+        &mut self,
+        root: &Path,
+        extra: impl FnOnce(&Path, &Bundle) -> Result<BTreeMap<String, serde_json::Value>, String>,
+    ) -> Result<PathBuf, BundleError> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         let version = self.manifest.version.clone();
         let tmp = root.join(format!(".tmp-{version}-{}", std::process::id()));
@@ -451,6 +463,11 @@ impl Bundle {
                     fnv1a64: format!("{:016x}", fnv1a64(&bytes)),
                 },
             );
+        }
+        let params = extra(&tmp, self).map_err(|e| corrupt(&tmp, e))?;
+        self.manifest.parameters.extend(params);
+        for (name, entry) in list_files(&tmp, &tmp)? {
+            self.manifest.files.entry(name).or_insert(entry);
         }
         let manifest = serde_json::to_vec_pretty(&self.manifest)
             .map_err(|e| corrupt(&tmp.join(MANIFEST), e.to_string()))?;
@@ -567,6 +584,67 @@ impl Bundle {
             ranker,
         })
     }
+}
+
+/// Every file under `dir` (relative to `root`, `/`-separated) with its
+/// size and hash, fsynced; the manifest itself left out.
+fn list_files(root: &Path, dir: &Path) -> Result<Vec<(String, FileEntry)>, BundleError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        if path.is_dir() {
+            out.extend(list_files(root, &path)?);
+            sync_dir(&path)?;
+            continue;
+        }
+        let name = path
+            .strip_prefix(root)
+            .map_err(|_| corrupt(&path, "outside the bundle"))?
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        if name == MANIFEST {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+        out.push((
+            name,
+            FileEntry {
+                bytes: bytes.len() as u64,
+                fnv1a64: format!("{:016x}", fnv1a64(&bytes)),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks every file the manifest lists under `prefix` (e.g. `ann/`)
+/// against its size and hash; the first that differs is named.
+pub fn check_files(dir: &Path, manifest: &Manifest, prefix: &str) -> Result<(), BundleError> {
+    for (name, entry) in manifest.files.range(prefix.to_owned()..) {
+        if !name.starts_with(prefix) {
+            break;
+        }
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let hash = format!("{:016x}", fnv1a64(&bytes));
+        if bytes.len() as u64 != entry.bytes || hash != entry.fnv1a64 {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "{} bytes with hash {hash}; the manifest says {} bytes with hash {}",
+                    bytes.len(),
+                    entry.bytes,
+                    entry.fnv1a64
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The directory `root/current` points at, if any.

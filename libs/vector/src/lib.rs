@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod edge;
 pub mod exact;
 pub mod remote;

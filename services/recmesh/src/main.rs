@@ -599,7 +599,7 @@ fn bundle_for_up(data: &Dataset, state_dir: &Path, models: &Models) -> anyhow::R
     let mut build = bundle::BuildParams::default();
     if data.items.len() > UP_MAX_ALS_ITEMS {
         eprintln!(
-            "model bundle: {} items: no ALS vectors (exact ANN search over more than {UP_MAX_ALS_ITEMS} items is too slow to serve)",
+            "model bundle: {} items: no ALS vectors (their HNSW index over more than {UP_MAX_ALS_ITEMS} items takes minutes to build; publish one with `recmesh-trainer bundle` and serve it with --bundle)",
             data.items.len()
         );
         build.als.factors = 0;
@@ -612,7 +612,7 @@ fn bundle_for_up(data: &Dataset, state_dir: &Path, models: &Models) -> anyhow::R
     let started = Instant::now();
     let mut progress = recmesh_trainer::progress::Progress::new(false);
     let mut b = recmesh_trainer::publish::make_bundle(data, &options, &mut progress)?;
-    let dir = b.publish(&root)?;
+    let dir = recmesh_trainer::publish::publish(&mut b, &root, &Default::default())?;
     eprintln!(
         "model bundle: trained and published {} ({:.1}s)",
         dir.display(),

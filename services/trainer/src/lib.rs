@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ann_bench;
 pub mod parquet_input;
 pub mod progress;
 pub mod publish;

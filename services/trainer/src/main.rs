@@ -11,6 +11,7 @@ use recmesh_catalog::Dataset;
 use recmesh_catalog::demo::DemoSpec;
 use recmesh_catalog::files::{RowPolicy, Skipped};
 use recmesh_trainer::{Protocol, Report, Split, default_variants, evaluate};
+use recmesh_vector::HnswParams;
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +74,40 @@ struct Input {
     /// column), or skip and count them.
     #[arg(long, value_enum, default_value = "fail")]
     bad_rows: BadRows,
+}
+
+/// The vector index built into the bundle (retrieval's ANN source).
+#[derive(Args, Clone, Copy)]
+struct AnnArgs {
+    /// HNSW links per node.
+    #[arg(long, default_value_t = HnswParams::default().m)]
+    ann_m: usize,
+    /// HNSW candidate list while building.
+    #[arg(long, default_value_t = HnswParams::default().ef_construct)]
+    ann_ef_construct: usize,
+    /// Keep int8-quantized vectors in RAM and the full ones on disk.
+    #[arg(long)]
+    ann_quantize: bool,
+    /// Keep the full vectors on disk (memory-mapped).
+    #[arg(long)]
+    ann_on_disk: bool,
+}
+
+impl AnnArgs {
+    fn params(&self, ef: usize) -> anyhow::Result<HnswParams> {
+        anyhow::ensure!(self.ann_m >= 4, "--ann-m: must be at least 4");
+        anyhow::ensure!(
+            self.ann_ef_construct >= 4,
+            "--ann-ef-construct: must be at least 4"
+        );
+        Ok(HnswParams {
+            m: self.ann_m,
+            ef_construct: self.ann_ef_construct,
+            ef,
+            quantize: self.ann_quantize,
+            on_disk: self.ann_on_disk,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -234,6 +269,42 @@ enum Command {
         /// No progress bars or step lines (CI).
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        ann: AnnArgs,
+    },
+    /// Measure the vector index as retrieval uses it: ALS item vectors,
+    /// real user vectors as queries, recall@k of HNSW against the exact
+    /// search, single-thread latency and QPS, filtered queries, build time,
+    /// resident memory per item (docs/ann.md).
+    AnnBench {
+        #[command(flatten)]
+        input: Input,
+        #[command(flatten)]
+        ann: AnnArgs,
+        /// Where the shard is built.
+        #[arg(long, default_value = "target/ann-bench")]
+        dir: PathBuf,
+        /// Reuse the shard already built in --dir.
+        #[arg(long)]
+        reuse: bool,
+        /// Search-time ef values to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+        ef: Vec<usize>,
+        /// User queries.
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        /// Hits per query: recall@K.
+        #[arg(long, default_value_t = 100)]
+        top: usize,
+        /// ALS latent factors.
+        #[arg(long, default_value_t = 64)]
+        factors: usize,
+        /// ALS iterations.
+        #[arg(long, default_value_t = 15)]
+        iterations: usize,
+        /// Also write the report as JSON and Markdown here (FILE.json, FILE.md).
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Train the ranker on the validation period, then evaluate popularity,
     /// item-CF, ALS and the served pipeline (baseline and learned ranker, MMR
@@ -325,7 +396,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_ranker,
             eval,
             quiet,
+            ann,
         } => {
+            let ann = ann.params(HnswParams::default().ef)?;
             let started = Instant::now();
             let data = input.read()?;
             eprintln!(
@@ -349,8 +422,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut progress = recmesh_trainer::progress::Progress::new(quiet);
             let mut bundle = recmesh_trainer::publish::make_bundle(&data, &options, &mut progress)?;
-            progress.start("write and publish", 0);
-            let dir = bundle.publish(&out)?;
+            progress.start("write, vector index, publish", 0);
+            let dir = recmesh_trainer::publish::publish(&mut bundle, &out, &ann)?;
             let table = progress.table();
             if !quiet {
                 eprintln!("\n{table}");
@@ -395,6 +468,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // The learned ranker, loadable by the ranking service (`model_path`,
                 // `recmesh up --ranking-model`).
                 std::fs::write(dir.join("ranker.txt"), &ranker.model_text)?;
+            }
+            Ok(())
+        }
+        Command::AnnBench {
+            input,
+            ann,
+            dir,
+            reuse,
+            ef,
+            queries,
+            top,
+            factors,
+            iterations,
+            report,
+        } => {
+            let data = input.read()?;
+            let opts = recmesh_trainer::ann_bench::BenchOptions {
+                dir,
+                reuse,
+                params: ann.params(ef.first().copied().unwrap_or(128))?,
+                efs: ef,
+                queries,
+                k: top,
+                als: recmesh_algo::als::AlsParams {
+                    factors,
+                    iterations,
+                    ..Default::default()
+                },
+            };
+            let r = recmesh_trainer::ann_bench::run(&data, &opts)?;
+            let md = r.markdown();
+            println!("{md}");
+            if let Some(path) = report {
+                std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&r)?)?;
+                std::fs::write(path.with_extension("md"), md)?;
             }
             Ok(())
         }

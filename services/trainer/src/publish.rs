@@ -74,3 +74,15 @@ pub fn make_bundle(
     progress.finish();
     Ok(bundle)
 }
+
+/// Publishes `bundle` under `root` with the vector index of its item
+/// vectors built in (`ann/`, see `recmesh_vector::bundle`).
+pub fn publish(
+    bundle: &mut Bundle,
+    root: &std::path::Path,
+    ann: &recmesh_vector::HnswParams,
+) -> anyhow::Result<std::path::PathBuf> {
+    Ok(bundle.publish_with(root, |tmp, b| {
+        recmesh_vector::bundle::write(tmp, b, ann, |_| {})
+    })?)
+}

@@ -1,0 +1,86 @@
+//! The vector index inside a model bundle: the trainer builds the
+//! in-process shard (HNSW graph and all) into `ann/` while it writes the
+//! bundle, and retrieval opens a private copy of it to serve.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use recmesh_catalog::bundle::{self, Bundle, Manifest};
+
+use crate::edge::EdgeIndex;
+use crate::{HnswParams, Point, VectorError};
+
+/// The shard's directory inside a bundle.
+pub const ANN_DIR: &str = "ann";
+
+/// The bundle's ALS item vectors as points, with the payload filters use.
+/// Empty when the bundle has no vectors.
+pub fn points(b: &Bundle) -> impl Iterator<Item = Point> + '_ {
+    let f = b.factors.as_ref();
+    let dim = f.map_or(0, |f| f.factors);
+    let n = if dim == 0 { 0 } else { b.catalog.len() };
+    (0..n).filter_map(move |i| {
+        let it = b.catalog.item(i as u32)?;
+        let vector = f?.items.get(i * dim..(i + 1) * dim)?.to_vec();
+        Some(Point {
+            id: i as u32,
+            vector,
+            category: b.catalog.category_of[i],
+            in_stock: it.in_stock,
+            price: it.price,
+            created_at: it.created_at,
+        })
+    })
+}
+
+/// Builds the shard of `b`'s item vectors into `dir/ann` (nothing when it
+/// has none) and returns the parameters to record in the manifest.
+/// `progress` is [`EdgeIndex::build`]'s.
+pub fn write(
+    dir: &Path,
+    b: &Bundle,
+    params: &HnswParams,
+    progress: impl FnMut(Option<usize>),
+) -> Result<BTreeMap<String, serde_json::Value>, String> {
+    let Some(f) = b.factors.as_ref().filter(|f| f.factors > 0) else {
+        return Ok(BTreeMap::new());
+    };
+    let (stored, indexed) = EdgeIndex::build(
+        &dir.join(ANN_DIR),
+        f.factors,
+        params,
+        None,
+        points(b),
+        progress,
+    )
+    .map_err(|e| format!("vector index: {e}"))?;
+    Ok(BTreeMap::from([
+        ("ann.backend".to_owned(), "edge".into()),
+        ("ann.m".to_owned(), params.m.into()),
+        ("ann.ef_construct".to_owned(), params.ef_construct.into()),
+        ("ann.quantize".to_owned(), params.quantize.into()),
+        ("ann.on_disk".to_owned(), params.on_disk.into()),
+        ("ann.points".to_owned(), stored.into()),
+        ("ann.indexed".to_owned(), indexed.into()),
+    ]))
+}
+
+/// True when the bundle in a directory with this manifest ships a shard.
+pub fn has_shard(manifest: &Manifest) -> bool {
+    let prefix = format!("{ANN_DIR}/");
+    manifest.files.keys().any(|k| k.starts_with(&prefix))
+}
+
+/// Checks the shard of the bundle in `bundle_dir` against its manifest and
+/// opens a private copy of it in `work_dir` (the bundle stays as
+/// published; the copy goes when the index does).
+pub fn open(
+    bundle_dir: &Path,
+    manifest: &Manifest,
+    work_dir: &Path,
+    ef: usize,
+) -> Result<EdgeIndex, VectorError> {
+    bundle::check_files(bundle_dir, manifest, &format!("{ANN_DIR}/"))
+        .map_err(|e| VectorError::backend("edge", e))?;
+    EdgeIndex::open_copy(&bundle_dir.join(ANN_DIR), work_dir, ef)
+}
