@@ -164,6 +164,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "retries of idempotent stage reads after a transport failure, by stage and final outcome",
     ),
     (
+        "recmesh_retrieval_source_total",
+        Kind::Counter,
+        "retrieval source runs, by source and outcome (ok, late, error, off)",
+    ),
+    (
+        "recmesh_retrieval_source_duration_seconds",
+        Kind::Histogram,
+        "latency of each retrieval source that ran, by source",
+    ),
+    (
         "recmesh_bundle_info",
         Kind::Gauge,
         "1 for the model bundle version a service serves, 0 for replaced ones",

@@ -483,6 +483,10 @@ impl VectorIndex for EdgeIndex {
         let this = self.clone();
         Box::pin(async move { blocking(move || this.search_now(&query)).await })
     }
+
+    fn search_blocking(&self, query: &Query) -> Result<Vec<Hit>, VectorError> {
+        self.search_now(query)
+    }
 }
 
 /// Runs `f` on the blocking pool.

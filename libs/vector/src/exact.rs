@@ -93,4 +93,8 @@ impl VectorIndex for ExactIndex {
     fn search(&self, query: Query) -> BoxFuture<'_, Result<Vec<Hit>, VectorError>> {
         Box::pin(async move { self.search_now(&query) })
     }
+
+    fn search_blocking(&self, query: &Query) -> Result<Vec<Hit>, VectorError> {
+        self.search_now(query)
+    }
 }

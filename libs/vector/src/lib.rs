@@ -166,6 +166,16 @@ pub trait VectorIndex: Send + Sync + fmt::Debug {
     /// The `query.limit` points most similar to `query.vector` that pass the
     /// filter, best first.
     fn search(&self, query: Query) -> BoxFuture<'_, Result<Vec<Hit>, VectorError>>;
+    /// The same search in the calling thread, for batch jobs (the trainer's
+    /// offline evaluation); a backend that only talks over the network
+    /// says so.
+    fn search_blocking(&self, query: &Query) -> Result<Vec<Hit>, VectorError> {
+        let _ = query;
+        Err(VectorError::backend(
+            self.backend(),
+            "no blocking search: this backend is only called from the async runtime",
+        ))
+    }
 }
 
 /// Checks a vector's length against the index's.

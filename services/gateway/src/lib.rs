@@ -583,6 +583,19 @@ impl Gateway {
             },
         )
         .await;
+        if let Ok(r) = &retrieved {
+            // Sources retrieval dropped (late or failed) make the answer
+            // thinner, not wrong: said in the stage report.
+            let dropped: Vec<String> = r
+                .sources
+                .iter()
+                .filter(|s| s.outcome == "late" || s.outcome == "error")
+                .map(|s| format!("{} {} ({})", s.source, s.outcome, s.detail))
+                .collect();
+            if !dropped.is_empty() {
+                report.detail = format!("sources dropped: {}", dropped.join("; "));
+            }
+        }
         let candidates = match retrieved {
             Ok(r) if !r.candidates.is_empty() => r.candidates,
             _ => {

@@ -41,6 +41,10 @@ use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind};
 use recmesh_proto::v1::{self as pb, retrieval_server::RetrievalServer};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
+use recmesh_vector::bundle as vector_bundle;
+use recmesh_vector::exact::ExactIndex;
+use recmesh_vector::remote::{QdrantConfig, QdrantIndex};
+use recmesh_vector::{Hit, VectorIndex};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -77,6 +81,67 @@ pub struct Config {
     pub max_count: u32,
     /// Most excluded ids one request may carry.
     pub max_exclusions: usize,
+    /// Budget of the `content` source inside the request, in ms (capped at
+    /// three quarters of the caller's deadline); a late answer is dropped
+    /// and reported, never waited for.
+    pub content_budget_ms: u64,
+    /// The vector index behind the `ann` source and `SimilarItems`.
+    pub ann: AnnConfig,
+}
+
+/// Which vector index serves the bundle's item vectors.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnBackend {
+    /// Qdrant's engine in process: the HNSW shard the trainer built into
+    /// the bundle (`ann/`), opened from a private copy.
+    Edge,
+    /// A scan over every item vector (exact; slow past ~100k items).
+    Exact,
+    /// A Qdrant server or cluster over gRPC (`qdrant_url`); the collection
+    /// `<qdrant_collection_prefix>-<bundle version>` is created and filled
+    /// on the first load of a bundle and reused after that.
+    Qdrant,
+}
+
+/// The vector index settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnConfig {
+    /// `edge` (default), `exact` or `qdrant`.
+    pub backend: AnnBackend,
+    /// HNSW search candidate list (`hnsw_ef`; at least the count asked).
+    pub ef: usize,
+    /// Budget of the `ann` source inside the request, in ms (capped at
+    /// three quarters of the caller's deadline); a late answer is dropped.
+    pub budget_ms: u64,
+    /// Where serving copies of bundle shards go (empty: the system's
+    /// temporary directory). Each is removed when its bundle is replaced.
+    pub work_dir: String,
+    /// Qdrant gRPC URL, e.g. `http://qdrant:6334` (backend `qdrant`).
+    pub qdrant_url: String,
+    /// File holding the Qdrant API key (empty: none).
+    pub qdrant_api_key_file: String,
+    /// Collection name prefix; the bundle version is appended.
+    pub qdrant_collection_prefix: String,
+    /// Client-side deadline of one Qdrant search, in ms.
+    pub qdrant_timeout_ms: u64,
+}
+
+impl Default for AnnConfig {
+    fn default() -> Self {
+        AnnConfig {
+            backend: AnnBackend::Edge,
+            // recall@100 ≥ 0.95 on user vectors at 1M items (docs/ann.md).
+            ef: 128,
+            budget_ms: 25,
+            work_dir: String::new(),
+            qdrant_url: String::new(),
+            qdrant_api_key_file: String::new(),
+            qdrant_collection_prefix: "recmesh-items".to_owned(),
+            qdrant_timeout_ms: 25,
+        }
+    }
 }
 
 impl Default for Config {
@@ -95,6 +160,8 @@ impl Default for Config {
             default_count: 200,
             max_count: 2_000,
             max_exclusions: 1_000,
+            content_budget_ms: 15,
+            ann: AnnConfig::default(),
         }
     }
 }
@@ -112,6 +179,26 @@ impl ServiceConfig for Config {
             ("popular_list_len", self.popular_list_len as u64),
             ("max_exclusions", self.max_exclusions as u64),
         ])?;
+        at_least_one(&[
+            ("ann.ef", self.ann.ef as u64),
+            ("ann.budget_ms", self.ann.budget_ms),
+            ("content_budget_ms", self.content_budget_ms),
+        ])?;
+        if self.ann.backend == AnnBackend::Qdrant {
+            if self.ann.qdrant_url.is_empty() {
+                return Err(ConfigError::invalid(
+                    "ann.qdrant_url",
+                    "backend `qdrant` needs the server's gRPC URL, e.g. http://qdrant:6334",
+                ));
+            }
+            at_least_one(&[("ann.qdrant_timeout_ms", self.ann.qdrant_timeout_ms)])?;
+            if self.ann.qdrant_collection_prefix.is_empty() {
+                return Err(ConfigError::invalid(
+                    "ann.qdrant_collection_prefix",
+                    "must not be empty",
+                ));
+            }
+        }
         if self.default_count == 0 || self.default_count > self.max_count {
             return Err(ConfigError::invalid(
                 "default_count",
@@ -133,6 +220,8 @@ pub struct Index {
     /// Items with no co-occurrence neighbour: what the `content` source offers.
     cold: Vec<u32>,
     factors: Option<Factors>,
+    /// The item vectors' index (present when `factors` is).
+    ann: Option<Arc<dyn VectorIndex>>,
     version: String,
 }
 
@@ -160,8 +249,45 @@ impl Index {
         Index::from_bundle(Bundle::build(data, &params, |_| {}))
     }
 
-    /// Indexes a loaded (or built) bundle.
+    /// Indexes a loaded (or built) bundle; its item vectors are searched
+    /// by an exact scan.
     pub fn from_bundle(b: Bundle) -> Self {
+        let ann = exact_index(&b);
+        Index::with_ann(b, ann)
+    }
+
+    /// Loads the bundle in `dir` and opens its vector index as `config`
+    /// says (blocking: file reads, a shard copy, or a Qdrant upload).
+    pub fn open(dir: &std::path::Path, config: &AnnConfig) -> anyhow::Result<Self> {
+        let b = Bundle::load(dir)?;
+        let ann: Option<Arc<dyn VectorIndex>> = match b.factors.as_ref().map(|f| f.factors) {
+            None | Some(0) => None,
+            Some(dim) => Some(match config.backend {
+                AnnBackend::Exact => return Ok(Index::from_bundle(b)),
+                AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) => {
+                    let root = if config.work_dir.is_empty() {
+                        std::env::temp_dir()
+                            .join(format!("recmesh-retrieval-{}", std::process::id()))
+                    } else {
+                        std::path::PathBuf::from(&config.work_dir)
+                    };
+                    let work = root.join(&b.manifest.version);
+                    Arc::new(vector_bundle::open(dir, &b.manifest, &work, config.ef)?)
+                }
+                AnnBackend::Edge => {
+                    tracing::warn!(
+                        bundle = %dir.display(),
+                        "the bundle has no vector index (ann/): its item vectors are scanned exactly; publish it again with this trainer for HNSW"
+                    );
+                    return Ok(Index::from_bundle(b));
+                }
+                AnnBackend::Qdrant => Arc::new(qdrant_index(&b, dim, config)?),
+            }),
+        };
+        Ok(Index::with_ann(b, ann))
+    }
+
+    fn with_ann(b: Bundle, ann: Option<Arc<dyn VectorIndex>>) -> Self {
         let cold = (0..b.catalog.len() as u32)
             .filter(|&i| b.neighbours[i as usize].is_empty())
             .collect();
@@ -188,8 +314,14 @@ impl Index {
             content: b.content,
             cold,
             factors,
+            ann,
             version: b.manifest.version,
         }
+    }
+
+    /// The vector index backend serving the item vectors (None: no vectors).
+    pub fn ann_backend(&self) -> Option<&'static str> {
+        self.ann.as_ref().map(|a| a.backend())
     }
 
     /// Version of the bundle served (its manifest's `version`).
@@ -206,6 +338,57 @@ impl Index {
     fn content_of(&self, i: u32) -> &[f32] {
         &self.content[i as usize * content::DIM..][..content::DIM]
     }
+}
+
+/// An exact index over the bundle's item vectors (None without vectors).
+fn exact_index(b: &Bundle) -> Option<Arc<dyn VectorIndex>> {
+    let f = b.factors.as_ref().filter(|f| f.factors > 0)?;
+    let index = ExactIndex::new(f.factors);
+    // Every point comes from the bundle with the bundle's dimension.
+    index
+        .upsert_now(vector_bundle::points(b).collect())
+        .unwrap_or_else(|e| unreachable!("bundle vectors have the bundle's dimension: {e}"));
+    Some(Arc::new(index))
+}
+
+/// The Qdrant server collection for this bundle version, created and filled
+/// when it does not hold every item yet (runs on a blocking thread).
+fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<QdrantIndex> {
+    let mut q = QdrantConfig::new(
+        &config.qdrant_url,
+        format!("{}-{}", config.qdrant_collection_prefix, b.manifest.version),
+    );
+    q.search_timeout = std::time::Duration::from_millis(config.qdrant_timeout_ms);
+    if !config.qdrant_api_key_file.is_empty() {
+        let key = std::fs::read_to_string(&config.qdrant_api_key_file).map_err(|e| {
+            anyhow::anyhow!(
+                "ann.qdrant_api_key_file: {}: {e}",
+                config.qdrant_api_key_file
+            )
+        })?;
+        q.api_key = Some(key.trim().to_owned());
+    }
+    let params = recmesh_vector::HnswParams {
+        ef: config.ef,
+        ..Default::default()
+    };
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| anyhow::anyhow!("the qdrant backend loads inside the service's runtime"))?;
+    handle.block_on(async {
+        let index = QdrantIndex::connect(q, dim, &params).await?;
+        let stored = index.count().await?;
+        let items = b.catalog.len();
+        if stored != items {
+            tracing::info!(
+                collection = index.collection(),
+                stored,
+                items,
+                "uploading item vectors to Qdrant"
+            );
+            index.upsert(vector_bundle::points(b).collect()).await?;
+        }
+        Ok::<_, anyhow::Error>(index)
+    })
 }
 
 /// Request filters after validation: the same hard filters the reranker
@@ -398,14 +581,34 @@ impl RetrievalService {
         }
     }
 
-    /// Candidates for a user; see the crate docs for the sources.
-    pub fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
-        self.snapshot().retrieve(req)
+    /// Candidates for a user (see the crate docs for the sources), the
+    /// `ann` and `content` sources within their budgets; `deadline` is what
+    /// the caller's deadline leaves.
+    pub async fn retrieve(
+        &self,
+        req: &pb::RetrieveRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<pb::RetrieveResponse, FieldError> {
+        self.snapshot().retrieve(req, deadline).await
     }
 
-    /// Neighbours of an item, topped up with its category's popular items.
-    pub fn similar(&self, req: &pb::SimilarRequest) -> Result<pb::RetrieveResponse, Status> {
-        self.snapshot().similar(req)
+    /// [`RetrievalService::retrieve`] in the calling thread with every
+    /// source run to the end (batch jobs: the trainer's evaluation).
+    pub fn retrieve_blocking(
+        &self,
+        req: &pb::RetrieveRequest,
+    ) -> Result<pb::RetrieveResponse, FieldError> {
+        self.snapshot().retrieve_blocking(req)
+    }
+
+    /// Neighbours of an item (co-occurrence, then nearest item vectors),
+    /// topped up with its category's popular items.
+    pub async fn similar(
+        &self,
+        req: &pb::SimilarRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<pb::RetrieveResponse, Status> {
+        self.snapshot().similar(req, deadline).await
     }
 
     /// Popular lists: overall or one category, optionally every category's too.
@@ -432,7 +635,15 @@ impl RetrievalService {
             }
             *loaded = Some(dir.clone());
         }
-        let index = Index::from_bundle(Bundle::load(&dir)?);
+        let index = Index::open(&dir, &self.config.ann).map_err(|e| {
+            match e.downcast::<bundle::BundleError>() {
+                Ok(b) => b,
+                Err(e) => bundle::BundleError::Corrupt {
+                    path: dir.clone(),
+                    reason: format!("{e:#}"),
+                },
+            }
+        })?;
         let version = index.version.clone();
         let old = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
@@ -461,6 +672,150 @@ impl RetrievalService {
                     .increment(1);
             },
         );
+    }
+}
+
+/// One request's sources: the in-memory ones already run, the `ann` and
+/// `content` ones as jobs.
+struct Plan<'a> {
+    count: usize,
+    weights: SourceWeights,
+    constraints: Constraints<'a>,
+    /// Anchor and CF results, in merge order, with their weights.
+    ready: Vec<(&'static str, f64, Vec<(u32, f64, String)>)>,
+    /// Popularity lists (category ones first), with their weights.
+    popular: Vec<(f64, Vec<(u32, f64, String)>)>,
+    ann: Option<AnnJob>,
+    content: Option<ContentJob>,
+    reports: Vec<pb::SourceReport>,
+}
+
+impl Plan<'_> {
+    fn ready(
+        &mut self,
+        source: &'static str,
+        weight: f64,
+        started: std::time::Instant,
+        found: Vec<(u32, f64, String)>,
+    ) {
+        self.reports.push(source_report(
+            source,
+            "ok",
+            found.len(),
+            started.elapsed(),
+            String::new(),
+        ));
+        self.ready.push((source, weight, found));
+    }
+
+    fn off(&mut self, source: &'static str, why: &str) {
+        self.reports.push(source_report(
+            source,
+            "off",
+            0,
+            std::time::Duration::ZERO,
+            why.to_owned(),
+        ));
+    }
+}
+
+/// The vector index query of one request and the seeds that explain hits.
+struct AnnJob {
+    query: recmesh_vector::Query,
+    strongest: Vec<(u32, f64, EventKind)>,
+}
+
+/// The content scan of one request: cold items like the recent ones.
+#[derive(Clone)]
+struct ContentJob {
+    index: Arc<Index>,
+    profile: Vec<f32>,
+    seen: std::collections::HashSet<u32>,
+    limit: usize,
+}
+
+impl ContentJob {
+    fn run(&self) -> Vec<(u32, f32)> {
+        let mut matches: Vec<(u32, f32)> = self
+            .index
+            .cold
+            .iter()
+            .filter(|i| !self.seen.contains(i))
+            .map(|&i| (i, als::similarity(&self.profile, self.index.content_of(i))))
+            .filter(|&(_, s)| s > 0.0)
+            .collect();
+        matches.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        matches.truncate(self.limit);
+        matches
+    }
+}
+
+/// How a budgeted source ended.
+enum Ran<T> {
+    Done(T, std::time::Duration),
+    Late(std::time::Duration),
+    Failed(String, std::time::Duration),
+}
+
+impl<T> Ran<T> {
+    fn from_result(r: Result<T, impl std::fmt::Display>, took: std::time::Duration) -> Self {
+        match r {
+            Ok(v) => Ran::Done(v, took),
+            Err(e) => Ran::Failed(e.to_string(), took),
+        }
+    }
+
+    /// Records the outcome in `reports`; the result when there is one.
+    fn report(
+        self,
+        source: &str,
+        reports: &mut Vec<pb::SourceReport>,
+        len: impl Fn(&T) -> usize,
+    ) -> Option<T> {
+        let (outcome, n, took, detail, value) = match self {
+            Ran::Done(v, took) => ("ok", len(&v), took, String::new(), Some(v)),
+            Ran::Late(budget) => (
+                "late",
+                0,
+                budget,
+                format!("no answer within its {} ms budget", budget.as_millis()),
+                None,
+            ),
+            Ran::Failed(e, took) => ("error", 0, took, e, None),
+        };
+        if outcome != "ok" {
+            tracing::warn!(source, outcome, %detail, "retrieval source dropped");
+        }
+        reports.push(source_report(source, outcome, n, took, detail));
+        value
+    }
+}
+
+/// Awaits `work` for at most `budget`.
+async fn budgeted<T, E: std::fmt::Display>(
+    budget: std::time::Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Ran<T> {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(budget, work).await {
+        Ok(r) => Ran::from_result(r, started.elapsed()),
+        Err(_) => Ran::Late(budget),
+    }
+}
+
+fn source_report(
+    source: &str,
+    outcome: &str,
+    candidates: usize,
+    took: std::time::Duration,
+    detail: String,
+) -> pb::SourceReport {
+    pb::SourceReport {
+        source: source.to_owned(),
+        outcome: outcome.to_owned(),
+        candidates: candidates.min(u32::MAX as usize) as u32,
+        latency_us: took.as_micros().min(u128::from(u32::MAX)) as u32,
+        detail,
     }
 }
 
@@ -542,27 +897,40 @@ impl Snapshot {
             .map(|&(i, s)| (i, s, "popular right now".to_owned()))
     }
 
-    /// Candidates for a user; a source of weight 0 is skipped.
-    fn retrieve(&self, req: &pb::RetrieveRequest) -> Result<pb::RetrieveResponse, FieldError> {
+    /// Validates `req` and runs the in-memory sources (anchor, CF,
+    /// popularity); the `ann` and `content` sources come back as jobs, run
+    /// under budgets by [`Snapshot::retrieve`] or inline by
+    /// [`Snapshot::retrieve_blocking`].
+    fn plan<'a>(&'a self, req: &'a pb::RetrieveRequest) -> Result<Plan<'a>, FieldError> {
         check_id("user_id", &req.user_id)?;
         let count = self.count("count", req.count)?;
         let constraints = self.constraints(&req.exclude_item_ids, req.filters.as_ref())?;
         let ctx = req.context.clone().unwrap_or_default();
         let weights = SourceWeights::from_request(&req.source_weights)?;
         let index = &self.index;
-        let mut merger = Merger::new(index, &constraints);
+        let mut plan = Plan {
+            count,
+            weights,
+            ready: Vec::new(),
+            popular: Vec::new(),
+            ann: None,
+            content: None,
+            reports: Vec::new(),
+            constraints,
+        };
 
         // An anchor the index does not know yet (a brand-new item) adds no
         // candidates rather than failing the request.
+        let started = std::time::Instant::now();
         if let Some(anchor) = index.catalog.index_of(&ctx.anchor_item_id) {
             let title = index.title(anchor).to_owned();
-            merger.add(
-                "anchor",
-                weights.anchor,
-                index.neighbours[anchor as usize]
-                    .iter()
-                    .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}"))),
-            );
+            let found: Vec<_> = index.neighbours[anchor as usize]
+                .iter()
+                .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}")))
+                .collect();
+            plan.ready("anchor", weights.anchor, started, found);
+        } else {
+            plan.off("anchor", "no anchor item in the index");
         }
 
         // Seeds: newest first, weight = event strength × 0.9^position, so the
@@ -588,57 +956,172 @@ impl Snapshot {
                 .entry(index.catalog.category_of[i as usize])
                 .or_default() += w;
         }
+        let started = std::time::Instant::now();
         let seed_list: Vec<(u32, f64)> = seeds.iter().map(|(&i, &(w, _))| (i, w)).collect();
-        let cf = cooccurrence::score_from_seeds(&index.neighbours, &seed_list, count * 2);
-        merger.add(
-            "cf",
-            weights.cf,
-            cf.into_iter().filter(|c| !seen.contains(&c.item)).map(|c| {
+        let cf: Vec<_> = cooccurrence::score_from_seeds(&index.neighbours, &seed_list, count * 2)
+            .into_iter()
+            .filter(|c| !seen.contains(&c.item))
+            .map(|c| {
                 let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
                 (
                     c.item,
                     c.score,
                     format!("because you {verb} {}", index.title(c.because_of)),
                 )
-            }),
-        );
+            })
+            .collect();
+        if seeds.is_empty() {
+            plan.off("cf", "no recent items");
+        } else {
+            plan.ready("cf", weights.cf, started, cf);
+        }
 
         // ANN: the user's trained vector, or one folded in from their recent
         // events when the bundle has not seen them.
-        if let Some(f) = index.factors.as_ref().filter(|_| weights.ann > 0.0) {
-            let folded: Vec<f32>;
-            let user = match f.user_row.get(&req.user_id) {
-                Some(&row) => Some(f.trained.user(row as usize)),
-                None if !seeds.is_empty() => {
-                    let history: Vec<(u32, f32)> = seeds
-                        .iter()
-                        .map(|(&i, &(_, kind))| (i, kind.weight() as f32))
-                        .collect();
-                    folded = f.fold.user(&f.trained.items, &history);
-                    Some(folded.as_slice())
+        match (index.factors.as_ref(), index.ann.as_ref()) {
+            _ if weights.ann <= 0.0 => plan.off("ann", "weight 0"),
+            (Some(f), Some(_)) => {
+                let user = match f.user_row.get(&req.user_id) {
+                    Some(&row) => Some(f.trained.user(row as usize).to_vec()),
+                    None if !seeds.is_empty() => {
+                        let history: Vec<(u32, f32)> = seeds
+                            .iter()
+                            .map(|(&i, &(_, kind))| (i, kind.weight() as f32))
+                            .collect();
+                        Some(f.fold.user(&f.trained.items, &history))
+                    }
+                    None => None,
+                };
+                match user {
+                    Some(vector) => {
+                        // Explained by the strongest recent items it is closest to.
+                        let mut strongest: Vec<(u32, f64, EventKind)> =
+                            seeds.iter().map(|(&i, &(w, k))| (i, w, k)).collect();
+                        strongest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                        strongest.truncate(5);
+                        plan.ann = Some(AnnJob {
+                            query: recmesh_vector::Query {
+                                vector,
+                                limit: count,
+                                // Filters are pushed into the index, so every slot is usable.
+                                filter: self.vector_filter(&plan.constraints, &seen),
+                            },
+                            strongest,
+                        });
+                    }
+                    None => plan.off("ann", "a new user with no recent items"),
                 }
-                None => None,
-            };
-            if let Some(user) = user {
-                // Filters are pushed into the scan, so every slot is usable.
-                let top = als::nearest(&f.trained.items, f.trained.factors, user, count, |i| {
-                    seen.contains(&i) || !constraints.allows(index, i)
-                });
-                // Explained by the strongest recent items it is closest to.
-                let mut strongest: Vec<(u32, f64, EventKind)> =
-                    seeds.iter().map(|(&i, &(w, k))| (i, w, k)).collect();
-                strongest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                strongest.truncate(5);
+            }
+            _ => plan.off("ann", "the bundle has no item vectors"),
+        }
+
+        // Content: cold items (no co-occurrence yet) like the recent ones.
+        if weights.content <= 0.0 {
+            plan.off("content", "weight 0");
+        } else if seeds.is_empty() || index.cold.is_empty() {
+            plan.off("content", "no recent items, or no cold items");
+        } else {
+            let profile = content::profile(
+                seeds
+                    .iter()
+                    .map(|(&i, &(w, _))| (index.content_of(i), w as f32)),
+            );
+            plan.content = Some(ContentJob {
+                index: index.clone(),
+                profile,
+                seen: seen.clone(),
+                limit: (count / 4).max(1),
+            });
+        }
+
+        // Category popularity: the browsed category, else the filter's, else
+        // the two the user engaged with most.
+        let started = std::time::Instant::now();
+        let mut categories: Vec<u32> = Vec::new();
+        if !ctx.category.is_empty() {
+            categories.push(self.category("context.category", &ctx.category)?);
+        }
+        categories.extend(plan.constraints.categories.iter().copied());
+        if categories.is_empty() {
+            let mut engaged: Vec<(u32, f64)> = engaged_categories.into_iter().collect();
+            engaged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            categories.extend(engaged.into_iter().take(2).map(|(c, _)| c));
+        }
+        let mut offered = 0;
+        for c in categories {
+            let list: Vec<_> = self
+                .popular_in(c)
+                .filter(|(i, _, _)| !seen.contains(i))
+                .collect();
+            offered += list.len();
+            plan.popular.push((weights.category, list));
+        }
+        let overall: Vec<_> = self
+            .popular_overall()
+            .filter(|(i, _, _)| !seen.contains(i))
+            .collect();
+        offered += overall.len();
+        plan.popular.push((weights.popular, overall));
+        plan.reports.push(source_report(
+            "popular",
+            "ok",
+            offered,
+            started.elapsed(),
+            String::new(),
+        ));
+        Ok(plan)
+    }
+
+    /// The request's filters and the user's recent items, for the index.
+    fn vector_filter(
+        &self,
+        c: &Constraints<'_>,
+        seen: &std::collections::HashSet<u32>,
+    ) -> recmesh_vector::Filter {
+        let mut exclude: Vec<u32> = c
+            .filters
+            .excluded
+            .iter()
+            .filter_map(|id| self.index.catalog.index_of(id))
+            .collect();
+        exclude.extend(seen.iter().copied());
+        recmesh_vector::Filter {
+            categories: c.categories.clone(),
+            in_stock_only: true,
+            min_price: c.filters.min_price,
+            max_price: c.filters.max_price,
+            created_since: None,
+            exclude,
+        }
+    }
+
+    /// Merges a plan with what its `ann` and `content` jobs returned.
+    fn finish(
+        &self,
+        mut plan: Plan<'_>,
+        ann: Option<Ran<Vec<Hit>>>,
+        content: Option<Ran<Vec<(u32, f32)>>>,
+    ) -> pb::RetrieveResponse {
+        let index = &self.index;
+        let mut merger = Merger::new(index, &plan.constraints);
+        let mut reports = Vec::new();
+        for (source, weight, found) in plan.ready.drain(..) {
+            merger.add(source, weight, found);
+        }
+        if let (Some(ran), Some(job)) = (ann, plan.ann.as_ref()) {
+            let hits = ran.report("ann", &mut reports, Vec::len);
+            if let (Some(hits), Some(f)) = (hits, index.factors.as_ref()) {
                 let item = |i: u32| {
                     &f.trained.items[i as usize * f.trained.factors..][..f.trained.factors]
                 };
                 merger.add(
                     "ann",
-                    weights.ann,
-                    top.into_iter().map(|(i, s)| {
-                        let reason = strongest
+                    plan.weights.ann,
+                    hits.into_iter().map(|h| {
+                        let reason = job
+                            .strongest
                             .iter()
-                            .map(|seed| (als::similarity(item(i), item(seed.0)), seed))
+                            .map(|seed| (als::similarity(item(h.id), item(seed.0)), seed))
                             .max_by(|a, b| a.0.total_cmp(&b.0))
                             .map(|(_, seed)| seed)
                             .map_or_else(
@@ -647,70 +1130,111 @@ impl Snapshot {
                                     format!("because you {} {}", kind.verb(), index.title(seed))
                                 },
                             );
-                        (i, f64::from(s), reason)
+                        (h.id, f64::from(h.score), reason)
                     }),
                 );
             }
         }
-
-        // Content: cold items (no co-occurrence yet) like the recent ones.
-        if weights.content > 0.0 && !seeds.is_empty() && !index.cold.is_empty() {
-            let profile = content::profile(
-                seeds
-                    .iter()
-                    .map(|(&i, &(w, _))| (index.content_of(i), w as f32)),
-            );
-            let mut matches: Vec<(u32, f32)> = index
-                .cold
+        if let Some(ran) = content {
+            if let Some(matches) = ran.report("content", &mut reports, Vec::len) {
+                merger.add(
+                    "content",
+                    plan.weights.content,
+                    matches.into_iter().map(|(i, s)| {
+                        let category = &index.catalog.categories
+                            [index.catalog.category_of[i as usize] as usize];
+                        (i, f64::from(s), format!("new in {category}"))
+                    }),
+                );
+            }
+        }
+        for (weight, list) in plan.popular.drain(..) {
+            merger.add("popular", weight, list);
+        }
+        // Merge order: anchor, cf, ann, content, popular.
+        let mut sources = std::mem::take(&mut plan.reports);
+        sources.extend(reports);
+        let order = |s: &pb::SourceReport| {
+            ["anchor", "cf", "ann", "content", "popular"]
                 .iter()
-                .filter(|i| !seen.contains(i))
-                .map(|&i| (i, als::similarity(&profile, index.content_of(i))))
-                .filter(|&(_, s)| s > 0.0)
-                .collect();
-            matches.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            matches.truncate((count / 4).max(1));
-            merger.add(
-                "content",
-                weights.content,
-                matches.into_iter().map(|(i, s)| {
-                    let category =
-                        &index.catalog.categories[index.catalog.category_of[i as usize] as usize];
-                    (i, f64::from(s), format!("new in {category}"))
-                }),
-            );
+                .position(|n| *n == s.source)
+        };
+        sources.sort_by_key(order);
+        for r in &sources {
+            metrics::counter!("recmesh_retrieval_source_total", "source" => r.source.clone(), "outcome" => r.outcome.clone()).increment(1);
+            if r.outcome != "off" {
+                metrics::histogram!("recmesh_retrieval_source_duration_seconds", "source" => r.source.clone())
+                    .record(f64::from(r.latency_us) / 1e6);
+            }
         }
-
-        // Category popularity: the browsed category, else the filter's, else
-        // the two the user engaged with most.
-        let mut categories: Vec<u32> = Vec::new();
-        if !ctx.category.is_empty() {
-            categories.push(self.category("context.category", &ctx.category)?);
-        }
-        categories.extend(constraints.categories.iter().copied());
-        if categories.is_empty() {
-            let mut engaged: Vec<(u32, f64)> = engaged_categories.into_iter().collect();
-            engaged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            categories.extend(engaged.into_iter().take(2).map(|(c, _)| c));
-        }
-        for c in categories {
-            merger.add(
-                "popular",
-                weights.category,
-                self.popular_in(c).filter(|(i, _, _)| !seen.contains(i)),
-            );
-        }
-        merger.add(
-            "popular",
-            weights.popular,
-            self.popular_overall().filter(|(i, _, _)| !seen.contains(i)),
-        );
-        Ok(pb::RetrieveResponse {
-            candidates: merger.finish(count),
+        pb::RetrieveResponse {
+            candidates: merger.finish(plan.count),
             data_version: index.version.clone(),
-        })
+            sources,
+        }
     }
 
-    fn similar(&self, req: &pb::SimilarRequest) -> Result<pb::RetrieveResponse, Status> {
+    /// Every source inline, without budgets (the trainer's evaluation).
+    fn retrieve_blocking(
+        &self,
+        req: &pb::RetrieveRequest,
+    ) -> Result<pb::RetrieveResponse, FieldError> {
+        let plan = self.plan(req)?;
+        let ann = match (plan.ann.as_ref(), self.index.ann.as_ref()) {
+            (Some(job), Some(index)) => {
+                let started = std::time::Instant::now();
+                Some(Ran::from_result(
+                    index.search_blocking(&job.query),
+                    started.elapsed(),
+                ))
+            }
+            _ => None,
+        };
+        let content = plan.content.as_ref().map(|job| {
+            let started = std::time::Instant::now();
+            let found = job.run();
+            Ran::Done(found, started.elapsed())
+        });
+        Ok(self.finish(plan, ann, content))
+    }
+
+    /// Candidates for a user: the `ann` and `content` sources run side by
+    /// side, each within its budget (capped at three quarters of what the
+    /// caller's deadline leaves); a late one is dropped and reported.
+    async fn retrieve(
+        &self,
+        req: &pb::RetrieveRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<pb::RetrieveResponse, FieldError> {
+        let plan = self.plan(req)?;
+        let cap = |ms: u64| {
+            let budget = std::time::Duration::from_millis(ms);
+            deadline.map_or(budget, |d| budget.min(d.mul_f64(0.75)))
+        };
+        let ann_budget = cap(self.config.ann.budget_ms);
+        let content_budget = cap(self.config.content_budget_ms);
+        let ann = async {
+            let (job, index) = (plan.ann.as_ref()?, self.index.ann.as_ref()?);
+            Some(budgeted(ann_budget, index.search(job.query.clone())).await)
+        };
+        let content = async {
+            let job = plan.content.clone()?;
+            let run = async move {
+                tokio::task::spawn_blocking(move || job.run())
+                    .await
+                    .map_err(|e| format!("content scan failed: {e}"))
+            };
+            Some(budgeted(content_budget, run).await)
+        };
+        let (ann, content) = tokio::join!(ann, content);
+        Ok(self.finish(plan, ann, content))
+    }
+
+    async fn similar(
+        &self,
+        req: &pb::SimilarRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<pb::RetrieveResponse, Status> {
         check_id("item_id", &req.item_id)?;
         let count = self.count("count", req.count)?;
         let mut constraints = self.constraints(&req.exclude_item_ids, req.filters.as_ref())?;
@@ -721,6 +1245,25 @@ impl Snapshot {
             .ok_or_else(|| Status::not_found(format!("item_id: unknown item `{}`", req.item_id)))?;
         constraints.filters.excluded.insert(req.item_id.as_str());
         let title = index.title(anchor).to_owned();
+        let mut reports = Vec::new();
+        // Item → items through the vector index: the anchor's own vector.
+        let ann = match (index.factors.as_ref(), index.ann.as_ref()) {
+            (Some(f), Some(ann)) => {
+                let query = recmesh_vector::Query {
+                    vector: f.trained.items[anchor as usize * f.trained.factors..]
+                        [..f.trained.factors]
+                        .to_vec(),
+                    limit: count,
+                    filter: self.vector_filter(&constraints, &[anchor].into_iter().collect()),
+                };
+                let budget = std::time::Duration::from_millis(self.config.ann.budget_ms);
+                let budget = deadline.map_or(budget, |d| budget.min(d.mul_f64(0.75)));
+                budgeted(budget, ann.search(query))
+                    .await
+                    .report("ann", &mut reports, Vec::len)
+            }
+            _ => None,
+        };
         let mut merger = Merger::new(index, &constraints);
         merger.add(
             "cf",
@@ -729,6 +1272,14 @@ impl Snapshot {
                 .iter()
                 .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}"))),
         );
+        if let Some(hits) = ann {
+            merger.add(
+                "ann",
+                0.8,
+                hits.into_iter()
+                    .map(|h| (h.id, f64::from(h.score), format!("similar to {title}"))),
+            );
+        }
         merger.add(
             "popular",
             0.5,
@@ -737,6 +1288,7 @@ impl Snapshot {
         Ok(pb::RetrieveResponse {
             candidates: merger.finish(count),
             data_version: index.version.clone(),
+            sources: reports,
         })
     }
 
@@ -767,8 +1319,18 @@ impl Snapshot {
         Ok(pb::RetrieveResponse {
             candidates: out,
             data_version: index.version.clone(),
+            sources: Vec::new(),
         })
     }
+}
+
+/// What the caller's `grpc-timeout` allows, if it sent one.
+fn caller_deadline<T>(request: &Request<T>) -> Option<std::time::Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(recmesh_server::layers::parse_grpc_timeout)
 }
 
 #[tonic::async_trait]
@@ -777,17 +1339,20 @@ impl pb::retrieval_server::Retrieval for RetrievalService {
         &self,
         request: Request<pb::RetrieveRequest>,
     ) -> Result<Response<pb::RetrieveResponse>, Status> {
-        Ok(Response::new(self.retrieve(request.get_ref())?))
+        let deadline = caller_deadline(&request);
+        Ok(Response::new(
+            RetrievalService::retrieve(self, request.get_ref(), deadline).await?,
+        ))
     }
 
     async fn similar(
         &self,
         request: Request<pb::SimilarRequest>,
     ) -> Result<Response<pb::RetrieveResponse>, Status> {
-        Ok(Response::new(RetrievalService::similar(
-            self,
-            request.get_ref(),
-        )?))
+        let deadline = caller_deadline(&request);
+        Ok(Response::new(
+            RetrievalService::similar(self, request.get_ref(), deadline).await?,
+        ))
     }
 
     async fn popular(
@@ -842,7 +1407,7 @@ pub fn service(
         );
         return Ok(RetrievalService::new(config, &data()?));
     };
-    let index = Index::from_bundle(Bundle::load(&dir)?);
+    let index = Index::open(&dir, &config.ann)?;
     Ok(RetrievalService::with_index(config, index, Some(dir)))
 }
 
@@ -896,7 +1461,7 @@ mod tests {
             count: 50,
             ..Default::default()
         };
-        let out = s.retrieve(&req).expect("ok").candidates;
+        let out = s.retrieve_blocking(&req).expect("ok").candidates;
         assert_eq!(out.len(), 50);
         assert_eq!(out[0].source, "cf", "personal candidates come first");
         assert!(
@@ -923,11 +1488,11 @@ mod tests {
             ("category".into(), 0.0),
             ("content".into(), 0.0),
         ]);
-        let out = s.retrieve(&only_cf).expect("ok").candidates;
+        let out = s.retrieve_blocking(&only_cf).expect("ok").candidates;
         assert!(!out.is_empty() && out.iter().all(|c| c.source == "cf"));
         let mut no_cf = req;
         no_cf.source_weights = HashMap::from([("cf".into(), 0.0), ("content".into(), 0.0)]);
-        let out = s.retrieve(&no_cf).expect("ok").candidates;
+        let out = s.retrieve_blocking(&no_cf).expect("ok").candidates;
         assert!(!out.is_empty() && out.iter().all(|c| c.source == "popular"));
     }
 
@@ -944,7 +1509,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let out = s.retrieve(&req).expect("ok").candidates;
+        let out = s.retrieve_blocking(&req).expect("ok").candidates;
         assert!(!out.is_empty());
         assert!(out.iter().all(|c| c.source == "popular"));
         assert!(out.iter().all(|c| {
@@ -965,26 +1530,36 @@ mod tests {
             category: "nope".into(),
             ..Default::default()
         });
-        assert_eq!(s.retrieve(&req).expect_err("bad").field, "context.category");
+        assert_eq!(
+            s.retrieve_blocking(&req).expect_err("bad").field,
+            "context.category"
+        );
         req.context = None;
         req.source_weights = HashMap::from([("vector".into(), 1.0)]);
         assert_eq!(
-            s.retrieve(&req).expect_err("bad").field,
+            s.retrieve_blocking(&req).expect_err("bad").field,
             "source_weights.vector"
         );
         req.source_weights = HashMap::from([("cf".into(), -1.0)]);
         assert_eq!(
-            s.retrieve(&req).expect_err("bad").field,
+            s.retrieve_blocking(&req).expect_err("bad").field,
             "source_weights.cf"
         );
         req.source_weights.clear();
         req.count = 1_000_000;
-        assert_eq!(s.retrieve(&req).expect_err("bad").field, "count");
-        let err = s
-            .similar(&pb::SimilarRequest {
-                item_id: "zzz".into(),
-                ..Default::default()
-            })
+        assert_eq!(s.retrieve_blocking(&req).expect_err("bad").field, "count");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let err = runtime
+            .block_on(s.similar(
+                &pb::SimilarRequest {
+                    item_id: "zzz".into(),
+                    ..Default::default()
+                },
+                None,
+            ))
             .expect_err("unknown");
         assert_eq!(err.code(), tonic::Code::NotFound);
     }
@@ -1033,7 +1608,7 @@ mod tests {
             source_weights: only("ann"),
             ..Default::default()
         };
-        let out = s.retrieve(&req).expect("ok").candidates;
+        let out = s.retrieve_blocking(&req).expect("ok").candidates;
         assert_eq!(out.len(), 30, "a trained user gets ALS candidates");
         assert!(
             out.iter()
@@ -1054,7 +1629,7 @@ mod tests {
             recent: vec![viewed(&seed)],
             ..req.clone()
         };
-        let out = s.retrieve(&fresh).expect("ok").candidates;
+        let out = s.retrieve_blocking(&fresh).expect("ok").candidates;
         assert_eq!(out.len(), 30);
         let title = &index.catalog.item(index.popular[0].0).expect("item").title;
         assert!(out.iter().all(|c| c.item_id != seed
@@ -1064,7 +1639,12 @@ mod tests {
             user_id: "never-seen".into(),
             ..req
         };
-        assert!(s.retrieve(&cold).expect("ok").candidates.is_empty());
+        assert!(
+            s.retrieve_blocking(&cold)
+                .expect("ok")
+                .candidates
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1085,7 +1665,7 @@ mod tests {
         });
         let s = RetrievalService::new(Config::default(), &data);
         let out = s
-            .retrieve(&pb::RetrieveRequest {
+            .retrieve_blocking(&pb::RetrieveRequest {
                 user_id: "u1".into(),
                 recent: vec![viewed(&seed)],
                 count: 40,
@@ -1129,11 +1709,21 @@ mod tests {
         );
         let s = super::service(config, || unreachable!("the bundle is used")).expect("service");
         assert_eq!(s.index().version(), "v0000000000001-first");
+        assert_eq!(
+            s.index().ann_backend(),
+            Some("exact"),
+            "a bundle without ann/ is scanned"
+        );
         assert_eq!(s.reload_if_changed().expect("no change"), None);
 
         let mut second = trained(&data);
         second.manifest.version = "v0000000000002-second".into();
-        let dir = second.publish(&root).expect("publish");
+        // This one with the in-process vector index built in.
+        let dir = second
+            .publish_with(&root, |tmp, b| {
+                vector_bundle::write(tmp, b, &Default::default(), |_| {})
+            })
+            .expect("publish");
         let before = s.index();
         assert_eq!(
             s.reload_if_changed().expect("swap").as_deref(),
@@ -1145,6 +1735,18 @@ mod tests {
             "a running request keeps its index"
         );
         assert_eq!(s.index().version(), "v0000000000002-second");
+        assert_eq!(s.index().ann_backend(), Some("edge"));
+        let out = s
+            .retrieve_blocking(&pb::RetrieveRequest {
+                user_id: data.interactions[0].user.clone(),
+                source_weights: only("ann"),
+                ..Default::default()
+            })
+            .expect("ok");
+        assert!(
+            out.candidates.iter().all(|c| c.source == "ann") && !out.candidates.is_empty(),
+            "the shard answers for a trained user"
+        );
 
         // A damaged third one is refused and the second keeps serving.
         let mut third = trained(&data);
@@ -1154,6 +1756,19 @@ mod tests {
         assert!(s.reload_if_changed().is_err());
         assert_eq!(s.index().version(), "v0000000000002-second");
         assert!(dir.exists());
+
+        // So is one whose vector index shard was damaged.
+        let mut fourth = trained(&data);
+        fourth.manifest.version = "v0000000000004-fourth".into();
+        let bad = fourth
+            .publish_with(&root, |tmp, b| {
+                vector_bundle::write(tmp, b, &Default::default(), |_| {})
+            })
+            .expect("publish");
+        std::fs::write(bad.join("ann/edge_config.json"), "{}").expect("damage");
+        let e = s.reload_if_changed().expect_err("refused");
+        assert!(e.to_string().contains("edge_config.json"), "{e}");
+        assert_eq!(s.index().version(), "v0000000000002-second");
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -1173,5 +1788,87 @@ mod tests {
             .filter_map(|c| c.attributes.as_ref().map(|a| a.category.clone()))
             .collect();
         assert_eq!(categories.len(), s.index().catalog.categories.len());
+    }
+
+    /// A vector index that never answers: the stand-in for a stalled
+    /// backend (a Qdrant server that stopped responding).
+    #[derive(Debug)]
+    struct Stalled(usize);
+
+    impl VectorIndex for Stalled {
+        fn backend(&self) -> &'static str {
+            "stalled"
+        }
+        fn dim(&self) -> usize {
+            self.0
+        }
+        fn upsert(
+            &self,
+            _: Vec<recmesh_vector::Point>,
+        ) -> recmesh_vector::BoxFuture<'_, Result<(), recmesh_vector::VectorError>> {
+            Box::pin(std::future::pending())
+        }
+        fn count(
+            &self,
+        ) -> recmesh_vector::BoxFuture<'_, Result<usize, recmesh_vector::VectorError>> {
+            Box::pin(std::future::pending())
+        }
+        fn search(
+            &self,
+            _: recmesh_vector::Query,
+        ) -> recmesh_vector::BoxFuture<'_, Result<Vec<Hit>, recmesh_vector::VectorError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_source_is_dropped_and_reported_not_waited_for() {
+        let data = demo();
+        let mut index = Index::from_bundle(trained(&data));
+        let dim = index.factors.as_ref().map_or(0, |f| f.trained.factors);
+        index.ann = Some(Arc::new(Stalled(dim)));
+        let config = Config {
+            ann: AnnConfig {
+                budget_ms: 30,
+                ..AnnConfig::default()
+            },
+            ..Config::default()
+        };
+        let s = RetrievalService::with_index(config, index, None);
+        let req = pb::RetrieveRequest {
+            user_id: data.interactions[0].user.clone(),
+            recent: vec![viewed(&data.interactions[0].item)],
+            ..Default::default()
+        };
+        let out = s.retrieve(&req, None).await.expect("answered");
+        assert!(!out.candidates.is_empty(), "the other sources still answer");
+        assert!(out.candidates.iter().all(|c| c.source != "ann"));
+        let ann = out
+            .sources
+            .iter()
+            .find(|r| r.source == "ann")
+            .expect("ann reported");
+        assert_eq!(ann.outcome, "late");
+        assert!(ann.detail.contains("30 ms budget"), "{}", ann.detail);
+        let cf = out
+            .sources
+            .iter()
+            .find(|r| r.source == "cf")
+            .expect("cf reported");
+        assert_eq!(cf.outcome, "ok");
+        assert!(cf.candidates > 0);
+
+        // A caller's shorter deadline shortens the budget: 8 ms leaves 6.
+        let out = s
+            .retrieve(&req, Some(std::time::Duration::from_millis(8)))
+            .await
+            .expect("answered");
+        let ann = out
+            .sources
+            .iter()
+            .find(|r| r.source == "ann")
+            .expect("ann reported");
+        assert_eq!(ann.outcome, "late");
+        assert!(ann.detail.contains("6 ms budget"), "{}", ann.detail);
     }
 }

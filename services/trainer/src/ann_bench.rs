@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use recmesh_algo::als;
 use recmesh_catalog::Dataset;
-use recmesh_catalog::bundle::{Bundle, BuildParams, Factors, Lists, Manifest};
+use recmesh_catalog::bundle::{BuildParams, Bundle, Factors, Lists, Manifest};
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
 use recmesh_vector::{Filter, HnswParams, Query, bundle as ann};
@@ -168,7 +168,8 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(opts.queries > 0, "--queries: must be at least 1");
     let catalog = recmesh_catalog::Catalog::new(data.items.clone());
     let started = Instant::now();
-    let (matrix, user_ids) = recmesh_catalog::bundle::interaction_matrix(&catalog, &data.interactions);
+    let (matrix, user_ids) =
+        recmesh_catalog::bundle::interaction_matrix(&catalog, &data.interactions);
     let model = als::train(&matrix, catalog.len(), &opts.als);
     let als_s = started.elapsed().as_secs_f64();
     eprintln!(
@@ -231,7 +232,10 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Queries: real users' vectors, spread over the user list.
     let step = (user_ids.len() / opts.queries).max(1);
-    let users: Vec<usize> = (0..user_ids.len()).step_by(step).take(opts.queries).collect();
+    let users: Vec<usize> = (0..user_ids.len())
+        .step_by(step)
+        .take(opts.queries)
+        .collect();
     let query = |u: usize, filter: Filter| Query {
         vector: model.user(u).to_vec(),
         limit: opts.k,
@@ -280,9 +284,12 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     rows.push(row);
     for &ef in &opts.efs {
         index.set_ef(ef);
-        let (row, _) = measure(&format!("qdrant-edge HNSW, ef {ef}"), &plain, Some(&truth), |q| {
-            Ok(index.search_now(q)?.iter().map(|h| h.id).collect())
-        })?;
+        let (row, _) = measure(
+            &format!("qdrant-edge HNSW, ef {ef}"),
+            &plain,
+            Some(&truth),
+            |q| Ok(index.search_now(q)?.iter().map(|h| h.id).collect()),
+        )?;
         rows.push(row);
         let (row, _) = measure(
             &format!("qdrant-edge HNSW, ef {ef}, filtered"),

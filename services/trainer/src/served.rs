@@ -65,7 +65,7 @@ impl ServedStages {
         let profile = self.store.user_features(user, 20);
         let candidates = self
             .retrieval
-            .retrieve(&pb::RetrieveRequest {
+            .retrieve_blocking(&pb::RetrieveRequest {
                 user_id: user.to_owned(),
                 recent: profile.recent.clone(),
                 count: recmesh_algo::params::VariantParams::default().candidates,
