@@ -675,6 +675,9 @@ impl RetrievalService {
     }
 }
 
+/// One source's results, best first: item, raw score, reason.
+type Found = Vec<(u32, f64, String)>;
+
 /// One request's sources: the in-memory ones already run, the `ann` and
 /// `content` ones as jobs.
 struct Plan<'a> {
@@ -682,9 +685,9 @@ struct Plan<'a> {
     weights: SourceWeights,
     constraints: Constraints<'a>,
     /// Anchor and CF results, in merge order, with their weights.
-    ready: Vec<(&'static str, f64, Vec<(u32, f64, String)>)>,
+    ready: Vec<(&'static str, f64, Found)>,
     /// Popularity lists (category ones first), with their weights.
-    popular: Vec<(f64, Vec<(u32, f64, String)>)>,
+    popular: Vec<(f64, Found)>,
     ann: Option<AnnJob>,
     content: Option<ContentJob>,
     reports: Vec<pb::SourceReport>,
@@ -1135,18 +1138,17 @@ impl Snapshot {
                 );
             }
         }
-        if let Some(ran) = content {
-            if let Some(matches) = ran.report("content", &mut reports, Vec::len) {
-                merger.add(
-                    "content",
-                    plan.weights.content,
-                    matches.into_iter().map(|(i, s)| {
-                        let category = &index.catalog.categories
-                            [index.catalog.category_of[i as usize] as usize];
-                        (i, f64::from(s), format!("new in {category}"))
-                    }),
-                );
-            }
+        if let Some(matches) = content.and_then(|ran| ran.report("content", &mut reports, Vec::len))
+        {
+            merger.add(
+                "content",
+                plan.weights.content,
+                matches.into_iter().map(|(i, s)| {
+                    let category =
+                        &index.catalog.categories[index.catalog.category_of[i as usize] as usize];
+                    (i, f64::from(s), format!("new in {category}"))
+                }),
+            );
         }
         for (weight, list) in plan.popular.drain(..) {
             merger.add("popular", weight, list);

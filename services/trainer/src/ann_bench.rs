@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use recmesh_algo::als;
 use recmesh_catalog::Dataset;
-use recmesh_catalog::bundle::{BuildParams, Bundle, Factors, Lists, Manifest};
+use recmesh_catalog::bundle::{Bundle, Factors, Lists, Manifest};
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
 use recmesh_vector::{Filter, HnswParams, Query, bundle as ann};
