@@ -126,6 +126,16 @@ pub struct FileEntry {
     pub fnv1a64: String,
 }
 
+impl FileEntry {
+    /// The entry of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        FileEntry {
+            bytes: bytes.len() as u64,
+            fnv1a64: format!("{:016x}", fnv1a64(bytes)),
+        }
+    }
+}
+
 /// What a bundle is: `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -456,19 +466,14 @@ impl Bundle {
         for (name, bytes) in self.files() {
             let path = tmp.join(name);
             write_synced(&path, &bytes)?;
-            self.manifest.files.insert(
-                name.to_owned(),
-                FileEntry {
-                    bytes: bytes.len() as u64,
-                    fnv1a64: format!("{:016x}", fnv1a64(&bytes)),
-                },
-            );
+            self.manifest
+                .files
+                .insert(name.to_owned(), FileEntry::of(&bytes));
         }
         let params = extra(&tmp, self).map_err(|e| corrupt(&tmp, e))?;
         self.manifest.parameters.extend(params);
-        for (name, entry) in list_files(&tmp, &tmp)? {
-            self.manifest.files.entry(name).or_insert(entry);
-        }
+        let extra_files = list_files(&tmp, &tmp, &self.manifest.files)?;
+        self.manifest.files.extend(extra_files);
         let manifest = serde_json::to_vec_pretty(&self.manifest)
             .map_err(|e| corrupt(&tmp.join(MANIFEST), e.to_string()))?;
         write_synced(&tmp.join(MANIFEST), &manifest)?;
@@ -506,20 +511,7 @@ impl Bundle {
             let Some(entry) = manifest.files.get(name) else {
                 return Ok(None);
             };
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let hash = format!("{:016x}", fnv1a64(&bytes));
-            if bytes.len() as u64 != entry.bytes || hash != entry.fnv1a64 {
-                return Err(corrupt(
-                    &path,
-                    format!(
-                        "{} bytes with hash {hash}; the manifest says {} bytes with hash {}",
-                        bytes.len(),
-                        entry.bytes,
-                        entry.fnv1a64
-                    ),
-                ));
-            }
-            Ok(Some(bytes))
+            read_checked(&path, entry).map(Some)
         };
         let need = |name: &str| -> Result<Vec<u8>, BundleError> {
             read(name)?.ok_or_else(|| corrupt(&dir.join(name), "missing from the manifest"))
@@ -586,14 +578,18 @@ impl Bundle {
     }
 }
 
-/// Every file under `dir` (relative to `root`, `/`-separated) with its
-/// size and hash, fsynced; the manifest itself left out.
-fn list_files(root: &Path, dir: &Path) -> Result<Vec<(String, FileEntry)>, BundleError> {
+/// Every file under `dir` (relative to `root`, `/`-separated) that is not
+/// in `known`, with its size and hash, fsynced; the manifest left out.
+fn list_files(
+    root: &Path,
+    dir: &Path,
+    known: &BTreeMap<String, FileEntry>,
+) -> Result<Vec<(String, FileEntry)>, BundleError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
         if path.is_dir() {
-            out.extend(list_files(root, &path)?);
+            out.extend(list_files(root, &path, known)?);
             sync_dir(&path)?;
             continue;
         }
@@ -604,20 +600,14 @@ fn list_files(root: &Path, dir: &Path) -> Result<Vec<(String, FileEntry)>, Bundl
             .map(|c| c.as_os_str().to_string_lossy())
             .collect::<Vec<_>>()
             .join("/");
-        if name == MANIFEST {
+        if name == MANIFEST || known.contains_key(&name) {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io(&path))?;
-        out.push((
-            name,
-            FileEntry {
-                bytes: bytes.len() as u64,
-                fnv1a64: format!("{:016x}", fnv1a64(&bytes)),
-            },
-        ));
+        out.push((name, FileEntry::of(&bytes)));
     }
     Ok(out)
 }
@@ -629,22 +619,26 @@ pub fn check_files(dir: &Path, manifest: &Manifest, prefix: &str) -> Result<(), 
         if !name.starts_with(prefix) {
             break;
         }
-        let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let hash = format!("{:016x}", fnv1a64(&bytes));
-        if bytes.len() as u64 != entry.bytes || hash != entry.fnv1a64 {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "{} bytes with hash {hash}; the manifest says {} bytes with hash {}",
-                    bytes.len(),
-                    entry.bytes,
-                    entry.fnv1a64
-                ),
-            ));
-        }
+        read_checked(&dir.join(name), entry)?;
     }
     Ok(())
+}
+
+/// Reads `path` and checks it against its manifest entry; a file that
+/// differs is named with both sizes and hashes.
+fn read_checked(path: &Path, entry: &FileEntry) -> Result<Vec<u8>, BundleError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let found = FileEntry::of(&bytes);
+    if found != *entry {
+        return Err(corrupt(
+            path,
+            format!(
+                "{} bytes with hash {}; the manifest says {} bytes with hash {}",
+                found.bytes, found.fnv1a64, entry.bytes, entry.fnv1a64
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The directory `root/current` points at, if any.

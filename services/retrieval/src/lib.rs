@@ -729,7 +729,6 @@ struct AnnJob {
 }
 
 /// The content scan of one request: cold items like the recent ones.
-#[derive(Clone)]
 struct ContentJob {
     index: Arc<Index>,
     profile: Vec<f32>,
@@ -792,6 +791,13 @@ impl<T> Ran<T> {
         reports.push(source_report(source, outcome, n, took, detail));
         value
     }
+}
+
+/// A source's budget: `ms`, capped at three quarters of what the caller's
+/// deadline leaves (the rest is for merging and the answer's way back).
+fn source_budget(ms: u64, deadline: Option<std::time::Duration>) -> std::time::Duration {
+    let budget = std::time::Duration::from_millis(ms);
+    deadline.map_or(budget, |d| budget.min(d.mul_f64(0.75)))
 }
 
 /// Awaits `work` for at most `budget`.
@@ -1208,19 +1214,16 @@ impl Snapshot {
         req: &pb::RetrieveRequest,
         deadline: Option<std::time::Duration>,
     ) -> Result<pb::RetrieveResponse, FieldError> {
-        let plan = self.plan(req)?;
-        let cap = |ms: u64| {
-            let budget = std::time::Duration::from_millis(ms);
-            deadline.map_or(budget, |d| budget.min(d.mul_f64(0.75)))
-        };
-        let ann_budget = cap(self.config.ann.budget_ms);
-        let content_budget = cap(self.config.content_budget_ms);
+        let mut plan = self.plan(req)?;
+        let ann_budget = source_budget(self.config.ann.budget_ms, deadline);
+        let content_budget = source_budget(self.config.content_budget_ms, deadline);
+        let content_job = plan.content.take();
         let ann = async {
             let (job, index) = (plan.ann.as_ref()?, self.index.ann.as_ref()?);
             Some(budgeted(ann_budget, index.search(job.query.clone())).await)
         };
         let content = async {
-            let job = plan.content.clone()?;
+            let job = content_job?;
             let run = async move {
                 tokio::task::spawn_blocking(move || job.run())
                     .await
@@ -1258,8 +1261,7 @@ impl Snapshot {
                     limit: count,
                     filter: self.vector_filter(&constraints, &[anchor].into_iter().collect()),
                 };
-                let budget = std::time::Duration::from_millis(self.config.ann.budget_ms);
-                let budget = deadline.map_or(budget, |d| budget.min(d.mul_f64(0.75)));
+                let budget = source_budget(self.config.ann.budget_ms, deadline);
                 budgeted(budget, ann.search(query))
                     .await
                     .report("ann", &mut reports, Vec::len)
