@@ -65,6 +65,7 @@ fn mmr_and_mix(weights: [u32; 2]) -> pb::Experiment {
                     ("rerank.mmr_lambda", "0.5"),
                     ("retrieval.weight.popular", "0"),
                     ("retrieval.weight.category", "0"),
+                    ("retrieval.weight.trending", "0"),
                 ],
             ),
         ],
@@ -151,8 +152,11 @@ async fn a_pushed_experiment_changes_recommendations_and_reports_results() {
             .expect("full traffic")
             .to_owned();
         *answers.entry(v.clone()).or_default() += 1;
-        *popular_items.entry(v).or_default() +=
-            r.items.iter().filter(|i| i.source == "popular").count();
+        *popular_items.entry(v).or_default() += r
+            .items
+            .iter()
+            .filter(|i| i.source == "popular" || i.source == "trending")
+            .count();
     }
     assert!(
         answers["control"] > 20 && answers["personal"] > 20,

@@ -175,7 +175,7 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn similar_items_and_trending_by_category() {
-    let mesh = TestMesh::start().await;
+    let mesh = TestMesh::start_with(|c| c.retrieval.trending_poll_ms = 50).await;
     let mut client = mesh.client().await;
     let trending = client
         .trending(pb::TrendingRequest {
@@ -190,8 +190,50 @@ async fn similar_items_and_trending_by_category() {
         trending
             .items
             .iter()
-            .all(|i| i.category == "books" && i.reasons[0] == "popular in books")
+            .all(|i| i.category == "books" && i.reasons[0] == "trending in books")
     );
+
+    // Trending follows what users do: purchases of a book outside the top
+    // five reach retrieval through the features service's event log.
+    let rising = mesh
+        .mesh
+        .data
+        .items
+        .iter()
+        .rev()
+        .find(|i| i.category == "books" && i.in_stock && !ids(&trending).contains(&i.id))
+        .expect("another book")
+        .id
+        .clone();
+    for n in 0..30 {
+        client
+            .track(pb::TrackRequest {
+                event_id: format!("rising-{n}"),
+                user_id: format!("reader-{n}"),
+                item_id: rising.clone(),
+                event_type: pb::EventType::Purchase as i32,
+                timestamp_ms: 0,
+            })
+            .await
+            .expect("tracked");
+    }
+    let waited = std::time::Instant::now();
+    let top = loop {
+        let now = client
+            .trending(pb::TrendingRequest {
+                category: "books".into(),
+                count: 5,
+            })
+            .await
+            .expect("trending")
+            .into_inner();
+        if now.items[0].item_id == rising || waited.elapsed() > Duration::from_secs(30) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(top.items[0].item_id, rising, "{:?}", ids(&top));
+    assert_eq!(top.items[0].reasons[0], "trending in books");
 
     let overall = client
         .trending(pb::TrendingRequest {
@@ -276,8 +318,11 @@ async fn a_tracked_event_changes_that_users_next_recommend() {
         .expect("answer")
         .into_inner();
     assert!(
-        before.items.iter().all(|i| i.source == "popular"),
-        "a new user starts on popularity"
+        before
+            .items
+            .iter()
+            .all(|i| i.source == "trending" || i.source == "popular"),
+        "a new user starts on trending and popular items"
     );
     // A second identical request is served from the cache...
     let again = client

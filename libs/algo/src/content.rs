@@ -41,6 +41,15 @@ pub fn vector(category: &str, brand: &str, price: f64, title: &str) -> [f32; DIM
     v
 }
 
+/// The content direction of a category alone: what a visitor who has
+/// only said which category they browse is matched on.
+pub fn category_vector(category: &str) -> [f32; DIM] {
+    let mut v = [0.0f32; DIM];
+    let h = fnv1a64(format!("category\u{1f}{category}").as_bytes());
+    v[(h % DIM as u64) as usize] = if h >> 63 == 0 { 1.0 } else { -1.0 };
+    v
+}
+
 /// The normalised weighted sum of `vectors` (a user's content profile from
 /// the items they engaged with); all zero when there are none.
 pub fn profile<'a>(vectors: impl IntoIterator<Item = (&'a [f32], f32)>) -> Vec<f32> {
@@ -63,6 +72,17 @@ mod tests {
 
     fn cos(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    #[test]
+    fn a_category_alone_matches_its_items() {
+        let books = category_vector("books");
+        let a = vector("books", "acme", 12.0, "The Rust Book");
+        let c = vector("garden", "hoe&co", 480.0, "Spade");
+        assert!((cos(&books, &books) - 1.0).abs() < 1e-6, "unit length");
+        // The category weighs 1.0 of the item's ~1.3 norm.
+        assert!(cos(&books, &a) > 0.6, "{}", cos(&books, &a));
+        assert!(cos(&books, &c).abs() < 0.3, "{}", cos(&books, &c));
     }
 
     #[test]

@@ -35,7 +35,9 @@ pub struct VariantParams {
 }
 
 /// Retrieval's sources, as `retrieval.weight.<source>` names them.
-pub const SOURCES: &[&str] = &["anchor", "cf", "category", "popular"];
+pub const SOURCES: &[&str] = &[
+    "anchor", "cf", "ann", "content", "trending", "category", "popular",
+];
 
 impl Default for VariantParams {
     fn default() -> Self {

@@ -270,6 +270,22 @@ pub enum Step {
 }
 
 impl Bundle {
+    /// The trending lists' clock: the unix second their scores are decayed
+    /// to and the half-life in seconds (bundles from before these were
+    /// recorded: their creation time and 7 days).
+    pub fn trending_clock(&self) -> (i64, f64) {
+        let p = &self.manifest.parameters;
+        let reference = p
+            .get("trending_reference_s")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(self.manifest.created_ms / 1000);
+        let half_life_days = p
+            .get("trending_half_life_days")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(7.0);
+        (reference, half_life_days * 86_400.0)
+    }
+
     /// Builds every part but the ranker from `data`; `step` hears of each
     /// step as it starts.
     pub fn build(data: &Dataset, params: &BuildParams, mut step: impl FnMut(Step)) -> Bundle {
@@ -359,6 +375,8 @@ impl Bundle {
                 "trending_half_life_days".into(),
                 params.trending_half_life_days.into(),
             ),
+            // The time the trending scores are decayed to: the newest event.
+            ("trending_reference_s".into(), now_s.into()),
             ("als.factors".into(), params.als.factors.into()),
             ("als.iterations".into(), params.als.iterations.into()),
             (

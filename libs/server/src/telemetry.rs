@@ -174,6 +174,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "latency of each retrieval source that ran, by source",
     ),
     (
+        "recmesh_retrieval_trending_events_total",
+        Kind::Counter,
+        "events from the features service's log counted into the trending lists",
+    ),
+    (
         "recmesh_bundle_info",
         Kind::Gauge,
         "1 for the model bundle version a service serves, 0 for replaced ones",

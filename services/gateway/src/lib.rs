@@ -871,7 +871,7 @@ impl pb::gateway_server::Gateway for Gateway {
         if let Some(c) = category {
             self.check_category(&self.lists(), "category", c)?;
         }
-        let popular = pb::PopularRequest {
+        let trending = pb::PopularRequest {
             category: req.category.clone(),
             count: req.count.saturating_mul(2),
             per_category: 0,
@@ -880,7 +880,7 @@ impl pb::gateway_server::Gateway for Gateway {
             .list_with_fallback(
                 deadline,
                 &rid,
-                async |c, t| c.popular(outgoing(popular, t, &rid)).await,
+                async |c, t| c.trending(outgoing(trending, t, &rid)).await,
                 ListQuery {
                     fallback_category: category,
                     count: req.count,

@@ -143,7 +143,7 @@ impl StageConfigs {
 
 /// Starts the five stage services over `data`, after validating every config.
 pub async fn start_stages(
-    data: &Dataset,
+    data: &Arc<Dataset>,
     ports: PortPlan,
     configs: StageConfigs,
 ) -> Result<Stages, UpError> {
@@ -162,9 +162,19 @@ pub async fn start_stages(
         .start()
         .await?;
     retrieval.server = ports.server(1);
-    // From `bundle_dir` when set, else built from `data`.
-    let retrieval =
-        recmesh_retrieval::service(retrieval, || Ok(data.clone())).map_err(UpError::Retrieval)?;
+    retrieval.features_addr = features.grpc_uri();
+    // From `bundle_dir` when set, else built from `data`; off the runtime's
+    // workers (file reads, a shard copy, or a Qdrant upload that blocks on
+    // the runtime).
+    let retrieval = {
+        let data = Arc::clone(data);
+        tokio::task::spawn_blocking(move || {
+            recmesh_retrieval::service(retrieval, || Ok(Dataset::clone(&data)))
+        })
+        .await
+        .map_err(|e| UpError::Retrieval(anyhow::anyhow!("loading the index: {e}")))?
+        .map_err(UpError::Retrieval)?
+    };
     let retrieval = recmesh_retrieval::server_for(retrieval).start().await?;
     ranking.server = ports.server(2);
     ranking.features_addr = features.grpc_uri();

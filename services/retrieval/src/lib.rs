@@ -32,6 +32,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use recmesh_algo::als::{self, FoldIn};
+use recmesh_algo::popularity::LiveTrending;
 use recmesh_algo::rules::{HardFilters, RuleItem};
 use recmesh_algo::{content, cooccurrence};
 use recmesh_catalog::bundle::{self, BuildParams, Bundle};
@@ -87,6 +88,13 @@ pub struct Config {
     pub content_budget_ms: u64,
     /// The vector index behind the `ann` source and `SimilarItems`.
     pub ann: AnnConfig,
+    /// The features service whose event log keeps the trending lists fresh
+    /// (empty: the bundle's lists as trained).
+    pub features_addr: String,
+    /// How often the event log is read when it has nothing new, in ms.
+    pub trending_poll_ms: u64,
+    /// Events read per call.
+    pub trending_page: u32,
 }
 
 /// Which vector index serves the bundle's item vectors.
@@ -112,6 +120,10 @@ pub struct AnnConfig {
     pub backend: AnnBackend,
     /// HNSW search candidate list (`hnsw_ef`; at least the count asked).
     pub ef: usize,
+    /// ACORN for filtered searches whose filter keeps at most this share
+    /// of the items (0: off); more selective filters are scanned exactly
+    /// (the bundle's `ann.full_scan_kb`).
+    pub acorn: f64,
     /// Budget of the `ann` source inside the request, in ms (capped at
     /// three quarters of the caller's deadline); a late answer is dropped.
     pub budget_ms: u64,
@@ -134,6 +146,8 @@ impl Default for AnnConfig {
             backend: AnnBackend::Edge,
             // recall@100 ≥ 0.95 on user vectors at 1M items (docs/ann.md).
             ef: 128,
+            // Filtered recall@100 0.57 → 0.83 at 1M items (docs/ann.md).
+            acorn: 0.4,
             budget_ms: 25,
             work_dir: String::new(),
             qdrant_url: String::new(),
@@ -162,6 +176,10 @@ impl Default for Config {
             max_exclusions: 1_000,
             content_budget_ms: 15,
             ann: AnnConfig::default(),
+            features_addr: "http://127.0.0.1:50056".into(),
+            // A trending list a second behind the events.
+            trending_poll_ms: 1_000,
+            trending_page: 1_000,
         }
     }
 }
@@ -183,7 +201,19 @@ impl ServiceConfig for Config {
             ("ann.ef", self.ann.ef as u64),
             ("ann.budget_ms", self.ann.budget_ms),
             ("content_budget_ms", self.content_budget_ms),
+            ("trending_poll_ms", self.trending_poll_ms),
+            ("trending_page", u64::from(self.trending_page)),
         ])?;
+        if !self.features_addr.is_empty() {
+            recmesh_mesh::check_address("features_addr", &self.features_addr)
+                .map_err(|e| ConfigError::invalid("features_addr", e.to_string()))?;
+        }
+        if !(0.0..=1.0).contains(&self.ann.acorn) {
+            return Err(ConfigError::invalid(
+                "ann.acorn",
+                "a share of the items in 0..=1 (0 turns ACORN off)",
+            ));
+        }
         if self.ann.backend == AnnBackend::Qdrant {
             if self.ann.qdrant_url.is_empty() {
                 return Err(ConfigError::invalid(
@@ -222,6 +252,10 @@ pub struct Index {
     factors: Option<Factors>,
     /// The item vectors' index (present when `factors` is).
     ann: Option<Arc<dyn VectorIndex>>,
+    /// The bundle's trending lists plus the events since it was trained.
+    trending: std::sync::RwLock<LiveTrending>,
+    /// Events at or before this unix second are in the bundle already.
+    trending_since_s: i64,
     version: String,
 }
 
@@ -272,7 +306,9 @@ impl Index {
                         std::path::PathBuf::from(&config.work_dir)
                     };
                     let work = root.join(&b.manifest.version);
-                    Arc::new(vector_bundle::open(dir, &b.manifest, &work, config.ef)?)
+                    let mut index = vector_bundle::open(dir, &b.manifest, &work, config.ef)?;
+                    index.set_acorn((config.acorn > 0.0).then_some(config.acorn));
+                    Arc::new(index)
                 }
                 AnnBackend::Edge => {
                     tracing::warn!(
@@ -291,6 +327,23 @@ impl Index {
         let cold = (0..b.catalog.len() as u32)
             .filter(|&i| b.neighbours[i as usize].is_empty())
             .collect();
+        let (reference_s, half_life_s) = b.trending_clock();
+        let list_len = b
+            .trending
+            .by_category
+            .values()
+            .map(Vec::len)
+            .chain([b.trending.overall.len(), 1])
+            .max()
+            .unwrap_or(1);
+        let trending = LiveTrending::new(
+            &b.trending.overall,
+            &b.trending.by_category,
+            b.catalog.len(),
+            reference_s,
+            half_life_s,
+            list_len,
+        );
         let factors = b.factors.map(|trained| Factors {
             user_row: trained
                 .user_ids
@@ -315,8 +368,36 @@ impl Index {
             cold,
             factors,
             ann,
+            trending: std::sync::RwLock::new(trending),
+            trending_since_s: reference_s,
             version: b.manifest.version,
         }
+    }
+
+    /// Counts events from the log into the trending lists (those the bundle
+    /// was trained on, and unknown items or event types, are skipped);
+    /// returns how many counted.
+    pub fn record_events(&self, events: &[pb::Event]) -> usize {
+        let mut trending = self.trending.write().unwrap_or_else(|p| p.into_inner());
+        let mut counted = 0;
+        for e in events {
+            let ts = e.timestamp_ms.div_euclid(1000);
+            let (Some(i), Some(kind)) =
+                (self.catalog.index_of(&e.item_id), event_kind(e.event_type))
+            else {
+                continue;
+            };
+            if ts <= self.trending_since_s {
+                continue;
+            }
+            trending.record(i, self.catalog.category_of[i as usize], kind.weight(), ts);
+            counted += 1;
+        }
+        counted
+    }
+
+    fn trending(&self) -> std::sync::RwLockReadGuard<'_, LiveTrending> {
+        self.trending.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The vector index backend serving the item vectors (None: no vectors).
@@ -370,6 +451,7 @@ fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<Qd
     }
     let params = recmesh_vector::HnswParams {
         ef: config.ef,
+        acorn: config.acorn,
         ..Default::default()
     };
     let handle = tokio::runtime::Handle::try_current()
@@ -421,6 +503,7 @@ struct SourceWeights {
     cf: f64,
     ann: f64,
     content: f64,
+    trending: f64,
     category: f64,
     popular: f64,
 }
@@ -432,6 +515,7 @@ impl SourceWeights {
             cf: 1.0,
             ann: 1.0,
             content: 0.5,
+            trending: 0.5,
             category: 0.6,
             popular: 0.4,
         };
@@ -445,12 +529,13 @@ impl SourceWeights {
                 "cf" => w.cf = value,
                 "ann" => w.ann = value,
                 "content" => w.content = value,
+                "trending" => w.trending = value,
                 "category" => w.category = value,
                 "popular" => w.popular = value,
                 _ => {
                     return Err(FieldError::new(
                         field,
-                        "unknown source; known: anchor, cf, ann, content, category, popular",
+                        "unknown source; known: anchor, cf, ann, content, trending, category, popular",
                     ));
                 }
             }
@@ -613,7 +698,13 @@ impl RetrievalService {
 
     /// Popular lists: overall or one category, optionally every category's too.
     pub fn popular(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
-        self.snapshot().popular(req)
+        self.snapshot().lists(req, ListKind::Popular)
+    }
+
+    /// Trending lists (the bundle's, kept fresh from the event log), as
+    /// [`RetrievalService::popular`] reads popularity.
+    pub fn trending(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
+        self.snapshot().lists(req, ListKind::Trending)
     }
 
     /// Loads the bundle `bundle_dir/current` points at if it is not the one
@@ -675,6 +766,76 @@ impl RetrievalService {
     }
 }
 
+impl RetrievalService {
+    /// Follows the features service's event log while the service lives
+    /// and counts each event into the trending lists of the index serving.
+    /// A newly swapped-in bundle starts from its own lists, so the log is
+    /// read again from its start for it (events it was trained on are
+    /// skipped). An unreachable log is retried; the lists stay as they are.
+    fn spawn_trending_feed(&self) {
+        if self.config.features_addr.is_empty() {
+            return;
+        }
+        // Validated with the config.
+        let Ok(channel) = recmesh_mesh::lazy_channel("features_addr", &self.config.features_addr)
+        else {
+            return;
+        };
+        let mut client = pb::features_client::FeaturesClient::new(channel);
+        let current = Arc::downgrade(&self.current);
+        let poll = std::time::Duration::from_millis(self.config.trending_poll_ms);
+        let page = self.config.trending_page;
+        let addr = self.config.features_addr.clone();
+        tokio::spawn(async move {
+            let (mut cursor, mut feeding, mut failing) = (String::new(), String::new(), false);
+            loop {
+                let Some(current) = current.upgrade() else {
+                    return;
+                };
+                let index = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+                drop(current);
+                if index.version != feeding {
+                    cursor.clear();
+                    feeding.clone_from(&index.version);
+                }
+                let read = client
+                    .read_log(pb::ReadLogRequest {
+                        log: pb::LogName::Events as i32,
+                        cursor: cursor.clone(),
+                        max: page,
+                    })
+                    .await;
+                match read {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if failing {
+                            tracing::info!(features_addr = %addr, "trending: event log readable again");
+                            failing = false;
+                        }
+                        let counted = index.record_events(&r.events);
+                        metrics::counter!("recmesh_retrieval_trending_events_total")
+                            .increment(counted as u64);
+                        let full = r.events.len() >= page as usize;
+                        cursor = r.next_cursor;
+                        if full {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(features_addr = %addr, error = %e.message(), code = ?e.code(),
+                                "trending: cannot read the event log; the lists stay as they are until it can be read (check the features service and its event_log.path)");
+                            failing = true;
+                        }
+                    }
+                }
+                drop(index);
+                tokio::time::sleep(poll).await;
+            }
+        });
+    }
+}
+
 /// One source's results, best first: item, raw score, reason.
 type Found = Vec<(u32, f64, String)>;
 
@@ -686,8 +847,9 @@ struct Plan<'a> {
     constraints: Constraints<'a>,
     /// Anchor and CF results, in merge order, with their weights.
     ready: Vec<(&'static str, f64, Found)>,
-    /// Popularity lists (category ones first), with their weights.
-    popular: Vec<(f64, Found)>,
+    /// Trending, then popularity lists (category ones first), with their
+    /// source and weight.
+    lists: Vec<(&'static str, f64, Found)>,
     ann: Option<AnnJob>,
     content: Option<ContentJob>,
     reports: Vec<pb::SourceReport>,
@@ -906,6 +1068,21 @@ impl Snapshot {
             .map(|&(i, s)| (i, s, "popular right now".to_owned()))
     }
 
+    fn trending_in(&self, category: u32) -> Found {
+        let name = &self.index.catalog.categories[category as usize];
+        let list = self.index.trending().in_category(category);
+        list.into_iter()
+            .map(|(i, s)| (i, s, format!("trending in {name}")))
+            .collect()
+    }
+
+    fn trending_overall(&self) -> Found {
+        let list = self.index.trending().overall();
+        list.into_iter()
+            .map(|(i, s)| (i, s, "trending now".to_owned()))
+            .collect()
+    }
+
     /// Validates `req` and runs the in-memory sources (anchor, CF,
     /// popularity); the `ann` and `content` sources come back as jobs, run
     /// under budgets by [`Snapshot::retrieve`] or inline by
@@ -921,7 +1098,7 @@ impl Snapshot {
             count,
             weights,
             ready: Vec::new(),
-            popular: Vec::new(),
+            lists: Vec::new(),
             ann: None,
             content: None,
             reports: Vec::new(),
@@ -1024,17 +1201,42 @@ impl Snapshot {
             _ => plan.off("ann", "the bundle has no item vectors"),
         }
 
-        // Content: cold items (no co-occurrence yet) like the recent ones.
+        // The categories the visitor states (browsed, filtered on), else
+        // the two they engaged with most.
+        let mut categories: Vec<u32> = Vec::new();
+        if !ctx.category.is_empty() {
+            categories.push(self.category("context.category", &ctx.category)?);
+        }
+        categories.extend(plan.constraints.categories.iter().copied());
+        let stated = categories.len();
+        if categories.is_empty() {
+            let mut engaged: Vec<(u32, f64)> = engaged_categories.into_iter().collect();
+            engaged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            categories.extend(engaged.into_iter().take(2).map(|(c, _)| c));
+        }
+
+        // Content: cold items (no co-occurrence yet) like the recent ones,
+        // or, for a visitor with no history, in the categories they state.
         if weights.content <= 0.0 {
             plan.off("content", "weight 0");
-        } else if seeds.is_empty() || index.cold.is_empty() {
-            plan.off("content", "no recent items, or no cold items");
+        } else if index.cold.is_empty() {
+            plan.off("content", "no cold items");
+        } else if seeds.is_empty() && stated == 0 {
+            plan.off("content", "no recent items and no stated category");
         } else {
-            let profile = content::profile(
-                seeds
+            let profile = if seeds.is_empty() {
+                let names: Vec<[f32; content::DIM]> = categories
                     .iter()
-                    .map(|(&i, &(w, _))| (index.content_of(i), w as f32)),
-            );
+                    .map(|&c| content::category_vector(&index.catalog.categories[c as usize]))
+                    .collect();
+                content::profile(names.iter().map(|v| (v.as_slice(), 1.0)))
+            } else {
+                content::profile(
+                    seeds
+                        .iter()
+                        .map(|(&i, &(w, _))| (index.content_of(i), w as f32)),
+                )
+            };
             plan.content = Some(ContentJob {
                 index: index.clone(),
                 profile,
@@ -1043,34 +1245,44 @@ impl Snapshot {
             });
         }
 
-        // Category popularity: the browsed category, else the filter's, else
-        // the two the user engaged with most.
+        // Trending and popularity lists: in those categories, then overall.
+        let unseen = |list: Found| -> Found {
+            list.into_iter()
+                .filter(|(i, _, _)| !seen.contains(i))
+                .collect()
+        };
+        if weights.trending <= 0.0 {
+            plan.off("trending", "weight 0");
+        } else {
+            let started = std::time::Instant::now();
+            let mut offered = 0;
+            let mut lists = Vec::new();
+            for &c in &categories {
+                lists.push(unseen(self.trending_in(c)));
+            }
+            lists.push(unseen(self.trending_overall()));
+            for list in lists {
+                offered += list.len();
+                plan.lists.push(("trending", weights.trending, list));
+            }
+            plan.reports.push(source_report(
+                "trending",
+                "ok",
+                offered,
+                started.elapsed(),
+                String::new(),
+            ));
+        }
         let started = std::time::Instant::now();
-        let mut categories: Vec<u32> = Vec::new();
-        if !ctx.category.is_empty() {
-            categories.push(self.category("context.category", &ctx.category)?);
-        }
-        categories.extend(plan.constraints.categories.iter().copied());
-        if categories.is_empty() {
-            let mut engaged: Vec<(u32, f64)> = engaged_categories.into_iter().collect();
-            engaged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            categories.extend(engaged.into_iter().take(2).map(|(c, _)| c));
-        }
         let mut offered = 0;
         for c in categories {
-            let list: Vec<_> = self
-                .popular_in(c)
-                .filter(|(i, _, _)| !seen.contains(i))
-                .collect();
+            let list = unseen(self.popular_in(c).collect());
             offered += list.len();
-            plan.popular.push((weights.category, list));
+            plan.lists.push(("popular", weights.category, list));
         }
-        let overall: Vec<_> = self
-            .popular_overall()
-            .filter(|(i, _, _)| !seen.contains(i))
-            .collect();
+        let overall = unseen(self.popular_overall().collect());
         offered += overall.len();
-        plan.popular.push((weights.popular, overall));
+        plan.lists.push(("popular", weights.popular, overall));
         plan.reports.push(source_report(
             "popular",
             "ok",
@@ -1156,14 +1368,14 @@ impl Snapshot {
                 }),
             );
         }
-        for (weight, list) in plan.popular.drain(..) {
-            merger.add("popular", weight, list);
+        for (source, weight, list) in plan.lists.drain(..) {
+            merger.add(source, weight, list);
         }
-        // Merge order: anchor, cf, ann, content, popular.
+        // Merge order: anchor, cf, ann, content, trending, popular.
         let mut sources = std::mem::take(&mut plan.reports);
         sources.extend(reports);
         let order = |s: &pb::SourceReport| {
-            ["anchor", "cf", "ann", "content", "popular"]
+            ["anchor", "cf", "ann", "content", "trending", "popular"]
                 .iter()
                 .position(|n| *n == s.source)
         };
@@ -1296,29 +1508,45 @@ impl Snapshot {
         })
     }
 
-    fn popular(&self, req: &pb::PopularRequest) -> Result<pb::RetrieveResponse, FieldError> {
+    /// Popularity (or trending) lists: overall or one category, optionally
+    /// every category's too.
+    fn lists(
+        &self,
+        req: &pb::PopularRequest,
+        kind: ListKind,
+    ) -> Result<pb::RetrieveResponse, FieldError> {
         let count = self.count("count", req.count)?;
         let constraints = self.constraints(&[], None)?;
         let index = &self.index;
+        let list = |category: Option<u32>| -> Found {
+            match (kind, category) {
+                (ListKind::Popular, Some(c)) => self.popular_in(c).collect(),
+                (ListKind::Popular, None) => self.popular_overall().collect(),
+                (ListKind::Trending, Some(c)) => self.trending_in(c),
+                (ListKind::Trending, None) => self.trending_overall(),
+            }
+        };
+        let source = match kind {
+            ListKind::Popular => "popular",
+            ListKind::Trending => "trending",
+        };
         let mut out = Vec::new();
-        let ranked = |list: Box<dyn Iterator<Item = (u32, f64, String)> + '_>,
-                      out: &mut Vec<pb::Candidate>,
-                      n: usize| {
+        let mut ranked = |list: Found, n: usize| {
             let mut merger = Merger::new(index, &constraints);
-            merger.add("popular", 1.0, list);
+            merger.add(source, 1.0, list);
             out.extend(merger.finish(n));
         };
         if req.category.is_empty() {
-            ranked(Box::new(self.popular_overall()), &mut out, count);
+            ranked(list(None), count);
             if req.per_category > 0 {
                 let n = (req.per_category as usize).min(self.config.max_count as usize);
                 for c in 0..index.catalog.categories.len() as u32 {
-                    ranked(Box::new(self.popular_in(c)), &mut out, n);
+                    ranked(list(Some(c)), n);
                 }
             }
         } else {
             let c = self.category("category", &req.category)?;
-            ranked(Box::new(self.popular_in(c)), &mut out, count);
+            ranked(list(Some(c)), count);
         }
         Ok(pb::RetrieveResponse {
             candidates: out,
@@ -1326,6 +1554,13 @@ impl Snapshot {
             sources: Vec::new(),
         })
     }
+}
+
+/// Which ranked lists a `Popular` or `Trending` call reads.
+#[derive(Debug, Clone, Copy)]
+enum ListKind {
+    Popular,
+    Trending,
 }
 
 /// What the caller's `grpc-timeout` allows, if it sent one.
@@ -1368,6 +1603,16 @@ impl pb::retrieval_server::Retrieval for RetrievalService {
             request.get_ref(),
         )?))
     }
+
+    async fn trending(
+        &self,
+        request: Request<pb::PopularRequest>,
+    ) -> Result<Response<pb::RetrieveResponse>, Status> {
+        Ok(Response::new(RetrievalService::trending(
+            self,
+            request.get_ref(),
+        )?))
+    }
 }
 
 /// The retrieval server over `service`, ready to start or run; it watches
@@ -1383,6 +1628,7 @@ pub fn server_for(service: RetrievalService) -> GrpcServer {
     );
     metrics::gauge!("recmesh_bundle_info", "service" => "retrieval", "version" => index.version.clone()).set(1.0);
     service.spawn_bundle_watch();
+    service.spawn_trending_feed();
     GrpcServer::new("retrieval", service.config.server.clone())
         .add_service(RetrievalServer::new(service))
 }
@@ -1488,6 +1734,7 @@ mod tests {
         // leaves popularity alone.
         let mut only_cf = req.clone();
         only_cf.source_weights = HashMap::from([
+            ("trending".into(), 0.0),
             ("popular".into(), 0.0),
             ("category".into(), 0.0),
             ("content".into(), 0.0),
@@ -1497,11 +1744,16 @@ mod tests {
         let mut no_cf = req;
         no_cf.source_weights = HashMap::from([("cf".into(), 0.0), ("content".into(), 0.0)]);
         let out = s.retrieve_blocking(&no_cf).expect("ok").candidates;
-        assert!(!out.is_empty() && out.iter().all(|c| c.source == "popular"));
+        assert!(
+            !out.is_empty()
+                && out
+                    .iter()
+                    .all(|c| c.source == "popular" || c.source == "trending")
+        );
     }
 
     #[test]
-    fn new_user_gets_popularity_and_filters_hold() {
+    fn new_user_gets_trending_and_popularity_and_filters_hold() {
         let s = service();
         let category = s.index().catalog.categories[0].clone();
         let req = pb::RetrieveRequest {
@@ -1513,14 +1765,112 @@ mod tests {
             }),
             ..Default::default()
         };
-        let out = s.retrieve_blocking(&req).expect("ok").candidates;
+        let answer = s.retrieve_blocking(&req).expect("ok");
+        let out = answer.candidates;
         assert!(!out.is_empty());
-        assert!(out.iter().all(|c| c.source == "popular"));
+        assert!(
+            out.iter()
+                .all(|c| ["popular", "trending", "content"].contains(&c.source.as_str()))
+        );
+        assert!(
+            out.iter().any(|c| c.source_scores.contains_key("trending")
+                && c.reasons.contains(&format!("trending in {category}"))),
+            "{out:?}"
+        );
         assert!(out.iter().all(|c| {
             c.attributes
                 .as_ref()
                 .is_some_and(|a| a.category == category)
         }));
+        let trending = answer
+            .sources
+            .iter()
+            .find(|r| r.source == "trending")
+            .expect("trending reported");
+        assert_eq!(trending.outcome, "ok");
+        assert!(trending.candidates > 0);
+    }
+
+    fn event(item: &str, kind: pb::EventType, timestamp_ms: i64) -> pb::Event {
+        pb::Event {
+            event_id: String::new(),
+            user_id: "u".into(),
+            item_id: item.into(),
+            event_type: kind as i32,
+            timestamp_ms,
+        }
+    }
+
+    #[test]
+    fn trending_follows_events_after_the_bundle() {
+        let s = service();
+        let index = s.index();
+        let category = index.catalog.categories[0].clone();
+        let list = |category: &str| {
+            s.trending(&pb::PopularRequest {
+                category: category.into(),
+                count: 5,
+                per_category: 0,
+            })
+            .expect("ok")
+            .candidates
+        };
+        let popular_ids = || -> Vec<String> {
+            s.popular(&pb::PopularRequest {
+                category: category.clone(),
+                count: 5,
+                per_category: 0,
+            })
+            .expect("ok")
+            .candidates
+            .into_iter()
+            .map(|c| c.item_id)
+            .collect()
+        };
+        let popular_before = popular_ids();
+        let before = list(&category);
+        assert!(!before.is_empty(), "the bundle's lists serve at once");
+        assert!(before.iter().all(|c| c.source == "trending"));
+        // An in-stock item of the category the list does not lead with.
+        let item = (0..index.catalog.len() as u32)
+            .rev()
+            .filter_map(|i| index.catalog.item(i))
+            .find(|it| it.category == category && it.in_stock && it.id != before[0].item_id)
+            .expect("another item")
+            .id
+            .clone();
+        // Events the bundle was trained on, and unknown items, do not count.
+        let trained_at_ms = index.trending_since_s * 1000;
+        assert_eq!(
+            index.record_events(&[
+                event(&item, pb::EventType::Purchase, trained_at_ms),
+                event(
+                    "no-such-item",
+                    pb::EventType::Purchase,
+                    trained_at_ms + 60_000
+                ),
+            ]),
+            0
+        );
+        // An hour after the bundle, 200 purchases: first in its category and
+        // overall, with the reason.
+        let burst: Vec<pb::Event> = (0..200)
+            .map(|n| {
+                event(
+                    &item,
+                    pb::EventType::Purchase,
+                    trained_at_ms + 3_600_000 + n,
+                )
+            })
+            .collect();
+        assert_eq!(index.record_events(&burst), 200);
+        let after = list(&category);
+        assert_eq!(after[0].item_id, item);
+        assert_eq!(after[0].reasons, vec![format!("trending in {category}")]);
+        assert_eq!(list("")[0].item_id, item);
+        assert_eq!(list("")[0].reasons, vec!["trending now".to_owned()]);
+        // Popularity is the bundle's and does not move.
+        assert_eq!(popular_ids(), popular_before);
     }
 
     #[test]
@@ -1594,11 +1944,13 @@ mod tests {
     }
 
     fn only(source: &str) -> HashMap<String, f64> {
-        ["anchor", "cf", "ann", "content", "category", "popular"]
-            .into_iter()
-            .filter(|s| *s != source)
-            .map(|s| (s.to_owned(), 0.0))
-            .collect()
+        [
+            "anchor", "cf", "ann", "content", "trending", "category", "popular",
+        ]
+        .into_iter()
+        .filter(|s| *s != source)
+        .map(|s| (s.to_owned(), 0.0))
+        .collect()
     }
 
     #[test]
