@@ -60,6 +60,7 @@ pub fn write(
         ("ann.ef_construct".to_owned(), params.ef_construct.into()),
         ("ann.quantize".to_owned(), params.quantize.into()),
         ("ann.on_disk".to_owned(), params.on_disk.into()),
+        ("ann.full_scan_kb".to_owned(), params.full_scan_kb.into()),
         ("ann.points".to_owned(), stored.into()),
         ("ann.indexed".to_owned(), indexed.into()),
     ]))

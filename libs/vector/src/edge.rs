@@ -20,13 +20,13 @@ use std::sync::Arc;
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::serde_json::{Map, Value, json};
 use qdrant_edge::{
-    AnyVariants, BoolIndexParams, Condition, DEFAULT_VECTOR_NAME, Distance, EdgeConfig,
-    EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition, Filter as EdgeFilter,
-    HasIdCondition, HnswIndexConfig, IntegerIndexParams, JsonPath, Match, MatchAny, MatchValue,
-    NamedQuery, Payload, PayloadFieldSchema, PayloadSchemaParams, PointId, PointInsertOperations,
-    PointOperations, PointStructPersisted, QuantizationConfig, QuantizationSearchParams, QueryEnum,
-    Range, SearchParams, SearchRequest, UpdateOperation, ValueVariants, VectorInternal,
-    VectorStructPersisted,
+    AcornSearchParams, AnyVariants, BoolIndexParams, Condition, DEFAULT_VECTOR_NAME, Distance,
+    EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition,
+    Filter as EdgeFilter, HasIdCondition, HnswIndexConfig, IntegerIndexParams, JsonPath, Match,
+    MatchAny, MatchValue, NamedQuery, Payload, PayloadFieldSchema, PayloadSchemaParams, PointId,
+    PointInsertOperations, PointOperations, PointStructPersisted, QuantizationConfig,
+    QuantizationSearchParams, QueryEnum, Range, SearchParams, SearchRequest, UpdateOperation,
+    ValueVariants, VectorInternal, VectorStructPersisted,
 };
 use qdrant_edge::{CreateIndex, FieldIndexOperations, FloatIndexParams, WalOptions};
 
@@ -56,6 +56,8 @@ pub struct EdgeIndex {
     _owned: Option<Arc<RemoveOnDrop>>,
     dim: usize,
     ef: usize,
+    /// ACORN's filter-selectivity cut-off (`None`: plain filtered HNSW).
+    acorn: Option<f64>,
     quantized: bool,
     path: PathBuf,
 }
@@ -105,8 +107,8 @@ impl EdgeIndex {
                 m: params.m,
                 ef_construct: params.ef_construct,
                 // Below this many KB of matching vectors a filtered query
-                // scans instead of walking the graph (the engine's default).
-                full_scan_threshold: 10_000,
+                // scans instead of walking the graph.
+                full_scan_threshold: params.full_scan_kb,
                 max_indexing_threads: 0,
                 on_disk: Some(false),
                 payload_m: None,
@@ -128,6 +130,7 @@ impl EdgeIndex {
             _owned: None,
             dim,
             ef: params.ef,
+            acorn: (params.acorn > 0.0).then_some(params.acorn),
             quantized: params.quantize,
             path: path.to_owned(),
         };
@@ -221,6 +224,7 @@ impl EdgeIndex {
             _owned: None,
             dim,
             ef,
+            acorn: None,
             quantized,
             path: path.to_owned(),
         })
@@ -303,6 +307,14 @@ impl EdgeIndex {
         self.ef = ef;
     }
 
+    /// ACORN for filtered searches whose filter keeps at most this share of
+    /// the points (`None`: off). The graph walk then also looks at
+    /// neighbours' neighbours, so a selective filter does not cut it short
+    /// (the payload indexes carry no filter-aware links).
+    pub fn set_acorn(&mut self, max_selectivity: Option<f64>) {
+        self.acorn = max_selectivity.map(|s| s.clamp(0.0, 1.0));
+    }
+
     /// Points stored and points covered by an HNSW graph.
     pub fn counts(&self) -> (usize, usize) {
         let info = self.shard.info();
@@ -363,7 +375,10 @@ impl EdgeIndex {
                     oversampling: Some(2.0),
                 }),
                 indexed_only: false,
-                acorn: None,
+                acorn: self.acorn.map(|s| AcornSearchParams {
+                    enable: true,
+                    max_selectivity: Some(OrderedFloat(s)),
+                }),
             }),
             limit: query.limit,
             offset: 0,

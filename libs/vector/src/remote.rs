@@ -18,10 +18,10 @@ use qdrant_client::Qdrant;
 use qdrant_client::qdrant::point_id::PointIdOptions;
 use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
-    Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
-    Distance, FieldType, Filter as QFilter, HnswConfigDiffBuilder, PointStruct, QueryPointsBuilder,
-    Range, ScalarQuantizationBuilder, SearchParamsBuilder, UpsertPointsBuilder, Value,
-    VectorParamsBuilder,
+    AcornSearchParamsBuilder, Condition, CountPointsBuilder, CreateCollectionBuilder,
+    CreateFieldIndexCollectionBuilder, Distance, FieldType, Filter as QFilter,
+    HnswConfigDiffBuilder, PointStruct, QueryPointsBuilder, Range, ScalarQuantizationBuilder,
+    SearchParamsBuilder, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 
 use crate::{
@@ -75,9 +75,20 @@ pub struct QdrantIndex {
     config: QdrantConfig,
     dim: usize,
     ef: usize,
+    acorn: f64,
 }
 
 impl QdrantIndex {
+    /// The search-time settings: ef (at least the limit) and ACORN.
+    fn search_params(&self, limit: usize) -> SearchParamsBuilder {
+        let params = SearchParamsBuilder::default().hnsw_ef(self.ef.max(limit) as u64);
+        if self.acorn > 0.0 {
+            params.acorn(AcornSearchParamsBuilder::new(true).max_selectivity(self.acorn))
+        } else {
+            params
+        }
+    }
+
     /// Connects, then creates the collection or checks the existing one.
     pub async fn connect(
         config: QdrantConfig,
@@ -99,6 +110,7 @@ impl QdrantIndex {
             config,
             dim,
             ef: params.ef,
+            acorn: params.acorn,
         };
         index.ensure_collection(params).await?;
         Ok(index)
@@ -183,7 +195,8 @@ impl QdrantIndex {
             .hnsw_config(
                 HnswConfigDiffBuilder::default()
                     .m(params.m as u64)
-                    .ef_construct(params.ef_construct as u64),
+                    .ef_construct(params.ef_construct as u64)
+                    .full_scan_threshold(params.full_scan_kb as u64),
             );
         if let Err(e) = self
             .call("create_collection", self.client.create_collection(create))
@@ -347,7 +360,7 @@ impl VectorIndex for QdrantIndex {
             let mut request = QueryPointsBuilder::new(&self.config.collection)
                 .query(qdrant_client::qdrant::Query::new_nearest(query.vector))
                 .limit(query.limit as u64)
-                .params(SearchParamsBuilder::default().hnsw_ef(self.ef.max(query.limit) as u64))
+                .params(self.search_params(query.limit))
                 // The server's own timeout, in whole seconds, as a backstop.
                 .timeout(self.config.search_timeout.as_secs().max(1));
             if let Some(f) = server_filter(&query.filter) {

@@ -27,6 +27,9 @@ pub struct BenchOptions {
     pub params: HnswParams,
     /// Search-time ef values to sweep.
     pub efs: Vec<usize>,
+    /// ACORN's selectivity cut-off for the second filtered pass of each ef
+    /// (`None`: only the plain filtered pass).
+    pub acorn: Option<f64>,
     /// Queries (distinct users).
     pub queries: usize,
     /// Hits per query (recall@k).
@@ -40,8 +43,13 @@ pub struct BenchOptions {
 pub struct Row {
     /// What was run.
     pub mode: String,
-    /// Recall@k against the exact answer (1 for the exact runs).
+    /// Recall@k against the exact answer's ids (1 for the exact runs).
     pub recall: f64,
+    /// Recall@k with ties counted: a hit scoring at least the exact
+    /// answer's k-th score (within 1e-5) is as good as the id it displaced
+    /// (items with the same interactions have the same vector, so the
+    /// exact top k is one of several).
+    pub recall_ties: f64,
     /// Single-query latency, µs.
     pub p50_us: f64,
     /// Single-query latency, µs.
@@ -65,14 +73,23 @@ pub struct BenchReport {
     pub quantize: bool,
     /// Vectors on disk.
     pub on_disk: bool,
+    /// Filtered queries matching at most this many KB of vectors are
+    /// scanned exactly.
+    pub full_scan_kb: usize,
     /// ALS training time, s.
     pub als_s: f64,
     /// Load and HNSW build time, s (0 when reused).
     pub build_s: f64,
     /// Opening the finished shard, s.
     pub open_s: f64,
-    /// Resident memory the opened index added, bytes per item.
+    /// Resident memory the opened index added once every query ran, bytes
+    /// per item: anonymous (heap) plus file-backed (mmapped shard pages,
+    /// which the kernel may evict and read back).
     pub resident_bytes_per_item: f64,
+    /// Its anonymous part.
+    pub resident_anon_bytes_per_item: f64,
+    /// Its file-backed part.
+    pub resident_file_bytes_per_item: f64,
     /// Shard size on disk, bytes per item.
     pub disk_bytes_per_item: f64,
     /// recall@k.
@@ -83,15 +100,17 @@ pub struct BenchReport {
     pub rows: Vec<Row>,
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+/// Resident memory of this process: anonymous and file-backed, bytes.
+fn rss_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -118,48 +137,94 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Times `run` over every query; returns the row and each query's ids.
-fn measure(
+/// A fingerprint of the item vectors (ALS is deterministic for a seed,
+/// so equal data and settings give equal vectors).
+fn vectors_fingerprint(v: &[f32]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.len().hash(&mut h);
+    for x in v {
+        x.to_bits().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// One timed pass: each query's answer and latency.
+struct Pass {
+    mode: String,
+    answers: Vec<Vec<u32>>,
+    times_us: Vec<f64>,
+    total_s: f64,
+}
+
+/// Times `run` over every query.
+fn timed(
     mode: &str,
     queries: &[Query],
-    truth: Option<&[Vec<u32>]>,
     mut run: impl FnMut(&Query) -> anyhow::Result<Vec<u32>>,
-) -> anyhow::Result<(Row, Vec<Vec<u32>>)> {
-    let mut times = Vec::with_capacity(queries.len());
+) -> anyhow::Result<Pass> {
+    let mut times_us = Vec::with_capacity(queries.len());
     let mut answers = Vec::with_capacity(queries.len());
     let started = Instant::now();
     for q in queries {
         let t = Instant::now();
         let ids = run(q)?;
-        times.push(t.elapsed().as_secs_f64() * 1e6);
+        times_us.push(t.elapsed().as_secs_f64() * 1e6);
         answers.push(ids);
     }
-    let total = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
-    let recall = truth.map_or(1.0, |truth| {
-        let (mut found, mut wanted) = (0usize, 0usize);
-        for (got, want) in answers.iter().zip(truth) {
-            wanted += want.len();
-            found += want.iter().filter(|id| got.contains(id)).count();
-        }
+    eprintln!("  {mode}: done");
+    Ok(Pass {
+        mode: mode.to_owned(),
+        answers,
+        times_us,
+        total_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The row of a pass, its recall against `truth` (exact passes: none);
+/// `score` is the exact similarity of a query and an item.
+fn row(
+    mut pass: Pass,
+    truth: Option<&[Vec<u32>]>,
+    queries: &[Query],
+    score: &dyn Fn(&Query, u32) -> f32,
+) -> Row {
+    pass.times_us.sort_by(f64::total_cmp);
+    let (mut found, mut tied, mut wanted) = (0usize, 0usize, 0usize);
+    for ((got, want), q) in pass.answers.iter().zip(truth.unwrap_or(&[])).zip(queries) {
+        wanted += want.len();
+        found += want.iter().filter(|id| got.contains(id)).count();
+        let kth = want
+            .iter()
+            .map(|&id| score(q, id))
+            .fold(f32::INFINITY, f32::min);
+        tied += got
+            .iter()
+            .filter(|&&id| score(q, id) >= kth - 1e-5)
+            .count()
+            .min(want.len());
+    }
+    let share = |n: usize| {
         if wanted == 0 {
             1.0
         } else {
-            found as f64 / wanted as f64
+            n as f64 / wanted as f64
         }
-    });
+    };
+    let (recall, recall_ties) = (share(found), share(tied));
     let row = Row {
-        mode: mode.to_owned(),
+        mode: pass.mode,
         recall,
-        p50_us: percentile(&times, 0.5),
-        p99_us: percentile(&times, 0.99),
-        qps: queries.len() as f64 / total.max(1e-9),
+        recall_ties,
+        p50_us: percentile(&pass.times_us, 0.5),
+        p99_us: percentile(&pass.times_us, 0.99),
+        qps: pass.answers.len() as f64 / pass.total_s.max(1e-9),
     };
     eprintln!(
-        "{:<44} recall@k {:.4}  p50 {:>8.0} µs  p99 {:>8.0} µs  {:>8.0} QPS",
-        row.mode, row.recall, row.p50_us, row.p99_us, row.qps
+        "{:<52} recall@k {:.4} (ties {:.4})  p50 {:>8.0} µs  p99 {:>8.0} µs  {:>8.0} QPS",
+        row.mode, row.recall, row.recall_ties, row.p50_us, row.p99_us, row.qps
     );
-    Ok((row, answers))
+    row
 }
 
 /// Trains ALS on `data`, builds (or reuses) the shard, and measures.
@@ -211,8 +276,30 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let items = bundle.catalog.len();
 
     let shard = opts.dir.join(ann::ANN_DIR);
+    // What the shard was built from: reused only when it is the same.
+    let stamp = serde_json::json!({
+        "items": items,
+        "dim": dim,
+        "m": opts.params.m,
+        "ef_construct": opts.params.ef_construct,
+        "quantize": opts.params.quantize,
+        "on_disk": opts.params.on_disk,
+        "full_scan_kb": opts.params.full_scan_kb,
+        "vectors": vectors_fingerprint(&model.items),
+    });
+    let stamp_path = opts.dir.join("bench-stamp.json");
+    let built_from = std::fs::read(&stamp_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     let mut build_s = 0.0;
-    if !(opts.reuse && shard.join("edge_config.json").exists()) {
+    let reusable = shard.join("edge_config.json").exists() && built_from.as_ref() == Some(&stamp);
+    if opts.reuse && !reusable {
+        eprintln!(
+            "--reuse: the shard in {} was not built from these vectors and settings; rebuilding",
+            opts.dir.display()
+        );
+    }
+    if !(opts.reuse && reusable) {
         if opts.dir.exists() {
             std::fs::remove_dir_all(&opts.dir)?;
         }
@@ -225,6 +312,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         })
         .map_err(anyhow::Error::msg)?;
         build_s = t.elapsed().as_secs_f64();
+        std::fs::write(&stamp_path, serde_json::to_vec_pretty(&stamp)?)?;
         eprintln!("shard built in {build_s:.1}s");
     }
     let disk = dir_bytes(&shard);
@@ -241,73 +329,112 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         filter,
     };
     let plain: Vec<Query> = users.iter().map(|&u| query(u, Filter::default())).collect();
-    // Filtered: one category (cycled) and in stock, as a browsing page asks.
+    // Filtered: in stock and one category (cycled), as a browsing page
+    // asks; "wide": three categories, a filter too broad for the exact
+    // scan of matching points, which the graph walk answers.
     let categories = bundle.catalog.categories.len().max(1) as u32;
-    let filtered: Vec<Query> = users
-        .iter()
-        .enumerate()
-        .map(|(n, &u)| {
-            query(
-                u,
-                Filter {
-                    categories: vec![n as u32 % categories],
-                    in_stock_only: true,
-                    ..Filter::default()
-                },
-            )
-        })
-        .collect();
+    let filtered_by = |width: u32| -> Vec<Query> {
+        users
+            .iter()
+            .enumerate()
+            .map(|(n, &u)| {
+                query(
+                    u,
+                    Filter {
+                        categories: (0..width.min(categories))
+                            .map(|k| (n as u32 + k) % categories)
+                            .collect(),
+                        in_stock_only: true,
+                        ..Filter::default()
+                    },
+                )
+            })
+            .collect()
+    };
+    let filtered = filtered_by(1);
+    let wide = filtered_by(3);
 
-    // The index first, while no large buffer has been freed that its
-    // allocations could reuse: the resident figure is what opening it and
-    // answering a first pass of queries added (run with --reuse, so no
-    // graph build ran in this process either).
-    let before = rss_bytes();
+    // Every index pass first, before any large buffer is allocated and
+    // freed (the allocator could hand it to the index and hide its
+    // memory): the resident figure is what opening the index and answering
+    // every query added (run with --reuse, so no graph build ran in this
+    // process either). Recall is computed once the exact answers exist.
+    let (anon_before, file_before) = rss_bytes();
     let t = Instant::now();
     let work = opts.dir.join("serving");
     let mut index = EdgeIndex::open_copy(&shard, &work, opts.params.ef)?;
     let open_s = t.elapsed().as_secs_f64();
-    for q in &plain {
-        index.search_now(q)?;
-    }
-    let resident = rss_bytes().saturating_sub(before);
-
-    // Brute force: recmesh's own scan (what served ANN before the index).
-    let mut rows = Vec::new();
-    let exact = ExactIndex::new(dim);
-    exact.upsert_now(ann::points(&bundle).collect())?;
-    let (row, truth) = measure("brute force (recmesh scan)", &plain, None, |q| {
-        Ok(exact.search_now(q)?.iter().map(|h| h.id).collect())
-    })?;
-    rows.push(row);
-    let (row, truth_filtered) = measure("brute force, filtered", &filtered, None, |q| {
-        Ok(exact.search_now(q)?.iter().map(|h| h.id).collect())
-    })?;
-    rows.push(row);
-    drop(exact);
-
-    let (row, _) = measure("qdrant-edge exact scan", &plain, Some(&truth), |q| {
-        Ok(index.search_exact(q)?.iter().map(|h| h.id).collect())
-    })?;
-    rows.push(row);
+    // (pass, which exact answers it is compared with: 0 plain, 1
+    // filtered, 2 wide)
+    let mut passes: Vec<(usize, Pass)> = Vec::new();
+    let search = |index: &EdgeIndex, q: &Query| -> anyhow::Result<Vec<u32>> {
+        Ok(index.search_now(q)?.iter().map(|h| h.id).collect())
+    };
     for &ef in &opts.efs {
         index.set_ef(ef);
-        let (row, _) = measure(
-            &format!("qdrant-edge HNSW, ef {ef}"),
-            &plain,
-            Some(&truth),
-            |q| Ok(index.search_now(q)?.iter().map(|h| h.id).collect()),
-        )?;
-        rows.push(row);
-        let (row, _) = measure(
-            &format!("qdrant-edge HNSW, ef {ef}, filtered"),
-            &filtered,
-            Some(&truth_filtered),
-            |q| Ok(index.search_now(q)?.iter().map(|h| h.id).collect()),
-        )?;
-        rows.push(row);
+        index.set_acorn(None);
+        let name = format!("qdrant-edge HNSW, ef {ef}");
+        passes.push((0, timed(&name, &plain, |q| search(&index, q))?));
+        for (truth, label, queries) in [(1, "filtered", &filtered), (2, "wide filter", &wide)] {
+            index.set_acorn(None);
+            passes.push((
+                truth,
+                timed(&format!("{name}, {label}"), queries, |q| search(&index, q))?,
+            ));
+            if let Some(acorn) = opts.acorn {
+                index.set_acorn(Some(acorn));
+                passes.push((
+                    truth,
+                    timed(
+                        &format!("{name}, {label}, ACORN ≤ {acorn}"),
+                        queries,
+                        |q| search(&index, q),
+                    )?,
+                ));
+            }
+        }
     }
+    let engine_exact = timed("qdrant-edge exact scan", &plain, |q| {
+        Ok(index.search_exact(q)?.iter().map(|h| h.id).collect())
+    })?;
+    let engine_exact_filtered = timed("qdrant-edge exact scan, filtered", &filtered, |q| {
+        Ok(index.search_exact(q)?.iter().map(|h| h.id).collect())
+    })?;
+    let (anon_after, file_after) = rss_bytes();
+    let anon = anon_after.saturating_sub(anon_before);
+    let file = file_after.saturating_sub(file_before);
     drop(index);
+
+    // Brute force: recmesh's own scan (what served ANN before the index),
+    // the exact answers recall is measured against.
+    let exact = ExactIndex::new(dim);
+    exact.upsert_now(ann::points(&bundle).collect())?;
+    let scan = |q: &Query| -> anyhow::Result<Vec<u32>> {
+        Ok(exact.search_now(q)?.iter().map(|h| h.id).collect())
+    };
+    let brute = timed("brute force (recmesh scan)", &plain, scan)?;
+    let brute_filtered = timed("brute force, filtered", &filtered, scan)?;
+    let brute_wide = timed("brute force, wide filter", &wide, scan)?;
+    let truths = [
+        brute.answers.clone(),
+        brute_filtered.answers.clone(),
+        brute_wide.answers.clone(),
+    ];
+    drop(exact);
+    let score = |q: &Query, id: u32| {
+        recmesh_vector::cosine(&q.vector, &model.items[id as usize * dim..][..dim])
+    };
+    let workloads = [&plain, &filtered, &wide];
+    let mut rows = vec![
+        row(brute, None, &plain, &score),
+        row(brute_filtered, None, &filtered, &score),
+        row(brute_wide, None, &wide, &score),
+        row(engine_exact, Some(&truths[0]), &plain, &score),
+        row(engine_exact_filtered, Some(&truths[1]), &filtered, &score),
+    ];
+    for (truth, pass) in passes {
+        rows.push(row(pass, Some(&truths[truth]), workloads[truth], &score));
+    }
     Ok(BenchReport {
         items,
         dim,
@@ -315,10 +442,13 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         ef_construct: opts.params.ef_construct,
         quantize: opts.params.quantize,
         on_disk: opts.params.on_disk,
+        full_scan_kb: opts.params.full_scan_kb,
         als_s,
         build_s,
         open_s,
-        resident_bytes_per_item: resident as f64 / items.max(1) as f64,
+        resident_bytes_per_item: (anon + file) as f64 / items.max(1) as f64,
+        resident_anon_bytes_per_item: anon as f64 / items.max(1) as f64,
+        resident_file_bytes_per_item: file as f64 / items.max(1) as f64,
         disk_bytes_per_item: disk as f64 / items.max(1) as f64,
         k: opts.k,
         queries: plain.len(),
@@ -331,18 +461,21 @@ impl BenchReport {
     pub fn markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
-            "{} items × {} dims; HNSW m {}, ef_construct {}, int8 {}, on-disk vectors {}; ALS {:.1}s, build {:.1}s, open {:.2}s; resident {:.0} B/item ({:.2} KiB), disk {:.0} B/item; {} user queries, recall@{}\n\n| mode | recall@{} | p50 µs | p99 µs | QPS (1 thread) |\n|---|---|---|---|---|\n",
+            "{} items × {} dims; HNSW m {}, ef_construct {}, int8 {}, on-disk vectors {}, exact below {} KB of matching vectors; ALS {:.1}s, build {:.1}s, open {:.2}s; resident {:.0} B/item ({:.2} KiB: {:.0} anonymous, {:.0} file-backed), disk {:.0} B/item; {} user queries, recall@{}\n\n| mode | recall@{} | with ties | p50 µs | p99 µs | QPS (1 thread) |\n|---|---|---|---|---|---|\n",
             self.items,
             self.dim,
             self.m,
             self.ef_construct,
             self.quantize,
             self.on_disk,
+            self.full_scan_kb,
             self.als_s,
             self.build_s,
             self.open_s,
             self.resident_bytes_per_item,
             self.resident_bytes_per_item / 1024.0,
+            self.resident_anon_bytes_per_item,
+            self.resident_file_bytes_per_item,
             self.disk_bytes_per_item,
             self.queries,
             self.k,
@@ -351,8 +484,8 @@ impl BenchReport {
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "| {} | {:.4} | {:.0} | {:.0} | {:.0} |",
-                r.mode, r.recall, r.p50_us, r.p99_us, r.qps
+                "| {} | {:.4} | {:.4} | {:.0} | {:.0} | {:.0} |",
+                r.mode, r.recall, r.recall_ties, r.p50_us, r.p99_us, r.qps
             );
         }
         out

@@ -91,6 +91,10 @@ struct AnnArgs {
     /// Keep the full vectors on disk (memory-mapped).
     #[arg(long)]
     ann_on_disk: bool,
+    /// Filtered queries matching at most this many KB of vectors scan the
+    /// matching points exactly instead of walking the graph.
+    #[arg(long, default_value_t = HnswParams::default().full_scan_kb)]
+    ann_full_scan_kb: usize,
 }
 
 impl AnnArgs {
@@ -106,6 +110,8 @@ impl AnnArgs {
             ef,
             quantize: self.ann_quantize,
             on_disk: self.ann_on_disk,
+            full_scan_kb: self.ann_full_scan_kb,
+            ..HnswParams::default()
         })
     }
 }
@@ -290,6 +296,10 @@ enum Command {
         /// Search-time ef values to sweep.
         #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
         ef: Vec<usize>,
+        /// Also run the filtered queries with ACORN at this selectivity
+        /// cut-off (0..=1); a negative value skips that pass.
+        #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
+        acorn: f64,
         /// User queries.
         #[arg(long, default_value_t = 1000)]
         queries: usize,
@@ -477,6 +487,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             reuse,
             ef,
+            acorn,
             queries,
             top,
             factors,
@@ -489,6 +500,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reuse,
                 params: ann.params(ef.first().copied().unwrap_or(128))?,
                 efs: ef,
+                acorn: (acorn >= 0.0).then_some(acorn),
                 queries,
                 k: top,
                 als: recmesh_algo::als::AlsParams {
