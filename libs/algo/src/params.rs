@@ -224,9 +224,16 @@ mod tests {
             .expect_err("nan");
         assert!(e.to_string().contains("budget.rerank_ms"));
         let e = VariantParams::default()
-            .apply(&map(&[("retrieval.weight.ann", "1")]))
+            .apply(&map(&[("retrieval.weight.vector", "1")]))
             .expect_err("unknown source");
-        assert_eq!(e.key, "retrieval.weight.ann");
+        assert_eq!(e.key, "retrieval.weight.vector");
+        for source in SOURCES {
+            let key = format!("retrieval.weight.{source}");
+            let p = VariantParams::default()
+                .apply(&map(&[(key.as_str(), "0.5")]))
+                .expect("every retrieval source is known");
+            assert_eq!(p.source_weights[*source], 0.5);
+        }
         let e = VariantParams::default()
             .apply(&map(&[("retrieval.weight.cf", "11")]))
             .expect_err("too heavy");
