@@ -177,11 +177,12 @@ async fn recommend_returns_count_distinct_allowed_items_with_reasons() {
 async fn similar_items_and_trending_by_category() {
     let mesh = TestMesh::start_with(|c| c.retrieval.trending_poll_ms = 50).await;
     let mut client = mesh.client().await;
+    let books = || pb::TrendingRequest {
+        category: "books".into(),
+        count: 5,
+    };
     let trending = client
-        .trending(pb::TrendingRequest {
-            category: "books".into(),
-            count: 5,
-        })
+        .trending(books())
         .await
         .expect("trending")
         .into_inner();
@@ -220,10 +221,7 @@ async fn similar_items_and_trending_by_category() {
     let waited = std::time::Instant::now();
     let top = loop {
         let now = client
-            .trending(pb::TrendingRequest {
-                category: "books".into(),
-                count: 5,
-            })
+            .trending(books())
             .await
             .expect("trending")
             .into_inner();

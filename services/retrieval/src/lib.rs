@@ -875,6 +875,25 @@ impl Plan<'_> {
         self.ready.push((source, weight, found));
     }
 
+    /// Ranked lists of one source (trending, popular), with their weights.
+    fn lists_ready(
+        &mut self,
+        source: &'static str,
+        started: std::time::Instant,
+        lists: Vec<(f64, Found)>,
+    ) {
+        let offered = lists.iter().map(|(_, l)| l.len()).sum();
+        self.reports.push(source_report(
+            source,
+            "ok",
+            offered,
+            started.elapsed(),
+            String::new(),
+        ));
+        self.lists
+            .extend(lists.into_iter().map(|(w, l)| (source, w, l)));
+    }
+
     fn off(&mut self, source: &'static str, why: &str) {
         self.reports.push(source_report(
             source,
@@ -1257,45 +1276,24 @@ impl Snapshot {
             plan.off("trending", "weight 0");
         } else {
             let started = std::time::Instant::now();
-            let mut offered = 0;
-            let mut lists = Vec::new();
-            for &c in &categories {
-                lists.push(unseen(self.trending_in(c)));
-            }
+            let mut lists: Vec<(f64, Found)> = categories
+                .iter()
+                .map(|&c| (weights.trending, unseen(self.trending_in(c))))
+                .collect();
             // Overall trending is for a visitor with no history (cold
             // start); one with history gets their categories' trends.
             if seeds.is_empty() {
-                lists.push(unseen(self.trending_overall()));
+                lists.push((weights.trending, unseen(self.trending_overall())));
             }
-            for list in lists {
-                offered += list.len();
-                plan.lists.push(("trending", weights.trending, list));
-            }
-            plan.reports.push(source_report(
-                "trending",
-                "ok",
-                offered,
-                started.elapsed(),
-                String::new(),
-            ));
+            plan.lists_ready("trending", started, lists);
         }
         let started = std::time::Instant::now();
-        let mut offered = 0;
-        for c in categories {
-            let list = unseen(self.popular_in(c).collect());
-            offered += list.len();
-            plan.lists.push(("popular", weights.category, list));
-        }
-        let overall = unseen(self.popular_overall().collect());
-        offered += overall.len();
-        plan.lists.push(("popular", weights.popular, overall));
-        plan.reports.push(source_report(
-            "popular",
-            "ok",
-            offered,
-            started.elapsed(),
-            String::new(),
-        ));
+        let mut lists: Vec<(f64, Found)> = categories
+            .iter()
+            .map(|&c| (weights.category, unseen(self.popular_in(c).collect())))
+            .collect();
+        lists.push((weights.popular, unseen(self.popular_overall().collect())));
+        plan.lists_ready("popular", started, lists);
         Ok(plan)
     }
 
