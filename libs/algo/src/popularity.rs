@@ -153,6 +153,11 @@ impl LiveTrending {
         );
     }
 
+    /// The unix second the scores are decayed to (the trained lists').
+    pub fn reference_s(&self) -> i64 {
+        self.reference_s
+    }
+
     /// Events counted since the trained lists.
     pub fn events(&self) -> u64 {
         self.events

@@ -202,6 +202,11 @@ impl Factors {
     pub fn user(&self, u: usize) -> &[f32] {
         &self.users[u * self.factors..(u + 1) * self.factors]
     }
+
+    /// Row of item `i` (catalog order).
+    pub fn item(&self, i: usize) -> &[f32] {
+        &self.items[i * self.factors..(i + 1) * self.factors]
+    }
 }
 
 /// A loaded (or freshly built) bundle.

@@ -254,8 +254,6 @@ pub struct Index {
     ann: Option<Arc<dyn VectorIndex>>,
     /// The bundle's trending lists plus the events since it was trained.
     trending: std::sync::RwLock<LiveTrending>,
-    /// Events at or before this unix second are in the bundle already.
-    trending_since_s: i64,
     version: String,
 }
 
@@ -369,7 +367,6 @@ impl Index {
             factors,
             ann,
             trending: std::sync::RwLock::new(trending),
-            trending_since_s: reference_s,
             version: b.manifest.version,
         }
     }
@@ -387,7 +384,8 @@ impl Index {
             else {
                 continue;
             };
-            if ts <= self.trending_since_s {
+            // At or before the lists' reference: in the bundle already.
+            if ts <= trending.reference_s() {
                 continue;
             }
             trending.record(i, self.catalog.category_of[i as usize], kind.weight(), ts);
@@ -1336,9 +1334,7 @@ impl Snapshot {
         if let (Some(ran), Some(job)) = (ann, plan.ann.as_ref()) {
             let hits = ran.report("ann", &mut reports, Vec::len);
             if let (Some(hits), Some(f)) = (hits, index.factors.as_ref()) {
-                let item = |i: u32| {
-                    &f.trained.items[i as usize * f.trained.factors..][..f.trained.factors]
-                };
+                let item = |i: u32| f.trained.item(i as usize);
                 merger.add(
                     "ann",
                     plan.weights.ann,
@@ -1471,9 +1467,7 @@ impl Snapshot {
         let ann = match (index.factors.as_ref(), index.ann.as_ref()) {
             (Some(f), Some(ann)) => {
                 let query = recmesh_vector::Query {
-                    vector: f.trained.items[anchor as usize * f.trained.factors..]
-                        [..f.trained.factors]
-                        .to_vec(),
+                    vector: f.trained.item(anchor as usize).to_vec(),
                     limit: count,
                     filter: self.vector_filter(&constraints, &[anchor].into_iter().collect()),
                 };
@@ -1844,7 +1838,7 @@ mod tests {
             .id
             .clone();
         // Events the bundle was trained on, and unknown items, do not count.
-        let trained_at_ms = index.trending_since_s * 1000;
+        let trained_at_ms = index.trending().reference_s() * 1000;
         assert_eq!(
             index.record_events(&[
                 event(&item, pb::EventType::Purchase, trained_at_ms),

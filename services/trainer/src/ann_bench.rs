@@ -421,9 +421,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         brute_wide.answers.clone(),
     ];
     drop(exact);
-    let score = |q: &Query, id: u32| {
-        recmesh_vector::cosine(&q.vector, &model.items[id as usize * dim..][..dim])
-    };
+    let score = |q: &Query, id: u32| recmesh_vector::cosine(&q.vector, model.item(id as usize));
     let workloads = [&plain, &filtered, &wide];
     let mut rows = vec![
         row(brute, None, &plain, &score),
