@@ -8,7 +8,7 @@ use std::path::Path;
 use recmesh_catalog::bundle::{self, Bundle, Manifest};
 
 use crate::edge::EdgeIndex;
-use crate::{HnswParams, Point, VectorError};
+use crate::{DISTANCE, HnswParams, Point, VectorError};
 
 /// The shard's directory inside a bundle.
 pub const ANN_DIR: &str = "ann";
@@ -56,6 +56,7 @@ pub fn write(
     .map_err(|e| format!("vector index: {e}"))?;
     Ok(BTreeMap::from([
         ("ann.backend".to_owned(), "edge".into()),
+        ("ann.distance".to_owned(), DISTANCE.into()),
         ("ann.m".to_owned(), params.m.into()),
         ("ann.ef_construct".to_owned(), params.ef_construct.into()),
         ("ann.quantize".to_owned(), params.quantize.into()),
@@ -66,10 +67,25 @@ pub fn write(
     ]))
 }
 
-/// True when the bundle in a directory with this manifest ships a shard.
-pub fn has_shard(manifest: &Manifest) -> bool {
+/// Whether the bundle with this manifest ships a shard this code serves:
+/// `Ok(false)` when it has none, an error saying why when its shard ranks
+/// by another measure (a bundle from a trainer before the dot product).
+pub fn has_shard(manifest: &Manifest) -> Result<bool, String> {
     let prefix = format!("{ANN_DIR}/");
-    manifest.files.keys().any(|k| k.starts_with(&prefix))
+    if !manifest.files.keys().any(|k| k.starts_with(&prefix)) {
+        return Ok(false);
+    }
+    match manifest
+        .parameters
+        .get("ann.distance")
+        .and_then(|d| d.as_str())
+    {
+        Some(DISTANCE) => Ok(true),
+        other => Err(format!(
+            "its vector index (ann/) ranks by {}, not by the dot product ALS is trained for",
+            other.unwrap_or("cosine")
+        )),
+    }
 }
 
 /// Checks the shard of the bundle in `bundle_dir` against its manifest and
@@ -84,4 +100,42 @@ pub fn open(
     bundle::check_files(bundle_dir, manifest, &format!("{ANN_DIR}/"))
         .map_err(|e| VectorError::backend("edge", e))?;
     EdgeIndex::open_copy(&bundle_dir.join(ANN_DIR), work_dir, ef)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recmesh_catalog::bundle::FileEntry;
+
+    fn manifest(files: &[&str], distance: Option<&str>) -> Manifest {
+        Manifest {
+            format: 1,
+            version: "v1-test".to_owned(),
+            created_ms: 0,
+            data_fingerprint: String::new(),
+            items: 0,
+            users: 0,
+            interactions: 0,
+            parameters: distance
+                .map(|d| ("ann.distance".to_owned(), d.into()))
+                .into_iter()
+                .collect(),
+            metrics: BTreeMap::new(),
+            files: files
+                .iter()
+                .map(|f| ((*f).to_owned(), FileEntry::of(b"")))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_a_dot_product_shard_is_served() {
+        let shard = ["catalog.json", "ann/edge_config.json"];
+        assert_eq!(has_shard(&manifest(&["catalog.json"], None)), Ok(false));
+        assert_eq!(has_shard(&manifest(&shard, Some("dot"))), Ok(true));
+        // Bundles from before the dot product record no distance: cosine.
+        let old = has_shard(&manifest(&shard, None)).expect_err("a cosine shard");
+        assert!(old.contains("ranks by cosine"), "{old}");
+        assert!(has_shard(&manifest(&shard, Some("euclid"))).is_err());
+    }
 }

@@ -296,7 +296,7 @@ impl Index {
             None | Some(0) => None,
             Some(dim) => Some(match config.backend {
                 AnnBackend::Exact => return Ok(Index::from_bundle(b)),
-                AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) => {
+                AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) == Ok(true) => {
                     let root = if config.work_dir.is_empty() {
                         std::env::temp_dir()
                             .join(format!("recmesh-retrieval-{}", std::process::id()))
@@ -309,9 +309,12 @@ impl Index {
                     Arc::new(index)
                 }
                 AnnBackend::Edge => {
+                    let why = vector_bundle::has_shard(&b.manifest)
+                        .err()
+                        .unwrap_or_else(|| "it has no vector index (ann/)".to_owned());
                     tracing::warn!(
                         bundle = %dir.display(),
-                        "the bundle has no vector index (ann/): its item vectors are scanned exactly; publish it again with this trainer for HNSW"
+                        "{why}: its item vectors are scanned exactly; publish it again with this trainer for HNSW"
                     );
                     return Ok(Index::from_bundle(b));
                 }

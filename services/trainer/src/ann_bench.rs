@@ -280,6 +280,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let stamp = serde_json::json!({
         "items": items,
         "dim": dim,
+        "distance": recmesh_vector::DISTANCE,
         "m": opts.params.m,
         "ef_construct": opts.params.ef_construct,
         "quantize": opts.params.quantize,
@@ -421,7 +422,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         brute_wide.answers.clone(),
     ];
     drop(exact);
-    let score = |q: &Query, id: u32| recmesh_vector::cosine(&q.vector, model.item(id as usize));
+    let score = |q: &Query, id: u32| recmesh_vector::dot(&q.vector, model.item(id as usize));
     let workloads = [&plain, &filtered, &wide];
     let mut rows = vec![
         row(brute, None, &plain, &score),
