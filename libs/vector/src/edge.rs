@@ -91,7 +91,7 @@ impl EdgeIndex {
     ) -> Result<Self, VectorError> {
         std::fs::create_dir_all(path)
             .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        let mut vector = EdgeVectorParams::builder(dim, Distance::Dot).on_disk(params.on_disk);
+        let mut vector = EdgeVectorParams::builder(dim, Distance::Cosine).on_disk(params.on_disk);
         if params.quantize {
             // The scalar variant's type is not re-exported; its JSON form is
             // the documented one.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use crate::{BoxFuture, Hit, Point, Query, VectorError, VectorIndex, check_dim, dot};
+use crate::{BoxFuture, Hit, Point, Query, VectorError, VectorIndex, check_dim, cosine};
 
 /// Every point in memory, scanned per query.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ impl ExactIndex {
             .filter(|p| query.filter.allows(p))
             .map(|p| Hit {
                 id: p.id,
-                score: dot(&query.vector, &p.vector),
+                score: cosine(&query.vector, &p.vector),
             })
             .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));

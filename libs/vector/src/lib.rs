@@ -1,9 +1,7 @@
 //! The vector index behind retrieval's ANN source: item vectors with the
 //! payload retrieval filters on (category, stock, price, creation time),
-//! searched by inner product: the dot product ALS scores a user's liking
-//! of an item with. (Cosine drops the item vector's length, which carries
-//! how broadly liked an item is; serving by cosine cost 6% of NDCG@10 on
-//! MovieLens, docs/evaluation.md.)
+//! searched by cosine similarity; [`mips::Mips`] serves the dot product ALS
+//! is trained for through any of them.
 //!
 //! One trait, [`VectorIndex`], three backends that pass the same contract
 //! tests (`tests/contract.rs`):
@@ -23,6 +21,7 @@
 pub mod bundle;
 pub mod edge;
 pub mod exact;
+pub mod mips;
 pub mod remote;
 
 use std::fmt;
@@ -106,12 +105,12 @@ pub struct Query {
     pub filter: Filter,
 }
 
-/// One result: item index and inner product, best first.
+/// One result: item index and score, best first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hit {
     /// The item's index in the catalog.
     pub id: u32,
-    /// Inner product of the query and the item's vector.
+    /// Cosine similarity (the dot product through [`mips::Mips`]).
     pub score: f32,
 }
 
@@ -236,11 +235,22 @@ impl Default for HnswParams {
     }
 }
 
-/// Inner product, the score every backend ranks by.
+/// Cosine similarity (0 when either vector is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0.0f32, 0.0f32, 0.0f32);
+    for (x, y) in a.iter().zip(b) {
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na <= 0.0 || nb <= 0.0 {
+        0.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt())
+    }
+}
+
+/// Inner product.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
-
-/// How every backend's collection measures similarity; recorded in the
-/// bundle (`ann.distance`) so a shard built otherwise is not served.
-pub const DISTANCE: &str = "dot";

@@ -1,6 +1,6 @@
 //! A Qdrant server or cluster over gRPC (`qdrant-client`).
 //!
-//! [`QdrantIndex::connect`] creates the collection (dimension, dot product,
+//! [`QdrantIndex::connect`] creates the collection (dimension, cosine,
 //! HNSW `m`/`ef_construct`, on-disk vectors, int8 quantization) with
 //! payload indexes for category, stock, price and creation time, or checks
 //! that an existing one has the same dimension and distance. Upserts go in
@@ -166,12 +166,12 @@ impl QdrantIndex {
                 .and_then(|v| v.config);
             return match vectors {
                 Some(VectorsConfigKind::Params(v))
-                    if v.size as usize == self.dim && v.distance == Distance::Dot as i32 =>
+                    if v.size as usize == self.dim && v.distance == Distance::Cosine as i32 =>
                 {
                     Ok(())
                 }
                 Some(VectorsConfigKind::Params(v)) => Err(err(format!(
-                    "collection `{name}` holds {}-dimension vectors with distance {}; this index needs {} dimensions and dot product: point retrieval at another collection or delete this one",
+                    "collection `{name}` holds {}-dimension vectors with distance {}; this index needs {} dimensions and cosine: point retrieval at another collection or delete this one",
                     v.size,
                     Distance::try_from(v.distance).map_or("unknown", |d| d.as_str_name()),
                     self.dim
@@ -182,7 +182,7 @@ impl QdrantIndex {
             };
         }
         let mut vectors =
-            VectorParamsBuilder::new(self.dim as u64, Distance::Dot).on_disk(params.on_disk);
+            VectorParamsBuilder::new(self.dim as u64, Distance::Cosine).on_disk(params.on_disk);
         if params.quantize {
             vectors = vectors.quantization_config(
                 ScalarQuantizationBuilder::default()

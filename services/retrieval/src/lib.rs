@@ -44,6 +44,7 @@ use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use recmesh_vector::bundle as vector_bundle;
 use recmesh_vector::exact::ExactIndex;
+use recmesh_vector::mips::Mips;
 use recmesh_vector::remote::{QdrantConfig, QdrantIndex};
 use recmesh_vector::{Hit, VectorIndex};
 use serde::{Deserialize, Serialize};
@@ -305,7 +306,9 @@ impl Index {
                     };
                     let work = root.join(&b.manifest.version);
                     let mut index = vector_bundle::open(dir, &b.manifest, &work, config.ef)?;
-                    index.set_acorn((config.acorn > 0.0).then_some(config.acorn));
+                    index
+                        .inner_mut()
+                        .set_acorn((config.acorn > 0.0).then_some(config.acorn));
                     Arc::new(index)
                 }
                 AnnBackend::Edge => {
@@ -422,20 +425,24 @@ impl Index {
     }
 }
 
-/// An exact index over the bundle's item vectors (None without vectors).
+/// An exact index over the bundle's item vectors, by dot product (None
+/// without vectors).
 fn exact_index(b: &Bundle) -> Option<Arc<dyn VectorIndex>> {
     let f = b.factors.as_ref().filter(|f| f.factors > 0)?;
-    let index = ExactIndex::new(f.factors);
+    let index = Mips::new(ExactIndex::new(f.factors + 1), vector_bundle::max_norm(b));
     // Every point comes from the bundle with the bundle's dimension.
-    index
-        .upsert_now(vector_bundle::points(b).collect())
+    vector_bundle::points(b)
+        .map(|p| index.augment_point("points", p))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|points| index.inner().upsert_now(points))
         .unwrap_or_else(|e| unreachable!("bundle vectors have the bundle's dimension: {e}"));
     Some(Arc::new(index))
 }
 
 /// The Qdrant server collection for this bundle version, created and filled
-/// when it does not hold every item yet (runs on a blocking thread).
-fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<QdrantIndex> {
+/// when it does not hold every item yet (runs on a blocking thread). It
+/// holds the vectors augmented for the dot product (`dim + 1`).
+fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<Mips<QdrantIndex>> {
     let mut q = QdrantConfig::new(
         &config.qdrant_url,
         format!("{}-{}", config.qdrant_collection_prefix, b.manifest.version),
@@ -458,12 +465,15 @@ fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<Qd
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("the qdrant backend loads inside the service's runtime"))?;
     handle.block_on(async {
-        let index = QdrantIndex::connect(q, dim, &params).await?;
+        let index = Mips::new(
+            QdrantIndex::connect(q, dim + 1, &params).await?,
+            vector_bundle::max_norm(b),
+        );
         let stored = index.count().await?;
         let items = b.catalog.len();
         if stored != items {
             tracing::info!(
-                collection = index.collection(),
+                collection = index.inner().collection(),
                 stored,
                 items,
                 "uploading item vectors to Qdrant"

@@ -12,7 +12,8 @@ use recmesh_catalog::Dataset;
 use recmesh_catalog::bundle::{Bundle, Factors, Lists, Manifest};
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
-use recmesh_vector::{Filter, HnswParams, Query, bundle as ann};
+use recmesh_vector::mips::Mips;
+use recmesh_vector::{Filter, HnswParams, Query, VectorIndex, bundle as ann};
 use serde::Serialize;
 
 /// What to measure.
@@ -280,7 +281,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let stamp = serde_json::json!({
         "items": items,
         "dim": dim,
-        "distance": recmesh_vector::DISTANCE,
+        "mips_max_norm": ann::max_norm(&bundle),
         "m": opts.params.m,
         "ef_construct": opts.params.ef_construct,
         "quantize": opts.params.quantize,
@@ -363,27 +364,28 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let (anon_before, file_before) = rss_bytes();
     let t = Instant::now();
     let work = opts.dir.join("serving");
-    let mut index = EdgeIndex::open_copy(&shard, &work, opts.params.ef)?;
+    let norm = ann::max_norm(&bundle);
+    let mut index = Mips::new(EdgeIndex::open_copy(&shard, &work, opts.params.ef)?, norm);
     let open_s = t.elapsed().as_secs_f64();
     // (pass, which exact answers it is compared with: 0 plain, 1
     // filtered, 2 wide)
     let mut passes: Vec<(usize, Pass)> = Vec::new();
-    let search = |index: &EdgeIndex, q: &Query| -> anyhow::Result<Vec<u32>> {
-        Ok(index.search_now(q)?.iter().map(|h| h.id).collect())
+    let search = |index: &Mips<EdgeIndex>, q: &Query| -> anyhow::Result<Vec<u32>> {
+        Ok(index.search_blocking(q)?.iter().map(|h| h.id).collect())
     };
     for &ef in &opts.efs {
-        index.set_ef(ef);
-        index.set_acorn(None);
+        index.inner_mut().set_ef(ef);
+        index.inner_mut().set_acorn(None);
         let name = format!("qdrant-edge HNSW, ef {ef}");
         passes.push((0, timed(&name, &plain, |q| search(&index, q))?));
         for (truth, label, queries) in [(1, "filtered", &filtered), (2, "wide filter", &wide)] {
-            index.set_acorn(None);
+            index.inner_mut().set_acorn(None);
             passes.push((
                 truth,
                 timed(&format!("{name}, {label}"), queries, |q| search(&index, q))?,
             ));
             if let Some(acorn) = opts.acorn {
-                index.set_acorn(Some(acorn));
+                index.inner_mut().set_acorn(Some(acorn));
                 passes.push((
                     truth,
                     timed(
@@ -396,10 +398,18 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let engine_exact = timed("qdrant-edge exact scan", &plain, |q| {
-        Ok(index.search_exact(q)?.iter().map(|h| h.id).collect())
+        Ok(index
+            .search_with(q, EdgeIndex::search_exact)?
+            .iter()
+            .map(|h| h.id)
+            .collect())
     })?;
     let engine_exact_filtered = timed("qdrant-edge exact scan, filtered", &filtered, |q| {
-        Ok(index.search_exact(q)?.iter().map(|h| h.id).collect())
+        Ok(index
+            .search_with(q, EdgeIndex::search_exact)?
+            .iter()
+            .map(|h| h.id)
+            .collect())
     })?;
     let (anon_after, file_after) = rss_bytes();
     let anon = anon_after.saturating_sub(anon_before);
@@ -408,10 +418,14 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Brute force: recmesh's own scan (what served ANN before the index),
     // the exact answers recall is measured against.
-    let exact = ExactIndex::new(dim);
-    exact.upsert_now(ann::points(&bundle).collect())?;
+    let exact = Mips::new(ExactIndex::new(dim + 1), norm);
+    exact.inner().upsert_now(
+        ann::points(&bundle)
+            .map(|p| exact.augment_point("points", p))
+            .collect::<Result<_, _>>()?,
+    )?;
     let scan = |q: &Query| -> anyhow::Result<Vec<u32>> {
-        Ok(exact.search_now(q)?.iter().map(|h| h.id).collect())
+        Ok(exact.search_blocking(q)?.iter().map(|h| h.id).collect())
     };
     let brute = timed("brute force (recmesh scan)", &plain, scan)?;
     let brute_filtered = timed("brute force, filtered", &filtered, scan)?;
