@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use crate::{BoxFuture, Hit, Point, Query, VectorError, VectorIndex, check_dim, cosine};
+use crate::{BoxFuture, Hit, Point, Query, VectorError, VectorIndex, check_dim, cosine, dot};
 
 /// Every point in memory, scanned per query.
 #[derive(Debug)]
 pub struct ExactIndex {
     dim: usize,
+    /// Scores by dot product instead of cosine.
+    by_dot: bool,
     points: RwLock<Points>,
 }
 
@@ -24,7 +26,17 @@ impl ExactIndex {
     pub fn new(dim: usize) -> Self {
         ExactIndex {
             dim,
+            by_dot: false,
             points: RwLock::new(Points::default()),
+        }
+    }
+
+    /// An empty index of dimension `dim` that scores by dot product (what
+    /// [`crate::mips::Mips`] approximates; retrieval's exact scan).
+    pub fn by_dot_product(dim: usize) -> Self {
+        ExactIndex {
+            by_dot: true,
+            ..ExactIndex::new(dim)
         }
     }
 
@@ -57,7 +69,11 @@ impl ExactIndex {
             .filter(|p| query.filter.allows(p))
             .map(|p| Hit {
                 id: p.id,
-                score: cosine(&query.vector, &p.vector),
+                score: if self.by_dot {
+                    dot(&query.vector, &p.vector)
+                } else {
+                    cosine(&query.vector, &p.vector)
+                },
             })
             .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));

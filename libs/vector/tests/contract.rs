@@ -8,7 +8,7 @@
 
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
-use recmesh_vector::mips::{self, Mips};
+use recmesh_vector::mips::{Mips, MipsParams};
 use recmesh_vector::remote::{QdrantConfig, QdrantIndex};
 use recmesh_vector::{Filter, Hit, HnswParams, Point, Query, VectorError, VectorIndex, dot};
 
@@ -282,11 +282,16 @@ async fn edge_passes_the_contract() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The largest norm of the contract's points.
-fn contract_norm() -> f32 {
-    let all = points(200);
-    mips::max_norm(all.iter().map(|p| p.vector.as_slice()))
-}
+/// Both halves of [`Mips`] alone, each exact on the contract's 200 points:
+/// every point in the exactly scanned head; or none, with the index
+/// asked for every point (20 × 10) and rescored.
+const MIPS_SPLITS: [MipsParams; 2] = [
+    MipsParams {
+        head: 200,
+        fetch: 1,
+    },
+    MipsParams { head: 0, fetch: 20 },
+];
 
 /// Through [`Mips`], a backend answers by dot product: the brute-force
 /// dot product's answers, with its scores, under every filter.
@@ -327,18 +332,22 @@ async fn mips_contract(index: &dyn VectorIndex) {
 
 #[tokio::test]
 async fn exact_through_mips_ranks_by_dot_product() {
-    mips_contract(&Mips::new(ExactIndex::new(DIM + 1), contract_norm())).await;
+    for split in MIPS_SPLITS {
+        mips_contract(&Mips::new(ExactIndex::new(DIM), Vec::new(), split)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_through_mips_ranks_by_dot_product() {
-    let dir = scratch("mips");
-    let edge = EdgeIndex::create(&dir, DIM + 1, &HnswParams::default(), None)
-        .expect("the backend answers");
-    let index = Mips::new(edge, contract_norm());
-    mips_contract(&index).await;
-    drop(index);
-    let _ = std::fs::remove_dir_all(&dir);
+    for (n, split) in MIPS_SPLITS.into_iter().enumerate() {
+        let dir = scratch(&format!("mips-{n}"));
+        let edge = EdgeIndex::create(&dir, DIM, &HnswParams::default(), None)
+            .expect("the backend answers");
+        let index = Mips::new(edge, Vec::new(), split);
+        mips_contract(&index).await;
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// Everything in a directory, by relative path, with its bytes.
@@ -450,22 +459,22 @@ async fn qdrant_server_passes_the_contract() {
         .expect("the backend answers");
 
     // The same server through Mips, as retrieval uses it.
-    let mut config = QdrantConfig::new(
-        std::env::var("QDRANT_URL").unwrap_or_default(),
-        format!("{collection}-mips"),
-    );
-    config.api_key = std::env::var("QDRANT_API_KEY").ok();
-    config.search_timeout = std::time::Duration::from_secs(2);
-    let index = Mips::new(
-        QdrantIndex::connect(config, DIM + 1, &HnswParams::default())
+    for (n, split) in MIPS_SPLITS.into_iter().enumerate() {
+        let mut config = QdrantConfig::new(
+            std::env::var("QDRANT_URL").unwrap_or_default(),
+            format!("{collection}-mips-{n}"),
+        );
+        config.api_key = std::env::var("QDRANT_API_KEY").ok();
+        config.search_timeout = std::time::Duration::from_secs(2);
+        let remote = QdrantIndex::connect(config, DIM, &HnswParams::default())
             .await
-            .expect("the backend answers"),
-        contract_norm(),
-    );
-    mips_contract(&index).await;
-    index
-        .inner()
-        .delete_collection()
-        .await
-        .expect("the backend answers");
+            .expect("the backend answers");
+        let index = Mips::new(remote, Vec::new(), split);
+        mips_contract(&index).await;
+        index
+            .inner()
+            .delete_collection()
+            .await
+            .expect("the backend answers");
+    }
 }

@@ -44,7 +44,7 @@ use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use recmesh_vector::bundle as vector_bundle;
 use recmesh_vector::exact::ExactIndex;
-use recmesh_vector::mips::Mips;
+use recmesh_vector::mips::{Mips, MipsParams};
 use recmesh_vector::remote::{QdrantConfig, QdrantIndex};
 use recmesh_vector::{Hit, VectorIndex};
 use serde::{Deserialize, Serialize};
@@ -131,6 +131,11 @@ pub struct AnnConfig {
     /// Where serving copies of bundle shards go (empty: the system's
     /// temporary directory). Each is removed when its bundle is replaced.
     pub work_dir: String,
+    /// Longest item vectors scanned exactly by dot product; the rest are
+    /// found by cosine in the index and rescored (`recmesh_vector::mips`).
+    pub head: usize,
+    /// Index hits fetched per candidate wanted, for rescoring.
+    pub fetch: usize,
     /// Qdrant gRPC URL, e.g. `http://qdrant:6334` (backend `qdrant`).
     pub qdrant_url: String,
     /// File holding the Qdrant API key (empty: none).
@@ -139,6 +144,15 @@ pub struct AnnConfig {
     pub qdrant_collection_prefix: String,
     /// Client-side deadline of one Qdrant search, in ms.
     pub qdrant_timeout_ms: u64,
+}
+
+impl AnnConfig {
+    fn mips(&self) -> MipsParams {
+        MipsParams {
+            head: self.head,
+            fetch: self.fetch,
+        }
+    }
 }
 
 impl Default for AnnConfig {
@@ -150,6 +164,8 @@ impl Default for AnnConfig {
             // Filtered recall@100 0.57 → 0.83 at 1M items (docs/ann.md).
             acorn: 0.4,
             budget_ms: 25,
+            head: MipsParams::default().head,
+            fetch: MipsParams::default().fetch,
             work_dir: String::new(),
             qdrant_url: String::new(),
             qdrant_api_key_file: String::new(),
@@ -201,6 +217,7 @@ impl ServiceConfig for Config {
         at_least_one(&[
             ("ann.ef", self.ann.ef as u64),
             ("ann.budget_ms", self.ann.budget_ms),
+            ("ann.fetch", self.ann.fetch as u64),
             ("content_budget_ms", self.content_budget_ms),
             ("trending_poll_ms", self.trending_poll_ms),
             ("trending_page", u64::from(self.trending_page)),
@@ -297,7 +314,7 @@ impl Index {
             None | Some(0) => None,
             Some(dim) => Some(match config.backend {
                 AnnBackend::Exact => return Ok(Index::from_bundle(b)),
-                AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) == Ok(true) => {
+                AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) => {
                     let root = if config.work_dir.is_empty() {
                         std::env::temp_dir()
                             .join(format!("recmesh-retrieval-{}", std::process::id()))
@@ -305,19 +322,16 @@ impl Index {
                         std::path::PathBuf::from(&config.work_dir)
                     };
                     let work = root.join(&b.manifest.version);
-                    let mut index = vector_bundle::open(dir, &b.manifest, &work, config.ef)?;
+                    let mut index = vector_bundle::open(dir, &b, &work, config.ef, config.mips())?;
                     index
                         .inner_mut()
                         .set_acorn((config.acorn > 0.0).then_some(config.acorn));
                     Arc::new(index)
                 }
                 AnnBackend::Edge => {
-                    let why = vector_bundle::has_shard(&b.manifest)
-                        .err()
-                        .unwrap_or_else(|| "it has no vector index (ann/)".to_owned());
                     tracing::warn!(
                         bundle = %dir.display(),
-                        "{why}: its item vectors are scanned exactly; publish it again with this trainer for HNSW"
+                        "the bundle has no vector index (ann/): its item vectors are scanned exactly; publish it again with this trainer for HNSW"
                     );
                     return Ok(Index::from_bundle(b));
                 }
@@ -429,19 +443,17 @@ impl Index {
 /// without vectors).
 fn exact_index(b: &Bundle) -> Option<Arc<dyn VectorIndex>> {
     let f = b.factors.as_ref().filter(|f| f.factors > 0)?;
-    let index = Mips::new(ExactIndex::new(f.factors + 1), vector_bundle::max_norm(b));
+    let index = ExactIndex::by_dot_product(f.factors);
     // Every point comes from the bundle with the bundle's dimension.
-    vector_bundle::points(b)
-        .map(|p| index.augment_point("points", p))
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|points| index.inner().upsert_now(points))
+    index
+        .upsert_now(vector_bundle::points(b).collect())
         .unwrap_or_else(|e| unreachable!("bundle vectors have the bundle's dimension: {e}"));
     Some(Arc::new(index))
 }
 
 /// The Qdrant server collection for this bundle version, created and filled
-/// when it does not hold every item yet (runs on a blocking thread). It
-/// holds the vectors augmented for the dot product (`dim + 1`).
+/// when it does not hold every item yet (runs on a blocking thread),
+/// searched by dot product.
 fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<Mips<QdrantIndex>> {
     let mut q = QdrantConfig::new(
         &config.qdrant_url,
@@ -465,22 +477,19 @@ fn qdrant_index(b: &Bundle, dim: usize, config: &AnnConfig) -> anyhow::Result<Mi
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("the qdrant backend loads inside the service's runtime"))?;
     handle.block_on(async {
-        let index = Mips::new(
-            QdrantIndex::connect(q, dim + 1, &params).await?,
-            vector_bundle::max_norm(b),
-        );
+        let index = QdrantIndex::connect(q, dim, &params).await?;
         let stored = index.count().await?;
         let items = b.catalog.len();
         if stored != items {
             tracing::info!(
-                collection = index.inner().collection(),
+                collection = index.collection(),
                 stored,
                 items,
                 "uploading item vectors to Qdrant"
             );
             index.upsert(vector_bundle::points(b).collect()).await?;
         }
-        Ok::<_, anyhow::Error>(index)
+        Ok::<_, anyhow::Error>(Mips::new(index, vector_bundle::points(b), config.mips()))
     })
 }
 

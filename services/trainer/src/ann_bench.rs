@@ -12,7 +12,7 @@ use recmesh_catalog::Dataset;
 use recmesh_catalog::bundle::{Bundle, Factors, Lists, Manifest};
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
-use recmesh_vector::mips::Mips;
+use recmesh_vector::mips::{Mips, MipsParams};
 use recmesh_vector::{Filter, HnswParams, Query, VectorIndex, bundle as ann};
 use serde::Serialize;
 
@@ -31,6 +31,10 @@ pub struct BenchOptions {
     /// ACORN's selectivity cut-off for the second filtered pass of each ef
     /// (`None`: only the plain filtered pass).
     pub acorn: Option<f64>,
+    /// Dot-product search settings of every pass (the served ones).
+    pub mips: MipsParams,
+    /// Head sizes and fetch factors swept at the first ef, unfiltered.
+    pub sweep: Vec<MipsParams>,
     /// Queries (distinct users).
     pub queries: usize,
     /// Hits per query (recall@k).
@@ -77,6 +81,11 @@ pub struct BenchReport {
     /// Filtered queries matching at most this many KB of vectors are
     /// scanned exactly.
     pub full_scan_kb: usize,
+    /// Longest item vectors scanned exactly by dot product (every pass
+    /// but the sweep).
+    pub mips_head: usize,
+    /// Index hits fetched per result, for rescoring.
+    pub mips_fetch: usize,
     /// ALS training time, s.
     pub als_s: f64,
     /// Load and HNSW build time, s (0 when reused).
@@ -281,7 +290,6 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let stamp = serde_json::json!({
         "items": items,
         "dim": dim,
-        "mips_max_norm": ann::max_norm(&bundle),
         "m": opts.params.m,
         "ef_construct": opts.params.ef_construct,
         "quantize": opts.params.quantize,
@@ -364,8 +372,21 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let (anon_before, file_before) = rss_bytes();
     let t = Instant::now();
     let work = opts.dir.join("serving");
-    let norm = ann::max_norm(&bundle);
-    let mut index = Mips::new(EdgeIndex::open_copy(&shard, &work, opts.params.ef)?, norm);
+    // Kept for the sweep: the longest head any pass uses.
+    let longest = opts
+        .sweep
+        .iter()
+        .map(|p| p.head)
+        .fold(opts.mips.head, usize::max);
+    let mut index = Mips::new(
+        EdgeIndex::open_copy(&shard, &work, opts.params.ef)?,
+        ann::points(&bundle),
+        MipsParams {
+            head: longest,
+            ..opts.mips
+        },
+    );
+    index.set_params(opts.mips);
     let open_s = t.elapsed().as_secs_f64();
     // (pass, which exact answers it is compared with: 0 plain, 1
     // filtered, 2 wide)
@@ -397,20 +418,37 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             }
         }
     }
-    let engine_exact = timed("qdrant-edge exact scan", &plain, |q| {
+    if let Some(&ef) = opts.efs.first() {
+        index.inner_mut().set_ef(ef);
+        index.inner_mut().set_acorn(None);
+        for &p in &opts.sweep {
+            index.set_params(p);
+            let name = format!(
+                "qdrant-edge HNSW, ef {ef}, head {}, fetch {}×",
+                p.head, p.fetch
+            );
+            passes.push((0, timed(&name, &plain, |q| search(&index, q))?));
+        }
+        index.set_params(opts.mips);
+    }
+    let engine_exact = timed("qdrant-edge exact scan (cosine, rescored)", &plain, |q| {
         Ok(index
             .search_with(q, EdgeIndex::search_exact)?
             .iter()
             .map(|h| h.id)
             .collect())
     })?;
-    let engine_exact_filtered = timed("qdrant-edge exact scan, filtered", &filtered, |q| {
-        Ok(index
-            .search_with(q, EdgeIndex::search_exact)?
-            .iter()
-            .map(|h| h.id)
-            .collect())
-    })?;
+    let engine_exact_filtered = timed(
+        "qdrant-edge exact scan (cosine, rescored), filtered",
+        &filtered,
+        |q| {
+            Ok(index
+                .search_with(q, EdgeIndex::search_exact)?
+                .iter()
+                .map(|h| h.id)
+                .collect())
+        },
+    )?;
     let (anon_after, file_after) = rss_bytes();
     let anon = anon_after.saturating_sub(anon_before);
     let file = file_after.saturating_sub(file_before);
@@ -418,12 +456,8 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Brute force: recmesh's own scan (what served ANN before the index),
     // the exact answers recall is measured against.
-    let exact = Mips::new(ExactIndex::new(dim + 1), norm);
-    exact.inner().upsert_now(
-        ann::points(&bundle)
-            .map(|p| exact.augment_point("points", p))
-            .collect::<Result<_, _>>()?,
-    )?;
+    let exact = ExactIndex::by_dot_product(dim);
+    exact.upsert_now(ann::points(&bundle).collect())?;
     let scan = |q: &Query| -> anyhow::Result<Vec<u32>> {
         Ok(exact.search_blocking(q)?.iter().map(|h| h.id).collect())
     };
@@ -456,6 +490,8 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         quantize: opts.params.quantize,
         on_disk: opts.params.on_disk,
         full_scan_kb: opts.params.full_scan_kb,
+        mips_head: opts.mips.head,
+        mips_fetch: opts.mips.fetch,
         als_s,
         build_s,
         open_s,
@@ -474,7 +510,7 @@ impl BenchReport {
     pub fn markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
-            "{} items × {} dims; HNSW m {}, ef_construct {}, int8 {}, on-disk vectors {}, exact below {} KB of matching vectors; ALS {:.1}s, build {:.1}s, open {:.2}s; resident {:.0} B/item ({:.2} KiB: {:.0} anonymous, {:.0} file-backed), disk {:.0} B/item; {} user queries, recall@{}\n\n| mode | recall@{} | with ties | p50 µs | p99 µs | QPS (1 thread) |\n|---|---|---|---|---|---|\n",
+            "{} items × {} dims; HNSW m {}, ef_construct {}, int8 {}, on-disk vectors {}, exact below {} KB of matching vectors; dot product: head {}, fetch {}×; ALS {:.1}s, build {:.1}s, open {:.2}s; resident {:.0} B/item ({:.2} KiB: {:.0} anonymous, {:.0} file-backed), disk {:.0} B/item; {} user queries, recall@{}\n\n| mode | recall@{} | with ties | p50 µs | p99 µs | QPS (1 thread) |\n|---|---|---|---|---|---|\n",
             self.items,
             self.dim,
             self.m,
@@ -482,6 +518,8 @@ impl BenchReport {
             self.quantize,
             self.on_disk,
             self.full_scan_kb,
+            self.mips_head,
+            self.mips_fetch,
             self.als_s,
             self.build_s,
             self.open_s,

@@ -300,6 +300,20 @@ enum Command {
         /// cut-off (0..=1); a negative value skips that pass.
         #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
         acorn: f64,
+        /// Longest item vectors scanned exactly by dot product (the
+        /// rest are found by cosine and rescored).
+        #[arg(long, default_value_t = recmesh_vector::mips::MipsParams::default().head)]
+        head: usize,
+        /// Index hits fetched per result, for rescoring.
+        #[arg(long, default_value_t = recmesh_vector::mips::MipsParams::default().fetch)]
+        fetch: usize,
+        /// Also run unfiltered passes at the first ef for each of these
+        /// head sizes...
+        #[arg(long, value_delimiter = ',')]
+        sweep_head: Vec<usize>,
+        /// ...with each of these fetch factors.
+        #[arg(long, value_delimiter = ',')]
+        sweep_fetch: Vec<usize>,
         /// User queries.
         #[arg(long, default_value_t = 1000)]
         queries: usize,
@@ -488,12 +502,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reuse,
             ef,
             acorn,
+            head,
+            fetch,
+            sweep_head,
+            sweep_fetch,
             queries,
             top,
             factors,
             iterations,
             report,
         } => {
+            let mips = |head, fetch| recmesh_vector::mips::MipsParams { head, fetch };
             let data = input.read()?;
             let opts = recmesh_trainer::ann_bench::BenchOptions {
                 dir,
@@ -501,6 +520,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 params: ann.params(ef.first().copied().unwrap_or(128))?,
                 efs: ef,
                 acorn: (acorn >= 0.0).then_some(acorn),
+                mips: mips(head, fetch.max(1)),
+                sweep: sweep_head
+                    .iter()
+                    .flat_map(|&h| sweep_fetch.iter().map(move |&f| mips(h, f.max(1))))
+                    .collect(),
                 queries,
                 k: top,
                 als: recmesh_algo::als::AlsParams {
