@@ -1,7 +1,7 @@
 //! Exact search: a scan over every vector. The recall baseline, and the
 //! index when none was built.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
 use crate::{BoxFuture, Hit, Point, Query, VectorError, VectorIndex, check_dim, cosine, dot};
@@ -63,10 +63,11 @@ impl ExactIndex {
     pub fn search_now(&self, query: &Query) -> Result<Vec<Hit>, VectorError> {
         check_dim("query.vector", self.dim, &query.vector)?;
         let all = self.points.read().unwrap_or_else(|p| p.into_inner());
+        let excluded: HashSet<u32> = query.filter.exclude.iter().copied().collect();
         let mut hits: Vec<Hit> = all
             .rows
             .iter()
-            .filter(|p| query.filter.allows(p))
+            .filter(|p| !excluded.contains(&p.id) && query.filter.allows_payload(p))
             .map(|p| Hit {
                 id: p.id,
                 score: if self.by_dot {

@@ -80,12 +80,17 @@ pub struct Filter {
 impl Filter {
     /// True when `p` passes (the reference semantics every backend follows).
     pub fn allows(&self, p: &Point) -> bool {
+        self.allows_payload(p) && !self.exclude.contains(&p.id)
+    }
+
+    /// True when `p`'s payload passes, exclusions aside: a scan checks
+    /// those in a set, since they run to thousands of ids (a history).
+    pub fn allows_payload(&self, p: &Point) -> bool {
         (self.categories.is_empty() || self.categories.contains(&p.category))
             && (!self.in_stock_only || p.in_stock)
             && (self.min_price <= 0.0 || p.price >= self.min_price)
             && (self.max_price <= 0.0 || p.price <= self.max_price)
             && self.created_since.is_none_or(|t| p.created_at >= t)
-            && !self.exclude.contains(&p.id)
     }
 
     /// True when nothing is filtered.
@@ -250,20 +255,5 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Inner product (eight partial sums, so the compiler can use SIMD lanes).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+/// Inner product: ALS's own, so the index scores exactly as the model.
+pub use recmesh_algo::als::similarity as dot;

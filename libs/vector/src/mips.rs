@@ -128,11 +128,6 @@ impl<I: VectorIndex> Mips<I> {
         &mut self.tail
     }
 
-    /// Head and tail settings.
-    pub fn params(&self) -> MipsParams {
-        self.params
-    }
-
     /// Uses the `head` longest vectors already kept (fewer: as many as
     /// there are) and fetches `fetch` tail hits per result.
     pub fn set_params(&mut self, params: MipsParams) {
@@ -181,15 +176,11 @@ impl<I: VectorIndex> Mips<I> {
         let head = &state.head[..self.params.head.min(state.head.len())];
         // Exclusion lists run to thousands of ids (a user's history).
         let excluded: HashSet<u32> = query.filter.exclude.iter().copied().collect();
-        let filter = crate::Filter {
-            exclude: Vec::new(),
-            ..query.filter.clone()
-        };
         let dim = query.vector.len().max(1);
         let mut hits: Vec<Hit> = head
             .iter()
             .zip(state.head_vectors.chunks_exact(dim))
-            .filter(|(p, _)| !excluded.contains(&p.id) && filter.allows(p))
+            .filter(|(p, _)| !excluded.contains(&p.id) && query.filter.allows_payload(p))
             .map(|(p, v)| Hit {
                 id: p.id,
                 score: dot(&query.vector, v),

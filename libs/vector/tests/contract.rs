@@ -446,10 +446,13 @@ async fn qdrant_server_passes_the_contract() {
         return;
     };
     let collection = format!("recmesh-contract-{}", std::process::id());
-    let mut config = QdrantConfig::new(url, &collection);
-    config.api_key = std::env::var("QDRANT_API_KEY").ok();
-    config.search_timeout = std::time::Duration::from_secs(2);
-    let index = QdrantIndex::connect(config, DIM, &HnswParams::default())
+    let config = |name: String| {
+        let mut config = QdrantConfig::new(&url, name);
+        config.api_key = std::env::var("QDRANT_API_KEY").ok();
+        config.search_timeout = std::time::Duration::from_secs(2);
+        config
+    };
+    let index = QdrantIndex::connect(config(collection.clone()), DIM, &HnswParams::default())
         .await
         .expect("the backend answers");
     contract(&index).await;
@@ -460,13 +463,8 @@ async fn qdrant_server_passes_the_contract() {
 
     // The same server through Mips, as retrieval uses it.
     for (n, split) in MIPS_SPLITS.into_iter().enumerate() {
-        let mut config = QdrantConfig::new(
-            std::env::var("QDRANT_URL").unwrap_or_default(),
-            format!("{collection}-mips-{n}"),
-        );
-        config.api_key = std::env::var("QDRANT_API_KEY").ok();
-        config.search_timeout = std::time::Duration::from_secs(2);
-        let remote = QdrantIndex::connect(config, DIM, &HnswParams::default())
+        let name = format!("{collection}-mips-{n}");
+        let remote = QdrantIndex::connect(config(name), DIM, &HnswParams::default())
             .await
             .expect("the backend answers");
         let index = Mips::new(remote, Vec::new(), split);

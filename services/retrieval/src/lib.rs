@@ -161,7 +161,8 @@ impl Default for AnnConfig {
             backend: AnnBackend::Edge,
             // recall@100 ≥ 0.95 on user vectors at 1M items (docs/ann.md).
             ef: 128,
-            // Filtered recall@100 0.57 → 0.83 at 1M items (docs/ann.md).
+            // Filtered recall@100 0.54 → 0.77 at 1M items under cosine ranking;
+            // no change measured under the dot-product split (docs/ann.md).
             acorn: 0.4,
             budget_ms: 25,
             head: MipsParams::default().head,
