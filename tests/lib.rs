@@ -183,6 +183,15 @@ impl TestMesh {
 
     /// [`TestMesh::start`] with stage configs adjusted by `adjust` first.
     pub async fn start_with(adjust: impl FnOnce(&mut recmesh::StageConfigs)) -> Self {
+        Self::start_configured(adjust, |_| {}).await
+    }
+
+    /// [`TestMesh::start_with`], and `gateway` adjusts the gateway's config
+    /// last (its upstreams already point at the proxies).
+    pub async fn start_configured(
+        adjust: impl FnOnce(&mut recmesh::StageConfigs),
+        gateway: impl FnOnce(&mut recmesh_gateway::Config),
+    ) -> Self {
         let data = Arc::new(test_data());
         let mut configs = recmesh::StageConfigs::default();
         configs.ranking.features_budget_ms *= BUDGET_SCALE;
@@ -226,6 +235,7 @@ impl TestMesh {
             ranking: uri("ranking"),
             reranker: uri("rerank"),
         };
+        gateway(&mut config);
         let gateway = recmesh_gateway::server(config, &data)
             .expect("gateway config")
             .start()

@@ -9,7 +9,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod convert;
+
+pub use balance::{BalanceConfig, Balanced};
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -232,9 +235,7 @@ fn jitter_draw() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let mut z = u64::from(nanos).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z ^= z >> 31;
+    let z = recmesh_server::layers::splitmix64(u64::from(nanos));
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -283,6 +284,61 @@ where
             }
             other => return (other, retries),
         }
+    }
+}
+
+/// What a [`hedged`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hedge {
+    /// The first call ended before the delay: no hedge.
+    NotSent,
+    /// A hedge was sent and the first call answered first.
+    FirstWon,
+    /// A hedge was sent and answered first.
+    HedgeWon,
+}
+
+impl Hedge {
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Hedge::NotSent => "not_sent",
+            Hedge::FirstWon => "first_won",
+            Hedge::HedgeWon => "hedge_won",
+        }
+    }
+}
+
+/// Runs `call`; when it has not ended after `after`, runs it a second time
+/// (on a balanced client, p2c sends it to another instance: the first
+/// one has a call more in flight) and returns the first success, else the
+/// last failure. The loser is dropped, which cancels it. `after` zero: one
+/// call, no hedge. Only for idempotent reads.
+pub async fn hedged<T, F, Fut>(after: Duration, mut call: F) -> (Result<T, tonic::Status>, Hedge)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let first = call();
+    if after.is_zero() {
+        return (first.await, Hedge::NotSent);
+    }
+    tokio::pin!(first);
+    tokio::select! {
+        r = &mut first => return (r, Hedge::NotSent),
+        () = tokio::time::sleep(after) => {}
+    }
+    let second = call();
+    tokio::pin!(second);
+    tokio::select! {
+        r = &mut first => match r {
+            Ok(v) => (Ok(v), Hedge::FirstWon),
+            Err(_) => (second.await, Hedge::HedgeWon),
+        },
+        r = &mut second => match r {
+            Ok(v) => (Ok(v), Hedge::HedgeWon),
+            Err(_) => (first.await, Hedge::FirstWon),
+        },
     }
 }
 
@@ -360,6 +416,55 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert_eq!((retries, calls.get()), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_slow_call_is_hedged_and_the_first_answer_wins() {
+        // Attempt 0 takes 60 s (it is dropped when the hedge wins), attempt 1
+        // answers at once.
+        let n = std::cell::Cell::new(0u32);
+        let call = || {
+            let i = n.get();
+            n.set(i + 1);
+            async move {
+                if i == 0 {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok::<u32, tonic::Status>(i)
+            }
+        };
+        let (r, h) = hedged(Duration::from_millis(10), call).await;
+        assert_eq!((r.ok(), h, n.get()), (Some(1), Hedge::HedgeWon, 2));
+
+        // Fast enough: no hedge.
+        let n = std::cell::Cell::new(0u32);
+        let (r, h) = hedged(Duration::from_millis(10), || {
+            n.set(n.get() + 1);
+            async { Ok::<u32, tonic::Status>(7) }
+        })
+        .await;
+        assert_eq!((r.ok(), h, n.get()), (Some(7), Hedge::NotSent, 1));
+
+        // The hedge fails at once: the first call's answer is awaited.
+        let n = std::cell::Cell::new(0u32);
+        let (r, h) = hedged(Duration::from_millis(10), || {
+            let i = n.get();
+            n.set(i + 1);
+            async move {
+                if i == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(i)
+                } else {
+                    Err(tonic::Status::unavailable("refused"))
+                }
+            }
+        })
+        .await;
+        assert_eq!((r.ok(), h), (Some(0), Hedge::FirstWon));
+
+        // Zero delay: never hedged.
+        let (r, h) = hedged(Duration::ZERO, || async { Ok::<u32, tonic::Status>(3) }).await;
+        assert_eq!((r.ok(), h), (Some(3), Hedge::NotSent));
     }
 
     #[test]

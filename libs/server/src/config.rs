@@ -172,6 +172,76 @@ pub struct ServerConfig {
     /// How long in-flight calls may take to finish after SIGTERM before the
     /// server closes their connections anyway.
     pub drain_timeout_ms: u64,
+    /// Registration with a Consul agent (off unless `agent` is set).
+    pub consul: ConsulRegistration,
+}
+
+/// Registration of this instance with a Consul agent: registered with a
+/// gRPC health check once serving, deregistered when draining starts (a
+/// process killed with -9 is removed by Consul after `deregister_after_s`
+/// of failing checks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsulRegistration {
+    /// Agent address, `http://host:port`; empty: do not register.
+    pub agent: String,
+    /// Service name to register under; empty: `recmesh-<service>`, e.g.
+    /// `recmesh-retrieval` (what the gateway's `consul://` upstreams name).
+    pub service: String,
+    /// `host:port` peers and the health check dial; empty: `server.grpc_addr`,
+    /// or when that listens on every interface, `$POD_IP` (else
+    /// `$HOSTNAME`) with its port.
+    pub advertise: String,
+    /// ACL token (`X-Consul-Token`); empty: none.
+    pub token: String,
+    /// Interval of the gRPC health check, seconds.
+    pub check_interval_s: u64,
+    /// Consul deregisters an instance whose check has failed this long, seconds.
+    pub deregister_after_s: u64,
+}
+
+impl Default for ConsulRegistration {
+    fn default() -> Self {
+        ConsulRegistration {
+            agent: String::new(),
+            service: String::new(),
+            advertise: String::new(),
+            token: String::new(),
+            check_interval_s: 5,
+            deregister_after_s: 60,
+        }
+    }
+}
+
+impl ConsulRegistration {
+    /// Checks the settings (nothing to check when off).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.agent.is_empty() {
+            return Ok(());
+        }
+        crate::consul::Consul::new(&self.agent, &self.token)
+            .map_err(|e| ConfigError::invalid("server.consul.agent", e.to_string()))?;
+        if !self.advertise.is_empty() && !self.advertise.contains(':') {
+            return Err(ConfigError::invalid(
+                "server.consul.advertise",
+                format!("`{}` must be host:port", self.advertise),
+            ));
+        }
+        if self.check_interval_s == 0 {
+            return Err(ConfigError::invalid(
+                "server.consul.check_interval_s",
+                "must be at least 1",
+            ));
+        }
+        if self.deregister_after_s < 60 {
+            // Consul's own minimum for DeregisterCriticalServiceAfter.
+            return Err(ConfigError::invalid(
+                "server.consul.deregister_after_s",
+                "must be at least 60 (Consul's minimum)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -225,7 +295,7 @@ impl ServerConfig {
                 format!("must differ from server.grpc_addr ({})", self.grpc_addr),
             ));
         }
-        Ok(())
+        self.consul.validate()
     }
 }
 
@@ -241,6 +311,7 @@ impl Default for ServerConfig {
             // would push latency past the 200 ms SLO.
             max_concurrency: 1_024,
             drain_timeout_ms: 5_000,
+            consul: ConsulRegistration::default(),
         }
     }
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod consul;
 pub mod layers;
 pub mod telemetry;
 
@@ -214,6 +215,10 @@ impl GrpcServer {
                 drain_rx.await.ok();
             });
         tracing::info!(service = name, %grpc_addr, %admin_addr, "serving");
+        let registration = consul_registration(name, &config.consul, grpc_addr);
+        let registering = registration
+            .clone()
+            .map(|(consul, r)| tokio::spawn(register(consul, r)));
 
         tokio::pin!(server);
         let result = tokio::select! {
@@ -226,6 +231,18 @@ impl GrpcServer {
                     health.set_service_status(*svc, ServingStatus::NotServing).await;
                 }
                 health.set_service_status("", ServingStatus::NotServing).await;
+                // Leave discovery before draining, so clients stop picking
+                // this instance while its in-flight calls finish.
+                if let Some(task) = registering {
+                    task.abort();
+                }
+                if let Some((consul, r)) = &registration {
+                    match consul.deregister(&r.id).await {
+                        Ok(()) => tracing::info!(service = name, id = %r.id, "deregistered from consul"),
+                        Err(e) => tracing::warn!(service = name, id = %r.id, error = %e,
+                            "consul deregistration failed; consul removes the instance once its check fails"),
+                    }
+                }
                 tracing::info!(service = name, drain_ms = config.drain_timeout_ms, "draining");
                 for f in on_drain {
                     f();
@@ -416,6 +433,74 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::E
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent and the registration of this instance, when registration is on.
+fn consul_registration(
+    name: &str,
+    config: &config::ConsulRegistration,
+    grpc_addr: SocketAddr,
+) -> Option<(consul::Consul, consul::Registration)> {
+    if config.agent.is_empty() {
+        return None;
+    }
+    let agent = match consul::Consul::new(&config.agent, &config.token) {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::error!(service = name, error = %e, "server.consul.agent: not registering");
+            return None;
+        }
+    };
+    let advertise = if !config.advertise.is_empty() {
+        config.advertise.clone()
+    } else if !grpc_addr.ip().is_unspecified() {
+        grpc_addr.to_string()
+    } else {
+        let host = std::env::var("POD_IP")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "127.0.0.1".to_owned());
+        consul::join_host_port(&host, grpc_addr.port())
+    };
+    let (host, port) = advertise.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let service = if config.service.is_empty() {
+        format!("recmesh-{name}")
+    } else {
+        config.service.clone()
+    };
+    Some((
+        agent,
+        consul::Registration {
+            id: format!("{service}-{host}-{port}"),
+            name: service,
+            address: host.to_owned(),
+            port,
+            check: consul::Check {
+                grpc: advertise.clone(),
+                grpc_use_tls: false,
+                interval: format!("{}s", config.check_interval_s),
+                timeout: "2s".to_owned(),
+                deregister_critical_service_after: format!("{}s", config.deregister_after_s),
+            },
+        },
+    ))
+}
+
+/// Registers until the agent accepts (it may start after us), every 2 s.
+async fn register(consul: consul::Consul, r: consul::Registration) {
+    loop {
+        match consul.register(&r).await {
+            Ok(()) => {
+                tracing::info!(id = %r.id, service = %r.name, agent = consul.agent(), "registered with consul");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(id = %r.id, error = %e, "consul registration failed; retrying in 2 s");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
         }
     }
 }

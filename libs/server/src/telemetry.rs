@@ -159,6 +159,26 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "candidates lists scored, by model version",
     ),
     (
+        "recmesh_gateway_hedges_total",
+        Kind::Counter,
+        "hedged stage calls (a second call after hedge.retrieval_after_ms), by stage and which answered first",
+    ),
+    (
+        "recmesh_upstream_instances",
+        Kind::Gauge,
+        "instances of an upstream known to discovery, by upstream (config key)",
+    ),
+    (
+        "recmesh_upstream_ejections_total",
+        Kind::Counter,
+        "instances ejected from balancing after consecutive failures, by upstream",
+    ),
+    (
+        "recmesh_upstream_discovery_errors_total",
+        Kind::Counter,
+        "failed DNS resolutions or Consul queries (the last instance set is kept), by upstream",
+    ),
+    (
         "recmesh_gateway_retries_total",
         Kind::Counter,
         "retries of idempotent stage reads after a transport failure, by stage and final outcome",

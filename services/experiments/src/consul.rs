@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use recmesh_server::config::ConfigError;
+use recmesh_server::consul::Consul;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Experiments;
 use crate::model::{ExperimentDef, Refused};
@@ -63,8 +63,8 @@ impl ConsulConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.enabled() {
-            host_port(&self.address)
-                .map_err(|reason| ConfigError::invalid("consul.address", reason))?;
+            Consul::new(&self.address, &self.token)
+                .map_err(|e| ConfigError::invalid("consul.address", e.to_string()))?;
             if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
                     "consul.prefix",
@@ -77,21 +77,6 @@ impl ConsulConfig {
         }
         Ok(())
     }
-}
-
-fn host_port(address: &str) -> Result<String, String> {
-    let rest = address
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{address}`: must start with http:// (TLS is not supported)"))?;
-    let host = rest.trim_end_matches('/');
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("`{address}`: expected http://host:port"));
-    }
-    Ok(if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:8500")
-    })
 }
 
 /// One entry of a KV listing, as Consul documents it.
@@ -127,91 +112,6 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
-}
-
-/// A Consul answer: status, `X-Consul-Index`, body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    index: Option<u64>,
-    body: Vec<u8>,
-}
-
-/// One HTTP/1.1 GET (`Connection: close`), with chunked bodies decoded.
-async fn get(host: &str, path: &str, token: &str, timeout: Duration) -> Result<Answer, String> {
-    let call = async {
-        let mut stream = tokio::net::TcpStream::connect(host)
-            .await
-            .map_err(|e| format!("connect {host}: {e}"))?;
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-        if !token.is_empty() {
-            request.push_str(&format!("X-Consul-Token: {token}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| e.to_string())?;
-        parse_response(&raw)
-    };
-    tokio::time::timeout(timeout, call)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
-}
-
-fn parse_response(raw: &[u8]) -> Result<Answer, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status line")?;
-    let (mut index, mut chunked) = (None, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("x-consul-index") {
-            index = value.parse().ok();
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.eq_ignore_ascii_case("chunked");
-        }
-    }
-    let mut body = raw[split + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body).ok_or("malformed chunked body")?;
-    }
-    Ok(Answer {
-        status,
-        index,
-        body,
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
 }
 
 /// What one listing did.
@@ -294,7 +194,7 @@ async fn apply(
 /// Watches the prefix until the process ends.
 pub fn spawn_watch(config: ConsulConfig, state: Experiments) {
     tokio::spawn(async move {
-        let Ok(host) = host_port(&config.address) else {
+        let Ok(consul) = Consul::new(&config.address, &config.token) else {
             return; // refused by validate() before this runs
         };
         let mut index: u64 = 0;
@@ -307,7 +207,7 @@ pub fn spawn_watch(config: ConsulConfig, state: Experiments) {
             );
             // Consul adds up to wait/16 of jitter to a blocking query.
             let timeout = Duration::from_secs(config.wait_s + config.wait_s / 16 + 5);
-            let answer = match get(&host, &path, &config.token, timeout).await {
+            let answer = match consul.call("GET", &path, &[], timeout).await {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(address = %config.address, error = %e, "consul: query failed; retrying");
@@ -360,30 +260,25 @@ pub fn spawn_watch(config: ConsulConfig, state: Experiments) {
 mod tests {
     use super::*;
     use crate::Config;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     #[test]
-    fn base64_and_chunked_decoding() {
+    fn base64_decoding() {
         assert_eq!(
             base64_decode("aGVsbG8gd29ybGQ=").as_deref(),
             Some(&b"hello world"[..])
         );
         assert_eq!(base64_decode("YQ").as_deref(), Some(&b"a"[..]));
         assert!(base64_decode("a*b").is_none());
-        assert_eq!(
-            dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_deref(),
-            Some(&b"hello world"[..])
+        assert!(
+            ConsulConfig {
+                address: "https://consul".into(),
+                ..ConsulConfig::default()
+            }
+            .validate()
+            .is_err()
         );
-        assert!(dechunk(b"5\r\nhel").is_none());
-        let a =
-            parse_response(b"HTTP/1.1 404 Not Found\r\nX-Consul-Index: 7\r\n\r\n").expect("parses");
-        assert_eq!((a.status, a.index), (404, Some(7)));
-        assert_eq!(
-            host_port("http://consul:8500/").as_deref(),
-            Ok("consul:8500")
-        );
-        assert_eq!(host_port("http://consul").as_deref(), Ok("consul:8500"));
-        assert!(host_port("https://consul").is_err());
     }
 
     fn encode(bytes: &[u8]) -> String {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use recmesh_catalog::files::DataSource;
-use recmesh_mesh::check_address;
+use recmesh_mesh::balance::{BalanceConfig, Source};
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +35,10 @@ pub struct Config {
     /// not retried: their requests carry every candidate, and their
     /// fallbacks cost nothing.
     pub retry: recmesh_mesh::RetryPolicy,
+    /// Hedged retrieval calls.
+    pub hedge: HedgeConfig,
+    /// Discovery of the upstreams' instances, balancing and ejection.
+    pub balance: BalanceConfig,
     /// The popularity lists the gateway answers from when retrieval fails.
     pub popularity: PopularityConfig,
     /// Dataset the popularity lists are seeded from at start, so the gateway
@@ -53,13 +57,34 @@ impl Default for Config {
             exposures: ExposureConfig::default(),
             adaptive: AdaptiveConfig::default(),
             retry: recmesh_mesh::RetryPolicy::default(),
+            hedge: HedgeConfig::default(),
+            balance: BalanceConfig::default(),
             popularity: PopularityConfig::default(),
             data: DataSource::default(),
         }
     }
 }
 
-/// Addresses of the stage services (`http://host:port`).
+/// Hedging: when retrieval has not answered `retrieval_after_ms` into its
+/// call, a second call is sent (to another instance when there is one,
+/// see [`BalanceConfig`]) and the first answer wins; the other is
+/// cancelled. It trades a little load for the tail of a slow instance.
+///
+/// Off by default: with one instance per stage a hedge only doubles the
+/// work of an overloaded retrieval. Set it near retrieval's p95 when it runs
+/// more than one instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgeConfig {
+    /// Delay before the hedge, ms; 0: no hedging.
+    pub retrieval_after_ms: u64,
+}
+
+
+/// Addresses of the stage services: `http://host:port` (a comma-separated
+/// list for several instances), `dns://host:port` (every address the name
+/// resolves to, re-resolved; a Kubernetes headless service) or
+/// `consul://service` (the passing instances Consul knows).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upstreams {
@@ -274,7 +299,19 @@ impl ServiceConfig for Config {
             ("upstreams.ranking", &u.ranking),
             ("upstreams.reranker", &u.reranker),
         ] {
-            check_address(key, addr)?;
+            Source::parse(key, addr)?;
+        }
+        self.balance.validate("balance")?;
+        if self.hedge.retrieval_after_ms >= self.budgets.retrieval_ms
+            && self.hedge.retrieval_after_ms > 0
+        {
+            return Err(ConfigError::invalid(
+                "hedge.retrieval_after_ms",
+                format!(
+                    "must be below budgets.retrieval_ms ({}), or the hedge is never sent",
+                    self.budgets.retrieval_ms
+                ),
+            ));
         }
         if self.adaptive.enabled {
             recmesh_server::config::at_least_one(&[

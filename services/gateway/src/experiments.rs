@@ -5,11 +5,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use recmesh_mesh::Balanced;
 use recmesh_proto::v1::{
     self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient,
 };
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use crate::cache::ResponseCache;
 use crate::config::ExposureConfig;
@@ -18,7 +18,7 @@ use crate::config::ExposureConfig;
 /// different from the last one seen drops the whole response cache. A broken
 /// stream is reopened after a short pause; the first message of a new
 /// stream is the current version, so a change made meanwhile is not missed.
-pub fn watch_version(mut client: ExperimentsClient<Channel>, cache: ResponseCache) {
+pub fn watch_version(mut client: ExperimentsClient<Balanced>, cache: ResponseCache) {
     tokio::spawn(async move {
         let mut last: Option<u64> = None;
         loop {
@@ -49,7 +49,7 @@ pub fn watch_version(mut client: ExperimentsClient<Channel>, cache: ResponseCach
 
 /// Starts the exposure sender; returns its queue.
 pub fn spawn_exposure_log(
-    mut client: FeaturesClient<Channel>,
+    mut client: FeaturesClient<Balanced>,
     config: &ExposureConfig,
 ) -> mpsc::Sender<pb::Exposure> {
     let (tx, mut rx) = mpsc::channel::<pb::Exposure>(config.queue.max(1));

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use recmesh_algo::popularity;
 use recmesh_catalog::{Catalog, Dataset};
+use recmesh_mesh::Balanced;
 use recmesh_mesh::convert::attributes;
 use recmesh_proto::v1::{self as pb, retrieval_client::RetrievalClient};
-use tonic::transport::Channel;
 
 /// Source name of fallback candidates.
 pub const SOURCE: &str = "popular";
@@ -185,7 +185,7 @@ pub type SharedLists = Arc<RwLock<Arc<PopularityLists>>>;
 /// them is dropped.
 pub fn spawn_refresh(
     lists: &SharedLists,
-    retrieval: RetrievalClient<Channel>,
+    retrieval: RetrievalClient<Balanced>,
     every: Duration,
     overall: u32,
     per_category: u32,

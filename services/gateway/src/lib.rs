@@ -34,7 +34,8 @@ use recmesh_algo::rules::{HardFilters, select};
 use recmesh_catalog::Dataset;
 use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
 use recmesh_mesh::{
-    CallError, Deadline, RetryPolicy, bounded, bounded_retry, lazy_channel, outgoing, request_id,
+    Balanced, CallError, Deadline, Hedge, RetryPolicy, bounded, bounded_retry, hedged, outgoing,
+    request_id,
 };
 use recmesh_proto::v1::{
     self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient,
@@ -42,7 +43,6 @@ use recmesh_proto::v1::{
     retrieval_client::RetrievalClient,
 };
 use recmesh_server::GrpcServer;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use config::Budgets;
@@ -81,11 +81,11 @@ pub mod fallback_name {
 
 #[derive(Debug, Clone)]
 struct Clients {
-    experiments: ExperimentsClient<Channel>,
-    features: FeaturesClient<Channel>,
-    retrieval: RetrievalClient<Channel>,
-    ranking: RankingClient<Channel>,
-    reranker: RerankerClient<Channel>,
+    experiments: ExperimentsClient<Balanced>,
+    features: FeaturesClient<Balanced>,
+    retrieval: RetrievalClient<Balanced>,
+    ranking: RankingClient<Balanced>,
+    reranker: RerankerClient<Balanced>,
 }
 
 /// The gateway service.
@@ -279,15 +279,15 @@ impl Gateway {
     /// refresh of those lists.
     pub fn new(config: Config, data: &Dataset) -> Result<Self, recmesh_mesh::AddressError> {
         let u = &config.upstreams;
+        let upstream = |name: &str, addr: &str| {
+            Balanced::new(&format!("upstreams.{name}"), addr, &config.balance)
+        };
         let clients = Clients {
-            experiments: ExperimentsClient::new(lazy_channel(
-                "upstreams.experiments",
-                &u.experiments,
-            )?),
-            features: FeaturesClient::new(lazy_channel("upstreams.features", &u.features)?),
-            retrieval: RetrievalClient::new(lazy_channel("upstreams.retrieval", &u.retrieval)?),
-            ranking: RankingClient::new(lazy_channel("upstreams.ranking", &u.ranking)?),
-            reranker: RerankerClient::new(lazy_channel("upstreams.reranker", &u.reranker)?),
+            experiments: ExperimentsClient::new(upstream("experiments", &u.experiments)?),
+            features: FeaturesClient::new(upstream("features", &u.features)?),
+            retrieval: RetrievalClient::new(upstream("retrieval", &u.retrieval)?),
+            ranking: RankingClient::new(upstream("ranking", &u.ranking)?),
+            reranker: RerankerClient::new(upstream("reranker", &u.reranker)?),
         };
         let p = &config.popularity;
         let lists: SharedLists = Arc::new(RwLock::new(Arc::new(PopularityLists::from_dataset(
@@ -572,14 +572,26 @@ impl Gateway {
             source_weights,
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
+        let hedge_after = Duration::from_millis(self.config.hedge.retrieval_after_ms);
         let (retrieved, mut report) = run_stage_retrying(
             stage::RETRIEVAL,
             Budgets::ms(budget),
             &deadline,
             retry,
             |t| {
-                let (mut c, r) = (retrieval.clone(), retrieve_req.clone());
-                async move { c.retrieve(outgoing(r, t, rid)).await }
+                let (c, r) = (retrieval.clone(), &retrieve_req);
+                async move {
+                    let (answer, hedge) = hedged(hedge_after, || {
+                        let (mut c, r) = (c.clone(), r.clone());
+                        async move { c.retrieve(outgoing(r, t, rid)).await }
+                    })
+                    .await;
+                    if hedge != Hedge::NotSent {
+                        metrics::counter!("recmesh_gateway_hedges_total", "stage" => stage::RETRIEVAL, "winner" => hedge.label())
+                            .increment(1);
+                    }
+                    answer
+                }
             },
         )
         .await;
@@ -709,7 +721,7 @@ impl Gateway {
         deadline: Deadline,
         rid: &str,
         call: impl AsyncFnOnce(
-            &mut RetrievalClient<Channel>,
+            &mut RetrievalClient<Balanced>,
             Duration,
         ) -> Result<tonic::Response<pb::RetrieveResponse>, Status>,
         list: ListQuery<'_>,

@@ -38,6 +38,13 @@ impl PortPlan {
             ServerConfig::on_port(self.base + offset)
         }
     }
+
+    /// Puts `server` on this plan's addresses; its other settings stay.
+    fn place(&self, offset: u16, server: &mut ServerConfig) {
+        let placed = self.server(offset);
+        server.grpc_addr = placed.grpc_addr;
+        server.admin_addr = placed.admin_addr;
+    }
 }
 
 /// The five stage services, running.
@@ -155,13 +162,13 @@ pub async fn start_stages(
         mut experiments,
         mut features,
     } = configs;
-    features.server = ports.server(5);
+    ports.place(5, &mut features.server);
     let features = recmesh_features::server(features, data)
         .await
         .map_err(UpError::Features)?
         .start()
         .await?;
-    retrieval.server = ports.server(1);
+    ports.place(1, &mut retrieval.server);
     retrieval.features_addr = features.grpc_uri();
     // From `bundle_dir` when set, else built from `data`; off the runtime's
     // workers (file reads, a shard copy, or a Qdrant upload that blocks on
@@ -176,12 +183,12 @@ pub async fn start_stages(
         .map_err(UpError::Retrieval)?
     };
     let retrieval = recmesh_retrieval::server_for(retrieval).start().await?;
-    ranking.server = ports.server(2);
+    ports.place(2, &mut ranking.server);
     ranking.features_addr = features.grpc_uri();
     let ranking = recmesh_ranking::server(ranking)?.start().await?;
-    reranker.server = ports.server(3);
+    ports.place(3, &mut reranker.server);
     let reranker = recmesh_reranker::server(reranker).start().await?;
-    experiments.server = ports.server(4);
+    ports.place(4, &mut experiments.server);
     experiments.features_addr = features.grpc_uri();
     let experiments = recmesh_experiments::server(experiments)
         .await?
