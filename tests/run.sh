@@ -27,4 +27,6 @@ if [ "${#need[@]}" -gt 0 ]; then
         || { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
 fi
 
+# The fault suite (tests/faults.rs) runs the service binaries as processes.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

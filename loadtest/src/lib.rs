@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod faults;
 pub mod html;
 pub mod report;
 pub mod scenario;
@@ -223,6 +224,9 @@ async fn send(
     }
 }
 
+/// Failed or degraded calls kept per run, for fault analysis.
+const MAX_BAD: usize = 1_000_000;
+
 /// Everything one run measured, before it becomes a [`Report`].
 #[derive(Debug)]
 pub struct Measured {
@@ -237,6 +241,10 @@ pub struct Measured {
     /// Per second of the run (warm-up included): latencies and errors.
     seconds: Vec<(Histogram<u64>, u64)>,
     wall: Duration,
+    /// Answered calls by call, warm-up included.
+    ok_by_call: BTreeMap<&'static str, u64>,
+    /// Every failed or degraded call, warm-up included.
+    bad: Vec<report::Bad>,
 }
 
 /// Runs `scenario` at its rate against the gateway `clients`; returns the
@@ -321,6 +329,8 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         sent: 0,
         seconds: (0..seconds_total).map(|_| (histogram(), 0)).collect(),
         wall: Duration::ZERO,
+        ok_by_call: BTreeMap::new(),
+        bad: Vec::new(),
     };
     while let Some(sample) = rx.recv().await {
         let second = (sample.at.as_secs() as usize).min(seconds_total - 1);
@@ -328,6 +338,22 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         record(&mut m.seconds[second].0, sample.latency);
         if !ok {
             m.seconds[second].1 += 1;
+        } else {
+            *m.ok_by_call.entry(sample.call).or_default() += 1;
+        }
+        if (!ok || sample.degraded) && m.bad.len() < MAX_BAD {
+            m.bad.push(report::Bad {
+                at_ms: sample.at.as_millis() as u64,
+                call: sample.call,
+                code: sample.code,
+                degraded: sample.degraded,
+                fallbacks: sample
+                    .stages
+                    .iter()
+                    .filter(|(_, _, f)| !f.is_empty())
+                    .map(|(stage, _, f)| format!("{stage}:{f}"))
+                    .collect(),
+            });
         }
         if sample.at < warmup {
             continue;

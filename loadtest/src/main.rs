@@ -65,6 +65,103 @@ enum Command {
         #[arg(long, default_value_t = 2000.0)]
         to: f64,
     },
+    /// The fault-injection suite: starts the six service binaries and
+    /// redis-server as processes, then injects one fault at a time under
+    /// load and writes the table (faults.md, faults.json).
+    Faults(FaultArgs),
+}
+
+#[derive(Args, Clone)]
+struct FaultArgs {
+    /// Directory of the service binaries (default: beside this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Scratch directory for state and logs.
+    #[arg(long, default_value = "target/faults")]
+    work_dir: PathBuf,
+    /// Scenario file for the call mix and users (rate and duration are set here).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Steady load, requests per second.
+    #[arg(long, default_value_t = 40.0)]
+    rate: f64,
+    /// Total rate during the overload fault (default: 3 × --rate).
+    #[arg(long)]
+    overload_rate: Option<f64>,
+    /// Seconds of load before each fault.
+    #[arg(long, default_value_t = 2.0)]
+    lead: f64,
+    /// Seconds each fault lasts.
+    #[arg(long, default_value_t = 3.0)]
+    fault: f64,
+    /// Seconds of load after the fault is lifted.
+    #[arg(long, default_value_t = 6.0)]
+    recover: f64,
+    /// Latency added to retrieval's traffic in the latency fault, ms.
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// Demo catalog items (every service generates the same demo data).
+    #[arg(long, default_value_t = 1500)]
+    items: u32,
+    /// Demo users.
+    #[arg(long, default_value_t = 400)]
+    users: u32,
+    /// Demo interactions.
+    #[arg(long, default_value_t = 30000)]
+    interactions: u64,
+    /// Extra environment, KEY=VALUE for every service or SERVICE:KEY=VALUE
+    /// for one, e.g. gateway:RECMESH_BUDGETS__REQUEST_MS=300 (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// Run only these scenarios (repeatable), e.g. --only "kill-9 retrieval".
+    #[arg(long)]
+    only: Vec<String>,
+    /// Goal: p99 of each fault's run, ms.
+    #[arg(long, default_value_t = 200.0)]
+    p99_ms: f64,
+    /// Goal: recovery after the fault is lifted, ms.
+    #[arg(long, default_value_t = 5000)]
+    recovery_ms: u64,
+    /// Directory for faults.md and faults.json.
+    #[arg(long, default_value = "loadtest-report")]
+    out: PathBuf,
+}
+
+fn fault_spec(a: &FaultArgs) -> anyhow::Result<recmesh_loadtest::faults::Spec> {
+    let scenario = match &a.scenario {
+        Some(p) => Scenario::from_file(p)?,
+        None => Scenario::default(),
+    };
+    let mut env = Vec::new();
+    for kv in &a.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected [SERVICE:]KEY=VALUE"))?;
+        let (service, k) = match k.split_once(':') {
+            Some((service, k)) => (Some(service.to_owned()), k),
+            None => (None, k),
+        };
+        env.push((service, k.to_owned(), v.to_owned()));
+    }
+    anyhow::ensure!(a.rate > 0.0, "--rate must be above 0");
+    anyhow::ensure!(
+        a.lead > 0.0 && a.fault > 0.0 && a.recover > 0.0,
+        "--lead, --fault and --recover must be above 0"
+    );
+    Ok(recmesh_loadtest::faults::Spec {
+        bin_dir: recmesh_loadtest::faults::bin_dir(a.bin_dir.as_deref())?,
+        work_dir: a.work_dir.clone(),
+        rate: a.rate,
+        overload_rate: a.overload_rate.unwrap_or(3.0 * a.rate),
+        lead_s: a.lead,
+        fault_s: a.fault,
+        recover_s: a.recover,
+        latency_ms: a.latency_ms,
+        demo: (a.items, a.users, a.interactions),
+        env,
+        only: a.only.clone(),
+        scenario,
+    })
 }
 
 fn scenario(c: &Common) -> anyhow::Result<Scenario> {
@@ -139,6 +236,28 @@ async fn main_result(cli: Cli) -> anyhow::Result<bool> {
             let page = write(&common.out, "steps.html", &html::steps(&reports))?;
             println!("wrote {} and {}", json.display(), page.display());
             Ok(best.is_some())
+        }
+        Command::Faults(a) => {
+            let spec = fault_spec(&a)?;
+            let rows = recmesh_loadtest::faults::run(&spec).await?;
+            let table = recmesh_loadtest::faults::markdown(&rows, &spec);
+            print!("\n{table}");
+            let md = write(&a.out, "faults.md", &table)?;
+            let json = write(&a.out, "faults.json", &serde_json::to_string_pretty(&rows)?)?;
+            println!("\nwrote {} and {}", md.display(), json.display());
+            let breaches = recmesh_loadtest::faults::breaches(&rows, a.p99_ms, a.recovery_ms);
+            if breaches.is_empty() {
+                println!(
+                    "goals: PASS (p99 ≤ {} ms, recovery ≤ {} ms, no failed Recommend, no lost event)",
+                    a.p99_ms, a.recovery_ms
+                );
+            } else {
+                println!("goals: FAIL");
+                for b in &breaches {
+                    println!("  {b}");
+                }
+            }
+            Ok(breaches.is_empty())
         }
     }
 }

@@ -64,6 +64,21 @@ pub struct Second {
     pub errors: u64,
 }
 
+/// A call that failed or was answered degraded.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Bad {
+    /// Intended send time, ms from the start of the run.
+    pub at_ms: u64,
+    /// Which call.
+    pub call: &'static str,
+    /// gRPC status (`OK` when only degraded).
+    pub code: &'static str,
+    /// Answered with a fallback.
+    pub degraded: bool,
+    /// `stage:fallback` of each stage that fell back (`Recommend` only).
+    pub fallbacks: Vec<String>,
+}
+
 /// The SLO verdict.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Verdict {
@@ -103,6 +118,11 @@ pub struct Report {
     pub fallbacks: BTreeMap<String, u64>,
     /// Per second.
     pub timeline: Vec<Second>,
+    /// Answered calls by call, warm-up included.
+    pub ok_by_call: BTreeMap<String, u64>,
+    /// Every failed or degraded call, warm-up included (not in the JSON).
+    #[serde(skip)]
+    pub bad: Vec<Bad>,
     /// Against the scenario's SLO.
     pub verdict: Verdict,
 }
@@ -185,6 +205,12 @@ impl Report {
             degraded_rate,
             fallbacks: m.fallbacks,
             timeline,
+            ok_by_call: m
+                .ok_by_call
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            bad: m.bad,
             latency,
             verdict: Verdict { pass, checks },
         }
@@ -285,6 +311,8 @@ mod tests {
             sent: counted,
             seconds: Vec::new(),
             wall: Duration::from_secs(1),
+            ok_by_call: BTreeMap::new(),
+            bad: Vec::new(),
         }
     }
 

@@ -172,6 +172,13 @@ pub struct ServerConfig {
     /// How long in-flight calls may take to finish after SIGTERM before the
     /// server closes their connections anyway.
     pub drain_timeout_ms: u64,
+    /// After SIGTERM, how long the server keeps accepting and answering
+    /// calls with health already `NOT_SERVING` (and deregistered from
+    /// Consul) before it closes connections and drains: time for load
+    /// balancers and clients to stop sending to it. 0 (the default) drains
+    /// at once; in Kubernetes set it to a few seconds, below
+    /// `terminationGracePeriodSeconds` minus the drain timeout.
+    pub shutdown_delay_ms: u64,
     /// Registration with a Consul agent (off unless `agent` is set).
     pub consul: ConsulRegistration,
 }
@@ -271,6 +278,11 @@ impl ServerConfig {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// [`ServerConfig::shutdown_delay_ms`] as a `Duration`.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
+    }
+
     /// [`ServerConfig::drain_timeout_ms`] as a `Duration`.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
@@ -311,6 +323,7 @@ impl Default for ServerConfig {
             // would push latency past the 200 ms SLO.
             max_concurrency: 1_024,
             drain_timeout_ms: 5_000,
+            shutdown_delay_ms: 0,
             consul: ConsulRegistration::default(),
         }
     }

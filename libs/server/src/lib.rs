@@ -243,6 +243,17 @@ impl GrpcServer {
                             "consul deregistration failed; consul removes the instance once its check fails"),
                     }
                 }
+                // Keep serving while callers and load balancers notice (the
+                // health flip, the readiness probe, Consul): a call sent
+                // now still gets its answer rather than a closed connection.
+                if config.shutdown_delay_ms > 0 {
+                    tracing::info!(service = name, delay_ms = config.shutdown_delay_ms,
+                        "not serving; still answering until the shutdown delay ends");
+                    if let Ok(result) = tokio::time::timeout(config.shutdown_delay(), &mut server).await {
+                        admin.abort();
+                        return result.map_err(ServeError::from);
+                    }
+                }
                 tracing::info!(service = name, drain_ms = config.drain_timeout_ms, "draining");
                 for f in on_drain {
                     f();

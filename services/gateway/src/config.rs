@@ -80,7 +80,6 @@ pub struct HedgeConfig {
     pub retrieval_after_ms: u64,
 }
 
-
 /// Addresses of the stage services: `http://host:port` (a comma-separated
 /// list for several instances), `dns://host:port` (every address the name
 /// resolves to, re-resolved; a Kubernetes headless service) or

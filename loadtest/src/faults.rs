@@ -1,0 +1,707 @@
+//! The fault-injection suite: the six service binaries as separate
+//! processes (features on a real `redis-server`, retrieval behind a TCP
+//! proxy that can add latency), steady open-loop load, and one fault at a
+//! time: kill -9 and restart of each stage, SIGSTOP/SIGCONT of each, Redis
+//! down and back, added network latency, overload, and SIGTERM to the
+//! gateway. Each scenario is measured separately: failed `Recommend`s, p99,
+//! time to recover after the fault is lifted, acknowledged events lost,
+//! and calls in flight at the gateway's SIGTERM that failed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+use crate::{Report, Scenario};
+
+/// What the suite runs and against which binaries.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Directory holding `recmesh-gateway`, `recmesh-retrieval`, ….
+    pub bin_dir: PathBuf,
+    /// Scratch directory (state, logs, Redis data).
+    pub work_dir: PathBuf,
+    /// Steady load, requests per second.
+    pub rate: f64,
+    /// Rate during the overload scenario (total, steady load included).
+    pub overload_rate: f64,
+    /// Seconds of load before the fault.
+    pub lead_s: f64,
+    /// Seconds the fault lasts.
+    pub fault_s: f64,
+    /// Seconds of load after the fault is lifted.
+    pub recover_s: f64,
+    /// Added latency in the latency scenario, ms.
+    pub latency_ms: u64,
+    /// Demo catalog every service generates at start (`items`, `users`,
+    /// `interactions`).
+    pub demo: (u32, u32, u64),
+    /// Extra environment: (service, or every service when `None`; key; value).
+    pub env: Vec<(Option<String>, String, String)>,
+    /// Scenario names to run (empty: all).
+    pub only: Vec<String>,
+    /// The load's scenario (mix, users, SLO); rate and duration are set here.
+    pub scenario: Scenario,
+}
+
+/// One scenario's row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Scenario.
+    pub fault: String,
+    /// `Recommend`s sent.
+    pub recommends: u64,
+    /// `Recommend`s that failed (any status but OK).
+    pub failed_recommends: u64,
+    /// Other calls that failed, by call.
+    pub failed_other: BTreeMap<String, u64>,
+    /// Share of answers degraded (fallbacks).
+    pub degraded_rate: f64,
+    /// p99 of every call, ms.
+    pub p99_ms: f64,
+    /// From lifting the fault to the last failed or degraded call, ms (0:
+    /// nothing bad after it). `None`: still bad at the end of the run.
+    pub recovery_ms: Option<u64>,
+    /// `Track`s acknowledged.
+    pub events_acked: u64,
+    /// Acknowledged events not found in the store afterwards.
+    pub events_lost: u64,
+    /// Events stored beyond those acknowledged (a `Track` that timed out
+    /// at the client after the store had it: at-least-once, not a loss).
+    pub events_unacked_stored: u64,
+    /// Failed calls by status.
+    pub failed_by_code: BTreeMap<String, u64>,
+    /// Fallbacks after the fault was lifted, by `stage:fallback`.
+    pub fallbacks_after: BTreeMap<String, u64>,
+    /// Calls sent before the gateway's SIGTERM that failed (SIGTERM only).
+    pub inflight_failed: Option<u64>,
+}
+
+const STAGES: [&str; 5] = [
+    "retrieval",
+    "ranking",
+    "reranker",
+    "experiments",
+    "features",
+];
+
+/// The names of every scenario, in the order they run.
+pub fn scenario_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for s in STAGES {
+        names.push(format!("kill-9 {s}"));
+    }
+    for s in STAGES {
+        names.push(format!("sigstop {s}"));
+    }
+    names.extend(
+        [
+            "redis down",
+            "latency retrieval",
+            "overload",
+            "sigterm gateway",
+        ]
+        .map(String::from),
+    );
+    names
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A service process.
+struct Node {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    admin: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("{}", self.log.display()))?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .with_context(|| format!("{} is not running", self.name))
+    }
+
+    async fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid()?.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -{sig} {} failed", self.name);
+        Ok(())
+    }
+
+    async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit (after SIGTERM), at most `limit`.
+    async fn exited(&mut self, limit: Duration) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            tokio::time::timeout(limit, child.wait())
+                .await
+                .with_context(|| format!("{} did not exit", self.name))??;
+        }
+        Ok(())
+    }
+
+    /// Waits until `/readyz` answers 200 (the admin port of a recmesh
+    /// service), or for Redis until its port accepts.
+    async fn ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                anyhow::bail!(
+                    "{} exited during start ({status}); see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            if probe(self.admin, self.name == "redis").await {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < until,
+                "{} not ready within {:?}; see {}",
+                self.name,
+                limit,
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn probe(port: u16, tcp_only: bool) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if tcp_only {
+        return true;
+    }
+    let req = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut out)).await;
+    out.starts_with(b"HTTP/1.1 200")
+}
+
+/// A TCP proxy that delays every chunk by the current `delay_ms`.
+async fn latency_proxy(upstream: u16, delay_ms: Arc<AtomicU64>) -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let delay = delay_ms.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let a = tokio::spawn(pump(cr, sw, delay.clone()));
+                let b = tokio::spawn(pump(sr, cw, delay));
+                let _ = tokio::join!(a, b);
+            });
+        }
+    });
+    Ok(port)
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let d = delay_ms.load(Ordering::Relaxed);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The running mesh: six services, Redis, the retrieval proxy.
+struct Mesh {
+    nodes: Vec<Node>,
+    gateway_port: u16,
+    redis_port: u16,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl Mesh {
+    fn node(&mut self, name: &str) -> anyhow::Result<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    async fn start(spec: &Spec) -> anyhow::Result<Mesh> {
+        std::fs::create_dir_all(&spec.work_dir)?;
+        let dir = |p: &str| spec.work_dir.join(p).display().to_string();
+        let redis_port = free_port()?;
+        let redis_dir = spec.work_dir.join("redis");
+        std::fs::create_dir_all(&redis_dir)?;
+        // Every write fsynced, so what Redis acknowledged survives its kill -9.
+        let mut nodes = vec![Node {
+            name: "redis",
+            program: "redis-server".into(),
+            args: [
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                &redis_dir.display().to_string(),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: Vec::new(),
+            admin: redis_port,
+            log: spec.work_dir.join("redis.log"),
+            child: None,
+        }];
+        let mut ports = BTreeMap::new();
+        for name in STAGES.iter().chain(&["gateway"]) {
+            ports.insert(*name, (free_port()?, free_port()?));
+        }
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let retrieval_proxy = latency_proxy(ports["retrieval"].0, delay_ms.clone()).await?;
+        let uri = |name: &str| format!("http://127.0.0.1:{}", ports[name].0);
+        let (items, users, interactions) = spec.demo;
+        for name in STAGES.iter().chain(&["gateway"]) {
+            let (grpc, admin) = ports[name];
+            let mut env: Vec<(String, String)> = vec![
+                (
+                    "RECMESH_SERVER__GRPC_ADDR".into(),
+                    format!("127.0.0.1:{grpc}"),
+                ),
+                (
+                    "RECMESH_SERVER__ADMIN_ADDR".into(),
+                    format!("127.0.0.1:{admin}"),
+                ),
+                ("RECMESH_LOG".into(), "warn".into()),
+            ];
+            let mut set = |k: &str, v: String| env.push((k.to_owned(), v));
+            if matches!(*name, "retrieval" | "features" | "gateway") {
+                set("RECMESH_DATA__DEMO__ITEMS", items.to_string());
+                set("RECMESH_DATA__DEMO__USERS", users.to_string());
+                set("RECMESH_DATA__DEMO__INTERACTIONS", interactions.to_string());
+            }
+            match *name {
+                "retrieval" | "ranking" | "experiments" => {
+                    set("RECMESH_FEATURES_ADDR", uri("features"));
+                }
+                _ => {}
+            }
+            match *name {
+                "features" => {
+                    set("RECMESH_BACKEND", "redis".into());
+                    set(
+                        "RECMESH_REDIS__URL",
+                        format!("redis://127.0.0.1:{redis_port}"),
+                    );
+                    set("RECMESH_REDIS__BUFFER_PATH", dir("features-buffer.tsv"));
+                    set("RECMESH_EVENT_LOG__PATH", dir("events.tsv"));
+                    set("RECMESH_EVENT_LOG__EXPOSURES_PATH", dir("exposures.jsonl"));
+                }
+                "experiments" => set("RECMESH_STATE_DIR", dir("experiments")),
+                "gateway" => {
+                    set(
+                        "RECMESH_UPSTREAMS__RETRIEVAL",
+                        format!("http://127.0.0.1:{retrieval_proxy}"),
+                    );
+                    for up in ["ranking", "reranker", "experiments", "features"] {
+                        set(
+                            &format!("RECMESH_UPSTREAMS__{}", up.to_uppercase()),
+                            uri(up),
+                        );
+                    }
+                    // Every answer computed: a cached one would hide faults.
+                    set("RECMESH_CACHE__TTL_MS", "0".into());
+                }
+                _ => {}
+            }
+            env.extend(
+                spec.env
+                    .iter()
+                    .filter(|(only, _, _)| only.as_deref().is_none_or(|o| o == *name))
+                    .map(|(_, k, v)| (k.clone(), v.clone())),
+            );
+            nodes.push(Node {
+                name,
+                program: spec.bin_dir.join(format!("recmesh-{name}")),
+                args: Vec::new(),
+                env,
+                admin,
+                log: spec.work_dir.join(format!("{name}.log")),
+                child: None,
+            });
+        }
+        let mut mesh = Mesh {
+            nodes,
+            gateway_port: ports["gateway"].0,
+            redis_port,
+            delay_ms,
+        };
+        for n in &mut mesh.nodes {
+            n.start()?;
+            if n.name == "redis" {
+                n.ready(Duration::from_secs(10)).await?;
+            }
+        }
+        for n in &mut mesh.nodes {
+            n.ready(Duration::from_secs(120)).await?;
+        }
+        Ok(mesh)
+    }
+
+    /// Events in the feature store's Redis stream.
+    async fn stored_events(&self) -> anyhow::Result<u64> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.redis_port.to_string(), "XLEN", "rm:events"])
+            .output()
+            .await
+            .context("redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .with_context(|| format!("redis-cli XLEN answered {text:?}"))
+    }
+}
+
+/// The fault of one scenario: applied at `lead`, lifted at `lead + fault`.
+async fn inject(
+    mesh: &mut Mesh,
+    name: &str,
+    spec: &Spec,
+    t0: Instant,
+) -> anyhow::Result<(Duration, Option<Duration>)> {
+    let lead = Duration::from_secs_f64(spec.lead_s);
+    let fault = Duration::from_secs_f64(spec.fault_s);
+    tokio::time::sleep_until((t0 + lead).into()).await;
+    let mut sigterm_at = None;
+    let (verb, target) = name.split_once(' ').unwrap_or((name, ""));
+    match (verb, target) {
+        ("kill-9", stage) => mesh.node(stage)?.kill9().await?,
+        ("sigstop", stage) => mesh.node(stage)?.signal("STOP").await?,
+        ("redis", _) => mesh.node("redis")?.kill9().await?,
+        ("latency", _) => mesh.delay_ms.store(spec.latency_ms, Ordering::Relaxed),
+        ("overload", _) => {}
+        ("sigterm", _) => {
+            sigterm_at = Some(t0.elapsed());
+            let gw = mesh.node("gateway")?;
+            gw.signal("TERM").await?;
+            gw.exited(Duration::from_secs(30)).await?;
+        }
+        _ => anyhow::bail!("unknown scenario {name}"),
+    }
+    tokio::time::sleep_until((t0 + lead + fault).into()).await;
+    let lifted = t0.elapsed();
+    match (verb, target) {
+        ("kill-9", stage) => {
+            let n = mesh.node(stage)?;
+            n.start()?;
+            n.ready(Duration::from_secs(120)).await?;
+        }
+        ("sigstop", stage) => mesh.node(stage)?.signal("CONT").await?,
+        ("redis", _) => {
+            let n = mesh.node("redis")?;
+            n.start()?;
+            n.ready(Duration::from_secs(30)).await?;
+        }
+        ("latency", _) => mesh.delay_ms.store(0, Ordering::Relaxed),
+        ("sigterm", _) => {
+            let n = mesh.node("gateway")?;
+            n.start()?;
+            n.ready(Duration::from_secs(120)).await?;
+        }
+        _ => {}
+    }
+    Ok((lifted, sigterm_at))
+}
+
+async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
+    let gateway = format!("http://127.0.0.1:{}", mesh.gateway_port);
+    let clients = crate::connect(&gateway).await?;
+    let mut s = spec.scenario.clone();
+    s.rate = spec.rate;
+    s.catalog.items = spec.demo.0;
+    s.warmup_s = 0.0;
+    s.duration_s = spec.lead_s + spec.fault_s + spec.recover_s;
+    let events_before = mesh.stored_events().await?;
+    let t0 = Instant::now();
+    let load = {
+        let (clients, s) = (clients.clone(), s.clone());
+        tokio::spawn(async move { crate::run(&clients, &s).await })
+    };
+    let extra = (name == "overload" && spec.overload_rate > spec.rate).then(|| {
+        let mut o = s.clone();
+        o.rate = spec.overload_rate - spec.rate;
+        o.duration_s = spec.fault_s;
+        o.seed = s.seed.wrapping_add(1);
+        let lead = Duration::from_secs_f64(spec.lead_s);
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(lead).await;
+            crate::run(&clients, &o).await
+        })
+    });
+    let injected = inject(mesh, name, spec, t0).await;
+    let report: Report = load.await.context("load task")??;
+    if let Some(extra) = extra {
+        extra.await.context("overload task")??;
+    }
+    let (lifted, sigterm_at) = injected?;
+
+    // Events buffered while Redis was down are replayed once it is back.
+    let acked = report.ok_by_call.get("track").copied().unwrap_or(0);
+    let mut stored = 0;
+    for _ in 0..50 {
+        stored = mesh.stored_events().await?.saturating_sub(events_before);
+        if stored >= acked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lifted_ms = lifted.as_millis() as u64;
+    let fault_ms = (spec.lead_s * 1000.0) as u64;
+    let end_ms = (s.duration_s * 1000.0) as u64;
+    let last_bad = report
+        .bad
+        .iter()
+        .filter(|b| b.at_ms >= fault_ms)
+        .map(|b| b.at_ms)
+        .max();
+    let recovery_ms = match last_bad {
+        None => Some(0),
+        Some(t) if t + 500 >= end_ms => None,
+        Some(t) => Some(t.saturating_sub(lifted_ms)),
+    };
+    let mut failed_other = BTreeMap::new();
+    let mut failed_recommends = 0;
+    for b in report.bad.iter().filter(|b| b.code != "OK") {
+        if b.call == "recommend" {
+            failed_recommends += 1;
+        } else {
+            *failed_other.entry(b.call.to_owned()).or_default() += 1;
+        }
+    }
+    let recommends = report.ok_by_call.get("recommend").copied().unwrap_or(0) + failed_recommends;
+    Ok(Row {
+        fault: name.to_owned(),
+        recommends,
+        failed_recommends,
+        failed_other,
+        degraded_rate: report.degraded_rate,
+        p99_ms: report.latency.p99,
+        recovery_ms,
+        events_acked: acked,
+        events_lost: acked.saturating_sub(stored),
+        events_unacked_stored: stored.saturating_sub(acked),
+        failed_by_code: report.bad.iter().filter(|b| b.code != "OK").fold(
+            BTreeMap::new(),
+            |mut m, b| {
+                *m.entry(b.code.to_owned()).or_default() += 1;
+                m
+            },
+        ),
+        fallbacks_after: report
+            .bad
+            .iter()
+            .filter(|b| b.at_ms >= lifted_ms)
+            .flat_map(|b| b.fallbacks.iter().cloned())
+            .fold(BTreeMap::new(), |mut m, f| {
+                *m.entry(f).or_default() += 1;
+                m
+            }),
+        inflight_failed: sigterm_at.map(|at| {
+            let at = at.as_millis() as u64;
+
+            report
+                .bad
+                .iter()
+                .filter(|b| b.code != "OK" && b.at_ms < at)
+                .count() as u64
+        }),
+    })
+}
+
+/// Runs the suite: starts the mesh, then every scenario in turn.
+pub async fn run(spec: &Spec) -> anyhow::Result<Vec<Row>> {
+    let names: Vec<String> = scenario_names()
+        .into_iter()
+        .filter(|n| spec.only.is_empty() || spec.only.iter().any(|o| o == n))
+        .collect();
+    for o in &spec.only {
+        anyhow::ensure!(
+            scenario_names().contains(o),
+            "--only {o:?}: no such scenario (one of: {})",
+            scenario_names().join(", ")
+        );
+    }
+    let mut mesh = Mesh::start(spec).await?;
+    let mut rows = Vec::new();
+    for name in names {
+        eprintln!("fault suite: {name}");
+        let row = one(&mut mesh, &name, spec).await?;
+        eprintln!("  {}", row_text(&row));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn row_text(r: &Row) -> String {
+    format!(
+        "failed Recommend {}/{}, p99 {:.1} ms, degraded {:.1}%, recovery {}, events lost {}{}; failed {:?}; fallbacks after the fault {:?}",
+        r.failed_recommends,
+        r.recommends,
+        r.p99_ms,
+        r.degraded_rate * 100.0,
+        r.recovery_ms
+            .map_or("not within the run".to_owned(), |ms| format!("{ms} ms")),
+        r.events_lost,
+        r.inflight_failed
+            .map_or(String::new(), |n| format!(", in-flight failed {n}")),
+        r.failed_by_code,
+        r.fallbacks_after,
+    )
+}
+
+/// The table in Markdown.
+pub fn markdown(rows: &[Row], spec: &Spec) -> String {
+    let mut out = format!(
+        "Load {:.0}/s (overload: {:.0}/s); each fault {} s after {} s of load, then {} s to recover; demo catalog {} items.\n\n\
+         | fault | Recommend failed / sent | other calls failed | degraded | p99 ms | recovery after the fault is lifted | events acked | lost | in-flight failed |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        spec.rate, spec.overload_rate, spec.fault_s, spec.lead_s, spec.recover_s, spec.demo.0
+    );
+    for r in rows {
+        let other = if r.failed_other.is_empty() {
+            "0".to_owned()
+        } else {
+            r.failed_other
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| {} | {} / {} | {} | {:.1}% | {:.1} | {} | {} | {} | {} |\n",
+            r.fault,
+            r.failed_recommends,
+            r.recommends,
+            other,
+            r.degraded_rate * 100.0,
+            r.p99_ms,
+            r.recovery_ms
+                .map_or("not within the run".to_owned(), |ms| format!("{ms} ms")),
+            r.events_acked,
+            r.events_lost,
+            r.inflight_failed.map_or("–".to_owned(), |n| n.to_string()),
+        ));
+    }
+    out
+}
+
+/// Where the service binaries are: `dir` when given, else beside this
+/// executable (cargo puts every binary of a profile in one directory).
+pub fn bin_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = dir {
+        return Ok(d.to_owned());
+    }
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(Path::to_owned)
+        .context("no directory of the current executable")
+}
+
+/// Each row against the goals: no failed `Recommend` (for the gateway's
+/// SIGTERM, none of those in flight), p99 within `p99_ms`, recovery within
+/// `recovery_ms`, no acknowledged event lost. One line per breach.
+pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in rows {
+        let f = &r.fault;
+        match r.inflight_failed {
+            Some(n) if n > 0 => out.push(format!("{f}: {n} calls in flight at SIGTERM failed")),
+            Some(_) => {}
+            None if r.failed_recommends > 0 => {
+                out.push(format!("{f}: {} Recommend failed", r.failed_recommends));
+            }
+            None => {}
+        }
+        if r.p99_ms > p99_ms {
+            out.push(format!("{f}: p99 {:.1} ms > {p99_ms} ms", r.p99_ms));
+        }
+        match r.recovery_ms {
+            None => out.push(format!("{f}: not recovered by the end of the run")),
+            Some(ms) if ms > recovery_ms => {
+                out.push(format!("{f}: recovered after {ms} ms > {recovery_ms} ms"));
+            }
+            Some(_) => {}
+        }
+        if r.events_lost > 0 {
+            out.push(format!("{f}: {} acknowledged events lost", r.events_lost));
+        }
+    }
+    out
+}
