@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use recmesh_e2e::TestMesh;
-use recmesh_proto::v1 as pb;
+use recmesh_e2e::{TestMesh, all_healthy, recommend_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -252,33 +251,6 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-async fn recommend(
-    client: &mut pb::gateway_client::GatewayClient<tonic::transport::Channel>,
-    user: &str,
-) -> pb::RecommendResponse {
-    client
-        .recommend(pb::RecommendRequest {
-            user_id: user.into(),
-            count: 5,
-            ..Default::default()
-        })
-        .await
-        .expect("Recommend answers")
-        .into_inner()
-}
-
-/// Asserts `n` Recommends in a row answered without any fallback.
-async fn all_healthy(
-    client: &mut pb::gateway_client::GatewayClient<tonic::transport::Channel>,
-    n: usize,
-    tag: &str,
-) {
-    for i in 0..n {
-        let r = recommend(client, &format!("u{}", i % 50)).await;
-        assert!(!r.degraded, "{tag} request {i}: {:?}", r.stages);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stages_register_with_consul_and_the_gateway_follows_them() {
     let agent = Agent::start().await;
@@ -334,7 +306,7 @@ async fn stages_register_with_consul_and_the_gateway_follows_them() {
     // The gateway finds them all through the agent.
     let mut client = mesh.client().await;
     eventually("a Recommend with every stage discovered", async || {
-        !recommend(&mut client, "u1").await.degraded
+        !recommend_for(&mut client, "u1").await.degraded
     })
     .await;
     all_healthy(&mut client, 20, "discovered").await;
@@ -379,7 +351,7 @@ async fn stages_register_with_consul_and_the_gateway_follows_them() {
     // still reached the stopped instance would fall back (re-ranking is not
     // retried), so wait for one clean answer, then require twenty.
     eventually("the gateway to drop the first reranker", async || {
-        !recommend(&mut client, "u2").await.degraded
+        !recommend_for(&mut client, "u2").await.degraded
     })
     .await;
     all_healthy(&mut client, 20, "after the first reranker left").await;

@@ -269,6 +269,31 @@ impl TestMesh {
     }
 }
 
+/// `Recommend` of 5 items for `user`, which must answer (degraded or not).
+pub async fn recommend_for(
+    client: &mut GatewayClient<Channel>,
+    user: &str,
+) -> recmesh_proto::v1::RecommendResponse {
+    client
+        .recommend(recmesh_proto::v1::RecommendRequest {
+            user_id: user.into(),
+            count: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("Recommend answers")
+        .into_inner()
+}
+
+/// Asserts `n` `Recommend`s in a row answered without any fallback
+/// (`tag` names the moment in failure messages).
+pub async fn all_healthy(client: &mut GatewayClient<Channel>, n: usize, tag: &str) {
+    for i in 0..n {
+        let r = recommend_for(client, &format!("u{}", i % 50)).await;
+        assert!(!r.degraded, "{tag} request {i}: {:?}", r.stages);
+    }
+}
+
 /// `GET path` on an admin port; the whole HTTP response as text.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

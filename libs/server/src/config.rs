@@ -228,7 +228,11 @@ impl ConsulRegistration {
         }
         crate::consul::Consul::new(&self.agent, &self.token)
             .map_err(|e| ConfigError::invalid("server.consul.agent", e.to_string()))?;
-        if !self.advertise.is_empty() && !self.advertise.contains(':') {
+        let port_ok = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
+        if !self.advertise.is_empty() && !port_ok(&self.advertise) {
             return Err(ConfigError::invalid(
                 "server.consul.advertise",
                 format!("`{}` must be host:port", self.advertise),

@@ -474,8 +474,14 @@ fn consul_registration(
             .unwrap_or_else(|_| "127.0.0.1".to_owned());
         consul::join_host_port(&host, grpc_addr.port())
     };
-    let (host, port) = advertise.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
+    let Some((host, Ok(port))) = advertise
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()))
+    else {
+        tracing::error!(service = name, %advertise,
+            "server.consul.advertise: not host:port; not registering");
+        return None;
+    };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let service = if config.service.is_empty() {
         format!("recmesh-{name}")
