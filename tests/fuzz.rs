@@ -57,9 +57,14 @@ fn services() -> &'static Services {
                 &data,
             )
             .expect("gateway");
-            let channel = recmesh_mesh::lazy_channel("features_addr", &nowhere).expect("address");
-            let ranking =
-                recmesh_ranking::RankingService::new(Default::default(), channel).expect("ranking");
+            let features = recmesh_mesh::balance::Balanced::new(
+                "features_addr",
+                &nowhere,
+                &Default::default(),
+            )
+            .expect("address");
+            let ranking = recmesh_ranking::RankingService::new(Default::default(), features)
+                .expect("ranking");
             let experiments =
                 recmesh_experiments::Experiments::open(&recmesh_experiments::Config {
                     state_dir: String::new(),

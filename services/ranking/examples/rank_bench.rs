@@ -44,8 +44,8 @@ fn main() -> anyhow::Result<()> {
                 item_cache_ttl_ms: 600_000,
                 ..Config::default()
             };
-            let channel = recmesh_mesh::lazy_channel("features_addr", &config.features_addr)?;
-            let svc = RankingService::new(config, channel)?;
+            let features = recmesh_mesh::balance::Balanced::new("features_addr", &config.features_addr, &config.balance)?;
+            let svc = RankingService::new(config, features)?;
             let candidates: Vec<pb::Candidate> = data.items[..CANDIDATES]
                 .iter()
                 .enumerate()

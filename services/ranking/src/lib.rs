@@ -27,15 +27,15 @@ use moka::sync::Cache;
 use recmesh_algo::gbdt::GbdtModel;
 use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
+use recmesh_mesh::balance::{BalanceConfig, Balanced, Source};
 use recmesh_mesh::convert::{FieldError, check_id};
-use recmesh_mesh::{Deadline, bounded, check_address, lazy_channel, outgoing, request_id};
+use recmesh_mesh::{Deadline, bounded, outgoing, request_id};
 use recmesh_proto::v1::{
     self as pb, features_client::FeaturesClient, ranking_server::RankingServer,
 };
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Default gRPC port of the ranking service.
@@ -50,8 +50,12 @@ pub const BASELINE_VERSION: &str = "baseline-1";
 pub struct Config {
     /// gRPC and admin server.
     pub server: ServerConfig,
-    /// Address of the features service.
+    /// Address of the features service: `http://host:port[,…]`,
+    /// `dns://host:port` (every address the name resolves to, re-resolved)
+    /// or `consul://service` (its passing instances).
     pub features_addr: String,
+    /// Balancing over the features instances (as the gateway's `balance`).
+    pub balance: BalanceConfig,
     /// Budget of the batched item-features call, inside the caller's deadline.
     pub features_budget_ms: u64,
     /// Time kept back from the caller's deadline for scoring and the answer.
@@ -86,6 +90,7 @@ impl Default for Config {
             server: ServerConfig::on_port(DEFAULT_PORT),
             // The features service's default address (see its DEFAULT_PORT).
             features_addr: "http://127.0.0.1:50056".into(),
+            balance: BalanceConfig::default(),
             // A batched in-memory lookup takes well under 5 ms; 20 leaves room
             // for a Redis round trip in production.
             features_budget_ms: 20,
@@ -130,7 +135,8 @@ impl ServiceConfig for Config {
             ("features_budget_ms", self.features_budget_ms),
             ("max_candidates", self.max_candidates as u64),
         ])?;
-        check_address("features_addr", &self.features_addr)?;
+        Source::parse("features_addr", &self.features_addr)?;
+        self.balance.validate("balance")?;
         if !self.model_path.is_empty() {
             load_model(&self.model_path)?;
         }
@@ -330,7 +336,7 @@ impl Scorer {
 /// The ranking gRPC service.
 #[derive(Debug, Clone)]
 pub struct RankingService {
-    features: FeaturesClient<Channel>,
+    features: FeaturesClient<Balanced>,
     config: Arc<Config>,
     /// The current model; swapped whole when `model_path` changes.
     scorer: Arc<std::sync::RwLock<Arc<Scorer>>>,
@@ -381,7 +387,7 @@ fn item_signals(f: &pb::ItemFeatures, now_s: i64) -> Option<ItemSignals<'_>> {
 impl RankingService {
     /// A service that fetches features through `features`, scoring with the
     /// model of `config.model_path` (or the baseline).
-    pub fn new(config: Config, features: Channel) -> Result<Self, ConfigError> {
+    pub fn new(config: Config, features: Balanced) -> Result<Self, ConfigError> {
         let file = config.model_file();
         // A bundle without a ranker (yet) serves the baseline.
         let file = if model_stamp(&file).is_some() || !config.model_path.is_empty() {
@@ -593,7 +599,7 @@ impl pb::ranking_server::Ranking for RankingService {
 
 /// The ranking server, ready to start or run.
 pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
-    let features = lazy_channel("features_addr", &config.features_addr)?;
+    let features = Balanced::new("features_addr", &config.features_addr, &config.balance)?;
     let service = RankingService::new(config.clone(), features)?;
     service.spawn_model_watch();
     Ok(GrpcServer::new("ranking", config.server.clone()).add_service(RankingServer::new(service)))
@@ -644,8 +650,13 @@ mod tests {
     }
 
     /// A channel to a port nobody listens on: calls are refused at once.
-    fn nowhere() -> Channel {
-        lazy_channel("features_addr", "http://127.0.0.1:1").expect("address")
+    fn nowhere() -> Balanced {
+        Balanced::new(
+            "features_addr",
+            "http://127.0.0.1:1",
+            &BalanceConfig::default(),
+        )
+        .expect("address")
     }
 
     #[test]
