@@ -23,6 +23,7 @@ pub mod cache;
 pub mod config;
 pub mod experiments;
 pub mod fallback;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,8 +40,7 @@ use recmesh_mesh::{
 };
 use recmesh_proto::v1::{
     self as pb, experiments_client::ExperimentsClient, features_client::FeaturesClient,
-    gateway_server::GatewayServer, ranking_client::RankingClient, reranker_client::RerankerClient,
-    retrieval_client::RetrievalClient,
+    gateway_server::GatewayServer, retrieval_client::RetrievalClient,
 };
 use recmesh_server::GrpcServer;
 use tonic::{Request, Response, Status};
@@ -84,8 +84,10 @@ struct Clients {
     experiments: ExperimentsClient<Balanced>,
     features: FeaturesClient<Balanced>,
     retrieval: RetrievalClient<Balanced>,
-    ranking: RankingClient<Balanced>,
-    reranker: RerankerClient<Balanced>,
+    /// The same instances as `retrieval`, for `Retrieve` in [`wire`] form.
+    retrieval_wire: Balanced,
+    ranking: Balanced,
+    reranker: Balanced,
 }
 
 /// The gateway service.
@@ -282,12 +284,14 @@ impl Gateway {
         let upstream = |name: &str, addr: &str| {
             Balanced::new(&format!("upstreams.{name}"), addr, &config.balance)
         };
+        let retrieval = upstream("retrieval", &u.retrieval)?;
         let clients = Clients {
             experiments: ExperimentsClient::new(upstream("experiments", &u.experiments)?),
             features: FeaturesClient::new(upstream("features", &u.features)?),
-            retrieval: RetrievalClient::new(upstream("retrieval", &u.retrieval)?),
-            ranking: RankingClient::new(upstream("ranking", &u.ranking)?),
-            reranker: RerankerClient::new(upstream("reranker", &u.reranker)?),
+            retrieval: RetrievalClient::new(retrieval.clone()),
+            retrieval_wire: retrieval,
+            ranking: upstream("ranking", &u.ranking)?,
+            reranker: upstream("reranker", &u.reranker)?,
         };
         let p = &config.popularity;
         let lists: SharedLists = Arc::new(RwLock::new(Arc::new(PopularityLists::from_dataset(
@@ -546,7 +550,7 @@ impl Gateway {
         stages.push(user_report);
 
         // 2. Retrieval.
-        let retrieval = &self.clients.retrieval;
+        let retrieval = &self.clients.retrieval_wire;
         let (_guard, in_flight) = InFlight::enter(&self.in_flight);
         let a = &self.config.adaptive;
         let mut count = params.candidates;
@@ -579,11 +583,18 @@ impl Gateway {
             &deadline,
             retry,
             |t| {
-                let (c, r) = (retrieval.clone(), &retrieve_req);
+                let r = &retrieve_req;
                 async move {
                     let (answer, hedge) = hedged(hedge_after, || {
-                        let (mut c, r) = (c.clone(), r.clone());
-                        async move { c.retrieve(outgoing(r, t, rid)).await }
+                        let r = r.clone();
+                        async move {
+                            wire::unary::<_, wire::RetrieveResponse>(
+                                retrieval,
+                                wire::RETRIEVE,
+                                outgoing(r, t, rid),
+                            )
+                            .await
+                        }
                     })
                     .await;
                     if hedge != Hedge::NotSent {
@@ -613,8 +624,11 @@ impl Gateway {
             _ => {
                 fell_back(&mut report, fallback_name::POPULARITY);
                 let categories = Self::fallback_categories(q, &profile);
-                self.lists()
-                    .candidates(&categories, params.candidates as usize)
+                wire::encode(
+                    &self
+                        .lists()
+                        .candidates(&categories, params.candidates as usize),
+                )
             }
         };
         if !adapted.is_empty() && report.detail.is_empty() {
@@ -623,8 +637,8 @@ impl Gateway {
         stages.push(report);
 
         // 3. Ranking.
-        let mut ranking = self.clients.ranking.clone();
-        let rank_req = pb::RankRequest {
+        let ranking = &self.clients.ranking;
+        let rank_req = wire::RankRequest {
             user_id: q.user_id.clone(),
             candidates: candidates.clone(),
             model: params.ranking_model.clone(),
@@ -632,7 +646,7 @@ impl Gateway {
         };
         let budget = params.ranking_budget_ms.unwrap_or(b.ranking_ms);
         let (ranked, mut report) = run_stage(stage::RANKING, Budgets::ms(budget), &deadline, |t| {
-            ranking.rank(outgoing(rank_req, t, rid))
+            wire::unary::<_, wire::RankResponse>(ranking, wire::RANK, outgoing(rank_req, t, rid))
         })
         .await;
         let (candidates, model_version) = match ranked {
@@ -652,8 +666,8 @@ impl Gateway {
         stages.push(report);
 
         // 4. Re-ranking.
-        let mut reranker = self.clients.reranker.clone();
-        let rerank_req = pb::RerankRequest {
+        let reranker = &self.clients.reranker;
+        let rerank_req = wire::RerankRequest {
             user_id: q.user_id.clone(),
             candidates: candidates.clone(),
             count: q.count,
@@ -668,7 +682,11 @@ impl Gateway {
         let budget = params.rerank_budget_ms.unwrap_or(b.rerank_ms);
         let (reranked, mut report) =
             run_stage(stage::RERANK, Budgets::ms(budget), &deadline, |t| {
-                reranker.rerank(outgoing(rerank_req, t, rid))
+                wire::unary::<_, pb::RerankResponse>(
+                    reranker,
+                    wire::RERANK,
+                    outgoing(rerank_req, t, rid),
+                )
             })
             .await;
         let finals = match reranked {
@@ -681,7 +699,7 @@ impl Gateway {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(self.config.popularity.fallback_category_cap);
                 Self::gateway_rules(
-                    candidates,
+                    wire::decode(&candidates),
                     q.count,
                     &q.exclude,
                     &profile.purchased_item_ids,
