@@ -572,7 +572,19 @@ struct Merger<'a> {
     index: &'a Index,
     constraints: &'a Constraints<'a>,
     order: Vec<u32>,
-    by_item: HashMap<u32, pb::Candidate>,
+    by_item: HashMap<u32, Merged>,
+}
+
+/// One item while sources are merged: only the winners of the cut become
+/// `Candidate`s (ids, attributes and maps are built for `count` items, not
+/// for every item every source found).
+struct Merged {
+    /// The source that found it first.
+    source: &'static str,
+    score: f64,
+    /// Best raw score per source, in the order the sources found it.
+    source_scores: Vec<(&'static str, f64)>,
+    reasons: Vec<String>,
 }
 
 impl<'a> Merger<'a> {
@@ -588,7 +600,7 @@ impl<'a> Merger<'a> {
     /// Adds one source's results (best first) with `weight`.
     fn add(
         &mut self,
-        source: &str,
+        source: &'static str,
         weight: f64,
         results: impl IntoIterator<Item = (u32, f64, String)>,
     ) {
@@ -603,38 +615,53 @@ impl<'a> Merger<'a> {
                 continue;
             }
             let score = if best > 0.0 { weight * raw / best } else { 0.0 };
-            let candidate = self.by_item.entry(item).or_insert_with(|| {
+            let merged = self.by_item.entry(item).or_insert_with(|| {
                 self.order.push(item);
-                let it = self.index.catalog.item(item);
-                pb::Candidate {
-                    item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
-                    source: source.to_owned(),
-                    attributes: it.map(attributes),
-                    ..Default::default()
+                Merged {
+                    source,
+                    score: 0.0,
+                    source_scores: Vec::with_capacity(2),
+                    reasons: Vec::with_capacity(1),
                 }
             });
-            let entry = candidate
-                .source_scores
-                .entry(source.to_owned())
-                .or_insert(0.0);
-            *entry = entry.max(raw);
-            candidate.score = candidate.score.max(score);
-            if !candidate.reasons.contains(&reason) && candidate.reasons.len() < 3 {
-                candidate.reasons.push(reason);
+            match merged.source_scores.iter_mut().find(|(s, _)| *s == source) {
+                Some((_, best_raw)) => *best_raw = best_raw.max(raw),
+                None => merged.source_scores.push((source, raw.max(0.0))),
+            }
+            merged.score = merged.score.max(score);
+            if !merged.reasons.contains(&reason) && merged.reasons.len() < 3 {
+                merged.reasons.push(reason);
             }
         }
     }
 
     fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
-        let mut out: Vec<pb::Candidate> = self
+        let mut out: Vec<(u32, Merged)> = self
             .order
             .iter()
-            .filter_map(|i| self.by_item.remove(i))
+            .filter_map(|&i| self.by_item.remove(&i).map(|m| (i, m)))
             .collect();
         // Stable: equal scores keep source order.
-        out.sort_by(|a, b| b.score.total_cmp(&a.score));
+        out.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
         out.truncate(count);
-        out
+        out.into_iter()
+            .map(|(item, m)| {
+                let it = self.index.catalog.item(item);
+                pb::Candidate {
+                    item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
+                    score: m.score,
+                    source: m.source.to_owned(),
+                    reasons: m.reasons,
+                    source_scores: m
+                        .source_scores
+                        .into_iter()
+                        .map(|(s, v)| (s.to_owned(), v))
+                        .collect(),
+                    attributes: it.map(attributes),
+                    exploration: false,
+                }
+            })
+            .collect()
     }
 }
 
