@@ -73,6 +73,12 @@ fn check_env(
     })
 }
 
+/// `host:port` of an upstream, `http://host:port` or `dns://host:port`.
+fn host_port(up: &str) -> &str {
+    up.trim_start_matches("http://")
+        .trim_start_matches("dns://")
+}
+
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
 }
@@ -173,7 +179,7 @@ fn check_overlay(overlay: &str) -> usize {
             "{overlay}: Service {name}"
         );
         for up in upstreams {
-            let host_port = up.trim_start_matches("http://");
+            let host_port = host_port(&up);
             let (host, port) = host_port.split_once(':').expect("host:port");
             let target = services
                 .get(host)
@@ -219,6 +225,20 @@ fn helm_values_match_the_binaries() {
                 "RECMESH_SERVER__ADMIN_ADDR".to_owned(),
                 format!("0.0.0.0:{}", port + 1000),
             ),
+            (
+                "RECMESH_SERVER__SHUTDOWN_DELAY_MS".to_owned(),
+                values["shutdownDelayMs"]
+                    .as_u64()
+                    .expect("shutdownDelayMs")
+                    .to_string(),
+            ),
+            (
+                "RECMESH_SERVER__CONSUL__AGENT".to_owned(),
+                format!(
+                    "http://10.0.0.1:{}",
+                    values["consul"]["agentPort"].as_u64().expect("agentPort")
+                ),
+            ),
         ];
         for (k, v) in svc["env"].as_mapping().cloned().unwrap_or_default() {
             // Templated values (`{{ ... }}`) are filled from other values; the
@@ -233,10 +253,7 @@ fn helm_values_match_the_binaries() {
         assert_eq!(u64::from(server.grpc_addr.port()), port);
         assert_eq!(u64::from(server.admin_addr.port()), port + 1000);
         for up in upstreams {
-            let (host, p) = up
-                .trim_start_matches("http://")
-                .split_once(':')
-                .expect("host:port");
+            let (host, p) = host_port(&up).split_once(':').expect("host:port");
             let target = host.trim_start_matches("recmesh-");
             assert_eq!(
                 ports.get(target).copied(),
