@@ -215,7 +215,6 @@ mod tests {
                 categories: vec!["books".into()],
                 min_price: 1.0,
                 max_price: 99.0,
-                ..Default::default()
             }),
             rule_overrides: [("category_cap".to_string(), "3".to_string())].into(),
             request_id: "r1".into(),
