@@ -83,9 +83,9 @@ pub mod fallback_name {
 struct Clients {
     experiments: ExperimentsClient<Balanced>,
     features: FeaturesClient<Balanced>,
-    retrieval: RetrievalClient<Balanced>,
-    /// The same instances as `retrieval`, for `Retrieve` in [`wire`] form.
-    retrieval_wire: Balanced,
+    /// `Retrieve`, `Rank` and `Rerank` go in [`wire`] form; the other
+    /// retrieval calls through a `RetrievalClient` over the same instances.
+    retrieval: Balanced,
     ranking: Balanced,
     reranker: Balanced,
 }
@@ -284,12 +284,10 @@ impl Gateway {
         let upstream = |name: &str, addr: &str| {
             Balanced::new(&format!("upstreams.{name}"), addr, &config.balance)
         };
-        let retrieval = upstream("retrieval", &u.retrieval)?;
         let clients = Clients {
             experiments: ExperimentsClient::new(upstream("experiments", &u.experiments)?),
             features: FeaturesClient::new(upstream("features", &u.features)?),
-            retrieval: RetrievalClient::new(retrieval.clone()),
-            retrieval_wire: retrieval,
+            retrieval: upstream("retrieval", &u.retrieval)?,
             ranking: upstream("ranking", &u.ranking)?,
             reranker: upstream("reranker", &u.reranker)?,
         };
@@ -301,7 +299,7 @@ impl Gateway {
         ))));
         fallback::spawn_refresh(
             &lists,
-            clients.retrieval.clone(),
+            RetrievalClient::new(clients.retrieval.clone()),
             Duration::from_millis(p.refresh_ms),
             p.overall,
             p.per_category,
@@ -550,7 +548,7 @@ impl Gateway {
         stages.push(user_report);
 
         // 2. Retrieval.
-        let retrieval = &self.clients.retrieval_wire;
+        let retrieval = &self.clients.retrieval;
         let (_guard, in_flight) = InFlight::enter(&self.in_flight);
         let a = &self.config.adaptive;
         let mut count = params.candidates;
@@ -744,7 +742,7 @@ impl Gateway {
         ) -> Result<tonic::Response<pb::RetrieveResponse>, Status>,
         list: ListQuery<'_>,
     ) -> Result<pb::RecommendResponse, Status> {
-        let mut retrieval = self.clients.retrieval.clone();
+        let mut retrieval = RetrievalClient::new(self.clients.retrieval.clone());
         let budget = Budgets::ms(self.config.budgets.retrieval_ms);
         let (answer, mut report) = run_stage(stage::RETRIEVAL, budget, &deadline, |t| {
             call(&mut retrieval, t)

@@ -579,10 +579,9 @@ struct Merger<'a> {
 /// `Candidate`s (ids, attributes and maps are built for `count` items, not
 /// for every item every source found).
 struct Merged {
-    /// The source that found it first.
-    source: &'static str,
     score: f64,
-    /// Best raw score per source, in the order the sources found it.
+    /// Best raw score per source, in the order the sources found it (the
+    /// first is the candidate's `source`).
     source_scores: Vec<(&'static str, f64)>,
     reasons: Vec<String>,
 }
@@ -618,7 +617,6 @@ impl<'a> Merger<'a> {
             let merged = self.by_item.entry(item).or_insert_with(|| {
                 self.order.push(item);
                 Merged {
-                    source,
                     score: 0.0,
                     source_scores: Vec::with_capacity(2),
                     reasons: Vec::with_capacity(1),
@@ -650,7 +648,11 @@ impl<'a> Merger<'a> {
                 pb::Candidate {
                     item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
                     score: m.score,
-                    source: m.source.to_owned(),
+                    source: m
+                        .source_scores
+                        .first()
+                        .map(|(s, _)| (*s).to_owned())
+                        .unwrap_or_default(),
                     reasons: m.reasons,
                     source_scores: m
                         .source_scores
