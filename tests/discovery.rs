@@ -326,7 +326,7 @@ async fn stages_register_with_consul_and_the_gateway_follows_them() {
         agent.registered("recmesh-reranker").len() == 2
     })
     .await;
-    let recmesh_e2e::TestMesh { mesh, proxies } = mesh;
+    let recmesh_e2e::TestMesh { mesh, proxies, .. } = mesh;
     let recmesh::Mesh {
         gateway,
         stages,

@@ -125,7 +125,18 @@ pub struct TestMesh {
     /// Proxies by stage name: assign (experiments), features, retrieval,
     /// ranking, rerank (reranker).
     pub proxies: Vec<(&'static str, FaultProxy)>,
+    /// One of the [`MESH_SLOTS`], held while the mesh runs.
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// At most two meshes run at a time in one test process.
+///
+/// The tests of a binary run in parallel; eight meshes starting (demo data,
+/// models, indexes) on two cores starve the first requests of the meshes
+/// already up, and a healthy stage misses even its scaled budget (seen in CI:
+/// retrieval at 322 ms of 320 ms). Two slots keep that contention bounded and
+/// leave room for a test that runs two meshes side by side (tests/balance.rs).
+static MESH_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Demo data small enough to start in a second in a debug build, large
 /// enough for CF to have neighbours for most items.
@@ -145,8 +156,8 @@ pub const BUDGET_SCALE: u64 = 8;
 /// features budget is scaled the same way.
 ///
 /// These tests check behaviour (fallbacks, reports, recovery), not speed. They
-/// run a debug build, about ten times slower than release, with several
-/// meshes in parallel on two cores, and the first call on a channel also pays
+/// run a debug build, about ten times slower than release, with up to two
+/// meshes in parallel on two cores (see [`MESH_SLOTS`]), and the first call on a channel also pays
 /// for the connection. At the default 5 ms assignment budget a healthy stage
 /// would sometimes be reported late. Whether the default budgets hold is
 /// measured on release builds (README, "Budgets and fallbacks").
@@ -192,6 +203,10 @@ impl TestMesh {
         adjust: impl FnOnce(&mut recmesh::StageConfigs),
         gateway: impl FnOnce(&mut recmesh_gateway::Config),
     ) -> Self {
+        let slot = MESH_SLOTS
+            .acquire()
+            .await
+            .expect("the mesh slots are never closed");
         let data = Arc::new(test_data());
         let mut configs = recmesh::StageConfigs::default();
         configs.ranking.features_budget_ms *= BUDGET_SCALE;
@@ -248,6 +263,7 @@ impl TestMesh {
                 data,
             },
             proxies,
+            _slot: slot,
         }
     }
 
