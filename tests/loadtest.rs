@@ -61,4 +61,35 @@ async fn an_open_loop_run_reports_and_judges() {
         "{:?}",
         r.verdict.checks
     );
+
+    // One user asking again and again: after the first answer the gateway's
+    // response cache answers, and the report counts it, unless the scenario
+    // bypasses the cache.
+    let mut repeat = scenario.clone();
+    repeat.users = recmesh_loadtest::scenario::Users {
+        cold: 0.0,
+        active: 1.0,
+        power: 0.0,
+        population: 1,
+        power_users: 1,
+    };
+    repeat.calls = recmesh_loadtest::scenario::Calls {
+        recommend: 1.0,
+        similar: 0.0,
+        trending: 0.0,
+        track: 0.0,
+    };
+    repeat.rate = 20.0;
+    repeat.duration_s = 1.0;
+    repeat.warmup_s = 0.0;
+    let r = run(&clients, &repeat).await.expect("run");
+    assert!(r.cache_hit_rate >= 0.5, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("Recommends from the gateway's response cache")
+    );
+    repeat.bypass_cache = true;
+    let r = run(&clients, &repeat).await.expect("run");
+    assert_eq!(r.measured, 20);
+    assert_eq!(r.cache_hit_rate, 0.0, "{}", r.text());
 }

@@ -221,7 +221,7 @@ pub fn report(r: &Report) -> String {
     out.push_str(&percentile_table(&rows));
     let _ = write!(
         out,
-        "<p>Errors: {} ({:.3}%). Degraded answers: {:.2}%.</p>",
+        "<p>Errors: {} ({:.3}%). Degraded answers: {:.2}%. Recommends answered from the gateway's response cache: {:.1}%{}.</p>",
         if r.errors.is_empty() {
             "none".into()
         } else {
@@ -233,7 +233,13 @@ pub fn report(r: &Report) -> String {
                 .join(", "))
         },
         r.error_rate * 100.0,
-        r.degraded_rate * 100.0
+        r.degraded_rate * 100.0,
+        r.cache_hit_rate * 100.0,
+        if r.scenario.bypass_cache {
+            " (bypass_cache: every Recommend set debug)"
+        } else {
+            ""
+        }
     );
     if !r.fallbacks.is_empty() {
         out.push_str("<table><tr><th>fallback (stage:name)</th><th>answers</th></tr>");

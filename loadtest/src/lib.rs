@@ -39,6 +39,8 @@ struct Sample {
     /// gRPC status code name, `OK` for an answer.
     code: &'static str,
     degraded: bool,
+    /// A `Recommend` answered from the gateway's response cache.
+    cached: bool,
     /// (stage, latency, fallback) from a `Recommend`'s stage report.
     stages: Vec<(String, Duration, String)>,
 }
@@ -164,6 +166,7 @@ fn draw_call(s: &Scenario, rng: &mut Rng, run: u128, n: u64) -> Call {
         Call::Recommend(pb::RecommendRequest {
             user_id: user,
             count: 10,
+            debug: s.bypass_cache,
             ..Default::default()
         })
     } else if c < m.recommend + m.similar {
@@ -188,10 +191,10 @@ fn draw_call(s: &Scenario, rng: &mut Rng, run: u128, n: u64) -> Call {
     }
 }
 
-async fn send(
-    client: &mut GatewayClient<Channel>,
-    call: Call,
-) -> (&'static str, bool, Vec<(String, Duration, String)>) {
+/// What `send` got back: status code name, degraded, cached, stage reports.
+type Answer = (&'static str, bool, bool, Vec<(String, Duration, String)>);
+
+async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
     let result = match call {
         Call::Recommend(r) => client.recommend(r).await.map(|a| {
             let a = a.into_inner();
@@ -206,21 +209,21 @@ async fn send(
                     )
                 })
                 .collect();
-            (a.degraded, stages)
+            (a.degraded, a.cached, stages)
         }),
         Call::Similar(r) => client
             .similar_items(r)
             .await
-            .map(|a| (a.into_inner().degraded, Vec::new())),
+            .map(|a| (a.into_inner().degraded, false, Vec::new())),
         Call::Trending(r) => client
             .trending(r)
             .await
-            .map(|a| (a.into_inner().degraded, Vec::new())),
-        Call::Track(r) => client.track(r).await.map(|_| (false, Vec::new())),
+            .map(|a| (a.into_inner().degraded, false, Vec::new())),
+        Call::Track(r) => client.track(r).await.map(|_| (false, false, Vec::new())),
     };
     match result {
-        Ok((degraded, stages)) => ("OK", degraded, stages),
-        Err(status) => (code_name(status.code()), false, Vec::new()),
+        Ok((degraded, cached, stages)) => ("OK", degraded, cached, stages),
+        Err(status) => (code_name(status.code()), false, false, Vec::new()),
     }
 }
 
@@ -236,6 +239,9 @@ pub struct Measured {
     fallbacks: BTreeMap<String, u64>,
     errors: BTreeMap<&'static str, u64>,
     degraded: u64,
+    /// Measured `Recommend` answers, and those from the response cache.
+    recommends: u64,
+    cached: u64,
     counted: u64,
     sent: u64,
     /// Per second of the run (warm-up included): latencies and errors.
@@ -291,6 +297,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                         call: name,
                         code: "CLIENT_OVERLOAD",
                         degraded: false,
+                        cached: false,
                         stages: Vec::new(),
                     });
                 } else {
@@ -299,7 +306,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                     let tx = tx.clone();
                     let in_flight = in_flight.clone();
                     tokio::spawn(async move {
-                        let (code, degraded, stages) = send(&mut client, call).await;
+                        let (code, degraded, cached, stages) = send(&mut client, call).await;
                         in_flight.fetch_sub(1, Ordering::Relaxed);
                         let _ = tx.send(Sample {
                             at,
@@ -307,6 +314,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                             call: name,
                             code,
                             degraded,
+                            cached,
                             stages,
                         });
                     });
@@ -325,6 +333,8 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         fallbacks: BTreeMap::new(),
         errors: BTreeMap::new(),
         degraded: 0,
+        recommends: 0,
+        cached: 0,
         counted: 0,
         sent: 0,
         seconds: (0..seconds_total).map(|_| (histogram(), 0)).collect(),
@@ -368,6 +378,10 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
             *m.errors.entry(sample.code).or_default() += 1;
         }
         m.degraded += u64::from(sample.degraded);
+        if ok && sample.call == "recommend" {
+            m.recommends += 1;
+            m.cached += u64::from(sample.cached);
+        }
         for (stage, latency, fallback) in sample.stages {
             if !fallback.is_empty() {
                 *m.fallbacks

@@ -35,6 +35,10 @@ struct Common {
     /// Override the scenario's warm-up, seconds.
     #[arg(long)]
     warmup: Option<f64>,
+    /// Every Recommend sets `debug`, so the gateway's response cache never
+    /// answers (sets the scenario's `bypass_cache`).
+    #[arg(long)]
+    bypass_cache: bool,
     /// Directory for report.json and report.html.
     #[arg(long, default_value = "loadtest-report")]
     out: PathBuf,
@@ -175,6 +179,7 @@ fn scenario(c: &Common) -> anyhow::Result<Scenario> {
     if let Some(w) = c.warmup {
         s.warmup_s = w;
     }
+    s.bypass_cache |= c.bypass_cache;
     s.validate()?;
     Ok(s)
 }

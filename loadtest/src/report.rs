@@ -114,6 +114,9 @@ pub struct Report {
     pub error_rate: f64,
     /// Answers flagged `degraded` / measured calls.
     pub degraded_rate: f64,
+    /// Measured `Recommend` answers from the gateway's response cache /
+    /// measured `Recommend` answers (0 with `bypass_cache`).
+    pub cache_hit_rate: f64,
     /// Stage fallbacks by `stage:fallback`.
     pub fallbacks: BTreeMap<String, u64>,
     /// Per second.
@@ -203,6 +206,11 @@ impl Report {
             errors: m.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             error_rate,
             degraded_rate,
+            cache_hit_rate: if m.recommends > 0 {
+                m.cached as f64 / m.recommends as f64
+            } else {
+                0.0
+            },
             fallbacks: m.fallbacks,
             timeline,
             ok_by_call: m
@@ -219,7 +227,7 @@ impl Report {
     /// One line: rate, p50/p99, errors, verdict.
     pub fn summary_line(&self) -> String {
         format!(
-            "{:.0}/s offered, {:.0}/s achieved: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {:.3}%, degraded {:.2}% → {}",
+            "{:.0}/s offered, {:.0}/s achieved: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {:.3}%, degraded {:.2}%, Recommends from cache {:.1}% → {}",
             self.offered_rate,
             self.achieved_rate,
             self.latency.p50,
@@ -227,6 +235,7 @@ impl Report {
             self.latency.p999,
             self.error_rate * 100.0,
             self.degraded_rate * 100.0,
+            self.cache_hit_rate * 100.0,
             if self.verdict.pass { "PASS" } else { "FAIL" }
         )
     }
@@ -252,7 +261,7 @@ impl Report {
             row(&format!("stage {k} (gateway side)"), p);
         }
         out.push_str(&format!(
-            "\nerrors: {} ({:.3}%); degraded answers: {:.2}%\n",
+            "\nerrors: {} ({:.3}%); degraded answers: {:.2}%; Recommends from the gateway's response cache: {:.1}%{}\n",
             if self.errors.is_empty() {
                 "none".to_owned()
             } else {
@@ -263,7 +272,13 @@ impl Report {
                     .join(", ")
             },
             self.error_rate * 100.0,
-            self.degraded_rate * 100.0
+            self.degraded_rate * 100.0,
+            self.cache_hit_rate * 100.0,
+            if self.scenario.bypass_cache {
+                " (bypass_cache)"
+            } else {
+                ""
+            }
         ));
         if !self.fallbacks.is_empty() {
             out.push_str(&format!(
@@ -307,6 +322,8 @@ mod tests {
                 BTreeMap::new()
             },
             degraded,
+            recommends: 0,
+            cached: 0,
             counted,
             sent: counted,
             seconds: Vec::new(),
@@ -314,6 +331,22 @@ mod tests {
             ok_by_call: BTreeMap::new(),
             bad: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_cache_hit_share_is_of_answered_recommends() {
+        let mut m = measured(1000, 0, 0, 5);
+        m.recommends = 800;
+        m.cached = 200;
+        let r = Report::new(&Scenario::default(), m);
+        assert_eq!(r.cache_hit_rate, 0.25);
+        assert!(
+            r.summary_line().contains("Recommends from cache 25.0%"),
+            "{}",
+            r.summary_line()
+        );
+        let r = Report::new(&Scenario::default(), measured(1000, 0, 0, 5));
+        assert_eq!(r.cache_hit_rate, 0.0, "no Recommend, no share");
     }
 
     #[test]

@@ -14,6 +14,11 @@ pub struct Scenario {
     pub warmup_s: f64,
     /// Seed of the user, item and call draws.
     pub seed: u64,
+    /// Every `Recommend` sets `debug`, which makes the gateway skip its
+    /// response cache (and fill the debug fields): the whole pipeline runs
+    /// for every call. Off, a repeat user within the cache TTL is answered
+    /// from the cache, and the report says how often.
+    pub bypass_cache: bool,
     /// Who calls.
     pub users: Users,
     /// What they call.
@@ -82,6 +87,7 @@ impl Default for Scenario {
             duration_s: 30.0,
             warmup_s: 5.0,
             seed: 1,
+            bypass_cache: false,
             users: Users::default(),
             calls: Calls::default(),
             catalog: Catalog::default(),
