@@ -87,6 +87,11 @@ pub struct Config {
     /// three quarters of the caller's deadline); a late answer is dropped
     /// and reported, never waited for.
     pub content_budget_ms: u64,
+    /// Most cold items the `content` source scans per request: the newest
+    /// by `created_at` (0: every cold item). The scan is exact (64
+    /// multiply-adds per item), so it grows with the catalog; at 1M items
+    /// the whole cold set took half the mesh's CPU (docs/performance.md).
+    pub content_pool: usize,
     /// The vector index behind the `ann` source and `SimilarItems`.
     pub ann: AnnConfig,
     /// The features service whose event log keeps the trending lists fresh
@@ -193,6 +198,7 @@ impl Default for Config {
             max_count: 2_000,
             max_exclusions: 1_000,
             content_budget_ms: 15,
+            content_pool: 20_000,
             ann: AnnConfig::default(),
             features_addr: "http://127.0.0.1:50056".into(),
             // A trending list a second behind the events.
@@ -266,7 +272,8 @@ pub struct Index {
     popular: Vec<(u32, f64)>,
     popular_by_category: HashMap<u32, Vec<(u32, f64)>>,
     content: Vec<f32>,
-    /// Items with no co-occurrence neighbour: what the `content` source offers.
+    /// Items with no co-occurrence neighbour, newest first: what the
+    /// `content` source offers.
     cold: Vec<u32>,
     factors: Option<Factors>,
     /// The item vectors' index (present when `factors` is).
@@ -343,9 +350,10 @@ impl Index {
     }
 
     fn with_ann(b: Bundle, ann: Option<Arc<dyn VectorIndex>>) -> Self {
-        let cold = (0..b.catalog.len() as u32)
+        let mut cold: Vec<u32> = (0..b.catalog.len() as u32)
             .filter(|&i| b.neighbours[i as usize].is_empty())
             .collect();
+        cold.sort_by_key(|&i| (std::cmp::Reverse(b.catalog.items[i as usize].created_at), i));
         let (reference_s, half_life_s) = b.trending_clock();
         let list_len = b
             .trending
@@ -967,21 +975,59 @@ struct ContentJob {
     profile: Vec<f32>,
     seen: std::collections::HashSet<u32>,
     limit: usize,
+    /// How many of the newest cold items are scanned.
+    pool: usize,
 }
 
 impl ContentJob {
+    /// The `limit` best-matching unseen items of the pool, best first (ties
+    /// by index), kept in a bounded heap rather than sorting every match.
     fn run(&self) -> Vec<(u32, f32)> {
-        let mut matches: Vec<(u32, f32)> = self
-            .index
-            .cold
-            .iter()
-            .filter(|i| !self.seen.contains(i))
-            .map(|&i| (i, als::similarity(&self.profile, self.index.content_of(i))))
-            .filter(|&(_, s)| s > 0.0)
-            .collect();
-        matches.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        matches.truncate(self.limit);
-        matches
+        /// Ordered so the heap's top is the weakest match kept.
+        struct Weakest(f32, u32);
+        impl PartialEq for Weakest {
+            fn eq(&self, o: &Self) -> bool {
+                self.cmp(o).is_eq()
+            }
+        }
+        impl Eq for Weakest {}
+        impl PartialOrd for Weakest {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Weakest {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
+            }
+        }
+        if self.limit == 0 {
+            return Vec::new();
+        }
+        let cold = &self.index.cold;
+        let pool = if self.pool == 0 {
+            cold.len()
+        } else {
+            self.pool.min(cold.len())
+        };
+        let mut best = std::collections::BinaryHeap::with_capacity(self.limit + 1);
+        for &i in &cold[..pool] {
+            let s = als::similarity(&self.profile, self.index.content_of(i));
+            if s <= 0.0 || self.seen.contains(&i) {
+                continue;
+            }
+            let candidate = Weakest(s, i);
+            if best.len() < self.limit {
+                best.push(candidate);
+            } else if best.peek().is_some_and(|w| candidate < *w) {
+                best.pop();
+                best.push(candidate);
+            }
+        }
+        best.into_sorted_vec()
+            .into_iter()
+            .map(|Weakest(s, i)| (i, s))
+            .collect()
     }
 }
 
@@ -1313,6 +1359,7 @@ impl Snapshot {
                 profile,
                 seen: seen.clone(),
                 limit: (count / 4).max(1),
+                pool: self.config.content_pool,
             });
         }
 
@@ -2091,6 +2138,59 @@ mod tests {
         assert!(out.iter().all(|c| c.source == "content"));
         assert_eq!(out[0].item_id, "brand-new", "it matches best");
         assert_eq!(out[0].reasons, [format!("new in {category}")]);
+    }
+
+    #[test]
+    fn the_content_scan_keeps_the_best_of_the_newest_cold_items() {
+        // A catalog where most items are cold: few interactions.
+        let data = generate(&DemoSpec {
+            items: 2_000,
+            users: 50,
+            interactions: 300,
+            ..DemoSpec::default()
+        });
+        let index = Arc::new(Index::build(&data, &Config::default()));
+        let cold = &index.cold;
+        assert!(cold.len() > 500, "{} cold items", cold.len());
+        let created = |i: u32| index.catalog.items[i as usize].created_at;
+        assert!(
+            cold.windows(2).all(|w| created(w[0]) >= created(w[1])),
+            "newest first"
+        );
+        let profile = index.content_of(cold[7]).to_vec();
+        let seen: std::collections::HashSet<u32> = [cold[7]].into();
+        // By hand: score every unseen item of the pool, sort, keep the best.
+        let by_hand = |pool: usize, limit: usize| {
+            let mut all: Vec<(u32, f32)> = cold[..pool]
+                .iter()
+                .filter(|i| !seen.contains(i))
+                .map(|&i| (i, als::similarity(&profile, index.content_of(i))))
+                .filter(|&(_, s)| s > 0.0)
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(limit);
+            all
+        };
+        let job = |pool: usize, limit: usize| ContentJob {
+            index: index.clone(),
+            profile: profile.clone(),
+            seen: seen.clone(),
+            limit,
+            pool,
+        };
+        assert_eq!(
+            job(0, 25).run(),
+            by_hand(cold.len(), 25),
+            "0: every cold item"
+        );
+        assert_eq!(job(200, 25).run(), by_hand(200, 25));
+        assert_eq!(
+            job(200, 10_000).run(),
+            by_hand(200, 10_000),
+            "fewer than the limit"
+        );
+        assert!(job(200, 0).run().is_empty());
+        assert!(job(cold.len() * 2, 25).run() == by_hand(cold.len(), 25));
     }
 
     #[test]
