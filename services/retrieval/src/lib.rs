@@ -271,7 +271,11 @@ pub struct Index {
     neighbours: Vec<Vec<(u32, f32)>>,
     popular: Vec<(u32, f64)>,
     popular_by_category: HashMap<u32, Vec<(u32, f64)>>,
+    /// Content vectors by row: the cold items' first, in `cold` order, so
+    /// the `content` scan reads one contiguous block; then the rest.
     content: Vec<f32>,
+    /// Item index → its row in `content`.
+    content_row: Vec<u32>,
     /// Items with no co-occurrence neighbour, newest first: what the
     /// `content` source offers.
     cold: Vec<u32>,
@@ -386,12 +390,14 @@ impl Index {
             ),
             trained,
         });
+        let (content, content_row) = cold_rows_first(&b.content, &cold, b.catalog.len());
         Index {
             catalog: b.catalog,
             neighbours: b.neighbours,
             popular: b.popular.overall,
             popular_by_category: b.popular.by_category,
-            content: b.content,
+            content,
+            content_row,
             cold,
             factors,
             ann,
@@ -444,8 +450,34 @@ impl Index {
     }
 
     fn content_of(&self, i: u32) -> &[f32] {
-        &self.content[i as usize * content::DIM..][..content::DIM]
+        let row = self.content_row.get(i as usize).map_or(0, |&r| r as usize);
+        &self.content[row * content::DIM..][..content::DIM]
     }
+
+    /// The content vectors of the first `n` cold items, in `cold` order.
+    fn cold_content(&self, n: usize) -> std::slice::ChunksExact<'_, f32> {
+        self.content[..n * content::DIM].chunks_exact(content::DIM)
+    }
+}
+
+/// `content` (one `content::DIM` row per item) reordered with the `cold`
+/// items' rows first, in that order; and each item's new row.
+fn cold_rows_first(content: &[f32], cold: &[u32], items: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut is_cold = vec![false; items];
+    for &i in cold {
+        is_cold[i as usize] = true;
+    }
+    let order = cold
+        .iter()
+        .copied()
+        .chain((0..items as u32).filter(|&i| !is_cold[i as usize]));
+    let mut rows = Vec::with_capacity(content.len());
+    let mut row_of = vec![0u32; items];
+    for (row, i) in order.enumerate() {
+        row_of[i as usize] = row as u32;
+        rows.extend_from_slice(&content[i as usize * content::DIM..][..content::DIM]);
+    }
+    (rows, row_of)
 }
 
 /// An exact index over the bundle's item vectors, by dot product (None
@@ -1011,8 +1043,8 @@ impl ContentJob {
             self.pool.min(cold.len())
         };
         let mut best = std::collections::BinaryHeap::with_capacity(self.limit + 1);
-        for &i in &cold[..pool] {
-            let s = als::similarity(&self.profile, self.index.content_of(i));
+        for (&i, vector) in cold[..pool].iter().zip(self.index.cold_content(pool)) {
+            let s = als::similarity(&self.profile, vector);
             if s <= 0.0 || self.seen.contains(&i) {
                 continue;
             }
