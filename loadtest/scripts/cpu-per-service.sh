@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# CPU per request of each service, the six release binaries as separate
+# processes on their default ports, under open-loop load:
+#   loadtest/scripts/cpu-per-service.sh RATE SECONDS [more recmesh-loadtest run args]
+# e.g. `… 300 20 --bypass-cache` for the whole pipeline on every call.
+# CPU is utime + stime from /proc/<pid>/stat over the measured run, divided
+# by the requests answered. The features event log goes to tmpfs.
+set -euo pipefail
+rate=$1 dur=$2
+shift 2
+R="${CARGO_TARGET_DIR:-$HOME/.cache/recmesh/target}/release"
+tick=$(getconf CLK_TCK)
+out=$(mktemp -d)
+pids=()
+RECMESH_EVENT_LOG__PATH=/dev/shm/cps-events-$$.tsv RECMESH_EVENT_LOG__EXPOSURES_PATH=/dev/shm/cps-exp-$$.jsonl \
+  "$R/recmesh-features" > "$out/features.log" 2>&1 &
+pids+=("features:$!")
+RECMESH_STATE_DIR="$out/exp" "$R/recmesh-experiments" > "$out/experiments.log" 2>&1 &
+pids+=("experiments:$!")
+for s in retrieval ranking reranker gateway; do
+  "$R/recmesh-$s" > "$out/$s.log" 2>&1 &
+  pids+=("$s:$!")
+done
+trap 'for p in "${pids[@]}"; do kill -INT "${p#*:}" 2>/dev/null || true; done; wait; rm -f /dev/shm/cps-*-$$.*' EXIT
+for _ in $(seq 1 120); do
+  grep -q "serving" "$out/gateway.log" 2>/dev/null && break
+  sleep 1
+done
+sleep 2
+"$R/recmesh-loadtest" run --rate "$rate" --duration 3 --warmup 0 --out "$out/warm" "$@" > /dev/null 2>&1 || true
+declare -A t0
+for p in "${pids[@]}"; do t0[${p%%:*}]=$(awk '{print $14+$15}' "/proc/${p#*:}/stat"); done
+"$R/recmesh-loadtest" run --rate "$rate" --duration "$dur" --warmup 0 --out "$out/run" "$@" > "$out/run.txt" 2>&1 || true
+n=$(grep -oE "^[0-9]+ requests measured" "$out/run.txt" | cut -d' ' -f1)
+grep -E "offered, |degraded" "$out/run.txt" | head -3
+total=0
+for p in "${pids[@]}"; do
+  name=${p%%:*}
+  t1=$(awk '{print $14+$15}' "/proc/${p#*:}/stat")
+  d=$((t1 - t0[$name]))
+  total=$((total + d))
+  echo "$name: CPU $(echo "$d/$tick" | bc -l | cut -c1-6) s, $(echo "$d*1000/$tick/$n" | bc -l | cut -c1-5) ms per request"
+done
+echo "all six: CPU $(echo "$total/$tick" | bc -l | cut -c1-6) s, $(echo "$total*1000/$tick/$n" | bc -l | cut -c1-5) ms per request ($n requests)"
