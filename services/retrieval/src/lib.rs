@@ -623,7 +623,53 @@ struct Merged {
     /// Best raw score per source, in the order the sources found it (the
     /// first is the candidate's `source`).
     source_scores: Vec<(&'static str, f64)>,
-    reasons: Vec<String>,
+    reasons: Vec<Why>,
+}
+
+/// Why a source offered an item. Sources hand these over as indexes; only
+/// the items that make the cut get their reasons written out as text
+/// ([`Why::text`]), so a request formats a few dozen strings, not one per
+/// item every source found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Why {
+    /// "similar to {title of the item}"
+    SimilarTo(u32),
+    /// "because you {verb} {title of the item}"
+    Because(&'static str, u32),
+    /// "picked for your taste"
+    ForYourTaste,
+    /// "new in {category}"
+    NewIn(u32),
+    /// "trending in {category}"
+    TrendingIn(u32),
+    /// "trending now"
+    TrendingNow,
+    /// "popular in {category}"
+    PopularIn(u32),
+    /// "popular right now"
+    PopularNow,
+}
+
+impl Why {
+    fn text(self, index: &Index) -> String {
+        let category = |c: u32| {
+            index
+                .catalog
+                .categories
+                .get(c as usize)
+                .map_or("", String::as_str)
+        };
+        match self {
+            Why::SimilarTo(i) => format!("similar to {}", index.title(i)),
+            Why::Because(verb, i) => format!("because you {verb} {}", index.title(i)),
+            Why::ForYourTaste => "picked for your taste".to_owned(),
+            Why::NewIn(c) => format!("new in {}", category(c)),
+            Why::TrendingIn(c) => format!("trending in {}", category(c)),
+            Why::TrendingNow => "trending now".to_owned(),
+            Why::PopularIn(c) => format!("popular in {}", category(c)),
+            Why::PopularNow => "popular right now".to_owned(),
+        }
+    }
 }
 
 impl<'a> Merger<'a> {
@@ -641,13 +687,13 @@ impl<'a> Merger<'a> {
         &mut self,
         source: &'static str,
         weight: f64,
-        results: impl IntoIterator<Item = (u32, f64, String)>,
+        results: impl IntoIterator<Item = (u32, f64, Why)>,
     ) {
         // Weight 0: the variant turned this source off.
         if weight <= 0.0 {
             return;
         }
-        let results: Vec<(u32, f64, String)> = results.into_iter().collect();
+        let results: Vec<(u32, f64, Why)> = results.into_iter().collect();
         let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
         for (item, raw, reason) in results {
             if !self.constraints.allows(self.index, item) {
@@ -693,7 +739,14 @@ impl<'a> Merger<'a> {
                         .first()
                         .map(|(s, _)| (*s).to_owned())
                         .unwrap_or_default(),
-                    reasons: m.reasons,
+                    reasons: m.reasons.iter().fold(Vec::new(), |mut texts, why| {
+                        // Two items may share a title: one line each way.
+                        let text = why.text(self.index);
+                        if !texts.contains(&text) {
+                            texts.push(text);
+                        }
+                        texts
+                    }),
                     source_scores: m
                         .source_scores
                         .into_iter()
@@ -929,7 +982,7 @@ impl RetrievalService {
 }
 
 /// One source's results, best first: item, raw score, reason.
-type Found = Vec<(u32, f64, String)>;
+type Found = Vec<(u32, f64, Why)>;
 
 /// One request's sources: the in-memory ones already run, the `ann` and
 /// `content` ones as jobs.
@@ -953,7 +1006,7 @@ impl Plan<'_> {
         source: &'static str,
         weight: f64,
         started: std::time::Instant,
-        found: Vec<(u32, f64, String)>,
+        found: Found,
     ) {
         self.reports.push(source_report(
             source,
@@ -1200,35 +1253,33 @@ impl Snapshot {
         })
     }
 
-    fn popular_in(&self, category: u32) -> impl Iterator<Item = (u32, f64, String)> + '_ {
-        let name = &self.index.catalog.categories[category as usize];
+    fn popular_in(&self, category: u32) -> impl Iterator<Item = (u32, f64, Why)> + '_ {
         self.index
             .popular_by_category
             .get(&category)
             .into_iter()
             .flatten()
-            .map(move |&(i, s)| (i, s, format!("popular in {name}")))
+            .map(move |&(i, s)| (i, s, Why::PopularIn(category)))
     }
 
-    fn popular_overall(&self) -> impl Iterator<Item = (u32, f64, String)> + '_ {
+    fn popular_overall(&self) -> impl Iterator<Item = (u32, f64, Why)> + '_ {
         self.index
             .popular
             .iter()
-            .map(|&(i, s)| (i, s, "popular right now".to_owned()))
+            .map(|&(i, s)| (i, s, Why::PopularNow))
     }
 
     fn trending_in(&self, category: u32) -> Found {
-        let name = &self.index.catalog.categories[category as usize];
         let list = self.index.trending().in_category(category);
         list.into_iter()
-            .map(|(i, s)| (i, s, format!("trending in {name}")))
+            .map(|(i, s)| (i, s, Why::TrendingIn(category)))
             .collect()
     }
 
     fn trending_overall(&self) -> Found {
         let list = self.index.trending().overall();
         list.into_iter()
-            .map(|(i, s)| (i, s, "trending now".to_owned()))
+            .map(|(i, s)| (i, s, Why::TrendingNow))
             .collect()
     }
 
@@ -1258,10 +1309,9 @@ impl Snapshot {
         // candidates rather than failing the request.
         let started = std::time::Instant::now();
         if let Some(anchor) = index.catalog.index_of(&ctx.anchor_item_id) {
-            let title = index.title(anchor).to_owned();
             let found: Vec<_> = index.neighbours[anchor as usize]
                 .iter()
-                .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}")))
+                .map(|&(i, s)| (i, f64::from(s), Why::SimilarTo(anchor)))
                 .collect();
             plan.ready("anchor", weights.anchor, started, found);
         } else {
@@ -1298,11 +1348,7 @@ impl Snapshot {
             .filter(|c| !seen.contains(&c.item))
             .map(|c| {
                 let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
-                (
-                    c.item,
-                    c.score,
-                    format!("because you {verb} {}", index.title(c.because_of)),
-                )
+                (c.item, c.score, Why::Because(verb, c.because_of))
             })
             .collect();
         if seeds.is_empty() {
@@ -1476,12 +1522,9 @@ impl Snapshot {
                             .map(|seed| (als::similarity(item(h.id), item(seed.0)), seed))
                             .max_by(|a, b| a.0.total_cmp(&b.0))
                             .map(|(_, seed)| seed)
-                            .map_or_else(
-                                || "picked for your taste".to_owned(),
-                                |&(seed, _, kind)| {
-                                    format!("because you {} {}", kind.verb(), index.title(seed))
-                                },
-                            );
+                            .map_or(Why::ForYourTaste, |&(seed, _, kind)| {
+                                Why::Because(kind.verb(), seed)
+                            });
                         (h.id, f64::from(h.score), reason)
                     }),
                 );
@@ -1493,9 +1536,11 @@ impl Snapshot {
                 "content",
                 plan.weights.content,
                 matches.into_iter().map(|(i, s)| {
-                    let category =
-                        &index.catalog.categories[index.catalog.category_of[i as usize] as usize];
-                    (i, f64::from(s), format!("new in {category}"))
+                    (
+                        i,
+                        f64::from(s),
+                        Why::NewIn(index.catalog.category_of[i as usize]),
+                    )
                 }),
             );
         }
@@ -1592,7 +1637,6 @@ impl Snapshot {
             .index_of(&req.item_id)
             .ok_or_else(|| Status::not_found(format!("item_id: unknown item `{}`", req.item_id)))?;
         constraints.filters.excluded.insert(req.item_id.as_str());
-        let title = index.title(anchor).to_owned();
         let mut reports = Vec::new();
         // Item → items through the vector index: the anchor's own vector.
         let ann = match (index.factors.as_ref(), index.ann.as_ref()) {
@@ -1615,14 +1659,14 @@ impl Snapshot {
             1.0,
             index.neighbours[anchor as usize]
                 .iter()
-                .map(|&(i, s)| (i, f64::from(s), format!("similar to {title}"))),
+                .map(|&(i, s)| (i, f64::from(s), Why::SimilarTo(anchor))),
         );
         if let Some(hits) = ann {
             merger.add(
                 "ann",
                 0.8,
                 hits.into_iter()
-                    .map(|h| (h.id, f64::from(h.score), format!("similar to {title}"))),
+                    .map(|h| (h.id, f64::from(h.score), Why::SimilarTo(anchor))),
             );
         }
         merger.add(
