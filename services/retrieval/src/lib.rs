@@ -450,7 +450,7 @@ impl Index {
     }
 
     fn content_of(&self, i: u32) -> &[f32] {
-        let row = self.content_row.get(i as usize).map_or(0, |&r| r as usize);
+        let row = self.content_row[i as usize] as usize;
         &self.content[row * content::DIM..][..content::DIM]
     }
 
