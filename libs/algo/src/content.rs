@@ -5,8 +5,9 @@
 //!
 //! Each attribute value lands on one dimension chosen by its hash, with a
 //! sign from the hash too (the "hashing trick"), weighted: category 1.0,
-//! brand 0.6, price band 0.4, each title word 0.3/√words. Two items with the
-//! same category, brand and band have cosine ≥ 0.9 whatever their titles.
+//! brand 0.6 (none when empty), price band 0.4, each title word
+//! 0.3/√words. Two items with the same category, brand and band have cosine
+//! ≥ 0.9 whatever their titles.
 
 use crate::assign::fnv1a64;
 use crate::rerank::price_band;
@@ -23,7 +24,9 @@ pub fn vector(category: &str, brand: &str, price: f64, title: &str) -> [f32; DIM
         v[(h % DIM as u64) as usize] += sign * weight;
     };
     put("category", category, 1.0);
-    put("brand", brand, 0.6);
+    if !brand.is_empty() {
+        put("brand", brand, 0.6);
+    }
     put("band", &price_band(price).to_string(), 0.4);
     let words: Vec<String> = title
         .split(|c: char| !c.is_alphanumeric())

@@ -254,6 +254,7 @@ pub fn price_band(price: f64) -> i32 {
 }
 
 /// Compact per-item keys for the similarity and caps in the MMR loop.
+/// [`UNKNOWN`] stands for an empty category or brand.
 struct Keys {
     category: u32,
     brand: u32,
@@ -262,24 +263,33 @@ struct Keys {
 
 /// Cosine of the one-hot (category, brand, price band) content vectors: the
 /// share of the three that match.
+/// An unknown category or brand matches nothing.
 fn similarity(a: &Keys, b: &Keys) -> f64 {
-    let same = u32::from(a.category == b.category)
-        + u32::from(a.brand == b.brand)
+    let same = u32::from(a.category == b.category && a.category != UNKNOWN)
+        + u32::from(a.brand == b.brand && a.brand != UNKNOWN)
         + u32::from(a.band == b.band);
     f64::from(same) / 3.0
 }
 
 /// The similarity MMR uses, for two items given as (category, brand, price):
-/// the share of category, brand and price band that match. Offline
-/// evaluation measures intra-list diversity with it.
+/// the share of category, brand and price band that match (an empty
+/// category or brand matches nothing). Offline evaluation measures
+/// intra-list diversity with it.
 pub fn attribute_similarity(a: (&str, &str, f64), b: (&str, &str, f64)) -> f64 {
-    let same = u32::from(a.0 == b.0)
-        + u32::from(a.1 == b.1)
+    let same = u32::from(a.0 == b.0 && !a.0.is_empty())
+        + u32::from(a.1 == b.1 && !a.1.is_empty())
         + u32::from(price_band(a.2) == price_band(b.2));
     f64::from(same) / 3.0
 }
 
+/// The key of an empty category or brand: an item without a brand is not of
+/// one brand with every other such item, so no cap or similarity counts it.
+const UNKNOWN: u32 = u32::MAX;
+
 fn intern<'a>(table: &mut HashMap<&'a str, u32>, key: &'a str) -> u32 {
+    if key.is_empty() {
+        return UNKNOWN;
+    }
     let next = table.len() as u32;
     *table.entry(key).or_insert(next)
 }
@@ -375,8 +385,10 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     let fits = |i: usize, per_category: &HashMap<u32, u32>, per_brand: &HashMap<u32, u32>| {
         let k = &keys[i];
         (rules.category_cap == 0
+            || k.category == UNKNOWN
             || per_category.get(&k.category).copied().unwrap_or(0) < rules.category_cap)
             && (rules.brand_cap == 0
+                || k.brand == UNKNOWN
                 || per_brand.get(&k.brand).copied().unwrap_or(0) < rules.brand_cap)
     };
     let take =
@@ -458,10 +470,12 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     for &i in &remaining {
         let k = &keys[i];
         if rules.category_cap > 0
+            && k.category != UNKNOWN
             && per_category.get(&k.category).copied().unwrap_or(0) >= rules.category_cap
         {
             *out.removed.entry(Removal::CategoryCap).or_default() += 1;
         } else if rules.brand_cap > 0
+            && k.brand != UNKNOWN
             && per_brand.get(&k.brand).copied().unwrap_or(0) >= rules.brand_cap
         {
             *out.removed.entry(Removal::BrandCap).or_default() += 1;
@@ -789,6 +803,52 @@ mod tests {
         for p in out.items.iter().filter(|p| p.explore) {
             assert!(!["a", "b"].contains(&items[p.index].rule.category));
         }
+    }
+
+    #[test]
+    fn items_without_a_brand_are_not_capped_as_one_brand() {
+        // Five items with no brand (a film catalog) and two of brand "b":
+        // the brand cap of 2 holds back only the third "b".
+        let ids = ["n1", "n2", "n3", "n4", "n5", "b1", "b2", "b3"];
+        let items: Vec<RerankItem<'_>> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| RerankItem {
+                rule: RuleItem {
+                    id,
+                    category: "films",
+                    price: 0.0,
+                    in_stock: true,
+                },
+                brand: if id.starts_with('b') { "b" } else { "" },
+                promoted: false,
+                created_at_s: 0,
+                score: 10.0 - n as f64,
+            })
+            .collect();
+        let rules = RerankRules {
+            category_cap: 0,
+            brand_cap: 2,
+            mmr_lambda: 1.0,
+            exploration_share: 0.0,
+            ..RerankRules::default()
+        };
+        let req = RerankRequest {
+            now_s: NOW,
+            count: 8,
+            ..RerankRequest::default()
+        };
+        let out = rerank(&items, &rules, &req);
+        let got: Vec<&str> = out.items.iter().map(|p| items[p.index].rule.id).collect();
+        assert_eq!(got, ["n1", "n2", "n3", "n4", "n5", "b1", "b2"]);
+        assert_eq!(out.removed.get(&Removal::BrandCap), Some(&1));
+        // Nor are two unknown brands (or categories) alike to MMR and the
+        // diversity metric.
+        assert_eq!(
+            attribute_similarity(("", "", 0.0), ("", "", 0.0)),
+            1.0 / 3.0
+        );
+        assert_eq!(attribute_similarity(("c", "b", 0.0), ("c", "b", 0.0)), 1.0);
     }
 
     #[test]

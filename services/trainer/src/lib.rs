@@ -281,21 +281,33 @@ pub struct ServedVariant {
 /// The served-pipeline rows: the baseline ranker as configured, then the
 /// learned ranker as configured, with MMR off, and with MMR and exploration off.
 pub fn default_variants() -> Vec<ServedVariant> {
-    let served = RerankRules::default();
+    variants_with(&RerankRules::default(), "")
+}
+
+/// The served-pipeline rows over `served` rules (the re-ranking service's
+/// configuration); `label` names any change from the defaults in each row.
+/// The last row turns every rule off: the ranker's own order, what each rule
+/// costs is the difference.
+pub fn variants_with(served: &RerankRules, label: &str) -> Vec<ServedVariant> {
     let (lambda, share) = (served.mmr_lambda, served.exploration_share);
+    let label = if label.is_empty() {
+        String::new()
+    } else {
+        format!(", {label}")
+    };
     vec![
         ServedVariant {
-            name: format!("served, baseline ranker (MMR λ {lambda}, explore {share})"),
+            name: format!("served, baseline ranker (MMR λ {lambda}, explore {share}{label})"),
             rules: served.clone(),
             learned: false,
         },
         ServedVariant {
-            name: format!("served, learned ranker (MMR λ {lambda}, explore {share})"),
+            name: format!("served, learned ranker (MMR λ {lambda}, explore {share}{label})"),
             rules: served.clone(),
             learned: true,
         },
         ServedVariant {
-            name: format!("served, learned ranker, MMR off (λ 1), explore {share}"),
+            name: format!("served, learned ranker, MMR off (λ 1), explore {share}{label}"),
             rules: RerankRules {
                 mmr_lambda: 1.0,
                 ..served.clone()
@@ -303,11 +315,24 @@ pub fn default_variants() -> Vec<ServedVariant> {
             learned: true,
         },
         ServedVariant {
-            name: "served, learned ranker, MMR and exploration off".to_owned(),
+            name: format!("served, learned ranker, MMR and exploration off{label}"),
             rules: RerankRules {
                 mmr_lambda: 1.0,
                 exploration_share: 0.0,
-                ..served
+                ..served.clone()
+            },
+            learned: true,
+        },
+        ServedVariant {
+            name: "served, learned ranker, every re-ranking rule off".to_owned(),
+            rules: RerankRules {
+                category_cap: 0,
+                brand_cap: 0,
+                promoted_boost: 1.0,
+                new_arrival_boost: 1.0,
+                mmr_lambda: 1.0,
+                exploration_share: 0.0,
+                ..served.clone()
             },
             learned: true,
         },
@@ -702,7 +727,7 @@ mod tests {
         assert!(ranker.rows > 1_000 && ranker.positives > 0);
         let report =
             evaluate(&split, 10, 1, &default_variants(), Some(&ranker)).expect("evaluates");
-        assert_eq!(report.models.len(), 9);
+        assert_eq!(report.models.len(), 10);
         for m in &report.models {
             assert!(m.users > 100, "{}: {} users", m.model, m.users);
             assert!(m.ndcg > 0.0 && m.ndcg <= 1.0, "{}: {}", m.model, m.ndcg);

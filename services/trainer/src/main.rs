@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use recmesh_catalog::Dataset;
 use recmesh_catalog::demo::DemoSpec;
 use recmesh_catalog::files::{RowPolicy, Skipped};
-use recmesh_trainer::{Protocol, Report, Split, default_variants, evaluate};
+use recmesh_trainer::{Protocol, Report, Split, evaluate, variants_with};
 use recmesh_vector::HnswParams;
 
 #[derive(Parser)]
@@ -342,6 +342,10 @@ enum Command {
         /// Also write report.json, report.md and the learned ranker (ranker.txt) here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A re-ranking rule for the served rows, as the re-ranking service
+        /// takes it (`brand_cap=0`, `exploration_share=0.05`); repeatable.
+        #[arg(long = "rule", value_name = "KEY=VALUE")]
+        rules: Vec<String>,
     },
     /// Write the split's training interactions (train.tsv: user, item,
     /// strength) and its test users (test_users.txt), for another library
@@ -469,8 +473,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Eval { input, seed, out } => {
+        Command::Eval {
+            input,
+            seed,
+            out,
+            rules,
+        } => {
             let started = Instant::now();
+            let mut overrides = HashMap::new();
+            for rule in &rules {
+                let (key, value) = rule.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--rule `{rule}`: expected KEY=VALUE, e.g. brand_cap=0")
+                })?;
+                overrides.insert(key.trim().to_owned(), value.trim().to_owned());
+            }
+            let served = recmesh_algo::rerank::RerankRules::default()
+                .with(&overrides)
+                .map_err(|e| anyhow::anyhow!("--rule: {e}"))?;
+            let variants = variants_with(&served, &rules.join(", "));
             let (_, split) = input.load()?;
             let ranker = recmesh_trainer::train_ranker(&split)?;
             eprintln!(
@@ -479,7 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ranker.users,
                 started.elapsed().as_secs_f64()
             );
-            let report = evaluate(&split, input.k, seed, &default_variants(), Some(&ranker))?;
+            let report = evaluate(&split, input.k, seed, &variants, Some(&ranker))?;
             print_report(&report);
             eprintln!("evaluated in {:.1}s", started.elapsed().as_secs_f64());
             if let Some(dir) = out {
