@@ -23,9 +23,9 @@ pub enum Weighting {
     /// `idf_u = ln(items) − ln(1 + |items of u|)`: heavy users count less,
     /// and so do items with long histories.
     Bm25 {
-        /// Term-frequency saturation (implicit: 100).
+        /// Term-frequency saturation (implicit's `BM25Recommender`: 1.2).
         k1: f64,
-        /// Length normalisation (implicit: 0.8).
+        /// Length normalisation (implicit's `BM25Recommender`: 0.75).
         b: f64,
     },
 }

@@ -458,13 +458,15 @@ pub fn evaluate(
     };
     let cosine = cooccurrence::neighbours(&histories, fitted.catalog.len(), 50, 200);
     models.push(fitted.evaluate("item-cf (cosine)", k, |u| cf_list(&cosine, u)));
-    // BM25 weighting with implicit's BM25Recommender defaults.
+    // BM25 weighting with implicit's BM25Recommender defaults (K1 1.2, B 0.75;
+    // 100 and 0.8 are the defaults of its bm25_weight function, not of the
+    // recommender).
     let bm25 = cooccurrence::neighbours_weighted(
         &histories,
         fitted.catalog.len(),
         50,
         200,
-        cooccurrence::Weighting::Bm25 { k1: 100.0, b: 0.8 },
+        cooccurrence::Weighting::Bm25 { k1: 1.2, b: 0.75 },
     );
     models.push(fitted.evaluate("item-cf (bm25)", k, |u| cf_list(&bm25, u)));
 
