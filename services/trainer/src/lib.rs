@@ -358,7 +358,7 @@ pub struct TrainedRanker {
 
 /// Trains the ranker on the validation period of `split`.
 pub fn train_ranker(split: &Split) -> anyhow::Result<TrainedRanker> {
-    let set = ranker::training_set(split);
+    let set = ranker::training_set(split, ranker::MAX_USERS);
     let params = ranker::RankerParams::default();
     let booster = ranker::train(&set, params)?;
     Ok(TrainedRanker {
@@ -714,6 +714,24 @@ mod tests {
         let r = in_process_throughput(&data, 40, 2).expect("runs");
         assert_eq!((r.requests, r.latencies.len()), (40, 40));
         assert!(r.latencies.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    }
+
+    #[test]
+    fn the_ranker_learns_from_a_fixed_sample_of_at_most_max_users() {
+        let data = generate(&DemoSpec {
+            items: 300,
+            users: 120,
+            interactions: 6_000,
+            ..DemoSpec::default()
+        });
+        let split = Split::new(&data, Protocol::PerUserTemporal);
+        let all = ranker::training_set(&split, usize::MAX);
+        let some = ranker::training_set(&split, 30);
+        assert!(all.users > 30, "{} users", all.users);
+        assert_eq!(some.users, 30);
+        assert!(some.rows.len() < all.rows.len());
+        let again = ranker::training_set(&split, 30);
+        assert_eq!(again.labels, some.labels, "the same sample each time");
     }
 
     #[test]
