@@ -159,8 +159,9 @@ pub const BUDGET_SCALE: u64 = 8;
 /// run a debug build, about ten times slower than release, with up to two
 /// meshes in parallel on two cores (see [`MESH_SLOTS`]), and the first call
 /// on a channel also pays for the connection. At the default 5 ms assignment
-/// budget a healthy stage would sometimes be reported late. Whether the default budgets hold is
-/// measured on release builds (README, "Budgets and fallbacks").
+/// budget a healthy stage would sometimes be reported late. Whether the
+/// default budgets hold is measured on release builds (README, "Budgets and
+/// fallbacks").
 pub fn test_budgets() -> recmesh_gateway::config::Budgets {
     let d = recmesh_gateway::config::Budgets::default();
     recmesh_gateway::config::Budgets {

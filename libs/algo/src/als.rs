@@ -115,7 +115,6 @@ pub struct AlsModel {
 /// Dot product with eight independent partial sums: a single running sum
 /// forces strict left-to-right order and keeps the compiler from using SIMD
 /// lanes (measured: docs/evaluation.md, "ALS training time").
-#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);

@@ -805,6 +805,28 @@ mod tests {
         }
     }
 
+    /// An in-stock, unpromoted, old item.
+    fn plain_item<'a>(
+        id: &'a str,
+        category: &'a str,
+        brand: &'a str,
+        price: f64,
+        score: f64,
+    ) -> RerankItem<'a> {
+        RerankItem {
+            rule: RuleItem {
+                id,
+                category,
+                price,
+                in_stock: true,
+            },
+            brand,
+            promoted: false,
+            created_at_s: 0,
+            score,
+        }
+    }
+
     #[test]
     fn items_without_a_brand_are_not_capped_as_one_brand() {
         // Five items with no brand (a film catalog) and two of brand "b":
@@ -813,17 +835,9 @@ mod tests {
         let items: Vec<RerankItem<'_>> = ids
             .iter()
             .enumerate()
-            .map(|(n, id)| RerankItem {
-                rule: RuleItem {
-                    id,
-                    category: "films",
-                    price: 0.0,
-                    in_stock: true,
-                },
-                brand: if id.starts_with('b') { "b" } else { "" },
-                promoted: false,
-                created_at_s: 0,
-                score: 10.0 - n as f64,
+            .map(|(n, id)| {
+                let brand = if id.starts_with('b') { "b" } else { "" };
+                plain_item(id, "films", brand, 0.0, 10.0 - n as f64)
             })
             .collect();
         let rules = RerankRules {
@@ -859,17 +873,13 @@ mod tests {
         let items: Vec<RerankItem<'_>> = ids
             .iter()
             .enumerate()
-            .map(|(n, id)| RerankItem {
-                rule: RuleItem {
-                    id,
-                    category: if *id == "y" { "other" } else { "same" },
-                    price: 10.0,
-                    in_stock: true,
-                },
-                brand: if *id == "y" { "b2" } else { "b1" },
-                promoted: false,
-                created_at_s: 0,
-                score: [1.0, 0.99, 0.98, 0.9][n],
+            .map(|(n, id)| {
+                let (category, brand) = if *id == "y" {
+                    ("other", "b2")
+                } else {
+                    ("same", "b1")
+                };
+                plain_item(id, category, brand, 10.0, [1.0, 0.99, 0.98, 0.9][n])
             })
             .collect();
         let req = RerankRequest {

@@ -278,16 +278,16 @@ pub struct ServedVariant {
     pub learned: bool,
 }
 
-/// The served-pipeline rows: the baseline ranker as configured, then the
-/// learned ranker as configured, with MMR off, and with MMR and exploration off.
+/// The served-pipeline rows over the default rules (see [`variants_with`]).
 pub fn default_variants() -> Vec<ServedVariant> {
     variants_with(&RerankRules::default(), "")
 }
 
 /// The served-pipeline rows over `served` rules (the re-ranking service's
-/// configuration); `label` names any change from the defaults in each row.
-/// The last row turns every rule off: the ranker's own order, what each rule
-/// costs is the difference.
+/// configuration): the baseline ranker, then the learned ranker as
+/// configured, with MMR off, with MMR and exploration off, and with every
+/// rule off (the ranker's own order: what the rules cost is the
+/// difference). `label` names any change from the defaults in each row.
 pub fn variants_with(served: &RerankRules, label: &str) -> Vec<ServedVariant> {
     let (lambda, share) = (served.mmr_lambda, served.exploration_share);
     let label = if label.is_empty() {
