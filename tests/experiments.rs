@@ -179,7 +179,7 @@ async fn a_pushed_experiment_changes_recommendations_and_reports_results() {
     let sim = recmesh::ab::simulate(&mesh.mesh.gateway.grpc_uri(), &spec)
         .await
         .expect("simulation");
-    assert_eq!(sim.errors, 0);
+    assert_eq!(sim.errors, 0, "{:?}", sim.first_errors);
     assert!(sim.clicks > 0);
     let shown = |v: &str| {
         sim.by_variant

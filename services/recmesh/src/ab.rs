@@ -230,11 +230,32 @@ pub struct SimReport {
     pub clicks: u64,
     /// Purchases sent.
     pub purchases: u64,
-    /// Calls that failed.
+    /// Calls that failed (a `Track` only after its retries).
     pub errors: u64,
+    /// The first few failures' messages, for the operator (or test) to read.
+    pub first_errors: Vec<String>,
     /// Answers by (experiment, variant).
     pub by_variant: HashMap<(String, String), u64>,
 }
+
+impl SimReport {
+    /// How many failure messages [`SimReport::first_errors`] keeps.
+    const KEPT_ERRORS: usize = 5;
+
+    fn failed(&mut self, call: &str, status: &tonic::Status) {
+        self.errors += 1;
+        if self.first_errors.len() < Self::KEPT_ERRORS {
+            self.first_errors
+                .push(format!("{call}: {:?}: {}", status.code(), status.message()));
+        }
+    }
+}
+
+/// How many times the simulation sends one event before it counts an error.
+/// The gateway answers an unrecorded event `UNAVAILABLE` and asks for a retry
+/// with the same `event_id` (the feature store drops the duplicate), which is
+/// what a real client does.
+const TRACK_ATTEMPTS: u32 = 3;
 
 /// SplitMix64: a small deterministic source of draws.
 struct Rng(u64);
@@ -281,8 +302,8 @@ pub async fn simulate(gateway: &str, spec: &SimSpec) -> anyhow::Result<SimReport
                 .await
             {
                 Ok(a) => a.into_inner(),
-                Err(_) => {
-                    report.errors += 1;
+                Err(status) => {
+                    report.failed("Recommend", &status);
                     continue;
                 }
             };
@@ -319,17 +340,28 @@ pub async fn simulate(gateway: &str, spec: &SimSpec) -> anyhow::Result<SimReport
                 }
                 for kind in kinds {
                     event += 1;
-                    let sent = client
-                        .track(pb::TrackRequest {
-                            event_id: format!("sim-{run}-{round}-{event}"),
-                            user_id: user.clone(),
-                            item_id: item.item_id.clone(),
-                            event_type: kind as i32,
-                            timestamp_ms: 0,
-                        })
-                        .await;
+                    let track = pb::TrackRequest {
+                        event_id: format!("sim-{run}-{round}-{event}"),
+                        user_id: user.clone(),
+                        item_id: item.item_id.clone(),
+                        event_type: kind as i32,
+                        timestamp_ms: 0,
+                    };
+                    let mut attempt = 1;
+                    let sent = loop {
+                        match client.track(track.clone()).await {
+                            Err(s)
+                                if s.code() == tonic::Code::Unavailable
+                                    && attempt < TRACK_ATTEMPTS =>
+                            {
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            sent => break sent,
+                        }
+                    };
                     match (sent, kind) {
-                        (Err(_), _) => report.errors += 1,
+                        (Err(status), _) => report.failed("Track", &status),
                         (Ok(_), pb::EventType::Purchase) => report.purchases += 1,
                         (Ok(_), _) => report.clicks += 1,
                     }

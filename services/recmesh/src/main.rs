@@ -509,6 +509,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} recommendations, {} clicks, {} purchases, {} errors",
                 report.recommends, report.clicks, report.purchases, report.errors
             );
+            for e in &report.first_errors {
+                println!("  error: {e}");
+            }
             let mut by: Vec<_> = report.by_variant.iter().collect();
             by.sort();
             for ((e, v), n) in by {
