@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("recmesh_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // A candidate has one to three source scores. A BTreeMap holds them in
+        // one allocation with no hashing; a HashMap per candidate, hundreds
+        // per call, showed in every stage's decode profile.
+        .btree_map(".recmesh.v1.Candidate.source_scores")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -294,6 +294,28 @@ fn intern<'a>(table: &mut HashMap<&'a str, u32>, key: &'a str) -> u32 {
     *table.entry(key).or_insert(next)
 }
 
+/// How many chosen items have each interned key (category or brand): a
+/// vector indexed by the key. The MMR loop asks for every remaining item at
+/// every slot, thousands of times a request, so no hashing here.
+struct KeyCounts(Vec<u32>);
+
+impl KeyCounts {
+    fn new(keys: usize) -> Self {
+        KeyCounts(vec![0; keys])
+    }
+
+    /// The count of `key`; [`UNKNOWN`] is never counted.
+    fn get(&self, key: u32) -> u32 {
+        self.0.get(key as usize).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, key: u32) {
+        if let Some(n) = self.0.get_mut(key as usize) {
+            *n += 1;
+        }
+    }
+}
+
 /// Applies `rules` to `items` (best first) for one request.
 pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest<'_>) -> Reranked {
     let mut out = Reranked::default();
@@ -380,23 +402,22 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
             band: price_band(it.rule.price),
         })
         .collect();
-    let mut per_category: HashMap<u32, u32> = HashMap::new();
-    let mut per_brand: HashMap<u32, u32> = HashMap::new();
-    let fits = |i: usize, per_category: &HashMap<u32, u32>, per_brand: &HashMap<u32, u32>| {
+    let mut per_category = KeyCounts::new(categories.len());
+    let mut per_brand = KeyCounts::new(brands.len());
+    let fits = |i: usize, per_category: &KeyCounts, per_brand: &KeyCounts| {
         let k = &keys[i];
         (rules.category_cap == 0
             || k.category == UNKNOWN
-            || per_category.get(&k.category).copied().unwrap_or(0) < rules.category_cap)
+            || per_category.get(k.category) < rules.category_cap)
             && (rules.brand_cap == 0
                 || k.brand == UNKNOWN
-                || per_brand.get(&k.brand).copied().unwrap_or(0) < rules.brand_cap)
+                || per_brand.get(k.brand) < rules.brand_cap)
     };
-    let take =
-        |i: usize, per_category: &mut HashMap<u32, u32>, per_brand: &mut HashMap<u32, u32>| {
-            let k = &keys[i];
-            *per_category.entry(k.category).or_default() += 1;
-            *per_brand.entry(k.brand).or_default() += 1;
-        };
+    let take = |i: usize, per_category: &mut KeyCounts, per_brand: &mut KeyCounts| {
+        let k = &keys[i];
+        per_category.add(k.category);
+        per_brand.add(k.brand);
+    };
 
     // 3. Exploration picks, by a per-request hash order over the pool.
     let slots = ((req.count as f64) * rules.exploration_share).round() as usize;
@@ -471,12 +492,12 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
         let k = &keys[i];
         if rules.category_cap > 0
             && k.category != UNKNOWN
-            && per_category.get(&k.category).copied().unwrap_or(0) >= rules.category_cap
+            && per_category.get(k.category) >= rules.category_cap
         {
             *out.removed.entry(Removal::CategoryCap).or_default() += 1;
         } else if rules.brand_cap > 0
             && k.brand != UNKNOWN
-            && per_brand.get(&k.brand).copied().unwrap_or(0) >= rules.brand_cap
+            && per_brand.get(k.brand) >= rules.brand_cap
         {
             *out.removed.entry(Removal::BrandCap).or_default() += 1;
         }

@@ -217,6 +217,11 @@ fn model_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Item features by item id, as ranking fetched them for one call. Hashed
+/// with foldhash: hundreds of lookups per call, and SipHash showed in the
+/// profile (keys are seeded per map, as with the standard hasher).
+pub type ItemFeatureMap = HashMap<String, Arc<pb::ItemFeatures>, foldhash::fast::RandomState>;
+
 /// The feature rows ([`ranking::FEATURE_NAMES`] order) of `candidates`, given
 /// the user's recent interactions and the fetched item features. Serving and
 /// training both build rows here, so a model sees at serving time exactly
@@ -224,7 +229,7 @@ fn model_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
 pub fn feature_rows(
     candidates: &[pb::Candidate],
     recent: &[pb::Interaction],
-    features: &HashMap<String, Arc<pb::ItemFeatures>>,
+    features: &ItemFeatureMap,
     now_s: i64,
 ) -> Vec<[f64; ranking::FEATURES]> {
     let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
@@ -285,7 +290,7 @@ impl Scorer {
         &self,
         mut candidates: Vec<pb::Candidate>,
         recent: &[pb::Interaction],
-        features: &HashMap<String, Arc<pb::ItemFeatures>>,
+        features: &ItemFeatureMap,
         now_s: i64,
     ) -> Vec<pb::Candidate> {
         let scores: Vec<f64> = match &self.model {
@@ -344,7 +349,7 @@ pub struct RankingService {
     loaded: Arc<std::sync::Mutex<Option<(std::time::SystemTime, u64)>>>,
     /// Models a request can ask for by name (`baseline` included).
     named: Arc<HashMap<String, Arc<Scorer>>>,
-    cache: Cache<String, Arc<pb::ItemFeatures>>,
+    cache: Cache<String, Arc<pb::ItemFeatures>, foldhash::fast::RandomState>,
 }
 
 fn now_s() -> i64 {
@@ -405,7 +410,7 @@ impl RankingService {
         let cache = Cache::builder()
             .max_capacity(config.item_cache_size)
             .time_to_live(Duration::from_millis(config.item_cache_ttl_ms.max(1)))
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let mut named = HashMap::new();
         named.insert("baseline".to_owned(), Arc::new(Scorer::new("")?));
         for (name, path) in &config.models {
@@ -516,8 +521,8 @@ impl RankingService {
         ids: Vec<String>,
         deadline: &Deadline,
         rid: &str,
-    ) -> (HashMap<String, Arc<pb::ItemFeatures>>, Option<String>) {
-        let mut found = HashMap::with_capacity(ids.len());
+    ) -> (ItemFeatureMap, Option<String>) {
+        let mut found = ItemFeatureMap::with_capacity_and_hasher(ids.len(), Default::default());
         let mut missing = Vec::new();
         for id in ids {
             match self.cache.get(&id) {
@@ -668,7 +673,7 @@ mod tests {
     #[tokio::test]
     async fn baseline_lets_popularity_reorder_close_candidates() {
         let svc = RankingService::new(Config::default(), nowhere()).expect("service");
-        let features: HashMap<_, _> = [item("a", 0.0), item("b", 1.0)].into();
+        let features: ItemFeatureMap = [item("a", 0.0), item("b", 1.0)].into_iter().collect();
         let ranked = svc.scorer().score(
             vec![candidate("a", 1.0, &["cf"]), candidate("b", 0.9, &["cf"])],
             &[],
@@ -696,7 +701,7 @@ mod tests {
             "{}",
             svc.scorer().version
         );
-        let features: HashMap<_, _> = [item("a", 0.1), item("b", 0.9)].into();
+        let features: ItemFeatureMap = [item("a", 0.1), item("b", 0.9)].into_iter().collect();
         let ranked = svc.scorer().score(
             vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
             &[],

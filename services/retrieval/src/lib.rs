@@ -612,7 +612,8 @@ struct Merger<'a> {
     index: &'a Index,
     constraints: &'a Constraints<'a>,
     order: Vec<u32>,
-    by_item: HashMap<u32, Merged>,
+    /// foldhash: every item every source found passes through here.
+    by_item: HashMap<u32, Merged, foldhash::fast::RandomState>,
 }
 
 /// One item while sources are merged: only the winners of the cut become
@@ -678,7 +679,7 @@ impl<'a> Merger<'a> {
             index,
             constraints,
             order: Vec::new(),
-            by_item: HashMap::new(),
+            by_item: HashMap::default(),
         }
     }
 

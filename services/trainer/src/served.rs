@@ -3,7 +3,6 @@
 //! Ranker training and the evaluation both get candidates here, so the rows
 //! a model learns from are the rows it is evaluated (and served) on.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use recmesh_catalog::Dataset;
@@ -25,7 +24,7 @@ pub struct Candidates {
     /// Retrieval's candidates, best first.
     pub candidates: Vec<pb::Candidate>,
     /// Item features of the candidates and of the user's recent items.
-    pub features: HashMap<String, Arc<pb::ItemFeatures>>,
+    pub features: recmesh_ranking::ItemFeatureMap,
 }
 
 impl ServedStages {
