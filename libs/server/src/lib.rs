@@ -565,3 +565,85 @@ pub async fn shutdown_signal() {
         () = term => tracing::info!("SIGTERM received, shutting down"),
     }
 }
+
+/// How long a service's start waits for a Redis that is still loading its
+/// dataset (it answers `LOADING` until the whole file is read back).
+pub const REDIS_LOADING_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `connect` until it succeeds, fails with anything but Redis's
+/// `LOADING` reply, or `wait` has passed. A Redis restarted with a large
+/// dataset refuses commands with `LOADING` for a while: a service started
+/// beside it (a pod restart, the fault suite's Redis restart) waits for it
+/// instead of exiting. Every other error returns at once, so a wrong address
+/// still fails the start with its own message.
+pub async fn wait_while_redis_loads<T, E, F, Fut>(
+    url: &str,
+    wait: std::time::Duration,
+    mut connect: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut logged = false;
+    loop {
+        match connect().await {
+            Err(e) if e.to_string().contains("LOADING") && started.elapsed() < wait => {
+                if !logged {
+                    tracing::warn!(
+                        url,
+                        wait_s = wait.as_secs(),
+                        "Redis is loading its dataset; waiting for it before serving"
+                    );
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod redis_loading_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_loading_redis_is_waited_for_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r: Result<u32, String> =
+            wait_while_redis_loads("redis://x", Duration::from_secs(10), || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err("LOADING Redis is loading the dataset in memory".to_owned())
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(r, Ok(3));
+
+        let mut calls = 0;
+        let r: Result<u32, String> =
+            wait_while_redis_loads("redis://x", Duration::from_secs(10), || {
+                calls += 1;
+                async { Err("Connection refused".to_owned()) }
+            })
+            .await;
+        assert_eq!((r, calls), (Err("Connection refused".to_owned()), 1));
+
+        // Still loading after the wait: the last error is returned.
+        let r: Result<u32, String> =
+            wait_while_redis_loads("redis://x", Duration::from_millis(300), || async {
+                Err("LOADING still".to_owned())
+            })
+            .await;
+        assert_eq!(r, Err("LOADING still".to_owned()));
+    }
+}

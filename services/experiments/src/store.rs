@@ -129,13 +129,20 @@ impl RedisStore {
         use fred::prelude::*;
         let config =
             Config::from_url(url).map_err(|e| anyhow::anyhow!("`redis_url` {url:?}: {e}"))?;
-        let client = Builder::from_config(config)
-            .set_policy(ReconnectPolicy::new_constant(0, 200))
-            .build()?;
-        client
-            .init()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach Redis at {url} (`redis_url`): {e}"))?;
+        let client = recmesh_server::wait_while_redis_loads(
+            url,
+            recmesh_server::REDIS_LOADING_WAIT,
+            || async {
+                let client = Builder::from_config(config.clone())
+                    .set_policy(ReconnectPolicy::new_constant(0, 200))
+                    .build()?;
+                client.init().await.map_err(|e| {
+                    anyhow::anyhow!("cannot reach Redis at {url} (`redis_url`): {e}")
+                })?;
+                Ok::<_, anyhow::Error>(client)
+            },
+        )
+        .await?;
         let store = RedisStore {
             client,
             prefix: prefix.to_owned(),

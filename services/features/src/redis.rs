@@ -209,24 +209,35 @@ impl RedisStore {
         let redis_config = Config::from_url(&config.url)
             .map_err(|e| anyhow::anyhow!("config: `redis.url` {:?}: {e}", config.url))?;
         let timeout = Duration::from_millis(config.command_timeout_ms);
-        let pool = Builder::from_config(redis_config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.internal_command_timeout = Duration::from_secs(2);
-                c.max_command_attempts = 1;
-            })
-            // Serving calls carry their own short timeout (`options`); bulk
-            // calls a long one (`bulk_options`).
-            .with_performance_config(|p| p.default_command_timeout = timeout * 100)
-            .set_policy(ReconnectPolicy::new_constant(0, 100))
-            .build_pool(config.pool_size.max(1))
-            .map_err(|e| anyhow::anyhow!("redis client: {e}"))?;
-        pool.init().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach Redis at {} (`redis.url`): {e}; start it or fix the address",
-                config.url
-            )
-        })?;
+        let build = || {
+            Builder::from_config(redis_config.clone())
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(2);
+                    c.internal_command_timeout = Duration::from_secs(2);
+                    c.max_command_attempts = 1;
+                })
+                // Serving calls carry their own short timeout (`options`); bulk
+                // calls a long one (`bulk_options`).
+                .with_performance_config(|p| p.default_command_timeout = timeout * 100)
+                .set_policy(ReconnectPolicy::new_constant(0, 100))
+                .build_pool(config.pool_size.max(1))
+                .map_err(|e| anyhow::anyhow!("redis client: {e}"))
+        };
+        let pool = recmesh_server::wait_while_redis_loads(
+            &config.url,
+            recmesh_server::REDIS_LOADING_WAIT,
+            || async {
+                let pool = build()?;
+                pool.init().await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot reach Redis at {} (`redis.url`): {e}; start it or fix the address",
+                        config.url
+                    )
+                })?;
+                Ok::<_, anyhow::Error>(pool)
+            },
+        )
+        .await?;
         let script_sha: String = pool
             .next()
             .script_load(APPLY_LUA)
