@@ -350,6 +350,14 @@ impl Pool {
             instance.ejections.store(0, Ordering::Relaxed);
             return;
         }
+        let now = self.now_ms();
+        if instance.ejected_until.load(Ordering::Relaxed) > now {
+            // Calls that fail while the instance is out belong to the
+            // incident that ejected it (calls in flight then, or every
+            // instance out and this one still used): counting them would
+            // eject it again, and log it, every few calls of an overload.
+            return;
+        }
         let failures = instance.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.config.eject_after {
             return;
@@ -361,13 +369,22 @@ impl Pool {
             .eject_ms
             .saturating_mul(1 << n)
             .min(self.config.eject_max_ms);
-        instance
-            .ejected_until
-            .store(self.now_ms() + ms, Ordering::Relaxed);
+        instance.ejected_until.store(now + ms, Ordering::Relaxed);
         metrics::counter!("recmesh_upstream_ejections_total", "upstream" => self.key.clone())
             .increment(1);
-        tracing::warn!(upstream = %self.key, instance = %instance.addr, failures, eject_ms = ms,
-            "instance ejected after consecutive failures; traffic goes to the others meanwhile");
+        let others = self
+            .snapshot()
+            .iter()
+            .filter(|i| i.ejected_until.load(Ordering::Relaxed) <= now)
+            .count();
+        if others > 0 {
+            tracing::warn!(upstream = %self.key, instance = %instance.addr, failures, eject_ms = ms,
+                others, "instance ejected after consecutive failures; traffic goes to the others meanwhile");
+        } else {
+            tracing::warn!(upstream = %self.key, instance = %instance.addr, failures, eject_ms = ms,
+                "instance ejected after consecutive failures, but no other instance is in; \
+                 it keeps taking traffic (check the upstream's health and load)");
+        }
     }
 }
 
@@ -583,6 +600,15 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(b.pool.pick().expect("one left").addr, good.addr);
         }
+        // Failures while ejected neither extend the ejection nor count
+        // towards the next one.
+        let until = bad.ejected_until.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            b.pool.record(bad, true);
+        }
+        assert_eq!(bad.ejected_until.load(Ordering::Relaxed), until);
+        assert_eq!(bad.ejections.load(Ordering::Relaxed), 1);
+        assert_eq!(bad.failures.load(Ordering::Relaxed), 0);
         // Every instance ejected: all are used again rather than none.
         for _ in 0..3 {
             b.pool.record(good, true);
