@@ -295,6 +295,45 @@ struct Factors {
     fold: FoldIn,
 }
 
+/// Name of the per-process shard copy under the temp dir when
+/// `ann.work_dir` is empty: `recmesh-retrieval-<pid>`.
+const WORK_DIR_PREFIX: &str = "recmesh-retrieval-";
+
+/// Removes shard copies (`recmesh-retrieval-<pid>` in `tmp`) left by
+/// processes that are gone: a process killed, or one that exited, does not
+/// remove its own, and each is a copy of the vector index (75 MB for the
+/// demo catalog). Directories of live processes are left alone. Best effort:
+/// a failure is logged and the start goes on.
+fn remove_dead_work_dirs(tmp: &std::path::Path) {
+    // Whether a process lives is read from /proc: without it (not Linux),
+    // nothing is removed.
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => tracing::info!(dir = %entry.path().display(),
+                "removed the shard copy of a retrieval process that is gone"),
+            Err(e) => tracing::warn!(dir = %entry.path().display(), error = %e,
+                "could not remove the shard copy of a retrieval process that is gone"),
+        }
+    }
+}
+
 impl Index {
     /// Builds a bundle from `data` in memory (no ALS) and indexes it.
     pub fn build(data: &Dataset, config: &Config) -> Self {
@@ -328,8 +367,9 @@ impl Index {
                 AnnBackend::Exact => return Ok(Index::from_bundle(b)),
                 AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) => {
                     let root = if config.work_dir.is_empty() {
-                        std::env::temp_dir()
-                            .join(format!("recmesh-retrieval-{}", std::process::id()))
+                        let tmp = std::env::temp_dir();
+                        remove_dead_work_dirs(&tmp);
+                        tmp.join(format!("{WORK_DIR_PREFIX}{}", std::process::id()))
                     } else {
                         std::path::PathBuf::from(&config.work_dir)
                     };
@@ -1849,6 +1889,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_copies_of_dead_processes_are_removed_and_live_ones_kept() {
+        let tmp = std::env::temp_dir().join(format!("rm-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        // A pid that has just exited.
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let dir = |name: String| {
+            let d = tmp.join(name).join("v1");
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("segment"), b"x").expect("write");
+            d.parent().expect("parent").to_path_buf()
+        };
+        let gone = dir(format!("{WORK_DIR_PREFIX}{dead}"));
+        let mine = dir(format!("{WORK_DIR_PREFIX}{}", std::process::id()));
+        let other = dir(format!("{WORK_DIR_PREFIX}swap-1"));
+        remove_dead_work_dirs(&tmp);
+        assert!(!gone.exists(), "the dead process's copy is removed");
+        assert!(mine.exists(), "this process's copy is kept");
+        assert!(other.exists(), "names that are not a pid are left alone");
+        std::fs::remove_dir_all(&tmp).expect("cleanup");
+    }
     use recmesh_catalog::demo::{DemoSpec, generate};
 
     fn service() -> RetrievalService {
