@@ -77,6 +77,11 @@ pub struct Row {
     /// measure that means something when the load alone degrades a few
     /// answers. `None`: not within the run.
     pub recovery_to_lead_ms: Option<u64>,
+    /// From the restart command to the restarted process answering its
+    /// health check, ms (rows that restart a process). Part of both
+    /// recovery figures, which count from the command: the share of them
+    /// that is the process's own start, not the mesh finding it again.
+    pub restart_ms: Option<u64>,
     /// `Track`s acknowledged.
     pub events_acked: u64,
     /// Acknowledged events not found in the store afterwards.
@@ -195,6 +200,15 @@ impl Node {
 
     /// Waits until `/readyz` answers 200 (the admin port of a recmesh
     /// service), or for Redis until its port accepts.
+    /// Starts the process again and waits (at most `limit_s`) until it is
+    /// ready; returns how long that took.
+    async fn restart(&mut self, limit_s: u64) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.start()?;
+        self.ready(Duration::from_secs(limit_s)).await?;
+        Ok(started.elapsed())
+    }
+
     async fn ready(&mut self, limit: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + limit;
         loop {
@@ -444,12 +458,7 @@ impl Mesh {
 }
 
 /// The fault of one scenario: applied at `lead`, lifted at `lead + fault`.
-async fn inject(
-    mesh: &mut Mesh,
-    name: &str,
-    spec: &Spec,
-    t0: Instant,
-) -> anyhow::Result<(Duration, Option<Duration>)> {
+async fn inject(mesh: &mut Mesh, name: &str, spec: &Spec, t0: Instant) -> anyhow::Result<Injected> {
     let lead = Duration::from_secs_f64(spec.lead_s);
     let fault = Duration::from_secs_f64(spec.fault_s);
     tokio::time::sleep_until((t0 + lead).into()).await;
@@ -471,27 +480,28 @@ async fn inject(
     }
     tokio::time::sleep_until((t0 + lead + fault).into()).await;
     let lifted = t0.elapsed();
+    let mut restart = None;
     match (verb, target) {
-        ("kill-9", stage) => {
-            let n = mesh.node(stage)?;
-            n.start()?;
-            n.ready(Duration::from_secs(120)).await?;
-        }
+        ("kill-9", stage) => restart = Some(mesh.node(stage)?.restart(120).await?),
         ("sigstop", stage) => mesh.node(stage)?.signal("CONT").await?,
-        ("redis", _) => {
-            let n = mesh.node("redis")?;
-            n.start()?;
-            n.ready(Duration::from_secs(30)).await?;
-        }
+        ("redis", _) => restart = Some(mesh.node("redis")?.restart(30).await?),
         ("latency", _) => mesh.delay_ms.store(0, Ordering::Relaxed),
-        ("sigterm", _) => {
-            let n = mesh.node("gateway")?;
-            n.start()?;
-            n.ready(Duration::from_secs(120)).await?;
-        }
+        ("sigterm", _) => restart = Some(mesh.node("gateway")?.restart(120).await?),
         _ => {}
     }
-    Ok((lifted, sigterm_at))
+    Ok(Injected {
+        lifted,
+        sigterm_at,
+        restart,
+    })
+}
+
+/// When [`inject`] lifted its fault, sent SIGTERM, and how long a restart
+/// took to be ready (all from the start of the row's load).
+struct Injected {
+    lifted: Duration,
+    sigterm_at: Option<Duration>,
+    restart: Option<Duration>,
 }
 
 async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
@@ -525,7 +535,11 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
     if let Some(extra) = extra {
         extra.await.context("overload task")??;
     }
-    let (lifted, sigterm_at) = injected?;
+    let Injected {
+        lifted,
+        sigterm_at,
+        restart,
+    } = injected?;
 
     // Events buffered while Redis was down are replayed once it is back.
     let acked = report.ok_by_call.get("track").copied().unwrap_or(0);
@@ -572,6 +586,7 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         p99_ms: report.latency.p99,
         recovery_ms,
         recovery_to_lead_ms,
+        restart_ms: restart.map(|d| d.as_millis() as u64),
         events_acked: acked,
         events_lost: acked.saturating_sub(stored),
         events_unacked_stored: stored.saturating_sub(acked),
@@ -681,8 +696,8 @@ fn within(ms: Option<u64>) -> String {
 pub fn markdown(rows: &[Row], spec: &Spec) -> String {
     let mut out = format!(
         "Load {:.0}/s (overload: {:.0}/s); each fault {} s after {} s of load, then {} s to recover; demo catalog {} items.\n\n\
-         | fault | Recommend failed / sent | other calls failed | degraded | p99 ms | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | events acked | lost | in-flight failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         | fault | Recommend failed / sent | other calls failed | degraded | p99 ms | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | restart to ready | events acked | lost | in-flight failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         spec.rate, spec.overload_rate, spec.fault_s, spec.lead_s, spec.recover_s, spec.demo.0
     );
     for r in rows {
@@ -696,7 +711,7 @@ pub fn markdown(rows: &[Row], spec: &Spec) -> String {
                 .join(", ")
         };
         out.push_str(&format!(
-            "| {} | {} / {} | {} | {:.1}% | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} | {} | {:.1}% | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.fault,
             r.failed_recommends,
             r.recommends,
@@ -705,6 +720,7 @@ pub fn markdown(rows: &[Row], spec: &Spec) -> String {
             r.p99_ms,
             within(r.recovery_ms),
             within(r.recovery_to_lead_ms),
+            r.restart_ms.map_or("–".to_owned(), |ms| format!("{ms} ms")),
             r.events_acked,
             r.events_lost,
             r.inflight_failed.map_or("–".to_owned(), |n| n.to_string()),
