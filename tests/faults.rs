@@ -113,4 +113,8 @@ async fn every_fault_is_survived_without_a_failed_recommend_or_a_lost_event() {
         .find(|r| r.fault == "kill-9 retrieval")
         .expect("row");
     assert!(killed.degraded_rate > 0.0, "{table}");
+    assert!(
+        killed.restart_ms.is_some(),
+        "a killed stage's restart is timed\n{table}"
+    );
 }

@@ -65,8 +65,15 @@ pub struct Row {
     pub failed_other: BTreeMap<String, u64>,
     /// Share of answers degraded (fallbacks).
     pub degraded_rate: f64,
-    /// p99 of every call, ms.
+    /// p99 of `Recommend`, ms: the call the 200 ms promise is about.
+    pub recommend_p99_ms: f64,
+    /// p99 of every call, ms (a `Track` that cannot be stored fails at its
+    /// own 200 ms budget, so this one can exceed 200 ms when `Recommend`'s
+    /// does not).
     pub p99_ms: f64,
+    /// Share of `Recommend` answers from the gateway's response cache (0
+    /// with the suite's default, the cache off).
+    pub cache_hit_rate: f64,
     /// From lifting the fault to the last failed or degraded call, ms (0:
     /// nothing bad after it). `None`: still bad at the end of the run.
     pub recovery_ms: Option<u64>,
@@ -583,7 +590,9 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         failed_recommends,
         failed_other,
         degraded_rate: report.degraded_rate,
+        recommend_p99_ms: report.per_call.get("recommend").map_or(0.0, |p| p.p99),
         p99_ms: report.latency.p99,
+        cache_hit_rate: report.cache_hit_rate,
         recovery_ms,
         recovery_to_lead_ms,
         restart_ms: restart.map(|d| d.as_millis() as u64),
@@ -673,11 +682,13 @@ fn back_to_lead_rate(
 
 fn row_text(r: &Row) -> String {
     format!(
-        "failed Recommend {}/{}, p99 {:.1} ms, degraded {:.1}%, recovery {} (to the pre-fault rate {}), events lost {}{}; failed {:?}; fallbacks after the fault {:?}",
+        "failed Recommend {}/{}, p99 {:.1} ms (Recommend {:.1} ms), degraded {:.1}%, {:.0}% from cache, recovery {} (to the pre-fault rate {}), events lost {}{}; failed {:?}; fallbacks after the fault {:?}",
         r.failed_recommends,
         r.recommends,
         r.p99_ms,
+        r.recommend_p99_ms,
         r.degraded_rate * 100.0,
+        r.cache_hit_rate * 100.0,
         within(r.recovery_ms),
         within(r.recovery_to_lead_ms),
         r.events_lost,
@@ -696,8 +707,8 @@ fn within(ms: Option<u64>) -> String {
 pub fn markdown(rows: &[Row], spec: &Spec) -> String {
     let mut out = format!(
         "Load {:.0}/s (overload: {:.0}/s); each fault {} s after {} s of load, then {} s to recover; demo catalog {} items.\n\n\
-         | fault | Recommend failed / sent | other calls failed | degraded | p99 ms | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | restart to ready | events acked | lost | in-flight failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | fault | Recommend failed / sent | other calls failed | degraded | from cache | p99 ms, Recommend / all calls | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | restart to ready | events acked | lost | in-flight failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         spec.rate, spec.overload_rate, spec.fault_s, spec.lead_s, spec.recover_s, spec.demo.0
     );
     for r in rows {
@@ -711,12 +722,14 @@ pub fn markdown(rows: &[Row], spec: &Spec) -> String {
                 .join(", ")
         };
         out.push_str(&format!(
-            "| {} | {} / {} | {} | {:.1}% | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} | {} | {:.1}% | {:.0}% | {:.1} / {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.fault,
             r.failed_recommends,
             r.recommends,
             other,
             r.degraded_rate * 100.0,
+            r.cache_hit_rate * 100.0,
+            r.recommend_p99_ms,
             r.p99_ms,
             within(r.recovery_ms),
             within(r.recovery_to_lead_ms),
@@ -742,7 +755,9 @@ pub fn bin_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Each row against the goals: no failed `Recommend` (for the gateway's
-/// SIGTERM, none of those in flight), p99 within `p99_ms`, recovery within
+/// SIGTERM, none of those in flight), `Recommend`'s p99 within `p99_ms`
+/// (the promise is about `Recommend`; a `Track` the store cannot take
+/// fails at its own 200 ms budget), recovery within
 /// `recovery_ms`, no acknowledged event lost. One line per breach.
 pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
     let mut out = Vec::new();
@@ -756,8 +771,11 @@ pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
             }
             None => {}
         }
-        if r.p99_ms > p99_ms {
-            out.push(format!("{f}: p99 {:.1} ms > {p99_ms} ms", r.p99_ms));
+        if r.recommend_p99_ms > p99_ms {
+            out.push(format!(
+                "{f}: Recommend p99 {:.1} ms > {p99_ms} ms",
+                r.recommend_p99_ms
+            ));
         }
         match r.recovery_ms {
             None => out.push(format!("{f}: not recovered by the end of the run")),
