@@ -2,8 +2,8 @@
 //!
 //! One call to the features service fetches the item features of every
 //! candidate and of the user's recent items, under its own budget inside the
-//! caller's deadline. A moka cache with a TTL and a size bound sits in front of
-//! it, so repeated candidates cost nothing. From those come each candidate's
+//! caller's deadline. A cache with a TTL and a size bound (`item_cache`) sits
+//! in front of it, so repeated candidates cost nothing. From those come each candidate's
 //! row of named features (`recmesh_algo::ranking`): retrieval scores by source,
 //! item popularity, CTR, price, age and promotion, the user's affinity to the
 //! item's category, price fit, and user activity.
@@ -18,12 +18,13 @@
 
 #![forbid(unsafe_code)]
 
+mod item_cache;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use moka::sync::Cache;
 use recmesh_algo::gbdt::GbdtModel;
 use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
@@ -349,7 +350,7 @@ pub struct RankingService {
     loaded: Arc<std::sync::Mutex<Option<(std::time::SystemTime, u64)>>>,
     /// Models a request can ask for by name (`baseline` included).
     named: Arc<HashMap<String, Arc<Scorer>>>,
-    cache: Cache<String, Arc<pb::ItemFeatures>, foldhash::fast::RandomState>,
+    cache: Arc<item_cache::ItemCache>,
 }
 
 fn now_s() -> i64 {
@@ -407,10 +408,10 @@ impl RankingService {
         }
         metrics::gauge!("recmesh_ranking_model_info", "version" => scorer.version.to_string())
             .set(1.0);
-        let cache = Cache::builder()
-            .max_capacity(config.item_cache_size)
-            .time_to_live(Duration::from_millis(config.item_cache_ttl_ms.max(1)))
-            .build_with_hasher(foldhash::fast::RandomState::default());
+        let cache = Arc::new(item_cache::ItemCache::new(
+            config.item_cache_size,
+            Duration::from_millis(config.item_cache_ttl_ms.max(1)),
+        ));
         let mut named = HashMap::new();
         named.insert("baseline".to_owned(), Arc::new(Scorer::new("")?));
         for (name, path) in &config.models {
@@ -514,22 +515,28 @@ impl RankingService {
         Ok(())
     }
 
-    /// Item features for `ids`: from the cache, the rest in one call. Returns
-    /// the features found and why some are missing (None: nothing missing).
+    /// Item features for `ids` (repeats allowed): from the cache, the rest in
+    /// one call. Returns the features found and why some are missing (None:
+    /// nothing missing).
     async fn item_features(
         &self,
-        ids: Vec<String>,
+        ids: impl Iterator<Item = &str>,
         deadline: &Deadline,
         rid: &str,
     ) -> (ItemFeatureMap, Option<String>) {
-        let mut found = ItemFeatureMap::with_capacity_and_hasher(ids.len(), Default::default());
-        let mut missing = Vec::new();
+        let mut found = ItemFeatureMap::with_capacity_and_hasher(256, Default::default());
+        let mut asked = std::collections::HashSet::<&str, foldhash::fast::RandomState>::default();
+        let mut missing: Vec<String> = Vec::new();
         for id in ids {
-            match self.cache.get(&id) {
+            if found.contains_key(id) {
+                continue;
+            }
+            match self.cache.get(id) {
                 Some(f) => {
-                    found.insert(id, f);
+                    found.insert(id.to_owned(), f);
                 }
-                None => missing.push(id),
+                None if asked.insert(id) => missing.push(id.to_owned()),
+                None => {}
             }
         }
         let hits = found.len() as u64;
@@ -580,10 +587,8 @@ impl pb::ranking_server::Ranking for RankingService {
         let rid = request_id(&request);
         let req = request.into_inner();
         self.validate(&req)?;
-        let mut ids: Vec<String> = req.candidates.iter().map(|c| c.item_id.clone()).collect();
-        ids.extend(req.recent.iter().map(|r| r.item_id.clone()));
-        ids.sort();
-        ids.dedup();
+        let ids = req.candidates.iter().map(|c| c.item_id.as_str());
+        let ids = ids.chain(req.recent.iter().map(|r| r.item_id.as_str()));
         let (features, missing) = self.item_features(ids, &deadline, &rid).await;
         let scorer = self.scorer_for(&req.model);
         let candidates = scorer.score(req.candidates, &req.recent, &features, now_s());
