@@ -590,7 +590,12 @@ where
     let mut logged = false;
     loop {
         match connect().await {
-            Err(e) if e.to_string().contains("LOADING") && started.elapsed() < wait => {
+            // Redis's reply, whatever the caller's error puts around it (so a
+            // host name containing "LOADING" does not match).
+            Err(e)
+                if e.to_string().contains("LOADING Redis is loading")
+                    && started.elapsed() < wait =>
+            {
                 if !logged {
                     tracing::warn!(
                         url,
@@ -638,12 +643,26 @@ mod redis_loading_tests {
             .await;
         assert_eq!((r, calls), (Err("Connection refused".to_owned()), 1));
 
-        // Still loading after the wait: the last error is returned.
+        // A host name that happens to contain LOADING is not a loading Redis.
+        let mut calls = 0;
         let r: Result<u32, String> =
-            wait_while_redis_loads("redis://x", Duration::from_millis(300), || async {
-                Err("LOADING still".to_owned())
+            wait_while_redis_loads("redis://LOADING-1", Duration::from_secs(10), || {
+                calls += 1;
+                async { Err("redis://LOADING-1: Connection refused".to_owned()) }
             })
             .await;
-        assert_eq!(r, Err("LOADING still".to_owned()));
+        assert_eq!(calls, 1, "{r:?}");
+
+        // Still loading after the wait: the last error is returned.
+        let mut calls = 0;
+        let still = "redis://x: LOADING Redis is loading the dataset in memory";
+        let r: Result<u32, String> =
+            wait_while_redis_loads("redis://x", Duration::from_millis(300), || {
+                calls += 1;
+                async { Err(still.to_owned()) }
+            })
+            .await;
+        assert_eq!(r, Err(still.to_owned()));
+        assert!(calls > 1, "it waited before giving up: {calls} calls");
     }
 }
