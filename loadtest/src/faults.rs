@@ -572,6 +572,11 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         Some(t) if t + 500 >= end_ms => None,
         Some(t) => Some(t.saturating_sub(lifted_ms)),
     };
+    if std::env::var_os("FAULTS_TRACE").is_some() {
+        for b in report.bad.iter().filter(|b| b.at_ms >= lifted_ms) {
+            eprintln!("TRACE {} {} {:?}", b.at_ms, b.code, b.fallbacks);
+        }
+    }
     let bad_at: Vec<u64> = report.bad.iter().map(|b| b.at_ms).collect();
     let recovery_to_lead_ms = back_to_lead_rate(&bad_at, fault_ms, lifted_ms, end_ms, s.rate);
     let mut failed_other = BTreeMap::new();

@@ -221,7 +221,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "recmesh_ranking_item_cache_total",
         Kind::Counter,
-        "item feature cache lookups, by result",
+        "item feature cache lookups, by result (hit, stale: used while refreshed, miss: fetched inline)",
+    ),
+    (
+        "recmesh_ranking_item_refresh_total",
+        Kind::Counter,
+        "background refreshes of stale item features, by outcome (ok, timeout, error, skipped)",
     ),
     (
         "recmesh_ranking_unknown_model_total",

@@ -1,17 +1,29 @@
 //! Ranking's item-feature cache: features fetched from the features service,
-//! kept for a TTL, at most a given number of items.
+//! fresh for a TTL, then served stale while one background fetch refreshes
+//! them, at most a given number of items.
 //!
 //! Every `Rank` looks up each of its ~200 candidates, so a lookup must be
 //! cheap. moka did this first, and its per-read bookkeeping (recording the
 //! read for its eviction policy, running pending housekeeping inline) was
 //! 23% of ranking's CPU under load (docs/performance.md, "Ranking's item
-//! cache"). This cache keeps what ranking needs, a TTL and a size bound, in
-//! sharded read-mostly maps: a lookup is one shared lock and one hash probe.
-//! When a shard is full, an insert first drops its expired entries, then
-//! any one entry: there is no recency order to keep, because the entries
-//! all expire within the TTL anyway.
+//! cache"). Here a lookup is one shared lock and one hash probe.
+//!
+//! Why stale entries are served: items fetched together expire together.
+//! After the features service or ranking restarts, every item is fetched
+//! in the same second, and 5 s later every request in flight missed all of
+//! its candidates at once and asked the features service for them again,
+//! which made it late for the gateway as well (docs/faults.md, run 7). Now
+//! an expired entry is still used, and the first request that sees it
+//! claims its refresh (at most one claim per entry per TTL); the refresh
+//! runs after the answer, off the request path. Only an entry older than
+//! TTL + `max_stale` is treated as missing and fetched inline.
+//!
+//! When a shard is full, an insert first drops entries past their usable
+//! age, then any one entry: there is no recency order to keep, because the
+//! entries are all refreshed or dropped within that age anyway.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,21 +32,53 @@ use recmesh_proto::v1 as pb;
 
 const SHARDS: usize = 16;
 
-type Shard = HashMap<String, (Arc<pb::ItemFeatures>, Instant), RandomState>;
+/// The largest share of the TTL an item's freshness is shortened by.
+const JITTER: f64 = 0.2;
 
-/// Item features by item id, each served for `ttl` after it was stored.
+#[derive(Debug)]
+struct Entry {
+    features: Arc<pb::ItemFeatures>,
+    stored: Instant,
+    /// The TTL less up to [`JITTER`] of it, by item: items stored in the
+    /// same second go stale spread over a fifth of the TTL, not at once.
+    fresh_for: Duration,
+    /// When a request last claimed this entry's refresh, in ms since the
+    /// cache's epoch plus one (0: never).
+    claimed: AtomicU64,
+}
+
+type Shard = HashMap<String, Arc<Entry>, RandomState>;
+
+/// What the cache has for an item.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Younger than its TTL (the TTL less up to a fifth, by item).
+    Fresh(Arc<pb::ItemFeatures>),
+    /// Past the TTL but usable; `refresh` is true for the one caller (per
+    /// TTL) that should fetch it again.
+    Stale {
+        features: Arc<pb::ItemFeatures>,
+        refresh: bool,
+    },
+    /// Absent, or too old to use.
+    Miss,
+}
+
+/// Item features by item id.
 #[derive(Debug)]
 pub struct ItemCache {
     shards: Vec<RwLock<Shard>>,
     hasher: RandomState,
     ttl: Duration,
+    max_stale: Duration,
     per_shard: usize,
+    epoch: Instant,
 }
 
 impl ItemCache {
-    /// A cache of at most about `capacity` items (at least one per shard),
-    /// each kept for `ttl`.
-    pub fn new(capacity: u64, ttl: Duration) -> Self {
+    /// A cache of at most about `capacity` items (at least one per shard):
+    /// fresh for `ttl`, then usable while refreshed for `max_stale` more.
+    pub fn new(capacity: u64, ttl: Duration, max_stale: Duration) -> Self {
         let per_shard = (capacity as usize).div_ceil(SHARDS).max(1);
         ItemCache {
             shards: (0..SHARDS)
@@ -42,7 +86,9 @@ impl ItemCache {
                 .collect(),
             hasher: RandomState::default(),
             ttl,
+            max_stale,
             per_shard,
+            epoch: Instant::now(),
         }
     }
 
@@ -51,29 +97,80 @@ impl ItemCache {
         &self.shards[(h as usize) % SHARDS]
     }
 
-    /// The features of `id`, unless absent or older than the TTL.
-    pub fn get(&self, id: &str) -> Option<Arc<pb::ItemFeatures>> {
-        let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
-        let (features, stored) = shard.get(id)?;
-        (stored.elapsed() < self.ttl).then(|| features.clone())
+    /// What the cache has for `id` now.
+    pub fn get(&self, id: &str) -> Lookup {
+        let entry = {
+            let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
+            match shard.get(id) {
+                Some(e) => e.clone(),
+                None => return Lookup::Miss,
+            }
+        };
+        let age = entry.stored.elapsed();
+        if age < entry.fresh_for {
+            return Lookup::Fresh(entry.features.clone());
+        }
+        if age >= self.ttl + self.max_stale {
+            return Lookup::Miss;
+        }
+        Lookup::Stale {
+            features: entry.features.clone(),
+            refresh: self.claim(&entry),
+        }
     }
 
-    /// Stores the features of `id` (replacing what was there).
+    /// Whether this caller gets the entry's refresh: the first since the
+    /// entry was stored, or the first a TTL after the last claim (a refresh
+    /// that failed is tried again, at most once per TTL).
+    fn claim(&self, entry: &Entry) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = entry.claimed.load(Ordering::Acquire);
+        if last != 0 && now.saturating_sub(last) < self.ttl.as_millis() as u64 {
+            return false;
+        }
+        entry
+            .claimed
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Stores the features of `id` (replacing what was there), fresh again.
     pub fn insert(&self, id: String, features: Arc<pb::ItemFeatures>) {
+        self.insert_stored(id, features, Instant::now());
+    }
+
+    /// [`insert`](Self::insert) as if stored at `stored` (tests backdate
+    /// entries instead of waiting out a TTL).
+    pub(crate) fn insert_stored(
+        &self,
+        id: String,
+        features: Arc<pb::ItemFeatures>,
+        stored: Instant,
+    ) {
         let now = Instant::now();
+        let usable = self.ttl + self.max_stale;
+        // The same item always gets the same share (a fixed hash, not the
+        // per-process one), so its freshness does not wander between stores.
+        let share = (recmesh_algo::assign::fnv1a64(id.as_bytes()) % 1024) as f64 / 1024.0;
+        let entry = Arc::new(Entry {
+            features,
+            stored,
+            fresh_for: self.ttl.mul_f64(1.0 - JITTER * share),
+            claimed: AtomicU64::new(0),
+        });
         let mut shard = self.shard(&id).write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&id) {
-            shard.retain(|_, (_, stored)| now.duration_since(*stored) < self.ttl);
+            shard.retain(|_, e| now.duration_since(e.stored) < usable);
             if shard.len() >= self.per_shard
                 && let Some(any) = shard.keys().next().cloned()
             {
                 shard.remove(&any);
             }
         }
-        shard.insert(id, (features, now));
+        shard.insert(id, entry);
     }
 
-    /// Items held (expired ones included until an insert drops them).
+    /// Items held (unusable ones included until an insert drops them).
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
@@ -87,44 +184,112 @@ impl ItemCache {
 mod tests {
     use super::*;
 
-    fn item(id: &str, popularity: f64) -> Arc<pb::ItemFeatures> {
+    fn item(popularity: f64) -> Arc<pb::ItemFeatures> {
         Arc::new(pb::ItemFeatures {
-            item_id: id.into(),
             popularity,
             ..Default::default()
         })
     }
 
-    #[test]
-    fn an_entry_is_served_until_its_ttl_and_replaced_by_a_newer_one() {
-        let cache = ItemCache::new(100, Duration::from_secs(60));
-        assert!(cache.get("a").is_none());
-        cache.insert("a".into(), item("a", 1.0));
-        assert_eq!(cache.get("a").expect("stored").popularity, 1.0);
-        cache.insert("a".into(), item("a", 2.0));
-        assert_eq!(cache.get("a").expect("replaced").popularity, 2.0);
-        assert_eq!(cache.len(), 1);
-
-        let expired = ItemCache::new(100, Duration::ZERO);
-        expired.insert("a".into(), item("a", 1.0));
-        assert!(expired.get("a").is_none(), "a TTL of 0 has passed at once");
+    fn popularity(l: &Lookup) -> Option<f64> {
+        match l {
+            Lookup::Fresh(f) | Lookup::Stale { features: f, .. } => Some(f.popularity),
+            Lookup::Miss => None,
+        }
     }
 
     #[test]
-    fn the_size_stays_bounded_and_expired_entries_leave_first() {
+    fn an_entry_is_fresh_until_its_ttl_and_replaced_by_a_newer_one() {
+        let cache = ItemCache::new(100, TTL, Duration::ZERO);
+        assert!(matches!(cache.get("a"), Lookup::Miss));
+        cache.insert("a".into(), item(1.0));
+        assert!(matches!(cache.get("a"), Lookup::Fresh(_)));
+        cache.insert("a".into(), item(2.0));
+        assert_eq!(popularity(&cache.get("a")), Some(2.0));
+        assert_eq!(cache.len(), 1);
+
+        // No stale use allowed: past the TTL it is a miss.
+        cache.insert_stored("old".into(), item(1.0), ago(1.5));
+        assert!(matches!(cache.get("old"), Lookup::Miss));
+    }
+
+    /// The TTL of these tests (the usable age past it is the same again).
+    const TTL: Duration = Duration::from_secs(60);
+
+    /// `ttls` TTLs ago: entries are backdated instead of waiting out a TTL.
+    fn ago(ttls: f64) -> Instant {
+        Instant::now()
+            .checked_sub(TTL.mul_f64(ttls))
+            .expect("the monotonic clock goes back a few minutes")
+    }
+
+    #[test]
+    fn a_stale_entry_is_served_and_one_caller_per_ttl_refreshes_it() {
+        // Fresh for a TTL, then usable for another.
+        let cache = ItemCache::new(100, TTL, TTL);
+        cache.insert_stored("a".into(), item(1.0), ago(1.5));
+        let lookups: Vec<Lookup> = (0..10).map(|_| cache.get("a")).collect();
+        let refreshes = lookups
+            .iter()
+            .filter(|l| matches!(l, Lookup::Stale { refresh: true, .. }))
+            .count();
+        assert_eq!(refreshes, 1, "one refresh per TTL: {lookups:?}");
+        assert!(lookups.iter().all(|l| popularity(l) == Some(1.0)));
+
+        // The refresh's answer makes it fresh again.
+        cache.insert("a".into(), item(2.0));
+        assert!(matches!(cache.get("a"), Lookup::Fresh(f) if f.popularity == 2.0));
+
+        // A new entry that is stale at once gives its first caller the refresh.
+        cache.insert_stored("b".into(), item(3.0), ago(1.5));
+        assert!(matches!(
+            cache.get("b"),
+            Lookup::Stale { refresh: true, .. }
+        ));
+    }
+
+    #[test]
+    fn items_stored_together_go_stale_spread_over_a_fifth_of_the_ttl() {
+        let cache = ItemCache::new(1_000, TTL, TTL);
+        let kinds = |ttls: f64| {
+            let stored = ago(ttls);
+            let (mut fresh, mut stale) = (0, 0);
+            for n in 0..200 {
+                let id = format!("i{n}");
+                cache.insert_stored(id.clone(), item(0.0), stored);
+                match cache.get(&id) {
+                    Lookup::Fresh(_) => fresh += 1,
+                    Lookup::Stale { .. } => stale += 1,
+                    Lookup::Miss => panic!("usable"),
+                }
+            }
+            (fresh, stale)
+        };
+        assert_eq!(kinds(0.75), (200, 0), "none before 0.8 TTL");
+        let (fresh, stale) = kinds(0.9);
+        assert!(
+            fresh > 50 && stale > 50,
+            "spread: {fresh} fresh, {stale} stale"
+        );
+        assert_eq!(kinds(1.01), (0, 200), "all after a TTL");
+    }
+
+    #[test]
+    fn an_entry_past_its_usable_age_is_a_miss() {
+        let cache = ItemCache::new(100, TTL, TTL);
+        cache.insert_stored("a".into(), item(1.0), ago(2.5));
+        assert!(matches!(cache.get("a"), Lookup::Miss));
+    }
+
+    #[test]
+    fn the_size_stays_bounded() {
         // 16 shards of one entry each.
-        let cache = ItemCache::new(16, Duration::from_secs(60));
+        let cache = ItemCache::new(16, TTL, TTL);
         for n in 0..1_000 {
-            cache.insert(format!("i{n}"), item("x", n as f64));
+            cache.insert(format!("i{n}"), item(n as f64));
         }
         assert!(cache.len() <= 16, "{} items held", cache.len());
         // The newest insert is always kept.
-        assert_eq!(cache.get("i999").expect("newest").popularity, 999.0);
-
-        let expiring = ItemCache::new(16, Duration::ZERO);
-        for n in 0..100 {
-            expiring.insert(format!("i{n}"), item("x", 0.0));
-        }
-        assert!(expiring.len() <= 16);
+        assert_eq!(popularity(&cache.get("i999")), Some(999.0));
     }
 }

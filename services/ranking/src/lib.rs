@@ -20,6 +20,8 @@
 
 mod item_cache;
 
+use item_cache::Lookup;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -68,6 +70,12 @@ pub struct Config {
     pub model_path: String,
     /// How long fetched item features are reused before being fetched again.
     pub item_cache_ttl_ms: u64,
+    /// How long past that TTL they are still used while one background
+    /// fetch refreshes them (0: an expired item is fetched inline, on the
+    /// request's time). Items fetched together expire together; without
+    /// this, a restart's refill came back as a burst of full fetches one
+    /// TTL later.
+    pub item_cache_max_stale_ms: u64,
     /// Most items whose features are cached.
     pub item_cache_size: u64,
     /// Root of the trainer's published bundles: with `model_path` empty, the
@@ -103,6 +111,9 @@ impl Default for Config {
             // Counters and stock move slowly compared with a request; 5 s of
             // staleness is invisible, and the cache absorbs the hot items.
             item_cache_ttl_ms: 5_000,
+            // A minute of counters at worst, and only while the features
+            // service does not answer the refresh.
+            item_cache_max_stale_ms: 60_000,
             // About 100 bytes an entry: ~10 MB at the bound.
             item_cache_size: 100_000,
             // A new model shows within seconds; a stat() every 2 s costs nothing.
@@ -411,6 +422,7 @@ impl RankingService {
         let cache = Arc::new(item_cache::ItemCache::new(
             config.item_cache_size,
             Duration::from_millis(config.item_cache_ttl_ms.max(1)),
+            Duration::from_millis(config.item_cache_max_stale_ms),
         ));
         let mut named = HashMap::new();
         named.insert("baseline".to_owned(), Arc::new(Scorer::new("")?));
@@ -526,23 +538,38 @@ impl RankingService {
     ) -> (ItemFeatureMap, Option<String>) {
         let mut found = ItemFeatureMap::with_capacity_and_hasher(256, Default::default());
         let mut asked = std::collections::HashSet::<&str, foldhash::fast::RandomState>::default();
-        let mut missing: Vec<String> = Vec::new();
+        let (mut missing, mut refresh) = (Vec::new(), Vec::new());
+        let mut stale = 0;
         for id in ids {
             if found.contains_key(id) {
                 continue;
             }
             match self.cache.get(id) {
-                Some(f) => {
+                Lookup::Fresh(f) => {
                     found.insert(id.to_owned(), f);
                 }
-                None if asked.insert(id) => missing.push(id.to_owned()),
-                None => {}
+                Lookup::Stale {
+                    features,
+                    refresh: mine,
+                } => {
+                    stale += 1;
+                    if mine {
+                        refresh.push(id.to_owned());
+                    }
+                    found.insert(id.to_owned(), features);
+                }
+                Lookup::Miss if asked.insert(id) => missing.push(id.to_owned()),
+                Lookup::Miss => {}
             }
         }
-        let hits = found.len() as u64;
+        let hits = found.len() as u64 - stale;
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "hit").increment(hits);
+        metrics::counter!("recmesh_ranking_item_cache_total", "result" => "stale").increment(stale);
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "miss")
             .increment(missing.len() as u64);
+        if !refresh.is_empty() {
+            self.refresh_in_background(refresh, rid);
+        }
         if missing.is_empty() {
             return (found, None);
         }
@@ -573,6 +600,36 @@ impl RankingService {
                 )
             }
         }
+    }
+}
+
+impl RankingService {
+    /// Fetches `ids` again after their TTL, off the request path, under the
+    /// features budget; the answers replace the stale entries. A failed
+    /// refresh leaves them stale (each is claimed again a TTL later) and is
+    /// counted.
+    fn refresh_in_background(&self, ids: Vec<String>, rid: &str) {
+        let (mut client, cache) = (self.features.clone(), self.cache.clone());
+        let budget = Duration::from_millis(self.config.features_budget_ms);
+        let rid = rid.to_owned();
+        tokio::spawn(async move {
+            let req = pb::GetItemsRequest { item_ids: ids };
+            let outcome = match bounded(budget, |t| client.get_items(outgoing(req, t, &rid))).await
+            {
+                Ok(resp) => {
+                    for f in resp.items {
+                        cache.insert(f.item_id.clone(), Arc::new(f));
+                    }
+                    "ok"
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "item features refresh failed; stale ones stay in use");
+                    e.outcome()
+                }
+            };
+            metrics::counter!("recmesh_ranking_item_refresh_total", "outcome" => outcome)
+                .increment(1);
+        });
     }
 }
 
@@ -871,6 +928,45 @@ mod tests {
             answer.candidates[0].item_id, "b",
             "retrieval evidence alone orders them"
         );
+    }
+
+    #[tokio::test]
+    async fn stale_item_features_are_used_while_the_features_service_is_away() {
+        // Features fetched 1.5 TTLs ago, and a features service that does
+        // not answer: within `item_cache_max_stale_ms` ranking keeps using
+        // them (not degraded) and tries one refresh in the background.
+        let stale_for = |max_stale_ms: u64| async move {
+            let config = Config {
+                item_cache_max_stale_ms: max_stale_ms,
+                ..Config::default()
+            };
+            let ttl = Duration::from_millis(config.item_cache_ttl_ms);
+            let svc = RankingService::new(config, nowhere()).expect("service");
+            let stored = std::time::Instant::now()
+                .checked_sub(ttl.mul_f64(1.5))
+                .expect("the monotonic clock goes back seconds");
+            for (id, f) in [item("a", 0.9), item("b", 0.1)] {
+                svc.cache.insert_stored(id, f, stored);
+            }
+            svc.rank(Request::new(pb::RankRequest {
+                user_id: "u1".into(),
+                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
+                ..Default::default()
+            }))
+            .await
+            .expect("ranks")
+            .into_inner()
+        };
+        let answer = stale_for(60_000).await;
+        assert!(!answer.degraded, "{}", answer.detail);
+        assert_eq!(answer.model_version, "baseline-1");
+        assert_eq!(answer.candidates[0].item_id, "a", "the more popular");
+
+        // Without stale use, the same entries are missing and fetched inline,
+        // which fails: degraded, as before this cache served stale entries.
+        let answer = stale_for(0).await;
+        assert!(answer.degraded);
+        assert_eq!(answer.model_version, "baseline-1+no-features");
     }
 
     #[test]
