@@ -120,7 +120,8 @@ struct FaultArgs {
     /// Run only these scenarios (repeatable), e.g. --only "kill-9 retrieval".
     #[arg(long)]
     only: Vec<String>,
-    /// Goal: p99 of each fault's run, ms.
+    /// Goal: `Recommend`'s p99 in each fault's run, ms. Set FAULTS_TRACE=1
+    /// to print every failed or degraded call after each fault is lifted.
     #[arg(long, default_value_t = 200.0)]
     p99_ms: f64,
     /// Goal: recovery after the fault is lifted, ms.

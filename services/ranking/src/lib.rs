@@ -3,10 +3,10 @@
 //! One call to the features service fetches the item features of every
 //! candidate and of the user's recent items, under its own budget inside the
 //! caller's deadline. A cache with a TTL and a size bound (`item_cache`) sits
-//! in front of it, so repeated candidates cost nothing. From those come each candidate's
-//! row of named features (`recmesh_algo::ranking`): retrieval scores by source,
-//! item popularity, CTR, price, age and promotion, the user's affinity to the
-//! item's category, price fit, and user activity.
+//! in front of it, so repeated candidates cost nothing. From those come each
+//! candidate's row of named features (`recmesh_algo::ranking`): retrieval
+//! scores by source, item popularity, CTR, price, age and promotion, the
+//! user's affinity to the item's category, price fit, and user activity.
 //!
 //! The model is a LightGBM text model when `model_path` names one, or the
 //! ranker of the current model bundle when `bundle_dir` is set (evaluated
@@ -601,9 +601,7 @@ impl RankingService {
             }
         }
     }
-}
 
-impl RankingService {
     /// Fetches `ids` again after their TTL, off the request path, under the
     /// features budget; the answers replace the stale entries. A failed
     /// refresh leaves them stale (each is claimed again a TTL later) and is
