@@ -104,6 +104,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "calls refused at once with RESOURCE_EXHAUSTED by the concurrency limit, by service",
     ),
     (
+        "recmesh_gateway_assign_cache_total",
+        Kind::Counter,
+        "Recommend assignments taken from the gateway's assignment cache (hit) or answered by the experiments service (miss; debug requests are not counted)",
+    ),
+    (
         "recmesh_gateway_stage_duration_seconds",
         Kind::Histogram,
         "latency of each pipeline stage as the gateway saw it, by stage and outcome (ok, timeout, error, skipped)",

@@ -5,6 +5,7 @@
 //! stores into that same entry; if a `Track` invalidated the user meanwhile,
 //! the entry is no longer in the cache and the stale answer is dropped with it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use moka::future::Cache;
 use prost::Message;
 use recmesh_proto::v1 as pb;
 
-use crate::config::CacheConfig;
+use crate::config::{AssignCacheConfig, CacheConfig};
 
 /// Different queries cached per user: page, category and count variations
 /// of one visit fit; more would only hold stale answers.
@@ -103,6 +104,64 @@ impl ResponseCache {
     }
 }
 
+/// Users' assignments, valid only under the experiment config version they
+/// were made from (the gateway follows the version with `WatchVersion`).
+/// Disabled when its TTL is 0.
+#[derive(Debug, Clone)]
+pub struct AssignmentCache {
+    users: Option<Cache<String, Arc<pb::AssignResponse>>>,
+    /// The version the gateway last heard of; [`UNKNOWN`] until the first.
+    version: Arc<AtomicU64>,
+}
+
+/// No config version heard of yet.
+pub const UNKNOWN: u64 = u64::MAX;
+
+impl AssignmentCache {
+    /// A cache sized and timed by `config`.
+    pub fn new(config: &AssignCacheConfig) -> Self {
+        let users = (config.ttl_ms > 0).then(|| {
+            Cache::builder()
+                .max_capacity(config.max_users)
+                .time_to_live(Duration::from_millis(config.ttl_ms))
+                .build()
+        });
+        AssignmentCache {
+            users,
+            version: Arc::new(AtomicU64::new(UNKNOWN)),
+        }
+    }
+
+    /// The experiment config is at `version` now: assignments made under
+    /// another one are never served again.
+    pub fn set_version(&self, version: u64) {
+        if self.version.swap(version, Ordering::AcqRel) != version
+            && let Some(users) = &self.users
+        {
+            users.invalidate_all();
+        }
+    }
+
+    /// `user`'s assignments, if made under the current version.
+    pub async fn get(&self, user: &str) -> Option<Arc<pb::AssignResponse>> {
+        let users = self.users.as_ref()?;
+        let current = self.version.load(Ordering::Acquire);
+        let hit = users.get(user).await?;
+        (current != UNKNOWN && hit.config_version == current).then_some(hit)
+    }
+
+    /// Keeps `user`'s assignments (only those made under the current
+    /// version: one made just before a change is not kept after it).
+    pub async fn put(&self, user: &str, assigned: &pb::AssignResponse) {
+        let Some(users) = &self.users else { return };
+        if assigned.config_version == self.version.load(Ordering::Acquire) {
+            users
+                .insert(user.to_owned(), Arc::new(assigned.clone()))
+                .await;
+        }
+    }
+}
+
 /// The cache key of a query: a hash of everything but the user id (the
 /// user selects the entry) and the debug flag (debug requests skip the cache).
 pub fn query_key(
@@ -152,6 +211,39 @@ mod tests {
         cache.invalidate_all();
         let fresh = cache.entry("u1").await.expect("enabled");
         assert!(fresh.get(2).is_none());
+    }
+
+    #[tokio::test]
+    async fn assignments_are_served_only_under_the_version_they_were_made_from() {
+        let cache = AssignmentCache::new(&AssignCacheConfig::default());
+        let made = |version| pb::AssignResponse {
+            config_version: version,
+            ..Default::default()
+        };
+        // No version heard of yet: nothing is kept or served.
+        cache.put("u1", &made(3)).await;
+        assert!(cache.get("u1").await.is_none());
+
+        cache.set_version(3);
+        cache.put("u1", &made(3)).await;
+        assert_eq!(cache.get("u1").await.expect("hit").config_version, 3);
+        // Made under an older version (a call that raced the change): not kept.
+        cache.put("u2", &made(2)).await;
+        assert!(cache.get("u2").await.is_none());
+
+        // A new version: the old assignments are gone.
+        cache.set_version(4);
+        assert!(cache.get("u1").await.is_none());
+        cache.put("u1", &made(4)).await;
+        assert!(cache.get("u1").await.is_some());
+
+        let off = AssignmentCache::new(&AssignCacheConfig {
+            ttl_ms: 0,
+            ..Default::default()
+        });
+        off.set_version(4);
+        off.put("u1", &made(4)).await;
+        assert!(off.get("u1").await.is_none(), "a TTL of 0 disables it");
     }
 
     #[test]

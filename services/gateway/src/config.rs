@@ -25,6 +25,9 @@ pub struct Config {
     pub limits: Limits,
     /// The L1 response cache.
     pub cache: CacheConfig,
+    /// Users' experiment assignments, reused while the experiment config's
+    /// version is unchanged.
+    pub assign_cache: AssignCacheConfig,
     /// Exposure logging (what each user was shown under which variants).
     pub exposures: ExposureConfig,
     /// Adaptive degradation under load.
@@ -54,6 +57,7 @@ impl Default for Config {
             budgets: Budgets::default(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
+            assign_cache: AssignCacheConfig::default(),
             exposures: ExposureConfig::default(),
             adaptive: AdaptiveConfig::default(),
             retry: recmesh_mesh::RetryPolicy::default(),
@@ -253,6 +257,30 @@ impl Default for CacheConfig {
         CacheConfig {
             // Short enough that trending changes show within a minute; a
             // Track for the user drops their entries at once anyway.
+            ttl_ms: 30_000,
+            max_users: 100_000,
+        }
+    }
+}
+
+/// The assignment cache: a user's assignments (from the experiments
+/// service's `Assign`) reused for later requests, for as long as the
+/// experiment config's version the gateway follows is the one they were
+/// made under, and at most `ttl_ms` (time-scheduled experiments start and
+/// end without a version change). Requests with `debug` skip it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssignCacheConfig {
+    /// How long an assignment is reused; 0 disables the cache.
+    pub ttl_ms: u64,
+    /// Users whose assignments are kept at most.
+    pub max_users: u64,
+}
+
+impl Default for AssignCacheConfig {
+    fn default() -> Self {
+        AssignCacheConfig {
+            // As long as a cached answer, which carries the same assignments.
             ttl_ms: 30_000,
             max_users: 100_000,
         }

@@ -11,14 +11,19 @@ use recmesh_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::cache::ResponseCache;
+use crate::cache::{AssignmentCache, ResponseCache};
 use crate::config::ExposureConfig;
 
 /// Follows `WatchVersion` for as long as the process lives: every version
-/// different from the last one seen drops the whole response cache. A broken
+/// different from the last one seen drops the whole response cache, and
+/// the assignment cache serves only assignments made under the latest. A broken
 /// stream is reopened after a short pause; the first message of a new
 /// stream is the current version, so a change made meanwhile is not missed.
-pub fn watch_version(mut client: ExperimentsClient<Balanced>, cache: ResponseCache) {
+pub fn watch_version(
+    mut client: ExperimentsClient<Balanced>,
+    cache: ResponseCache,
+    assignments: AssignmentCache,
+) {
     tokio::spawn(async move {
         let mut last: Option<u64> = None;
         loop {
@@ -34,6 +39,7 @@ pub fn watch_version(mut client: ExperimentsClient<Balanced>, cache: ResponseCac
                                 "experiment config changed; cache dropped"
                             );
                         }
+                        assignments.set_version(v.version);
                         last = Some(v.version);
                         metrics::gauge!("recmesh_gateway_config_version").set(v.version as f64);
                     }

@@ -97,6 +97,8 @@ pub struct Gateway {
     config: Arc<Config>,
     lists: SharedLists,
     cache: cache::ResponseCache,
+    /// Users' assignments under the current experiment config version.
+    assignments: cache::AssignmentCache,
     /// Exposures on their way to the exposure log (`None`: not logged).
     exposures: Option<tokio::sync::mpsc::Sender<pb::Exposure>>,
     /// Recommends in flight, for adaptive degradation.
@@ -305,7 +307,12 @@ impl Gateway {
             p.per_category,
         );
         let cache = cache::ResponseCache::new(&config.cache);
-        experiments::watch_version(clients.experiments.clone(), cache.clone());
+        let assignments = cache::AssignmentCache::new(&config.assign_cache);
+        experiments::watch_version(
+            clients.experiments.clone(),
+            cache.clone(),
+            assignments.clone(),
+        );
         let exposures = config
             .exposures
             .enabled
@@ -313,6 +320,7 @@ impl Gateway {
         Ok(Gateway {
             clients,
             cache,
+            assignments,
             config: Arc::new(config),
             lists,
             exposures,
@@ -496,8 +504,27 @@ impl Gateway {
             max_recent: 0,
         };
         let retry = &self.config.retry;
-        let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
-            run_stage_retrying(
+        let assign = async {
+            // A user's assignments do not change while the config version
+            // does not (debug requests run the whole pipeline).
+            if !q.debug
+                && let Some(a) = self.assignments.get(&q.user_id).await
+            {
+                metrics::counter!("recmesh_gateway_assign_cache_total", "result" => "hit")
+                    .increment(1);
+                let report = pb::StageReport {
+                    stage: stage::ASSIGN.to_owned(),
+                    outcome: pb::StageOutcome::Ok as i32,
+                    budget_us: deadline.budget(Budgets::ms(b.assign_ms)).as_micros() as u32,
+                    detail: format!(
+                        "from the gateway's assignment cache (config version {})",
+                        a.config_version
+                    ),
+                    ..Default::default()
+                };
+                return (Ok((*a).clone()), report);
+            }
+            let (assigned, report) = run_stage_retrying(
                 stage::ASSIGN,
                 Budgets::ms(b.assign_ms),
                 &deadline,
@@ -505,8 +532,20 @@ impl Gateway {
                 |t| {
                     let (mut c, r) = (experiments.clone(), assign_req.clone());
                     async move { c.assign(outgoing(r, t, rid)).await }
-                }
-            ),
+                },
+            )
+            .await;
+            if let Ok(a) = &assigned
+                && !q.debug
+            {
+                metrics::counter!("recmesh_gateway_assign_cache_total", "result" => "miss")
+                    .increment(1);
+                self.assignments.put(&q.user_id, a).await;
+            }
+            (assigned, report)
+        };
+        let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
+            assign,
             run_stage_retrying(
                 stage::FEATURES,
                 Budgets::ms(b.features_ms),
