@@ -486,6 +486,59 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_user_keeps_their_variant_while_experiments_is_down() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.client().await;
+    let assign = |r: &pb::RecommendResponse| {
+        r.stages
+            .iter()
+            .find(|s| s.stage == "assign")
+            .cloned()
+            .expect("assign reported")
+    };
+    // Different counts are different queries: never the response cache.
+    let mut count = 1;
+    let mut ask = async |user: &str, debug: bool| {
+        count += 1;
+        let mut req = recommend(user, count);
+        req.debug = debug;
+        client
+            .recommend(bounded(req))
+            .await
+            .expect("answer")
+            .into_inner()
+    };
+    // Once the gateway knows the config version, u5's second request takes
+    // its assignment from the gateway's cache.
+    let mut first = None;
+    for _ in 0..100 {
+        let r = ask("u5", false).await;
+        if assign(&r).detail.contains("assignment cache") {
+            first = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = first.expect("u5's assignment is cached within 5 s");
+    assert_eq!(first.assignments.len(), 1, "the demo experiment");
+
+    mesh.proxy("assign").set(Fault::Refuse);
+    let r = ask("u5", false).await;
+    let report = assign(&r);
+    assert!(report.fallback.is_empty(), "{report:?}");
+    assert_eq!(r.assignments, first.assignments, "same variant");
+    assert!(!r.degraded, "{:?}", r.stages);
+
+    // Someone the gateway has not seen, and a debug request (which skips
+    // the cache), fall back to control as before.
+    for (user, debug) in [("u6", false), ("u5", true)] {
+        let r = ask(user, debug).await;
+        assert_eq!(assign(&r).fallback, "control", "{user} debug {debug}");
+        assert!(r.assignments.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_stage_down_the_gateway_answers_from_popularity() {
     let mesh = TestMesh::start().await;
     let mut client = mesh.client().await;
