@@ -61,6 +61,20 @@ impl UserEntry {
     }
 }
 
+/// A cache by user id of at most `max_users` entries, each kept `ttl_ms`;
+/// `None` (disabled) when the TTL is 0.
+fn per_user<V>(ttl_ms: u64, max_users: u64) -> Option<Cache<String, V>>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    (ttl_ms > 0).then(|| {
+        Cache::builder()
+            .max_capacity(max_users)
+            .time_to_live(Duration::from_millis(ttl_ms))
+            .build()
+    })
+}
+
 /// The cache; disabled when the TTL is 0.
 #[derive(Debug, Clone)]
 pub struct ResponseCache {
@@ -70,13 +84,9 @@ pub struct ResponseCache {
 impl ResponseCache {
     /// A cache sized and timed by `config`.
     pub fn new(config: &CacheConfig) -> Self {
-        let users = (config.ttl_ms > 0).then(|| {
-            Cache::builder()
-                .max_capacity(config.max_users)
-                .time_to_live(Duration::from_millis(config.ttl_ms))
-                .build()
-        });
-        ResponseCache { users }
+        ResponseCache {
+            users: per_user(config.ttl_ms, config.max_users),
+        }
     }
 
     /// The user's entry (created empty when absent); `None` when disabled.
@@ -120,14 +130,8 @@ pub const UNKNOWN: u64 = u64::MAX;
 impl AssignmentCache {
     /// A cache sized and timed by `config`.
     pub fn new(config: &AssignCacheConfig) -> Self {
-        let users = (config.ttl_ms > 0).then(|| {
-            Cache::builder()
-                .max_capacity(config.max_users)
-                .time_to_live(Duration::from_millis(config.ttl_ms))
-                .build()
-        });
         AssignmentCache {
-            users,
+            users: per_user(config.ttl_ms, config.max_users),
             version: Arc::new(AtomicU64::new(UNKNOWN)),
         }
     }
