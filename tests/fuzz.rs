@@ -168,6 +168,17 @@ fn feed_bytes(bytes: &[u8]) {
                 &invalid,
             );
         }
+        if let Ok(m) = recmesh_mesh::wire::RankRequest::decode(bytes) {
+            // As served: candidates read from their bytes, not decoded.
+            allowed(
+                "Rank (wire)",
+                s.ranking
+                    .rank_wire(Request::new(m))
+                    .await
+                    .map(tonic::Response::new),
+                &invalid,
+            );
+        }
         if let Ok(m) = pb::RerankRequest::decode(bytes) {
             allowed(
                 "Rerank",

@@ -11,6 +11,7 @@
 
 pub mod balance;
 pub mod convert;
+pub mod wire;
 
 pub use balance::{BalanceConfig, Balanced};
 

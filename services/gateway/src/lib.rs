@@ -23,7 +23,7 @@ pub mod cache;
 pub mod config;
 pub mod experiments;
 pub mod fallback;
-pub mod wire;
+use recmesh_mesh::wire;
 
 use std::collections::HashMap;
 use std::future::Future;

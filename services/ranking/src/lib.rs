@@ -32,9 +32,10 @@ use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
 use recmesh_mesh::balance::{BalanceConfig, Balanced, Source};
 use recmesh_mesh::convert::{FieldError, check_id};
+use recmesh_mesh::wire;
 use recmesh_mesh::{Deadline, bounded, outgoing, request_id};
 use recmesh_proto::v1::{
-    self as pb, features_client::FeaturesClient, ranking_server::RankingServer,
+    self as pb, features_client::FeaturesClient, ranking_server::SERVICE_NAME,
 };
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
@@ -239,7 +240,7 @@ pub type ItemFeatureMap = HashMap<String, Arc<pb::ItemFeatures>, foldhash::fast:
 /// training both build rows here, so a model sees at serving time exactly
 /// the features it was trained on.
 pub fn feature_rows(
-    candidates: &[pb::Candidate],
+    candidates: &[impl RankInput],
     recent: &[pb::Interaction],
     features: &ItemFeatureMap,
     now_s: i64,
@@ -252,9 +253,9 @@ pub fn feature_rows(
         .iter()
         .map(|c| {
             let item = features
-                .get(&c.item_id)
+                .get(c.item_id())
                 .and_then(|f| item_signals(f, now_s));
-            ranking::row(&signals(c), item.as_ref(), &user)
+            ranking::row(&c.signals(), item.as_ref(), &user)
         })
         .collect()
 }
@@ -305,36 +306,7 @@ impl Scorer {
         features: &ItemFeatureMap,
         now_s: i64,
     ) -> Vec<pb::Candidate> {
-        let scores: Vec<f64> = match &self.model {
-            Some(m) => {
-                // One buffer for the model's columns, reused for every candidate.
-                let mut row = vec![0.0; m.columns.len()];
-                feature_rows(&candidates, recent, features, now_s)
-                    .iter()
-                    .map(|full| {
-                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
-                            *slot = full[col];
-                        }
-                        m.gbdt.predict(&row)
-                    })
-                    .collect()
-            }
-            None => {
-                let sources: std::collections::HashSet<&str> = candidates
-                    .iter()
-                    .flat_map(|c| c.source_scores.keys().map(String::as_str))
-                    .collect();
-                let inputs: Vec<BaselineInput> = candidates
-                    .iter()
-                    .map(|c| BaselineInput {
-                        retrieval_score: c.score,
-                        popularity: features.get(&c.item_id).map_or(0.0, |f| f.popularity),
-                        sources: c.source_scores.len().max(1),
-                    })
-                    .collect();
-                baseline_scores(&inputs, sources.len(), BaselineWeights::default())
-            }
-        };
+        let scores = self.scores(&candidates, recent, features, now_s);
         for (c, s) in candidates.iter_mut().zip(scores) {
             c.score = s;
             // Fresh attributes (stock above all) from the features service
@@ -347,6 +319,47 @@ impl Scorer {
         }
         candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
         candidates
+    }
+
+    /// The model's score of each of `candidates`, in their order.
+    pub fn scores(
+        &self,
+        candidates: &[impl RankInput],
+        recent: &[pb::Interaction],
+        features: &ItemFeatureMap,
+        now_s: i64,
+    ) -> Vec<f64> {
+        match &self.model {
+            Some(m) => {
+                // One buffer for the model's columns, reused for every candidate.
+                let mut row = vec![0.0; m.columns.len()];
+                feature_rows(candidates, recent, features, now_s)
+                    .iter()
+                    .map(|full| {
+                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
+                            *slot = full[col];
+                        }
+                        m.gbdt.predict(&row)
+                    })
+                    .collect()
+            }
+            None => {
+                let sources: std::collections::HashSet<&str> =
+                    candidates.iter().flat_map(|c| c.source_names()).collect();
+                let inputs: Vec<BaselineInput> = candidates
+                    .iter()
+                    .map(|c| {
+                        let signals = c.signals();
+                        BaselineInput {
+                            retrieval_score: signals.retrieval_score,
+                            popularity: features.get(c.item_id()).map_or(0.0, |f| f.popularity),
+                            sources: signals.sources,
+                        }
+                    })
+                    .collect();
+                baseline_scores(&inputs, sources.len(), BaselineWeights::default())
+            }
+        }
     }
 }
 
@@ -371,17 +384,62 @@ fn now_s() -> i64 {
         .unwrap_or(0)
 }
 
-/// Per-candidate signals, from the request and the fetched features.
-fn signals(c: &pb::Candidate) -> CandidateSignals {
-    let s = |name: &str| c.source_scores.get(name).copied().unwrap_or(0.0);
+/// What scoring reads of a candidate: the generated type (the trainer, and
+/// tests), or a view of its encoded bytes (the service). Both give the same
+/// signals, so the model sees at serving time what it was trained on.
+pub trait RankInput {
+    /// The candidate's item.
+    fn item_id(&self) -> &str;
+    /// Retrieval's score and its score per source.
+    fn signals(&self) -> CandidateSignals;
+    /// The sources that found it.
+    fn source_names(&self) -> impl Iterator<Item = &str>;
+}
+
+fn candidate_signals(score: f64, source: impl Fn(&str) -> f64, sources: usize) -> CandidateSignals {
     CandidateSignals {
-        retrieval_score: c.score,
-        cf: s("cf"),
-        anchor: s("anchor"),
-        popular: s("popular"),
-        ann: s("ann"),
-        content: s("content"),
-        sources: c.source_scores.len().max(1),
+        retrieval_score: score,
+        cf: source("cf"),
+        anchor: source("anchor"),
+        popular: source("popular"),
+        ann: source("ann"),
+        content: source("content"),
+        sources: sources.max(1),
+    }
+}
+
+impl RankInput for pb::Candidate {
+    fn item_id(&self) -> &str {
+        &self.item_id
+    }
+
+    fn signals(&self) -> CandidateSignals {
+        let s = |name: &str| self.source_scores.get(name).copied().unwrap_or(0.0);
+        candidate_signals(self.score, s, self.source_scores.len())
+    }
+
+    fn source_names(&self) -> impl Iterator<Item = &str> {
+        self.source_scores.keys().map(String::as_str)
+    }
+}
+
+impl RankInput for wire::CandidateView<'_> {
+    fn item_id(&self) -> &str {
+        self.item_id
+    }
+
+    fn signals(&self) -> CandidateSignals {
+        let s = |name: &str| {
+            self.source_scores
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map_or(0.0, |(_, v)| *v)
+        };
+        candidate_signals(self.score, s, self.source_scores.len())
+    }
+
+    fn source_names(&self) -> impl Iterator<Item = &str> {
+        self.source_scores.iter().map(|(k, _)| *k)
     }
 }
 
@@ -513,7 +571,12 @@ impl RankingService {
         );
     }
 
-    fn validate(&self, req: &pb::RankRequest) -> Result<(), FieldError> {
+    /// Checks the request and reads its candidates (ids, scores, source
+    /// scores) from their bytes.
+    fn validate<'a>(
+        &self,
+        req: &'a wire::RankRequest,
+    ) -> Result<Vec<wire::CandidateView<'a>>, FieldError> {
         check_id("user_id", &req.user_id)?;
         if req.candidates.len() > self.config.max_candidates {
             return Err(FieldError::new(
@@ -521,10 +584,62 @@ impl RankingService {
                 format!("at most {} candidates per call", self.config.max_candidates),
             ));
         }
-        for (n, c) in req.candidates.iter().enumerate() {
-            check_id(&format!("candidates[{n}].item_id"), &c.item_id)?;
+        req.candidates
+            .iter()
+            .enumerate()
+            .map(|(n, c)| {
+                let view = wire::view(c)
+                    .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
+                check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
+                Ok(view)
+            })
+            .collect()
+    }
+
+    /// `Rank` on the encoded candidates: each goes back as it came, with the
+    /// model's score and the freshest attributes in place of what retrieval
+    /// knew. What the service serves, and what [`Ranking::rank`] wraps.
+    pub async fn rank_wire(
+        &self,
+        request: Request<wire::RankRequest>,
+    ) -> Result<wire::RankResponse, Status> {
+        let deadline =
+            Deadline::from_metadata(request.metadata(), self.config.server.request_timeout());
+        let rid = request_id(&request);
+        let req = request.into_inner();
+        let views = self.validate(&req)?;
+        let ids = views.iter().map(|c| c.item_id);
+        let ids = ids.chain(req.recent.iter().map(|r| r.item_id.as_str()));
+        let (features, missing) = self.item_features(ids, &deadline, &rid).await;
+        let scorer = self.scorer_for(&req.model);
+        let scores = scorer.scores(&views, &req.recent, &features, now_s());
+        // One buffer for every rescored candidate; each is a slice of it.
+        let size: usize = req.candidates.iter().map(|c| c.len() + 64).sum();
+        let mut out = wire::BytesMut::with_capacity(size);
+        let mut ranked: Vec<(f64, wire::Bytes)> = Vec::with_capacity(views.len());
+        for ((view, bytes), score) in views.iter().zip(&req.candidates).zip(scores) {
+            // Fresh attributes (stock above all) from the features service
+            // win over what retrieval knew.
+            let fresh = features
+                .get(view.item_id)
+                .and_then(|f| f.attributes.as_ref());
+            let rescored = wire::rescore(bytes, score, fresh, &mut out)
+                .map_err(|e| Status::internal(format!("candidate read once, not twice: {e}")))?;
+            ranked.push((score, rescored));
         }
-        Ok(())
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let version = match &missing {
+            None => scorer.version.to_string(),
+            Some(_) => format!("{}+no-features", scorer.version),
+        };
+        metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
+            .increment(ranked.len() as u64);
+        Ok(wire::RankResponse {
+            candidates: ranked.into_iter().map(|(_, c)| c).collect(),
+            model_version: version,
+            degraded: missing.is_some(),
+            detail: missing.unwrap_or_default(),
+        })
     }
 
     /// Item features for `ids` (repeats allowed): from the cache, the rest in
@@ -633,32 +748,42 @@ impl RankingService {
 
 #[tonic::async_trait]
 impl pb::ranking_server::Ranking for RankingService {
+    /// The generated types' `Rank`, for in-process callers and tests: the
+    /// same path as the served one ([`RankingService::rank_wire`]).
     async fn rank(
         &self,
         request: Request<pb::RankRequest>,
     ) -> Result<Response<pb::RankResponse>, Status> {
-        let deadline =
-            Deadline::from_metadata(request.metadata(), self.config.server.request_timeout());
-        let rid = request_id(&request);
-        let req = request.into_inner();
-        self.validate(&req)?;
-        let ids = req.candidates.iter().map(|c| c.item_id.as_str());
-        let ids = ids.chain(req.recent.iter().map(|r| r.item_id.as_str()));
-        let (features, missing) = self.item_features(ids, &deadline, &rid).await;
-        let scorer = self.scorer_for(&req.model);
-        let candidates = scorer.score(req.candidates, &req.recent, &features, now_s());
-        let version = match &missing {
-            None => scorer.version.to_string(),
-            Some(_) => format!("{}+no-features", scorer.version),
+        let (metadata, extensions, req) = request.into_parts();
+        let req = wire::RankRequest {
+            user_id: req.user_id,
+            candidates: wire::encode(&req.candidates),
+            model: req.model,
+            recent: req.recent,
         };
-        metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
-            .increment(candidates.len() as u64);
+        let r = self
+            .rank_wire(Request::from_parts(metadata, extensions, req))
+            .await?;
         Ok(Response::new(pb::RankResponse {
-            candidates,
-            model_version: version,
-            degraded: missing.is_some(),
-            detail: missing.unwrap_or_default(),
+            candidates: wire::decode(&r.candidates),
+            model_version: r.model_version,
+            degraded: r.degraded,
+            detail: r.detail,
         }))
+    }
+}
+
+impl wire::WireMethod for RankingService {
+    const SERVICE: &'static str = SERVICE_NAME;
+    const PATH: &'static str = wire::RANK;
+    type Request = wire::RankRequest;
+    type Response = wire::RankResponse;
+
+    async fn call(
+        self: Arc<Self>,
+        request: Request<wire::RankRequest>,
+    ) -> Result<wire::RankResponse, Status> {
+        self.rank_wire(request).await
     }
 }
 
@@ -667,7 +792,8 @@ pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
     let features = Balanced::new("features_addr", &config.features_addr, &config.balance)?;
     let service = RankingService::new(config.clone(), features)?;
     service.spawn_model_watch();
-    Ok(GrpcServer::new("ranking", config.server.clone()).add_service(RankingServer::new(service)))
+    Ok(GrpcServer::new("ranking", config.server.clone())
+        .add_service(wire::WireServer::new(service)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -750,6 +876,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_served_path_ranks_as_the_scorer_and_keeps_every_other_field() {
+        let config = Config {
+            model_path: FIXTURE.into(),
+            ..Config::default()
+        };
+        let svc = RankingService::new(config, nowhere()).expect("fixture model loads");
+        let mut list = vec![
+            candidate("a", 0.2, &["cf"]),
+            candidate("b", 0.9, &["cf", "ann"]),
+            candidate("c", 0.5, &["popular"]),
+        ];
+        list[1].reasons = vec!["because you viewed a".into()];
+        list[1].source = "cf".into();
+        list[2].attributes = Some(pb::ItemAttributes {
+            category: "toys".into(),
+            ..Default::default()
+        });
+        let served = svc
+            .rank(Request::new(pb::RankRequest {
+                user_id: "u1".into(),
+                candidates: list.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("ranked")
+            .into_inner();
+        // No features service: both paths score without item features.
+        let direct = svc
+            .scorer()
+            .score(list, &[], &ItemFeatureMap::default(), now_s());
+        assert_eq!(served.candidates, direct);
+        assert!(served.degraded);
+    }
+
+    #[tokio::test]
+    async fn a_candidate_that_does_not_decode_is_refused_by_its_index() {
+        let svc = RankingService::new(Config::default(), nowhere()).expect("service");
+        let good = wire::encode(&[candidate("a", 0.5, &["cf"])]);
+        let err = svc
+            .rank_wire(Request::new(wire::RankRequest {
+                user_id: "u1".into(),
+                candidates: vec![
+                    good[0].clone(),
+                    wire::Bytes::from_static(&[0x0a, 0x05, b'x']),
+                ],
+                ..Default::default()
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("candidates[1]"), "{}", err.message());
+    }
+
+    #[tokio::test]
     async fn a_lightgbm_model_scores_with_the_feature_row() {
         let config = Config {
             model_path: FIXTURE.into(),
@@ -775,7 +955,7 @@ mod tests {
         let scorer = svc.scorer();
         let model = scorer.model.as_ref().expect("model");
         let mut row = ranking::row(
-            &signals(&candidate("b", 0.5, &["cf"])),
+            &candidate("b", 0.5, &["cf"]).signals(),
             item_signals(&features["b"], 0).as_ref(),
             &UserSignals::default(),
         )
