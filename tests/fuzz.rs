@@ -186,6 +186,17 @@ fn feed_bytes(bytes: &[u8]) {
                 &invalid,
             );
         }
+        if let Ok(m) = recmesh_mesh::wire::RerankRequest::decode(bytes) {
+            // As served: the rules read candidates in their bytes.
+            allowed(
+                "Rerank (wire)",
+                s.reranker
+                    .rerank_wire(&m, 0)
+                    .map(tonic::Response::new)
+                    .map_err(tonic::Status::from),
+                &invalid,
+            );
+        }
         if let Ok(m) = pb::GetUserRequest::decode(bytes) {
             allowed(
                 "GetUser",

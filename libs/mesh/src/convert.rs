@@ -99,3 +99,15 @@ pub fn rule_item(c: &pb::Candidate) -> recmesh_algo::rules::RuleItem<'_> {
         in_stock: a.is_some_and(|a| a.in_stock),
     }
 }
+
+/// [`rule_item`] of a candidate read in its bytes.
+pub fn rule_item_of<'a>(c: &crate::wire::CandidateView<'a>) -> recmesh_algo::rules::RuleItem<'a> {
+    let a = c.attributes.unwrap_or_default();
+    recmesh_algo::rules::RuleItem {
+        id: c.item_id,
+        category: a.category,
+        price: a.price,
+        // As above: no attributes, no stock.
+        in_stock: c.attributes.is_some_and(|a| a.in_stock),
+    }
+}

@@ -221,9 +221,9 @@ where
     }
 }
 
-/// What ranking reads of an encoded `Candidate`, borrowed from its bytes:
-/// a stage that only rescores needs no owned copy of the rest (reasons,
-/// attributes, the source's name), so it never builds one.
+/// What ranking and the re-ranker read of an encoded `Candidate`, borrowed
+/// from its bytes: a stage that rescores or picks needs no owned copy of
+/// the rest (reasons, the source's name), so it never builds one.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CandidateView<'a> {
     /// `item_id`.
@@ -233,6 +233,46 @@ pub struct CandidateView<'a> {
     /// `source_scores`, in the order sent; a key sent twice keeps its last
     /// value, as a map does.
     pub source_scores: Vec<(&'a str, f64)>,
+    /// `attributes`, when sent.
+    pub attributes: Option<AttributesView<'a>>,
+}
+
+/// `ItemAttributes`, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AttributesView<'a> {
+    /// `category`.
+    pub category: &'a str,
+    /// `brand`.
+    pub brand: &'a str,
+    /// `price`.
+    pub price: f64,
+    /// `in_stock`.
+    pub in_stock: bool,
+    /// `promoted`.
+    pub promoted: bool,
+    /// `created_at`, Unix seconds.
+    pub created_at: i64,
+}
+
+impl<'a> AttributesView<'a> {
+    /// Reads one encoded `ItemAttributes` into `self`: fields it sends
+    /// replace those already read, as prost merges a message sent twice.
+    fn merge(&mut self, message: &'a [u8]) -> Result<(), WireError> {
+        for field in fields(message) {
+            let field = field?;
+            match (field.tag, field.value) {
+                (1, Value::Bytes(b)) => self.category = text(b, "attributes.category")?,
+                (2, Value::Bytes(b)) => self.brand = text(b, "attributes.brand")?,
+                (3, Value::Fixed64(b)) => self.price = f64::from_le_bytes(b),
+                (4, Value::Varint(v)) => self.in_stock = v != 0,
+                (5, Value::Varint(v)) => self.promoted = v != 0,
+                (6, Value::Varint(v)) => self.created_at = v as i64,
+                (1..=6, _) => return Err(WireError::Malformed),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why an encoded candidate could not be read.
@@ -255,7 +295,7 @@ struct Field<'a> {
 }
 
 enum Value<'a> {
-    Varint,
+    Varint(u64),
     Fixed64([u8; 8]),
     Bytes(&'a [u8]),
     Fixed32,
@@ -284,10 +324,7 @@ fn next_field<'a>(rest: &mut &'a [u8]) -> Result<(u32, Value<'a>), WireError> {
         return Err(WireError::Malformed);
     }
     let value = match WireType::try_from(key & 7).map_err(|_| WireError::Malformed)? {
-        WireType::Varint => {
-            decode_varint(rest).map_err(|_| WireError::Malformed)?;
-            Value::Varint
-        }
+        WireType::Varint => Value::Varint(decode_varint(rest).map_err(|_| WireError::Malformed)?),
         WireType::SixtyFourBit => Value::Fixed64(take(rest, 8)?.try_into().expect("eight bytes")),
         WireType::LengthDelimited => {
             let len = decode_varint(rest).map_err(|_| WireError::Malformed)?;
@@ -315,8 +352,8 @@ fn text<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, WireError> 
     std::str::from_utf8(bytes).map_err(|_| WireError::NotUtf8(field))
 }
 
-/// Reads an encoded `Candidate`'s id, score and source scores; the other
-/// fields are checked for shape only.
+/// Reads an encoded `Candidate`'s id, score, source scores and attributes;
+/// the other fields are checked for shape only.
 pub fn view(candidate: &[u8]) -> Result<CandidateView<'_>, WireError> {
     let mut view = CandidateView::default();
     for field in fields(candidate) {
@@ -340,7 +377,8 @@ pub fn view(candidate: &[u8]) -> Result<CandidateView<'_>, WireError> {
                     None => view.source_scores.push((key, value)),
                 }
             }
-            (1 | 2 | 5, _) => return Err(WireError::Malformed),
+            (6, Value::Bytes(b)) => view.attributes.get_or_insert_default().merge(b)?,
+            (1 | 2 | 5 | 6, _) => return Err(WireError::Malformed),
             _ => {}
         }
     }
@@ -470,6 +508,17 @@ mod tests {
         assert_eq!(decode(&raw), list, "the truncated candidate is dropped");
     }
 
+    fn owned(a: AttributesView<'_>) -> pb::ItemAttributes {
+        pb::ItemAttributes {
+            category: a.category.into(),
+            brand: a.brand.into(),
+            price: a.price,
+            in_stock: a.in_stock,
+            promoted: a.promoted,
+            created_at: a.created_at,
+        }
+    }
+
     fn sorted(mut scores: Vec<(&str, f64)>) -> Vec<(&str, f64)> {
         scores.sort_by(|a, b| a.0.cmp(b.0));
         scores
@@ -483,6 +532,19 @@ mod tests {
         assert_eq!((v.item_id, v.score), ("i7", 0.5));
         let want = c.source_scores.iter().map(|(k, v)| (k.as_str(), *v));
         assert_eq!(sorted(v.source_scores), sorted(want.collect()));
+        assert_eq!(v.attributes.map(owned), c.attributes);
+        let mut c = c;
+        c.attributes = Some(pb::ItemAttributes {
+            brand: "acme".into(),
+            promoted: true,
+            created_at: -5,
+            ..Default::default()
+        });
+        let bytes = c.encode_to_vec();
+        assert_eq!(
+            view(&bytes).expect("reads").attributes.map(owned),
+            c.attributes
+        );
         let empty = view(&[]).expect("an empty candidate is all defaults");
         assert_eq!(empty, CandidateView::default());
     }
@@ -524,6 +586,11 @@ mod tests {
             item_id: "b".into(),
             score: 2.0,
             source_scores: [("cf".to_string(), 9.0)].into(),
+            attributes: Some(pb::ItemAttributes {
+                brand: "acme".into(),
+                in_stock: false,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         bytes.extend(second.encode_to_vec());
@@ -535,6 +602,7 @@ mod tests {
         );
         let want = merged.source_scores.iter().map(|(k, v)| (k.as_str(), *v));
         assert_eq!(sorted(v.source_scores), sorted(want.collect()));
+        assert_eq!(v.attributes.map(owned), merged.attributes);
         let b = rescore(&bytes, 1.5, None, &mut BytesMut::new()).expect("rescores");
         let want = pb::Candidate {
             score: 1.5,
@@ -566,8 +634,10 @@ mod tests {
         .encode_to_vec();
         bad[2] = 0xff;
         assert_eq!(view(&bad), Err(WireError::NotUtf8("item_id")));
-        // item_id sent as a varint; a field number of zero; a group.
+        // item_id sent as a varint; a field number of zero; a group;
+        // attributes.price sent as a varint.
         assert_eq!(view(&[0x08, 0x05]), Err(WireError::Malformed));
+        assert_eq!(view(&[0x32, 0x02, 0x18, 0x01]), Err(WireError::Malformed));
         assert_eq!(view(&[0x02, 0x00]), Err(WireError::Malformed));
         assert_eq!(view(&[0x1b]), Err(WireError::Malformed));
     }

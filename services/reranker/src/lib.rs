@@ -14,11 +14,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prost::Message;
 use recmesh_algo::EventKind;
 use recmesh_algo::rerank::{Boost, RerankItem, RerankRequest, RerankRules, rerank, seed_of};
 use recmesh_algo::rules::HardFilters;
-use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item};
-use recmesh_proto::v1::{self as pb, reranker_server::RerankerServer};
+use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item_of};
+use recmesh_mesh::wire;
+use recmesh_proto::v1::{self as pb, reranker_server::SERVICE_NAME};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
@@ -101,6 +103,29 @@ impl RerankerService {
         req: pb::RerankRequest,
         now_s: i64,
     ) -> Result<pb::RerankResponse, FieldError> {
+        let req = wire::RerankRequest {
+            user_id: req.user_id,
+            candidates: wire::encode(&req.candidates),
+            count: req.count,
+            exclude_item_ids: req.exclude_item_ids,
+            purchased_item_ids: req.purchased_item_ids,
+            filters: req.filters,
+            rule_overrides: req.rule_overrides,
+            request_id: req.request_id,
+            recent: req.recent,
+            usual_categories: req.usual_categories,
+        };
+        self.rerank_wire(&req, now_s)
+    }
+
+    /// [`RerankerService::rerank`] on encoded candidates, as served: the
+    /// rules read each candidate in its bytes ([`wire::view`]), and only
+    /// the ones placed in the answer are decoded.
+    pub fn rerank_wire(
+        &self,
+        req: &wire::RerankRequest,
+        now_s: i64,
+    ) -> Result<pb::RerankResponse, FieldError> {
         let c = &self.config;
         if req.count == 0 || req.count > c.max_count {
             return Err(FieldError::new(
@@ -122,9 +147,17 @@ impl RerankerService {
                 return Err(FieldError::new(field, format!("at most {} ids", c.max_ids)));
             }
         }
-        for (n, cand) in req.candidates.iter().enumerate() {
-            check_id(&format!("candidates[{n}].item_id"), &cand.item_id)?;
-        }
+        let views = req
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(n, c)| {
+                let view = wire::view(c)
+                    .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
+                check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
+                Ok(view)
+            })
+            .collect::<Result<Vec<_>, FieldError>>()?;
         let overrides: HashMap<String, String> = req.rule_overrides.clone().into_iter().collect();
         let rules = c
             .rules
@@ -150,17 +183,16 @@ impl RerankerService {
             seed: seed_of(&req.request_id),
             count: req.count as usize,
         };
-        let items: Vec<RerankItem<'_>> = req
-            .candidates
+        let items: Vec<RerankItem<'_>> = views
             .iter()
-            .map(|cand| {
-                let a = cand.attributes.as_ref();
+            .map(|view| {
+                let a = view.attributes.unwrap_or_default();
                 RerankItem {
-                    rule: rule_item(cand),
-                    brand: a.map_or("", |a| a.brand.as_str()),
-                    promoted: a.is_some_and(|a| a.promoted),
-                    created_at_s: a.map_or(0, |a| a.created_at),
-                    score: cand.score,
+                    rule: rule_item_of(view),
+                    brand: a.brand,
+                    promoted: a.promoted,
+                    created_at_s: a.created_at,
+                    score: view.score,
                 }
             })
             .collect();
@@ -171,31 +203,32 @@ impl RerankerService {
         }
         let explored = out.items.iter().filter(|p| p.explore).count();
         metrics::counter!("recmesh_reranker_exploration_total").increment(explored as u64);
-        let mut slots: Vec<Option<pb::Candidate>> = req.candidates.into_iter().map(Some).collect();
-        let candidates = out
-            .items
-            .into_iter()
-            .filter_map(|placed| {
-                let mut cand = slots.get_mut(placed.index)?.take()?;
-                cand.score = placed.score;
-                let category = cand
-                    .attributes
-                    .as_ref()
-                    .map(|a| a.category.clone())
-                    .unwrap_or_default();
-                for boost in placed.boosts {
-                    cand.reasons.push(match boost {
-                        Boost::Promoted => "promoted".to_owned(),
-                        Boost::NewArrival => format!("new in {category}"),
-                    });
-                }
-                if placed.explore {
-                    cand.exploration = true;
-                    cand.reasons.insert(0, EXPLORE_REASON.to_owned());
-                }
-                Some(cand)
-            })
-            .collect();
+        let mut candidates = Vec::with_capacity(out.items.len());
+        for placed in out.items {
+            let Some(bytes) = req.candidates.get(placed.index) else {
+                continue;
+            };
+            let mut cand = pb::Candidate::decode(bytes.clone()).map_err(|e| {
+                FieldError::new(format!("candidates[{}]", placed.index), e.to_string())
+            })?;
+            cand.score = placed.score;
+            let category = cand
+                .attributes
+                .as_ref()
+                .map(|a| a.category.clone())
+                .unwrap_or_default();
+            for boost in placed.boosts {
+                cand.reasons.push(match boost {
+                    Boost::Promoted => "promoted".to_owned(),
+                    Boost::NewArrival => format!("new in {category}"),
+                });
+            }
+            if placed.explore {
+                cand.exploration = true;
+                cand.reasons.insert(0, EXPLORE_REASON.to_owned());
+            }
+            candidates.push(cand);
+        }
         Ok(pb::RerankResponse {
             candidates,
             removed: out
@@ -221,10 +254,24 @@ impl pb::reranker_server::Reranker for RerankerService {
     }
 }
 
+impl wire::WireMethod for RerankerService {
+    const SERVICE: &'static str = SERVICE_NAME;
+    const PATH: &'static str = wire::RERANK;
+    type Request = wire::RerankRequest;
+    type Response = pb::RerankResponse;
+
+    async fn call(
+        self: Arc<Self>,
+        request: Request<wire::RerankRequest>,
+    ) -> Result<pb::RerankResponse, Status> {
+        Ok(self.rerank_wire(request.get_ref(), now_s())?)
+    }
+}
+
 /// The reranker server, ready to start or run.
 pub fn server(config: Config) -> GrpcServer {
     GrpcServer::new("reranker", config.server.clone())
-        .add_service(RerankerServer::new(RerankerService::new(config)))
+        .add_service(wire::WireServer::new(RerankerService::new(config)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -422,5 +469,21 @@ mod tests {
             )
             .expect_err("bad override");
         assert_eq!(err.field, "rule_overrides.mmr_lambda");
+        // A candidate that does not read (cut short) is refused by index.
+        let good = wire::encode(&[candidate("a", "books", true)]);
+        let err = s
+            .rerank_wire(
+                &wire::RerankRequest {
+                    count: 5,
+                    candidates: vec![
+                        good[0].clone(),
+                        wire::Bytes::from_static(&[0x0a, 0x05, b'x']),
+                    ],
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .expect_err("broken candidate");
+        assert_eq!(err.field, "candidates[1]");
     }
 }
