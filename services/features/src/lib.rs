@@ -26,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use recmesh_catalog::Dataset;
 use recmesh_catalog::files::DataSource;
+use recmesh_mesh::Deadline;
 use recmesh_mesh::convert::{FieldError, check_id, event_kind};
 use recmesh_proto::v1::{self as pb, features_server::FeaturesServer};
 use recmesh_server::GrpcServer;
@@ -296,6 +297,12 @@ impl pb::features_server::Features for FeaturesService {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::UserFeatures>, Status> {
+        // Leave a quarter of what the caller has left for answering from
+        // the last read features when the store is slow.
+        let left =
+            Deadline::from_metadata(request.metadata(), self.config.server.request_timeout())
+                .remaining();
+        let wait = left - left / 4;
         let req = request.into_inner();
         check_id("user_id", &req.user_id).map_err(reject)?;
         let max = if req.max_recent == 0 {
@@ -304,7 +311,7 @@ impl pb::features_server::Features for FeaturesService {
             req.max_recent
         };
         let max = max.min(self.config.max_recent_per_user as u32) as usize;
-        let user = self.store.user(&req.user_id, max).await;
+        let user = self.store.user_within(&req.user_id, max, wait).await;
         Ok(Response::new(user.map_err(store_status)?))
     }
 

@@ -613,6 +613,20 @@ fn progress(what: &str, done: usize, total: usize) {
 #[tonic::async_trait]
 impl FeatureStore for RedisStore {
     async fn user(&self, user_id: &str, max_recent: usize) -> Result<pb::UserFeatures, StoreError> {
+        let wait = Duration::from_millis(self.config.command_timeout_ms);
+        self.user_within(user_id, max_recent, wait).await
+    }
+
+    /// A Redis that is slow (an `appendfsync always` write stuck behind a
+    /// slow disk holds every read queued after it) is treated as one that
+    /// is away for this read: past `wait`, the user's last read features
+    /// answer, and `recmesh_features_stale_reads_total` counts it.
+    async fn user_within(
+        &self,
+        user_id: &str,
+        max_recent: usize,
+        wait: Duration,
+    ) -> Result<pb::UserFeatures, StoreError> {
         let shorten = |u: &pb::UserFeatures| {
             let mut u = u.clone();
             u.recent.truncate(max_recent);
@@ -625,7 +639,7 @@ impl FeatureStore for RedisStore {
         }
         metrics::counter!("recmesh_features_l1_total", "kind" => "user", "result" => "miss")
             .increment(1);
-        match self.read_user(user_id).await {
+        match within(Some(wait), self.read_user(user_id)).await {
             Ok(raw) => {
                 let full = Arc::new(user_features(user_id, raw, self.max_recent, now_ms()));
                 self.l1_users

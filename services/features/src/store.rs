@@ -126,6 +126,19 @@ pub trait FeatureStore: Send + Sync + std::fmt::Debug + 'static {
     /// The features of one user (`known = false` for a user without events).
     async fn user(&self, user_id: &str, max_recent: usize) -> Result<pb::UserFeatures, StoreError>;
 
+    /// [`FeatureStore::user`] for a caller that can wait only `wait`: a
+    /// backend with a remote store answers from what it last read when the
+    /// store is slower than that. The default waits as `user` does.
+    async fn user_within(
+        &self,
+        user_id: &str,
+        max_recent: usize,
+        wait: std::time::Duration,
+    ) -> Result<pb::UserFeatures, StoreError> {
+        let _ = wait;
+        self.user(user_id, max_recent).await
+    }
+
     /// The features of the catalog items among `ids`; the others in `unknown`.
     async fn items(&self, ids: &[String]) -> Result<pb::GetItemsResponse, StoreError>;
 

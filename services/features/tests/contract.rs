@@ -357,3 +357,55 @@ async fn the_stream_exports_through_a_consumer_group_once_per_event() {
     expected.extend(more);
     assert_eq!(exported, expected, "in order, each once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
+    use fred::prelude::*;
+    let dir = scratch("redis-slow");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = redis_config(&server, &dir);
+    // Patient by default: a plain read would wait out the pause below.
+    config.redis.command_timeout_ms = 10_000;
+    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
+        .await
+        .expect("open");
+    let before = store.user("u0", 10).await.expect("u0");
+    // A newer event the snapshot does not hold (ingesting drops the L1
+    // entry), so an answer from Redis and one from the snapshot differ.
+    store
+        .ingest(&[event("slow1", "u0", "i9", EventKind::View, now_ms())])
+        .await
+        .expect("ingested");
+
+    // Every other client's commands wait while Redis is paused, as reads
+    // wait behind a write stuck in a slow fsync.
+    let raw = Builder::from_config(Config::from_url(&server.url()).expect("url"))
+        .build()
+        .expect("client");
+    raw.init().await.expect("raw client");
+    let pause =
+        fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::Random, false);
+    let _: String = raw
+        .custom(pause, vec!["PAUSE", "3000", "ALL"])
+        .await
+        .expect("CLIENT PAUSE");
+
+    let hurried = store
+        .user_within("u0", 10, Duration::from_millis(100))
+        .await
+        .expect("answered from the snapshot");
+    assert_eq!(hurried, before, "the last read features, not a wait");
+    let err = store
+        .user_within("never-read", 10, Duration::from_millis(100))
+        .await
+        .expect_err("nothing read before");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+
+    // The patient read waits out the pause and sees the new event.
+    let after = store.user("u0", 10).await.expect("u0 after the pause");
+    assert_eq!(
+        after.recent.first().map(|r| r.item_id.as_str()),
+        Some("i9"),
+        "{after:?}"
+    );
+}
