@@ -100,6 +100,23 @@ pub fn rule_item(c: &pb::Candidate) -> recmesh_algo::rules::RuleItem<'_> {
     }
 }
 
+/// Reads encoded candidates ([`crate::wire::view`]), refusing one that does
+/// not read or has a bad id by its index (`candidates[3]`).
+pub fn candidate_views(
+    candidates: &[crate::wire::Bytes],
+) -> Result<Vec<crate::wire::CandidateView<'_>>, FieldError> {
+    candidates
+        .iter()
+        .enumerate()
+        .map(|(n, c)| {
+            let view = crate::wire::view(c)
+                .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
+            check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
+            Ok(view)
+        })
+        .collect()
+}
+
 /// [`rule_item`] of a candidate read in its bytes.
 pub fn rule_item_of<'a>(c: &crate::wire::CandidateView<'a>) -> recmesh_algo::rules::RuleItem<'a> {
     let a = c.attributes.unwrap_or_default();

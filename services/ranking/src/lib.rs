@@ -31,7 +31,7 @@ use recmesh_algo::gbdt::GbdtModel;
 use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
 use recmesh_mesh::balance::{BalanceConfig, Balanced, Source};
-use recmesh_mesh::convert::{FieldError, check_id};
+use recmesh_mesh::convert::{FieldError, candidate_views, check_id};
 use recmesh_mesh::wire;
 use recmesh_mesh::{Deadline, bounded, outgoing, request_id};
 use recmesh_proto::v1::{
@@ -584,16 +584,7 @@ impl RankingService {
                 format!("at most {} candidates per call", self.config.max_candidates),
             ));
         }
-        req.candidates
-            .iter()
-            .enumerate()
-            .map(|(n, c)| {
-                let view = wire::view(c)
-                    .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
-                check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
-                Ok(view)
-            })
-            .collect()
+        candidate_views(&req.candidates)
     }
 
     /// `Rank` on the encoded candidates: each goes back as it came, with the

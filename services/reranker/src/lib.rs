@@ -18,7 +18,7 @@ use prost::Message;
 use recmesh_algo::EventKind;
 use recmesh_algo::rerank::{Boost, RerankItem, RerankRequest, RerankRules, rerank, seed_of};
 use recmesh_algo::rules::HardFilters;
-use recmesh_mesh::convert::{FieldError, check_id, event_kind, rule_item_of};
+use recmesh_mesh::convert::{FieldError, candidate_views, event_kind, rule_item_of};
 use recmesh_mesh::wire;
 use recmesh_proto::v1::{self as pb, reranker_server::SERVICE_NAME};
 use recmesh_server::GrpcServer;
@@ -147,17 +147,7 @@ impl RerankerService {
                 return Err(FieldError::new(field, format!("at most {} ids", c.max_ids)));
             }
         }
-        let views = req
-            .candidates
-            .iter()
-            .enumerate()
-            .map(|(n, c)| {
-                let view = wire::view(c)
-                    .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
-                check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
-                Ok(view)
-            })
-            .collect::<Result<Vec<_>, FieldError>>()?;
+        let views = candidate_views(&req.candidates)?;
         let overrides: HashMap<String, String> = req.rule_overrides.clone().into_iter().collect();
         let rules = c
             .rules
