@@ -194,10 +194,15 @@ impl RerankerService {
         let explored = out.items.iter().filter(|p| p.explore).count();
         metrics::counter!("recmesh_reranker_exploration_total").increment(explored as u64);
         let mut candidates = Vec::with_capacity(out.items.len());
+        // Each candidate is placed at most once, whatever the rules return.
+        let mut placed_already = vec![false; req.candidates.len()];
         for placed in out.items {
             let Some(bytes) = req.candidates.get(placed.index) else {
                 continue;
             };
+            if std::mem::replace(&mut placed_already[placed.index], true) {
+                continue;
+            }
             let mut cand = pb::Candidate::decode(bytes.clone()).map_err(|e| {
                 FieldError::new(format!("candidates[{}]", placed.index), e.to_string())
             })?;
