@@ -309,12 +309,8 @@ impl Scorer {
         let scores = self.scores(&candidates, recent, features, now_s);
         for (c, s) in candidates.iter_mut().zip(scores) {
             c.score = s;
-            // Fresh attributes (stock above all) from the features service
-            // win over what retrieval knew.
-            if let Some(f) = features.get(&c.item_id)
-                && f.attributes.is_some()
-            {
-                c.attributes = f.attributes.clone();
+            if let Some(a) = fresh_attributes(features, &c.item_id) {
+                c.attributes = Some(a.clone());
             }
         }
         candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -382,6 +378,12 @@ fn now_s() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Fresh attributes (stock above all) from the features service win over
+/// what retrieval knew.
+fn fresh_attributes<'a>(features: &'a ItemFeatureMap, id: &str) -> Option<&'a pb::ItemAttributes> {
+    features.get(id)?.attributes.as_ref()
 }
 
 /// What scoring reads of a candidate: the generated type (the trainer, and
@@ -609,13 +611,10 @@ impl RankingService {
         let mut out = wire::BytesMut::with_capacity(size);
         let mut ranked: Vec<(f64, wire::Bytes)> = Vec::with_capacity(views.len());
         for ((view, bytes), score) in views.iter().zip(&req.candidates).zip(scores) {
-            // Fresh attributes (stock above all) from the features service
-            // win over what retrieval knew.
-            let fresh = features
-                .get(view.item_id)
-                .and_then(|f| f.attributes.as_ref());
-            let rescored = wire::rescore(bytes, score, fresh, &mut out)
-                .map_err(|e| Status::internal(format!("candidate read once, not twice: {e}")))?;
+            let fresh = fresh_attributes(&features, view.item_id);
+            let rescored = wire::rescore(bytes, score, fresh, &mut out).map_err(|e| {
+                Status::internal(format!("a candidate that read did not rescore: {e}"))
+            })?;
             ranked.push((score, rescored));
         }
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
