@@ -538,6 +538,66 @@ async fn a_known_user_keeps_their_variant_while_experiments_is_down() {
     }
 }
 
+/// Assignment and features run in parallel and the step waits for features
+/// anyway, so an assignment later than its own budget is still used while
+/// features is awaited: it costs no time. (With features already answered,
+/// a late assignment falls back to control at its budget, as
+/// `each_stage_down_or_stalled_falls_back_and_recovers` checks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_assignment_is_used_while_features_is_still_awaited() {
+    let mesh = TestMesh::start_configured(
+        |_| {},
+        |gateway| {
+            gateway.budgets.features_ms = 1_500;
+            gateway.budgets.request_ms = 3_000;
+        },
+    )
+    .await;
+    let assign_budget_ms = recmesh_e2e::test_budgets().assign_ms;
+    let mut client = mesh.client().await;
+    let mut req = recommend("u3", 10);
+    req.debug = true;
+    let warm = client
+        .recommend(bounded(req.clone()))
+        .await
+        .expect("answer");
+    assert!(
+        !warm.into_inner().assignments.is_empty(),
+        "u3 is in the demo experiment"
+    );
+
+    mesh.proxy("assign").set(Fault::Stall);
+    mesh.proxy("features").set(Fault::Stall);
+    let mut asking = client.clone();
+    let mut slow = tonic::Request::new(req);
+    slow.set_timeout(Duration::from_secs(5));
+    let answer = tokio::spawn(async move { asking.recommend(slow).await });
+    // Well past assignment's budget, but features has not answered yet.
+    tokio::time::sleep(Duration::from_millis(assign_budget_ms * 5)).await;
+    mesh.proxy("assign").set(Fault::None);
+    tokio::time::sleep(Duration::from_millis(assign_budget_ms * 5)).await;
+    mesh.proxy("features").set(Fault::None);
+    let r = answer.await.expect("joined").expect("answer").into_inner();
+
+    let report = r
+        .stages
+        .iter()
+        .find(|s| s.stage == "assign")
+        .expect("assign reported");
+    assert_eq!(report.outcome, pb::StageOutcome::Ok as i32, "{report:?}");
+    assert!(report.fallback.is_empty(), "{report:?}");
+    assert!(report.latency_us > report.budget_us, "late: {report:?}");
+    assert!(
+        report.detail.contains("features were still awaited"),
+        "{report:?}"
+    );
+    assert!(
+        !r.assignments.is_empty(),
+        "the variant's assignment is used"
+    );
+    assert!(!r.degraded, "{:?}", r.stages);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_stage_down_the_gateway_answers_from_popularity() {
     let mesh = TestMesh::start().await;

@@ -2,7 +2,8 @@
 //! RPCs, orchestrating the stage services under latency budgets.
 //!
 //! `Recommend` runs assignment and user features in parallel, then
-//! retrieval → ranking → rerank. Every call gets the smaller of its stage
+//! retrieval → ranking → rerank. Assignment is given up at its budget only
+//! once features has answered: until then the step waits anyway. Every call gets the smaller of its stage
 //! budget and what is left of the request's deadline. Every stage has a
 //! fallback, so a valid request always gets an answer while the gateway is
 //! up; the response's stage report says which stages fell back and
@@ -504,6 +505,13 @@ impl Gateway {
             max_recent: 0,
         };
         let retry = &self.config.retry;
+        // The step waits for features anyway: assignment is given up at its
+        // own budget only once features has answered, so a late assignment
+        // that arrives while features is still awaited costs no time (the
+        // step still ends by features' budget).
+        let (features_done, features_awaited) = tokio::sync::watch::channel(false);
+        let assign_budget = Budgets::ms(b.assign_ms);
+        let step_budget = assign_budget.max(Budgets::ms(b.features_ms));
         let assign = async {
             // A user's assignments do not change while the config version
             // does not (debug requests run the whole pipeline).
@@ -524,17 +532,35 @@ impl Gateway {
                 };
                 return (Ok((*a).clone()), report);
             }
-            let (assigned, report) = run_stage_retrying(
-                stage::ASSIGN,
-                Budgets::ms(b.assign_ms),
-                &deadline,
-                retry,
-                |t| {
-                    let (mut c, r) = (experiments.clone(), assign_req.clone());
-                    async move { c.assign(outgoing(r, t, rid)).await }
-                },
-            )
-            .await;
+            let (assigned, mut report) =
+                report_stage(stage::ASSIGN, assign_budget, &deadline, async |own| {
+                    let call = |t| {
+                        let (mut c, r) = (experiments.clone(), assign_req.clone());
+                        async move { c.assign(outgoing(r, t, rid)).await }
+                    };
+                    let give_up = async {
+                        tokio::time::sleep(own).await;
+                        let mut awaited = features_awaited.clone();
+                        // An error means features is done with too.
+                        let _ = awaited.wait_for(|done| *done).await;
+                    };
+                    tokio::select! {
+                        biased;
+                        answered = bounded_retry(deadline.budget(step_budget), retry, call) => answered,
+                        () = give_up => (Err(CallError::Timeout(own)), 0),
+                    }
+                })
+                .await;
+            if assigned.is_ok() && report.latency_us > report.budget_us {
+                report.detail = format!(
+                    "answered after its budget, while user features were still awaited (no time lost){}",
+                    if report.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", report.detail)
+                    }
+                );
+            }
             if let Ok(a) = &assigned
                 && !q.debug
             {
@@ -544,9 +570,8 @@ impl Gateway {
             }
             (assigned, report)
         };
-        let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(
-            assign,
-            run_stage_retrying(
+        let user = async {
+            let got = run_stage_retrying(
                 stage::FEATURES,
                 Budgets::ms(b.features_ms),
                 &deadline,
@@ -554,9 +579,13 @@ impl Gateway {
                 |t| {
                     let (mut c, r) = (features.clone(), user_req.clone());
                     async move { c.get_user(outgoing(r, t, rid)).await }
-                }
-            ),
-        );
+                },
+            )
+            .await;
+            features_done.send_replace(true);
+            got
+        };
+        let ((assigned, mut assign_report), (user, mut user_report)) = tokio::join!(assign, user);
         let (assignments, params) = match assigned {
             Ok(a) => {
                 let mut params = VariantParams::default();
