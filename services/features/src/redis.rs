@@ -44,7 +44,7 @@ use recmesh_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::log::EventFile;
+use crate::log::{EventFile, LogError};
 use crate::now_ms;
 use crate::store::{
     Counts, FeatureStore, HOURS_KEPT, Ingested, LogKind, LogPage, StoreError, UserRaw, ValidEvent,
@@ -143,8 +143,27 @@ return 2
 /// The outage buffer: the file and its events in order.
 #[derive(Debug)]
 struct Buffer {
-    file: EventFile,
+    /// Written on the blocking pool only ([`Buffer::on_file`]).
+    file: Arc<std::sync::Mutex<EventFile>>,
+    path: PathBuf,
     queue: VecDeque<ValidEvent>,
+}
+
+impl Buffer {
+    /// Runs `f` on the file off the async workers. Its fdatasync waits on
+    /// the disk, which is slow exactly when an `appendfsync always` Redis
+    /// on it is; a worker blocked on it would hold every call queued on
+    /// that worker (`GetUser`, `GetItems`) as long.
+    async fn on_file(
+        &self,
+        f: impl FnOnce(&mut EventFile) -> Result<(), LogError> + Send + 'static,
+    ) -> Result<(), String> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || f(&mut file.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The Redis feature store.
@@ -262,7 +281,8 @@ impl RedisStore {
             snapshot_items: Cache::new(capacity),
             buffered: AtomicUsize::new(pending.len()),
             buffer: Mutex::new(Buffer {
-                file,
+                path: file.path().to_owned(),
+                file: Arc::new(std::sync::Mutex::new(file)),
                 queue: pending.into(),
             }),
             catalog: Arc::new(
@@ -542,7 +562,7 @@ impl RedisStore {
             metrics::counter!("recmesh_features_replayed_total").increment(chunk.len() as u64);
             metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
             if buffer.queue.is_empty()
-                && let Err(e) = buffer.file.clear()
+                && let Err(e) = buffer.on_file(EventFile::clear).await
             {
                 tracing::error!(error = %e, "outage buffer replayed but the file could not be cleared; \
                     its events will be replayed again (deduplicated) at the next start");
@@ -579,12 +599,13 @@ impl RedisStore {
             tracing::warn!(
                 reason,
                 "redis unreachable: buffering events to {}",
-                buffer.file.path().display()
+                buffer.path.display()
             );
         }
+        let batch = events.to_vec();
         buffer
-            .file
-            .append(events)
+            .on_file(move |f| f.append(&batch))
+            .await
             .map_err(|e| StoreError::NotRecorded(format!("outage buffer: {e}")))?;
         buffer.queue.extend(events.iter().cloned());
         self.buffered.store(buffer.queue.len(), Ordering::Release);
