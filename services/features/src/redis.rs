@@ -32,8 +32,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -83,6 +83,11 @@ pub struct RedisConfig {
     pub replay_interval_ms: u64,
     /// Commands per pipeline in the bulk load and the replay.
     pub batch: usize,
+    /// Users the known-users filter is sized for (about 10 bits each); 0
+    /// turns it off. While Redis is slow, a `GetUser` for a user the filter
+    /// has never seen answers with the empty profile Redis would give
+    /// instead of `UNAVAILABLE` (see [`KnownUsers`]).
+    pub known_users: u64,
 }
 
 impl Default for RedisConfig {
@@ -101,6 +106,7 @@ impl Default for RedisConfig {
             max_buffered: 100_000,
             replay_interval_ms: 200,
             batch: 1_000,
+            known_users: 1_000_000,
         }
     }
 }
@@ -166,6 +172,69 @@ impl Buffer {
     }
 }
 
+/// Users with any history in Redis, as far as this instance can tell: a
+/// Bloom filter filled by a scan of the user keys at start, by this
+/// instance's own events, and by following the event stream (the events of
+/// every other instance). It is used only once the scan is done, and only
+/// for its "no": a user it has not seen has no history (up to the stream
+/// follower's lag of about [`FOLLOW_EVERY`]), so a read that Redis is too
+/// slow for can answer the empty profile Redis would give. A false "maybe"
+/// (about 1% at `known_users` users, more past it) keeps the old answer,
+/// `UNAVAILABLE`.
+#[derive(Debug)]
+pub struct KnownUsers {
+    bits: Vec<AtomicU64>,
+    complete: AtomicBool,
+}
+
+/// Bits set per user.
+const KNOWN_HASHES: u64 = 7;
+/// How often the known-users filter reads the event stream's new entries.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+impl KnownUsers {
+    /// A filter for about `capacity` users.
+    pub fn new(capacity: u64) -> Self {
+        let bits = capacity.saturating_mul(10).next_power_of_two().max(1 << 12);
+        KnownUsers {
+            bits: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            complete: AtomicBool::new(false),
+        }
+    }
+
+    fn positions(&self, user: &str) -> impl Iterator<Item = u64> + use<> {
+        use std::hash::{Hash, Hasher};
+        let hash = |salt: u8| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (salt, user).hash(&mut h);
+            h.finish()
+        };
+        let (a, b) = (hash(0), hash(1) | 1);
+        let mask = self.bits.len() as u64 * 64 - 1;
+        (0..KNOWN_HASHES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) & mask)
+    }
+
+    /// Records that `user` has (or is about to have) history.
+    pub fn insert(&self, user: &str) {
+        for p in self.positions(user) {
+            self.bits[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// `user` has surely no history: the start scan is done and the filter
+    /// has never seen the user.
+    pub fn surely_new(&self, user: &str) -> bool {
+        self.complete.load(Ordering::Acquire)
+            && self.positions(user).any(|p| {
+                self.bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) == 0
+            })
+    }
+
+    fn mark_complete(&self) {
+        self.complete.store(true, Ordering::Release);
+    }
+}
+
 /// The Redis feature store.
 #[derive(Debug)]
 pub struct RedisStore {
@@ -182,6 +251,8 @@ pub struct RedisStore {
     buffer: Mutex<Buffer>,
     /// Events in the buffer, read without the lock on the fast path.
     buffered: AtomicUsize,
+    /// Users with history; `None` when `known_users` is 0.
+    known: Option<KnownUsers>,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -280,6 +351,7 @@ impl RedisStore {
             snapshot_users: Cache::new(capacity),
             snapshot_items: Cache::new(capacity),
             buffered: AtomicUsize::new(pending.len()),
+            known: (config.known_users > 0).then(|| KnownUsers::new(config.known_users)),
             buffer: Mutex::new(Buffer {
                 path: file.path().to_owned(),
                 file: Arc::new(std::sync::Mutex::new(file)),
@@ -299,6 +371,9 @@ impl RedisStore {
         });
         store.bulk_load(data).await?;
         watch_stream(&store, Duration::from_secs(5));
+        if store.known.is_some() {
+            tokio::spawn(follow_known_users(Arc::downgrade(&store)));
+        }
         let weak = Arc::downgrade(&store);
         tokio::spawn(async move {
             loop {
@@ -676,6 +751,10 @@ impl FeatureStore for RedisStore {
                     .increment(1);
                 match self.snapshot_users.get(user_id).await {
                     Some(u) => Ok(shorten(&u)),
+                    None if self.has_no_history(user_id) => {
+                        // What Redis would answer for a user without history.
+                        Ok(user_features(user_id, None, max_recent, now_ms()))
+                    }
                     None => Err(unavailable(e)),
                 }
             }
@@ -733,6 +812,11 @@ impl FeatureStore for RedisStore {
     }
 
     async fn ingest(&self, events: &[ValidEvent]) -> Result<Ingested, StoreError> {
+        if let Some(known) = &self.known {
+            for e in events {
+                known.insert(&e.user);
+            }
+        }
         // While older events wait in the buffer, newer ones queue behind
         // them: the stream keeps the order events were acknowledged in.
         if self.buffered.load(Ordering::Acquire) > 0 {
@@ -1025,6 +1109,145 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Whether `user` surely has no history, as the known-users filter
+    /// tells: false while its start scan runs, and when it is off.
+    pub fn has_no_history(&self, user: &str) -> bool {
+        self.known.as_ref().is_some_and(|k| k.surely_new(user))
+    }
+
+    /// Options for the known-users scan and follower: background reads, so
+    /// as patient as the replay.
+    fn background(&self) -> Options {
+        Options {
+            timeout: Some(Duration::from_millis(
+                self.config.command_timeout_ms.saturating_mul(20),
+            )),
+            ..self.options()
+        }
+    }
+
+    /// The id of the event stream's last entry ("" when it is empty).
+    async fn stream_tail(&self) -> Result<String, Error> {
+        let xrevrange = CustomCommand::new_static("XREVRANGE", ClusterHash::FirstKey, false);
+        let reply: Value = self
+            .pool
+            .next_connected()
+            .with_options(&self.background())
+            .custom(
+                xrevrange,
+                vec![
+                    self.key("events"),
+                    "+".into(),
+                    "-".into(),
+                    "COUNT".into(),
+                    "1".into(),
+                ],
+            )
+            .await?;
+        let entries = stream_entries(Value::Array(vec![Value::Array(vec![Value::Null, reply])]));
+        Ok(entries
+            .into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .unwrap_or_default())
+    }
+
+    /// One `SCAN` page of users with history (their `u:<user>:r` list):
+    /// the next cursor ("0" at the end) and the users.
+    async fn scan_users(&self, cursor: &str) -> Result<(String, Vec<String>), Error> {
+        let scan = CustomCommand::new_static("SCAN", ClusterHash::Random, false);
+        let prefix = self.key("u:");
+        let reply: Value = self
+            .pool
+            .next_connected()
+            .with_options(&self.background())
+            .custom(
+                scan,
+                vec![
+                    cursor.to_owned(),
+                    "MATCH".into(),
+                    format!("{prefix}*:r"),
+                    "COUNT".into(),
+                    "1000".into(),
+                ],
+            )
+            .await?;
+        let Value::Array(parts) = reply else {
+            return Err(Error::new(ErrorKind::Protocol, "SCAN: not an array"));
+        };
+        let mut parts = parts.into_iter();
+        let next = parts
+            .next()
+            .and_then(|c| c.as_string())
+            .unwrap_or_else(|| "0".into());
+        let users = match parts.next() {
+            Some(Value::Array(keys)) => keys
+                .into_iter()
+                .filter_map(|k| k.as_string())
+                .filter_map(|k| Some(k.strip_prefix(&prefix)?.strip_suffix(":r")?.to_owned()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok((next, users))
+    }
+}
+
+/// Fills the store's [`KnownUsers`]: notes where the event stream ends,
+/// scans the user keys (every user with history before that point), marks
+/// the filter usable, then follows the stream from that point for the users
+/// of every instance's events. Redis errors are retried; the task ends with
+/// the store.
+async fn follow_known_users(store: Weak<RedisStore>) {
+    const RETRY: Duration = Duration::from_secs(1);
+    let mut cursor = loop {
+        let Some(s) = store.upgrade() else { return };
+        match s.stream_tail().await {
+            Ok(tail) => break tail,
+            Err(e) => tracing::debug!(error = %e, "known users: stream tail not read; retrying"),
+        }
+        drop(s);
+        tokio::time::sleep(RETRY).await;
+    };
+    let (mut page, mut users) = ("0".to_owned(), 0usize);
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let Some(known) = &s.known else { return };
+        match s.scan_users(&page).await {
+            Ok((next, found)) => {
+                users += found.len();
+                found.iter().for_each(|u| known.insert(u));
+                page = next;
+                if page == "0" {
+                    known.mark_complete();
+                    tracing::info!(
+                        users,
+                        "known users scanned; a user never seen answers empty while redis is slow"
+                    );
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "known users: scan page failed; retrying");
+                drop(s);
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let Some(s) = store.upgrade() else { return };
+        let Some(known) = &s.known else { return };
+        while let Ok(read) = s.read_log(LogKind::Events, &cursor, 1_000).await {
+            read.events.iter().for_each(|e| known.insert(&e.user));
+            if read.next_cursor == cursor {
+                break;
+            }
+            cursor = read.next_cursor;
+        }
+    }
+}
+
 /// Publishes [`RedisStore::stream_stats`] as gauges every `every`.
 pub fn watch_stream(store: &Arc<RedisStore>, every: Duration) {
     let weak = Arc::downgrade(store);
@@ -1041,4 +1264,27 @@ pub fn watch_stream(store: &Arc<RedisStore>, every: Duration) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KnownUsers;
+
+    #[test]
+    fn known_users_never_forget_and_rarely_imagine() {
+        let known = KnownUsers::new(100_000);
+        known.insert("u1");
+        assert!(!known.surely_new("nobody"), "not usable before the scan ends");
+        known.mark_complete();
+        for n in 0..100_000 {
+            known.insert(&format!("user-{n}"));
+        }
+        assert!((0..100_000).all(|n| !known.surely_new(&format!("user-{n}"))));
+        assert!(!known.surely_new("u1"));
+        let imagined = (0..100_000)
+            .filter(|n| !known.surely_new(&format!("stranger-{n}")))
+            .count();
+        // About 1% at capacity with 10 bits and 7 hashes per user.
+        assert!(imagined < 2_000, "{imagined} of 100000 strangers taken for known");
+    }
 }

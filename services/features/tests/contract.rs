@@ -262,14 +262,28 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     let ids = vec!["i1".to_string(), "i2".to_string()];
     let before = store.user("u0", 10).await.expect("u0");
     let items_before = store.items(&ids).await.expect("items");
+    // w1 has history but is never read before the outage.
+    store
+        .ingest(&[event("w1", "w1", "i1", EventKind::View, now_ms())])
+        .await
+        .expect("w1");
+    for _ in 0..200 {
+        if store.has_no_history("nobody") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 
     server.kill();
     // Let the L1 entries expire: what answers now is the snapshot.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert_eq!(store.user("u0", 10).await.expect("stale u0"), before);
     assert_eq!(store.items(&ids).await.expect("stale items"), items_before);
-    let err = store.user("never-read", 10).await.expect_err("no snapshot");
+    let err = store.user("w1", 10).await.expect_err("no snapshot");
     assert!(err.to_string().contains("unavailable"), "{err}");
+    // A user without history gets what Redis would answer.
+    let nobody = store.user("nobody", 10).await.expect("no history");
+    assert!(!nobody.known && nobody.recent.is_empty(), "{nobody:?}");
 
     let now = now_ms();
     let r = store
@@ -312,7 +326,8 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
             .collect::<std::collections::BTreeSet<_>>(),
         &["i3", "i4"].into_iter().collect()
     );
-    assert_eq!(store.stream_stats().await.expect("xlen").0, 2);
+    // w1's event and the two replayed.
+    assert_eq!(store.stream_stats().await.expect("xlen").0, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,6 +381,8 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     let mut config = redis_config(&server, &dir);
     // Patient by default: a plain read would wait out the pause below.
     config.redis.command_timeout_ms = 10_000;
+    // Without the known-users filter (the next test has it).
+    config.redis.known_users = 0;
     let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
         .await
         .expect("open");
@@ -408,4 +425,77 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
         Some("i9"),
         "{after:?}"
     );
+}
+
+/// With the known-users filter, a hurried read of a user who has no history
+/// in Redis answers the empty profile Redis would give, while every user
+/// with history (bulk-loaded, ingested here, or ingested by another
+/// instance) that was never read here is still `UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
+    use fred::prelude::*;
+    let dir = scratch("redis-known");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = redis_config(&server, &dir);
+    config.redis.command_timeout_ms = 10_000;
+    let data = data();
+    let here = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
+        .await
+        .expect("open");
+    // Another instance on the same Redis (its own outage buffer).
+    let mut other_config = config.redis.clone();
+    other_config.buffer_path = dir.join("other-buffer.tsv");
+    let other = RedisStore::open(other_config, &data, 50, 168.0)
+        .await
+        .expect("open the other instance");
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let what = what.to_owned();
+        let ok = (0..200).any(|_| {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+            false
+        });
+        assert!(ok, "{what} within 5 s");
+    };
+    until("the start scan", &|| here.has_no_history("nobody"));
+    assert!(!here.has_no_history("u0"), "u0's history was bulk-loaded");
+    here.ingest(&[event("k1", "via-here", "i1", EventKind::View, now_ms())])
+        .await
+        .expect("ingested here");
+    other
+        .ingest(&[event("k2", "via-other", "i2", EventKind::View, now_ms())])
+        .await
+        .expect("ingested by the other instance");
+    assert!(!here.has_no_history("via-here"));
+    until("the stream follower", &|| !here.has_no_history("via-other"));
+
+    let raw = Builder::from_config(Config::from_url(&server.url()).expect("url"))
+        .build()
+        .expect("client");
+    raw.init().await.expect("raw client");
+    let pause =
+        fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::Random, false);
+    let _: String = raw
+        .custom(pause, vec!["PAUSE", "3000", "ALL"])
+        .await
+        .expect("CLIENT PAUSE");
+
+    let nobody = here
+        .user_within("nobody", 10, Duration::from_millis(100))
+        .await
+        .expect("a user without history is answered");
+    assert_eq!(nobody.user_id, "nobody");
+    assert!(
+        nobody.recent.is_empty() && nobody.top_categories.is_empty(),
+        "{nobody:?}"
+    );
+    for user in ["u0", "via-here", "via-other"] {
+        let err = here
+            .user_within(user, 10, Duration::from_millis(100))
+            .await
+            .expect_err("history exists but was never read here");
+        assert!(err.to_string().contains("unavailable"), "{user}: {err}");
+    }
 }
