@@ -135,9 +135,23 @@ pub fn scenario_names() -> Vec<String> {
     names
 }
 
+/// A port free now, below Linux's default ephemeral range (32768–60999):
+/// a port the kernel hands out (`bind(0)`) can be taken by an outgoing
+/// connection before the service binds it, and was ("ranking exited during
+/// start: Address already in use"). Each process starts at its own offset.
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let offset = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SPAN;
+        let port = FIRST + (offset + n) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// A service process.
