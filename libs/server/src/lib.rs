@@ -44,6 +44,17 @@ pub use config::{ConfigError, ServerConfig, ServiceConfig};
 /// more than h2's 64 KiB default, which would cost a WINDOW_UPDATE round trip
 /// in the middle of the message (measured: docs/performance.md).
 pub const HTTP2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// Streams a client may reset before this server accepted them, per
+/// connection, before h2 closes the connection (its guard against "rapid
+/// reset" floods; h2's default is 20). Inside the mesh the callers cancel
+/// at their deadlines: when a stage stalls for a moment (a slow fsync, a
+/// busy core), the gateway cancels dozens of calls at once, and at 20 the
+/// stage closed the connection (`recv_reset; remotely-reset pending-accept
+/// streams reached limit (20)`), failing every other call in flight on it
+/// (`Track`s included) and making the gateway reconnect (docs/faults.md,
+/// run 12). Still bounded, so a flood still closes the connection.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 1_000;
 /// HTTP/2 connection window: room for several large messages in flight.
 pub const HTTP2_CONNECTION_WINDOW: u32 = 4 << 20;
 
@@ -209,6 +220,7 @@ impl GrpcServer {
         let server = tonic::transport::Server::builder()
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESETS))
             .layer(stack)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
