@@ -1274,7 +1274,10 @@ mod tests {
     fn known_users_never_forget_and_rarely_imagine() {
         let known = KnownUsers::new(100_000);
         known.insert("u1");
-        assert!(!known.surely_new("nobody"), "not usable before the scan ends");
+        assert!(
+            !known.surely_new("nobody"),
+            "not usable before the scan ends"
+        );
         known.mark_complete();
         for n in 0..100_000 {
             known.insert(&format!("user-{n}"));
@@ -1285,6 +1288,9 @@ mod tests {
             .filter(|n| !known.surely_new(&format!("stranger-{n}")))
             .count();
         // About 1% at capacity with 10 bits and 7 hashes per user.
-        assert!(imagined < 2_000, "{imagined} of 100000 strangers taken for known");
+        assert!(
+            imagined < 2_000,
+            "{imagined} of 100000 strangers taken for known"
+        );
     }
 }
