@@ -100,6 +100,25 @@ fn redis_config(server: &RedisServer, dir: &std::path::Path) -> Config {
     }
 }
 
+/// Holds every client's commands for `ms` (`CLIENT PAUSE … ALL`), as
+/// reads wait behind a write stuck in a slow fsync.
+async fn pause_redis(server: &RedisServer, ms: u64) {
+    use fred::prelude::*;
+    let raw = Builder::from_config(Config::from_url(&server.url()).expect("url"))
+        .build()
+        .expect("client");
+    raw.init().await.expect("raw client");
+    let pause =
+        fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::Random, false);
+    let _: String = raw
+        .custom(
+            pause,
+            vec!["PAUSE".to_owned(), ms.to_string(), "ALL".to_owned()],
+        )
+        .await
+        .expect("CLIENT PAUSE");
+}
+
 /// What every backend must do.
 async fn contract(store: Arc<dyn FeatureStore>) {
     // The dataset's history is there from the start.
@@ -375,7 +394,6 @@ async fn the_stream_exports_through_a_consumer_group_once_per_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
-    use fred::prelude::*;
     let dir = scratch("redis-slow");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let mut config = redis_config(&server, &dir);
@@ -396,16 +414,7 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
 
     // Every other client's commands wait while Redis is paused, as reads
     // wait behind a write stuck in a slow fsync.
-    let raw = Builder::from_config(Config::from_url(&server.url()).expect("url"))
-        .build()
-        .expect("client");
-    raw.init().await.expect("raw client");
-    let pause =
-        fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::Random, false);
-    let _: String = raw
-        .custom(pause, vec!["PAUSE", "3000", "ALL"])
-        .await
-        .expect("CLIENT PAUSE");
+    pause_redis(&server, 3_000).await;
 
     let hurried = store
         .user_within("u0", 10, Duration::from_millis(100))
@@ -433,7 +442,6 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
 /// instance) that was never read here is still `UNAVAILABLE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
-    use fred::prelude::*;
     let dir = scratch("redis-known");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let mut config = redis_config(&server, &dir);
@@ -471,16 +479,7 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
     assert!(!here.has_no_history("via-here"));
     until("the stream follower", &|| !here.has_no_history("via-other"));
 
-    let raw = Builder::from_config(Config::from_url(&server.url()).expect("url"))
-        .build()
-        .expect("client");
-    raw.init().await.expect("raw client");
-    let pause =
-        fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::Random, false);
-    let _: String = raw
-        .custom(pause, vec!["PAUSE", "3000", "ALL"])
-        .await
-        .expect("CLIENT PAUSE");
+    pause_redis(&server, 3_000).await;
 
     let nobody = here
         .user_within("nobody", 10, Duration::from_millis(100))
