@@ -3,8 +3,9 @@
 //!
 //! `Recommend` runs assignment and user features in parallel, then
 //! retrieval → ranking → rerank. Assignment is given up at its budget only
-//! once features has answered: until then the step waits anyway. Every call gets the smaller of its stage
-//! budget and what is left of the request's deadline. Every stage has a
+//! once features has answered: until then the step waits anyway. Every
+//! call gets the smaller of its stage budget and what is left of the
+//! request's deadline. Every stage has a
 //! fallback, so a valid request always gets an answer while the gateway is
 //! up; the response's stage report says which stages fell back and
 //! `degraded` is set when any did:
