@@ -11,6 +11,7 @@
 
 pub mod balance;
 pub mod convert;
+pub mod timer;
 pub mod wire;
 
 pub use balance::{BalanceConfig, Balanced};
@@ -175,7 +176,7 @@ where
         return Err(CallError::NoBudget);
     }
     let started = Instant::now();
-    match tokio::time::timeout(timeout, call(timeout)).await {
+    match timer::timeout(timeout, call(timeout)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         // Late, whoever noticed first: the peer (DEADLINE_EXCEEDED) or tonic's
         // own client timer, which races ours and reports CANCELLED. A

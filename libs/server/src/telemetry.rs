@@ -184,6 +184,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "failed DNS resolutions or Consul queries (the last instance set is kept), by upstream",
     ),
     (
+        "recmesh_paused_timeouts_total",
+        Kind::Counter,
+        "bounded calls whose timer fired 2 ms or more past its deadline (this process was not running), by outcome: answered (the answer had come meanwhile) or timed_out",
+    ),
+    (
         "recmesh_gateway_retries_total",
         Kind::Counter,
         "retries of idempotent stage reads after a transport failure, by stage and final outcome",

@@ -269,12 +269,14 @@ async fn within<T>(
     call: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     match limit {
-        Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::Timeout,
-                format!("no answer within {} ms", limit.as_millis()),
-            ))
-        }),
+        Some(limit) => recmesh_mesh::timer::timeout(limit, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no answer within {} ms", limit.as_millis()),
+                ))
+            }),
         None => call.await,
     }
 }

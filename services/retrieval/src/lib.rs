@@ -1211,7 +1211,7 @@ async fn budgeted<T, E: std::fmt::Display>(
     work: impl Future<Output = Result<T, E>>,
 ) -> Ran<T> {
     let started = std::time::Instant::now();
-    match tokio::time::timeout(budget, work).await {
+    match recmesh_mesh::timer::timeout(budget, work).await {
         Ok(r) => Ran::from_result(r, started.elapsed()),
         Err(_) => Ran::Late(budget),
     }
