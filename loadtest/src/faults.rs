@@ -535,6 +535,14 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
     s.duration_s = spec.lead_s + spec.fault_s + spec.recover_s;
     let events_before = mesh.stored_events().await?;
     let t0 = Instant::now();
+    if std::env::var_os("FAULTS_TRACE").is_some() {
+        // The row's start on the wall clock, to line the trace up with the
+        // services' logs (ms since the Unix epoch).
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        eprintln!("TRACE row {name} starts at {wall}");
+    }
     let load = {
         let (clients, s) = (clients.clone(), s.clone());
         tokio::spawn(async move { crate::run(&clients, &s).await })
