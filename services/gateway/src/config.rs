@@ -246,7 +246,8 @@ impl Default for AdaptiveConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// How long a response is served from the cache; 0 disables the cache.
+    /// How long a response is served from the cache (less up to a fifth,
+    /// by user, so users cached together expire apart); 0 disables the cache.
     pub ttl_ms: u64,
     /// Users whose responses are cached at most (least recently used leave first).
     pub max_users: u64,
@@ -271,7 +272,8 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AssignCacheConfig {
-    /// How long an assignment is reused; 0 disables the cache.
+    /// How long an assignment is reused (less up to a fifth, by user); 0
+    /// disables the cache.
     pub ttl_ms: u64,
     /// Users whose assignments are kept at most.
     pub max_users: u64,
