@@ -595,8 +595,16 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         Some(t) => Some(t.saturating_sub(lifted_ms)),
     };
     if std::env::var_os("FAULTS_TRACE").is_some() {
-        for b in report.bad.iter().filter(|b| b.at_ms >= lifted_ms) {
-            eprintln!("TRACE {} {} {:?}", b.at_ms, b.code, b.fallbacks);
+        // Failures whenever they came; degraded answers after the lift.
+        for b in report
+            .bad
+            .iter()
+            .filter(|b| b.at_ms >= lifted_ms || b.code != "OK")
+        {
+            eprintln!(
+                "TRACE {} {} {:?} {}",
+                b.at_ms, b.code, b.fallbacks, b.message
+            );
         }
     }
     let bad_at: Vec<u64> = report.bad.iter().map(|b| b.at_ms).collect();

@@ -43,6 +43,8 @@ struct Sample {
     cached: bool,
     /// (stage, latency, fallback) from a `Recommend`'s stage report.
     stages: Vec<(String, Duration, String)>,
+    /// The status message of a failed call (empty for an answer).
+    message: String,
 }
 
 /// Highest latency a histogram records (longer ones are clamped to it).
@@ -191,8 +193,15 @@ fn draw_call(s: &Scenario, rng: &mut Rng, run: u128, n: u64) -> Call {
     }
 }
 
-/// What `send` got back: status code name, degraded, cached, stage reports.
-type Answer = (&'static str, bool, bool, Vec<(String, Duration, String)>);
+/// What `send` got back: status code name, degraded, cached, stage
+/// reports, and a failure's message.
+type Answer = (
+    &'static str,
+    bool,
+    bool,
+    Vec<(String, Duration, String)>,
+    String,
+);
 
 async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
     let result = match call {
@@ -222,8 +231,14 @@ async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
         Call::Track(r) => client.track(r).await.map(|_| (false, false, Vec::new())),
     };
     match result {
-        Ok((degraded, cached, stages)) => ("OK", degraded, cached, stages),
-        Err(status) => (code_name(status.code()), false, false, Vec::new()),
+        Ok((degraded, cached, stages)) => ("OK", degraded, cached, stages, String::new()),
+        Err(status) => (
+            code_name(status.code()),
+            false,
+            false,
+            Vec::new(),
+            status.message().to_owned(),
+        ),
     }
 }
 
@@ -238,6 +253,8 @@ pub struct Measured {
     per_stage: BTreeMap<String, Histogram<u64>>,
     fallbacks: BTreeMap<String, u64>,
     errors: BTreeMap<&'static str, u64>,
+    /// The first message seen for each failing call and code.
+    error_examples: BTreeMap<String, String>,
     degraded: u64,
     /// Measured `Recommend` answers, and those from the response cache.
     recommends: u64,
@@ -299,6 +316,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                         degraded: false,
                         cached: false,
                         stages: Vec::new(),
+                        message: String::new(),
                     });
                 } else {
                     in_flight.fetch_add(1, Ordering::Relaxed);
@@ -306,7 +324,8 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                     let tx = tx.clone();
                     let in_flight = in_flight.clone();
                     tokio::spawn(async move {
-                        let (code, degraded, cached, stages) = send(&mut client, call).await;
+                        let (code, degraded, cached, stages, message) =
+                            send(&mut client, call).await;
                         in_flight.fetch_sub(1, Ordering::Relaxed);
                         let _ = tx.send(Sample {
                             at,
@@ -316,6 +335,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                             degraded,
                             cached,
                             stages,
+                            message,
                         });
                     });
                 }
@@ -332,6 +352,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         per_stage: BTreeMap::new(),
         fallbacks: BTreeMap::new(),
         errors: BTreeMap::new(),
+        error_examples: BTreeMap::new(),
         degraded: 0,
         recommends: 0,
         cached: 0,
@@ -348,6 +369,9 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         record(&mut m.seconds[second].0, sample.latency);
         if !ok {
             m.seconds[second].1 += 1;
+            m.error_examples
+                .entry(format!("{} {}", sample.call, sample.code))
+                .or_insert_with(|| sample.message.clone());
         } else {
             *m.ok_by_call.entry(sample.call).or_default() += 1;
         }
@@ -357,6 +381,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                 call: sample.call,
                 code: sample.code,
                 degraded: sample.degraded,
+                message: sample.message.clone(),
                 fallbacks: sample
                     .stages
                     .iter()

@@ -77,6 +77,8 @@ pub struct Bad {
     pub degraded: bool,
     /// `stage:fallback` of each stage that fell back (`Recommend` only).
     pub fallbacks: Vec<String>,
+    /// The status message of a failed call (empty when only degraded).
+    pub message: String,
 }
 
 /// The SLO verdict.
@@ -110,6 +112,9 @@ pub struct Report {
     pub per_stage: BTreeMap<String, Percentiles>,
     /// Failed calls by gRPC status.
     pub errors: BTreeMap<String, u64>,
+    /// The first status message of each failing call and status
+    /// (`track UNAVAILABLE`), warm-up included: what to read first.
+    pub error_examples: BTreeMap<String, String>,
     /// Failed calls / measured calls.
     pub error_rate: f64,
     /// Answers flagged `degraded` / measured calls.
@@ -204,6 +209,7 @@ impl Report {
                 .map(|(k, h)| (k.clone(), Percentiles::of(h)))
                 .collect(),
             errors: m.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            error_examples: m.error_examples.clone(),
             error_rate,
             degraded_rate,
             cache_hit_rate: if m.recommends > 0 {
@@ -280,6 +286,9 @@ impl Report {
                 ""
             }
         ));
+        for (kind, message) in &self.error_examples {
+            out.push_str(&format!("first {kind}: {message}\n"));
+        }
         if !self.fallbacks.is_empty() {
             out.push_str(&format!(
                 "fallbacks: {}\n",
@@ -321,6 +330,7 @@ mod tests {
             } else {
                 BTreeMap::new()
             },
+            error_examples: BTreeMap::new(),
             degraded,
             recommends: 0,
             cached: 0,
@@ -347,6 +357,20 @@ mod tests {
         );
         let r = Report::new(&Scenario::default(), measured(1000, 0, 0, 5));
         assert_eq!(r.cache_hit_rate, 0.0, "no Recommend, no share");
+    }
+
+    #[test]
+    fn the_text_shows_the_first_message_of_each_failure() {
+        let mut m = measured(1000, 0, 4, 5);
+        m.error_examples.insert(
+            "track UNAVAILABLE".into(),
+            "event not recorded (no answer within 200 ms)".into(),
+        );
+        let text = Report::new(&Scenario::default(), m).text();
+        assert!(
+            text.contains("first track UNAVAILABLE: event not recorded (no answer within 200 ms)"),
+            "{text}"
+        );
     }
 
     #[test]
