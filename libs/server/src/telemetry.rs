@@ -156,7 +156,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "recmesh_ranking_features_fallback_total",
         Kind::Counter,
-        "rankings without (all) item features, by outcome",
+        "rankings without (all) item features, by outcome (timeout, error, skipped; shared: a concurrent request's fetch of them failed or was late)",
     ),
     (
         "recmesh_ranking_scored_total",
@@ -231,7 +231,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "recmesh_ranking_item_cache_total",
         Kind::Counter,
-        "item feature cache lookups, by result (hit, stale: used while refreshed, miss: fetched inline)",
+        "item feature cache lookups, by result (hit, stale: used while refreshed, miss: fetched inline, shared: a miss another request was already fetching, waited for)",
     ),
     (
         "recmesh_ranking_item_refresh_total",

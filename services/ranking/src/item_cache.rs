@@ -24,11 +24,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 use recmesh_proto::v1 as pb;
+use tokio::sync::watch;
 
 const SHARDS: usize = 16;
 
@@ -180,6 +181,123 @@ impl ItemCache {
     }
 }
 
+/// Where a fetch's waiters learn how it ended: `Some(reason)` if it failed.
+type Outcome = watch::Receiver<Option<String>>;
+
+/// Item fetches in flight, by item id. A request that misses an item which
+/// another request is already fetching waits for that fetch instead of
+/// asking the features service again. Without it, a cold cache (a mesh just
+/// started, ranking just restarted) sent every request's ~200 candidates to
+/// the features service: the first half second of a fresh mesh at 500/s
+/// kept the features service busy on one core and left some of its `Track`s
+/// unanswered within 200 ms (docs/faults.md, run 13).
+#[derive(Debug, Default)]
+pub struct Fetches {
+    /// Item → (fetch number, that fetch's outcome channel).
+    by_item: Mutex<HashMap<String, (u64, Outcome), RandomState>>,
+    next: AtomicU64,
+}
+
+/// A fetch this request owns: its items leave [`Fetches`] when it is
+/// dropped (answered, failed or cancelled), and that wakes its waiters.
+#[derive(Debug)]
+pub struct Owned<'a> {
+    fetches: &'a Fetches,
+    number: u64,
+    /// The items this request fetches.
+    pub ids: Vec<String>,
+    /// Set to why the fetch failed before it is dropped; its waiters read it.
+    outcome: watch::Sender<Option<String>>,
+    /// The features service answered (and the answer is in the cache).
+    answered: bool,
+}
+
+/// Another request's fetch to wait for.
+#[derive(Debug)]
+pub struct Awaited(Outcome);
+
+impl Awaited {
+    /// Waits for the fetch to end; `Some(reason)` when it failed.
+    pub async fn ended(mut self) -> Option<String> {
+        // Never sent to before the end; closed (an error) at the end.
+        let _ = self.0.changed().await;
+        self.0.borrow().clone()
+    }
+}
+
+impl Fetches {
+    /// Splits `missing` (distinct ids) into the fetch this caller owns and
+    /// the other fetches to wait for, with the ids they cover.
+    pub fn split(&self, missing: Vec<String>) -> (Owned<'_>, Vec<Awaited>, Vec<String>) {
+        let (outcome, rx) = watch::channel(None);
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let (mut ids, mut awaited, mut theirs) =
+            (Vec::new(), Vec::<(u64, Awaited)>::new(), Vec::new());
+        let mut by_item = self.by_item.lock().unwrap_or_else(|p| p.into_inner());
+        for id in missing {
+            match by_item.get(&id) {
+                Some((other, r)) => {
+                    if !awaited.iter().any(|(n, _)| n == other) {
+                        awaited.push((*other, Awaited(r.clone())));
+                    }
+                    theirs.push(id);
+                }
+                None => {
+                    by_item.insert(id.clone(), (number, rx.clone()));
+                    ids.push(id);
+                }
+            }
+        }
+        let owned = Owned {
+            fetches: self,
+            number,
+            ids,
+            outcome,
+            answered: false,
+        };
+        (owned, awaited.into_iter().map(|(_, a)| a).collect(), theirs)
+    }
+
+    /// Items being fetched now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_item.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Owned<'_> {
+    /// The fetch failed: its waiters learn why when it is dropped.
+    pub fn failed(&self, reason: String) {
+        self.outcome.send_replace(Some(reason));
+    }
+
+    /// The fetch was answered and stored in the cache.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        if !self.answered && self.outcome.borrow().is_none() {
+            // Dropped mid-call: the request that owned it was cancelled.
+            self.outcome
+                .send_replace(Some("the request fetching them was cancelled".into()));
+        }
+        let mut by_item = self
+            .fetches
+            .by_item
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for id in &self.ids {
+            if by_item.get(id).is_some_and(|(n, _)| *n == self.number) {
+                by_item.remove(id);
+            }
+        }
+        // `outcome` is dropped after this, which wakes the waiters.
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +409,51 @@ mod tests {
         assert!(cache.len() <= 16, "{} items held", cache.len());
         // The newest insert is always kept.
         assert_eq!(popularity(&cache.get("i999")), Some(999.0));
+    }
+
+    #[tokio::test]
+    async fn a_missed_item_being_fetched_is_waited_for_not_fetched_again() {
+        let fetches = Fetches::default();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (first, awaited, theirs) = fetches.split(ids(&["a", "b"]));
+        assert_eq!(first.ids, ids(&["a", "b"]));
+        assert!(awaited.is_empty() && theirs.is_empty());
+        // A second request missing b and c fetches only c, and waits for b.
+        let (second, awaited, theirs) = fetches.split(ids(&["b", "c"]));
+        assert_eq!(second.ids, ids(&["c"]));
+        assert_eq!(theirs, ids(&["b"]));
+        assert_eq!(awaited.len(), 1);
+        let waiter = tokio::spawn(async move {
+            let mut reasons = Vec::new();
+            for a in awaited {
+                reasons.push(a.ended().await);
+            }
+            reasons
+        });
+        first.failed("features: no answer within 20 ms".into());
+        drop(first);
+        assert_eq!(
+            waiter.await.expect("waiter"),
+            vec![Some("features: no answer within 20 ms".to_owned())]
+        );
+        // The first fetch's items left; the second's stay until it ends.
+        assert_eq!(fetches.len(), 1);
+        drop(second);
+        assert_eq!(fetches.len(), 0);
+        // A fetch that was answered tells its waiters nothing wrong...
+        let (mut third, _, _) = fetches.split(ids(&["d"]));
+        let (_, awaited, _) = fetches.split(ids(&["d"]));
+        third.answered();
+        drop(third);
+        assert_eq!(awaited.into_iter().next().expect("one").ended().await, None);
+        // ...and one dropped before its answer (its request was cancelled)
+        // tells them so.
+        let (fourth, _, _) = fetches.split(ids(&["e"]));
+        let (_, awaited, _) = fetches.split(ids(&["e"]));
+        drop(fourth);
+        assert_eq!(
+            awaited.into_iter().next().expect("one").ended().await,
+            Some("the request fetching them was cancelled".to_owned())
+        );
     }
 }

@@ -371,6 +371,8 @@ pub struct RankingService {
     /// Models a request can ask for by name (`baseline` included).
     named: Arc<HashMap<String, Arc<Scorer>>>,
     cache: Arc<item_cache::ItemCache>,
+    /// Item fetches in flight, shared by concurrent requests.
+    fetches: Arc<item_cache::Fetches>,
 }
 
 fn now_s() -> i64 {
@@ -499,6 +501,7 @@ impl RankingService {
             loaded: Arc::new(std::sync::Mutex::new(loaded)),
             named: Arc::new(named),
             cache,
+            fetches: Arc::new(item_cache::Fetches::default()),
         })
     }
 
@@ -682,28 +685,107 @@ impl RankingService {
         let budget = deadline
             .budget(Duration::from_millis(self.config.features_budget_ms))
             .min(deadline.remaining().saturating_sub(reserve));
+        // Items another request is fetching now are waited for, not asked
+        // for again (`item_cache::Fetches`).
+        let (owned, awaited, theirs) = self.fetches.split(missing);
+        metrics::counter!("recmesh_ranking_item_cache_total", "result" => "shared")
+            .increment(theirs.len() as u64);
         let mut client = self.features.clone();
-        let req = pb::GetItemsRequest { item_ids: missing };
-        match bounded(budget, |t| client.get_items(outgoing(req, t, rid))).await {
-            Ok(resp) => {
-                for f in resp.items {
-                    let f = Arc::new(f);
-                    self.cache.insert(f.item_id.clone(), f.clone());
+        let cache = &self.cache;
+        let fetch = async move {
+            let mut owned = owned;
+            if owned.ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let req = pb::GetItemsRequest {
+                item_ids: owned.ids.clone(),
+            };
+            let got = bounded(budget, |t| client.get_items(outgoing(req, t, rid)))
+                .await
+                .map(|resp| resp.items.into_iter().map(Arc::new).collect::<Vec<_>>());
+            match &got {
+                // Stored before `owned` is dropped, so its waiters find them.
+                Ok(items) => {
+                    for f in items {
+                        cache.insert(f.item_id.clone(), f.clone());
+                    }
+                    owned.answered();
+                }
+                Err(e) => owned.failed(e.to_string()),
+            }
+            drop(owned);
+            got
+        };
+        let wait = recmesh_mesh::timer::timeout(budget, async {
+            let mut failed = None;
+            for a in awaited {
+                if let Some(reason) = a.ended().await {
+                    failed = Some(reason);
+                }
+            }
+            failed
+        });
+        let (fetched, waited) = tokio::join!(fetch, wait);
+        let mut missing = Vec::new();
+        match fetched {
+            Ok(items) => {
+                for f in items {
                     found.insert(f.item_id.clone(), f);
                 }
-                (found, None)
             }
             Err(e) => {
                 metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => e.outcome())
                     .increment(1);
                 tracing::warn!(error = %e, "item features unavailable; scoring without them");
-                (
-                    found,
-                    Some(format!(
-                        "item features unavailable ({e}); scored without them"
-                    )),
-                )
+                missing.push(format!("item features unavailable ({e})"));
             }
+        }
+        let mut absent = Vec::new();
+        for id in theirs {
+            match self.cache.get(&id) {
+                Lookup::Fresh(f) | Lookup::Stale { features: f, .. } => {
+                    found.insert(id, f);
+                }
+                Lookup::Miss => absent.push(id),
+            }
+        }
+        // The other request's fetch failed or was cancelled: fetch those
+        // items here if time is left, as without the sharing.
+        let mut waited = waited;
+        let left = deadline.remaining().saturating_sub(reserve).min(budget);
+        if matches!(waited, Ok(Some(_))) && !absent.is_empty() && left >= Duration::from_millis(1) {
+            let mut client = self.features.clone();
+            let req = pb::GetItemsRequest { item_ids: absent };
+            if let Ok(resp) = bounded(left, |t| client.get_items(outgoing(req, t, rid))).await {
+                for f in resp.items {
+                    let f = Arc::new(f);
+                    self.cache.insert(f.item_id.clone(), f.clone());
+                    found.insert(f.item_id.clone(), f);
+                }
+                waited = Ok(None);
+            }
+        }
+        if !matches!(waited, Ok(None)) {
+            metrics::counter!("recmesh_ranking_features_fallback_total", "outcome" => "shared")
+                .increment(1);
+        }
+        match waited {
+            Ok(None) => {}
+            Ok(Some(reason)) => missing.push(format!(
+                "item features fetched by a concurrent request unavailable ({reason})"
+            )),
+            Err(_) => missing.push(format!(
+                "item features a concurrent request was fetching did not come within {} ms",
+                budget.as_millis()
+            )),
+        }
+        if missing.is_empty() {
+            (found, None)
+        } else {
+            (
+                found,
+                Some(format!("{}; scored without them", missing.join("; "))),
+            )
         }
     }
 
@@ -1096,6 +1178,32 @@ mod tests {
             answer.candidates[0].item_id, "b",
             "retrieval evidence alone orders them"
         );
+    }
+
+    #[tokio::test]
+    async fn requests_that_share_a_failed_fetch_are_all_degraded() {
+        // Two concurrent requests miss the same items: the second waits for
+        // the first one's fetch, which fails (nothing listens). Neither may
+        // pass off an answer without item features as a full one.
+        let svc = RankingService::new(Config::default(), nowhere()).expect("service");
+        let rank = || {
+            svc.rank(Request::new(pb::RankRequest {
+                user_id: "u1".into(),
+                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 1.0, &["cf"])],
+                ..Default::default()
+            }))
+        };
+        let (first, second) = tokio::join!(rank(), rank());
+        for answer in [first, second] {
+            let answer = answer.expect("ranks anyway").into_inner();
+            assert!(answer.degraded, "{}", answer.detail);
+            assert!(
+                answer.detail.contains("item features") && answer.detail.contains("unavailable"),
+                "{}",
+                answer.detail
+            );
+            assert_eq!(answer.model_version, "baseline-1+no-features");
+        }
     }
 
     #[tokio::test]
