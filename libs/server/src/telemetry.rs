@@ -231,7 +231,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "recmesh_ranking_item_cache_total",
         Kind::Counter,
-        "item feature cache lookups, by result (hit, stale: used while refreshed, miss: fetched inline, shared: a miss another request was already fetching, waited for)",
+        "item feature cache lookups, by result (hit; stale: used while refreshed; miss: not usable, fetched inline; shared: those misses another request was already fetching, waited for instead)",
     ),
     (
         "recmesh_ranking_item_refresh_total",
