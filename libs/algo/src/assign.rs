@@ -18,6 +18,14 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// `full` shortened by up to `jitter` (a share, 0..1) of itself, by a
+/// fixed hash of `key`: one key always gets the same life, and keys stored
+/// in the same second do not all expire in the same second (cache TTLs).
+pub fn jittered(full: std::time::Duration, key: &str, jitter: f64) -> std::time::Duration {
+    let share = (fnv1a64(key.as_bytes()) % 1024) as f64 / 1024.0;
+    full.mul_f64(1.0 - jitter * share)
+}
+
 /// The bucket of `user` in the layer salted with `salt`, in `0..BUCKETS`.
 pub fn bucket(salt: &str, user: &str) -> u32 {
     let mut key = Vec::with_capacity(salt.len() + user.len() + 1);

@@ -79,9 +79,7 @@ struct Jittered {
 
 impl Jittered {
     fn life(&self, user: &str) -> Duration {
-        let h = recmesh_algo::assign::fnv1a64(user.as_bytes());
-        let share = (h % 1_000) as f64 / 1_000.0;
-        self.ttl.mul_f64(1.0 - JITTER * share)
+        recmesh_algo::assign::jittered(self.ttl, user, JITTER)
     }
 }
 

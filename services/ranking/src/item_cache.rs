@@ -152,11 +152,11 @@ impl ItemCache {
         let usable = self.ttl + self.max_stale;
         // The same item always gets the same share (a fixed hash, not the
         // per-process one), so its freshness does not wander between stores.
-        let share = (recmesh_algo::assign::fnv1a64(id.as_bytes()) % 1024) as f64 / 1024.0;
+        let fresh_for = recmesh_algo::assign::jittered(self.ttl, &id, JITTER);
         let entry = Arc::new(Entry {
             features,
             stored,
-            fresh_for: self.ttl.mul_f64(1.0 - JITTER * share),
+            fresh_for,
             claimed: AtomicU64::new(0),
         });
         let mut shard = self.shard(&id).write().unwrap_or_else(|p| p.into_inner());

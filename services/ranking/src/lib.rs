@@ -687,13 +687,12 @@ impl RankingService {
             .min(deadline.remaining().saturating_sub(reserve));
         // Items another request is fetching now are waited for, not asked
         // for again (`item_cache::Fetches`).
-        let (owned, awaited, theirs) = self.fetches.split(missing);
+        let (mut owned, awaited, theirs) = self.fetches.split(missing);
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "shared")
             .increment(theirs.len() as u64);
         let mut client = self.features.clone();
         let cache = &self.cache;
         let fetch = async move {
-            let mut owned = owned;
             if owned.ids.is_empty() {
                 return Ok(Vec::new());
             }
