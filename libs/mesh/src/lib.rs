@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod connect;
 pub mod convert;
 pub mod timer;
 pub mod wire;
@@ -60,21 +61,22 @@ pub fn check_address(key: &str, addr: &str) -> Result<Endpoint, AddressError> {
 }
 
 /// A channel to `addr` (`http://host:port`) that connects on first use and
-/// reconnects after failures, so services can start in any order.
+/// reconnects after failures, so services can start in any order (a
+/// connection to itself, possible while nothing listens, is refused:
+/// [`connect`]).
 pub fn lazy_channel(key: &str, addr: &str) -> Result<Channel, AddressError> {
     let endpoint = check_address(key, addr)?;
     Ok(endpoint
         // A peer that does not accept within 1 s is down for our purposes;
         // stage budgets are far shorter, so this only bounds background work.
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
         .initial_stream_window_size(recmesh_server::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(recmesh_server::HTTP2_CONNECTION_WINDOW)
         // Detect half-dead connections (peer frozen, cable pulled) within seconds.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
-        .connect_lazy())
+        .connect_with_connector_lazy(connect::NoSelfConnect::http()))
 }
 
 /// The end-to-end deadline of one request.

@@ -189,6 +189,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "bounded calls whose timer fired 2 ms or more past its deadline (this process was not running), by outcome: answered (the answer had come meanwhile) or timed_out",
     ),
     (
+        "recmesh_self_connects_total",
+        Kind::Counter,
+        "upstream connections refused because the kernel connected the socket to itself (nothing listened on the port yet); retried like a refused connection",
+    ),
+    (
         "recmesh_gateway_retries_total",
         Kind::Counter,
         "retries of idempotent stage reads after a transport failure, by stage and final outcome",
