@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Which late degraded answers of a fault-suite run came with a platform
+pause. Reads the suite's FAULTS_TRACE output and hiccup.py outputs:
+
+    loadtest/scripts/pauses-vs-strays.py TRACE.txt PAUSES.txt [PAUSES.txt ...]
+
+A stray is a degraded answer sent 1 s or more after its row's fault was
+lifted (the rows' fault lifts 5 s in), the TRACE lines `TRACE <at_ms> OK
+[...]`. It "came with a pause" when a pause (its span: `late_ms` before its
+end) overlaps the first 30 ms after the request was sent (the row's wall
+start + 50 ms + at_ms; the load generator starts 50 ms after the row) widened
+by 10 ms before. The same test on the strays shifted by 0.5–5 s gives
+the share that a pause would cover by chance."""
+import re
+import sys
+
+LIFT_MS, AFTER_MS = 5000, 1000
+rows, strays = None, []
+for line in open(sys.argv[1]):
+    m = re.match(r"TRACE row (.+) starts at (\d+)", line)
+    if m:
+        rows = (m.group(1), int(m.group(2)))
+        continue
+    m = re.match(r"TRACE (\d+) OK (\[.*?\])", line)
+    if m and rows and int(m.group(1)) >= LIFT_MS + AFTER_MS and rows[0] != "sigterm gateway":
+        strays.append((rows[0], int(m.group(1)), rows[1] + 50 + int(m.group(1)), m.group(2)))
+pauses, summaries = [], []
+for path in sys.argv[2:]:
+    for line in open(path):
+        m = re.match(r"pause cpu=(\d) ended_ms=(\d+) late_ms=([\d.]+)", line)
+        if m:
+            end = int(m.group(2))
+            pauses.append((end - float(m.group(3)) - 1, end, int(m.group(1))))
+        elif line.startswith("summary"):
+            summaries.append(line.strip())
+
+
+def hit(t):
+    return [p for p in pauses if p[0] <= t + 30 and p[1] >= t - 10]
+
+
+with_pause = 0
+for row, at, t, fb in strays:
+    h = hit(t)
+    with_pause += bool(h)
+    desc = ", ".join(f"cpu{p[2]} {p[1] - p[0]:.0f} ms ending {p[1] - t:+.0f} ms" for p in h)
+    print(f"{row:22} {at:6} ms {fb:40} {'pause: ' + desc if h else 'no pause seen'}")
+chance = [bool(hit(t + s)) for _, _, t, _ in strays for s in range(500, 5001, 250)]
+print(f"{len(strays)} strays; {with_pause} came with a pause; {len(pauses)} pauses seen; "
+      f"by chance {100 * sum(chance) / max(1, len(chance)):.1f}% would")
+for s in summaries:
+    print(s)
