@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod consul;
+pub mod lag;
 pub mod layers;
 pub mod telemetry;
 
@@ -189,6 +190,8 @@ impl GrpcServer {
         // Install the recorder before the first request, or early samples
         // would go to the no-op recorder and be lost.
         telemetry::prometheus();
+        // Stops with the server (any return below).
+        let _lag = lag::spawn(name);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for svc in &service_names {

@@ -189,6 +189,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "bounded calls whose timer fired 2 ms or more past its deadline (this process was not running), by outcome: answered (the answer had come meanwhile) or timed_out",
     ),
     (
+        "recmesh_runtime_lag_seconds",
+        Kind::Histogram,
+        "how late a task that asks to wake every 10 ms was woken, by service: time every task of the process's runtime may have waited too (a worker blocked or busy, the process not scheduled, the machine paused)",
+    ),
+    (
         "recmesh_self_connects_total",
         Kind::Counter,
         "upstream connections refused because the kernel connected the socket to itself (nothing listened on the port yet); retried like a refused connection",
