@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Which late degraded answers of a fault-suite run came with a platform
-pause. Reads the suite's FAULTS_TRACE output and hiccup.py outputs:
+"""Which late degraded answers of a fault-suite run came with a pause.
+Reads the suite's FAULTS_TRACE output, and pauses from hiccup.py outputs
+(a CPU's) or from service logs written with
+RECMESH_LOG=info,recmesh_server::lag=debug (a service runtime's "runtime
+woke late" lines):
 
-    loadtest/scripts/pauses-vs-strays.py TRACE.txt PAUSES.txt [PAUSES.txt ...]
+    loadtest/scripts/pauses-vs-strays.py TRACE.txt PAUSES_OR_LOG [...]
 
 A stray is a degraded answer sent 1 s or more after its row's fault was
 lifted (the rows' fault lifts 5 s in), the TRACE lines `TRACE <at_ms> OK
@@ -13,6 +16,7 @@ by 10 ms before. The same test on the strays shifted by 0.5–5 s gives
 the share that a pause would cover by chance."""
 import re
 import sys
+from datetime import datetime
 
 LIFT_MS, AFTER_MS = 5000, 1000
 rows, strays = None, []
@@ -30,7 +34,12 @@ for path in sys.argv[2:]:
         m = re.match(r"pause cpu=(\d) ended_ms=(\d+) late_ms=([\d.]+)", line)
         if m:
             end = int(m.group(2))
-            pauses.append((end - float(m.group(3)) - 1, end, int(m.group(1))))
+            pauses.append((end - float(m.group(3)) - 1, end, "cpu" + m.group(1)))
+            continue
+        m = re.match(r"(\S+Z) DEBUG recmesh_server::lag: runtime woke late service=\"(\w+)\" lag_ms=([\d.]+)", line)
+        if m:
+            end = datetime.fromisoformat(m.group(1)).timestamp() * 1000
+            pauses.append((end - float(m.group(3)), end, m.group(2)))
         elif line.startswith("summary"):
             summaries.append(line.strip())
 
@@ -43,7 +52,7 @@ with_pause = 0
 for row, at, t, fb in strays:
     h = hit(t)
     with_pause += bool(h)
-    desc = ", ".join(f"cpu{p[2]} {p[1] - p[0]:.0f} ms ending {p[1] - t:+.0f} ms" for p in h)
+    desc = ", ".join(f"{p[2]} {p[1] - p[0]:.0f} ms ending {p[1] - t:+.0f} ms" for p in h)
     print(f"{row:22} {at:6} ms {fb:40} {'pause: ' + desc if h else 'no pause seen'}")
 chance = [bool(hit(t + s)) for _, _, t, _ in strays for s in range(500, 5001, 250)]
 print(f"{len(strays)} strays; {with_pause} came with a pause; {len(pauses)} pauses seen; "
