@@ -8,25 +8,10 @@
 set -euo pipefail
 rate=$1 dur=$2
 shift 2
-R="${CARGO_TARGET_DIR:-$HOME/.cache/recmesh/target}/release"
 tick=$(getconf CLK_TCK)
 out=$(mktemp -d)
-pids=()
-RECMESH_EVENT_LOG__PATH=/dev/shm/cps-events-$$.tsv RECMESH_EVENT_LOG__EXPOSURES_PATH=/dev/shm/cps-exp-$$.jsonl \
-  "$R/recmesh-features" > "$out/features.log" 2>&1 &
-pids+=("features:$!")
-RECMESH_STATE_DIR="$out/exp" "$R/recmesh-experiments" > "$out/experiments.log" 2>&1 &
-pids+=("experiments:$!")
-for s in retrieval ranking reranker gateway; do
-  "$R/recmesh-$s" > "$out/$s.log" 2>&1 &
-  pids+=("$s:$!")
-done
-trap 'for p in "${pids[@]}"; do kill -INT "${p#*:}" 2>/dev/null || true; done; wait; rm -f /dev/shm/cps-*-$$.*' EXIT
-for _ in $(seq 1 120); do
-  grep -q "serving" "$out/gateway.log" 2>/dev/null && break
-  sleep 1
-done
-sleep 2
+. "$(dirname "$0")/start-mesh.sh"
+start_mesh "$out"
 "$R/recmesh-loadtest" run --rate "$rate" --duration 3 --warmup 0 --out "$out/warm" "$@" > /dev/null 2>&1 || true
 declare -A t0
 for p in "${pids[@]}"; do t0[${p%%:*}]=$(awk '{print $14+$15}' "/proc/${p#*:}/stat"); done

@@ -14,34 +14,22 @@ end) overlaps the first 30 ms after the request was sent (the row's wall
 start + 50 ms + at_ms; the load generator starts 50 ms after the row) widened
 by 10 ms before. The same test on the strays shifted by 0.5–5 s gives
 the share that a pause would cover by chance."""
-import re
+import os
 import sys
-from datetime import datetime
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tracelib  # noqa: E402
 
 LIFT_MS, AFTER_MS = 5000, 1000
-rows, strays = None, []
-for line in open(sys.argv[1]):
-    m = re.match(r"TRACE row (.+) starts at (\d+)", line)
-    if m:
-        rows = (m.group(1), int(m.group(2)))
-        continue
-    m = re.match(r"TRACE (\d+) OK (\[.*?\])", line)
-    if m and rows and int(m.group(1)) >= LIFT_MS + AFTER_MS and rows[0] != "sigterm gateway":
-        strays.append((rows[0], int(m.group(1)), rows[1] + 50 + int(m.group(1)), m.group(2)))
+strays = [
+    d
+    for d in tracelib.degraded(sys.argv[1])
+    if d[1] >= LIFT_MS + AFTER_MS and d[0] != "sigterm gateway"
+]
 pauses, summaries = [], []
 for path in sys.argv[2:]:
-    for line in open(path):
-        m = re.match(r"pause cpu=(\d) ended_ms=(\d+) late_ms=([\d.]+)", line)
-        if m:
-            end = int(m.group(2))
-            pauses.append((end - float(m.group(3)) - 1, end, "cpu" + m.group(1)))
-            continue
-        m = re.match(r"(\S+Z) DEBUG recmesh_server::lag: runtime woke late service=\"(\w+)\" lag_ms=([\d.]+)", line)
-        if m:
-            end = datetime.fromisoformat(m.group(1)).timestamp() * 1000
-            pauses.append((end - float(m.group(3)), end, m.group(2)))
-        elif line.startswith("summary"):
-            summaries.append(line.strip())
+    pauses += tracelib.pauses(path)
+    summaries += [line.strip() for line in open(path) if line.startswith("summary")]
 
 
 def hit(t):

@@ -1,0 +1,28 @@
+# Sourced by the measurement scripts: starts the six release binaries as
+# separate processes on their default ports, the features event log on
+# tmpfs, logs in OUT; waits until the gateway serves, then 2 s more.
+#   start_mesh OUT [VAR=value ... for the experiments service]
+# Sets R (the binaries' directory) and pids ("name:pid" each); stops them
+# (SIGINT, then waits) and removes the tmpfs logs on exit.
+R="${CARGO_TARGET_DIR:-$HOME/.cache/recmesh/target}/release"
+pids=()
+start_mesh() {
+  local out=$1
+  shift
+  RECMESH_EVENT_LOG__PATH=/dev/shm/rm-events-$$.tsv RECMESH_EVENT_LOG__EXPOSURES_PATH=/dev/shm/rm-exp-$$.jsonl \
+    "$R/recmesh-features" > "$out/features.log" 2>&1 &
+  pids+=("features:$!")
+  env RECMESH_STATE_DIR="$out/exp" "$@" "$R/recmesh-experiments" > "$out/experiments.log" 2>&1 &
+  pids+=("experiments:$!")
+  local s
+  for s in retrieval ranking reranker gateway; do
+    "$R/recmesh-$s" > "$out/$s.log" 2>&1 &
+    pids+=("$s:$!")
+  done
+  trap 'for p in "${pids[@]}"; do kill -INT "${p#*:}" 2>/dev/null || true; done; wait; rm -f /dev/shm/rm-*-$$.*' EXIT
+  for _ in $(seq 1 120); do
+    grep -q "serving" "$out/gateway.log" 2>/dev/null && break
+    sleep 1
+  done
+  sleep 2
+}
