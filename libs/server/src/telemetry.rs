@@ -279,6 +279,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "variants stopped by a guardrail, by experiment and variant",
     ),
     (
+        "recmesh_experiments_results_users",
+        Kind::Gauge,
+        "users whose exposed lists the results consumer keeps for attribution",
+    ),
+    (
         "recmesh_experiments_consul_rejected_total",
         Kind::Counter,
         "Consul KV keys refused (the previous version keeps serving)",

@@ -84,6 +84,9 @@ pub struct ResultsConfig {
     /// Events are attributed this long after their time, ms, so their
     /// exposure (sent by the gateway in batches) is read first.
     pub attribution_delay_ms: u64,
+    /// A click or purchase counts for a list only this long after the
+    /// list's exposure, ms; lists are dropped after it (bounds memory).
+    pub attribution_window_ms: u64,
     /// Entries per `ReadLog` call.
     pub page: u32,
 }
@@ -93,6 +96,7 @@ impl Default for ResultsConfig {
         ResultsConfig {
             poll_ms: 500,
             attribution_delay_ms: 2_000,
+            attribution_window_ms: 3_600_000,
             // Each page is decoded on an async worker: a small page keeps
             // that short (docs/faults.md, run 14).
             page: 1_000,
@@ -147,6 +151,10 @@ impl ServiceConfig for Config {
             ("redis_poll_ms", self.redis_poll_ms),
             ("results.poll_ms", self.results.poll_ms),
             ("results.page", u64::from(self.results.page)),
+            (
+                "results.attribution_window_ms",
+                self.results.attribution_window_ms,
+            ),
         ])?;
         self.consul.validate()
     }
@@ -312,7 +320,10 @@ impl Experiments {
             store,
             version,
             closing,
-            results: Mutex::new(results::Results::default()),
+            results: Mutex::new(results::Results::new(
+                config.results.attribution_window_ms,
+                config.results.attribution_delay_ms,
+            )),
             holdout: config.holdout,
             token,
         })))
@@ -566,6 +577,7 @@ impl Experiments {
             r.add_events(events.events);
             r.events_cursor = events.next_cursor;
             r.attribute(now_ms() - delay_ms);
+            metrics::gauge!("recmesh_experiments_results_users").set(r.users_kept() as f64);
         })
         .await
         .map_err(|e| Status::internal(format!("results tally failed: {e}")))?;

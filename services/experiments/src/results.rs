@@ -10,7 +10,10 @@
 //!
 //! Events are attributed `attribution_delay_ms` after their time, so an
 //! exposure still in a gateway's send queue when the click arrives is read
-//! first.
+//! first. A click or purchase counts only within `attribution_window_ms` of
+//! its list's exposure; lists are kept at least that long (plus the delay)
+//! and then dropped, so the consumer's memory holds the users exposed in
+//! the last one or two windows, not every user ever exposed.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -34,18 +37,32 @@ pub struct Tally {
 struct Shown {
     experiment: String,
     variant: String,
+    /// The exposure's time (the gateway's clock).
+    exposed_ms: i64,
     items: Vec<String>,
     clicked: bool,
     converted: bool,
 }
 
 /// Everything the consumer has read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Results {
     /// By (experiment, variant).
     tallies: HashMap<(String, String), Tally>,
-    /// Each user's latest exposed list per experiment.
+    /// Each user's latest exposed list per experiment, in two generations:
+    /// users exposed since `generation_ms` (attribution clock) and users
+    /// last exposed in the generation before. A user's lists move to the
+    /// current generation when they are exposed again.
     shown: HashMap<String, Vec<Shown>>,
+    shown_before: HashMap<String, Vec<Shown>>,
+    /// Start of the current generation; `None` before the first round.
+    generation_ms: Option<i64>,
+    /// How long after its exposure a list can be clicked, ms.
+    window_ms: i64,
+    /// How long a generation lasts: the window plus the attribution delay
+    /// (an exposure's time is at most that far ahead of the attribution
+    /// clock when it is read).
+    generation_len_ms: i64,
     /// Events read but not yet old enough to attribute.
     pending: VecDeque<pb::Event>,
     /// Where the next reads start.
@@ -58,12 +75,49 @@ pub struct Results {
     pub events_read: u64,
 }
 
+impl Default for Results {
+    fn default() -> Self {
+        Results::new(
+            crate::ResultsConfig::default().attribution_window_ms,
+            crate::ResultsConfig::default().attribution_delay_ms,
+        )
+    }
+}
+
 impl Results {
+    /// Nothing read yet; clicks count within `window_ms` of their exposure,
+    /// events are attributed `delay_ms` after their time.
+    pub fn new(window_ms: u64, delay_ms: u64) -> Self {
+        let window_ms = i64::try_from(window_ms).unwrap_or(i64::MAX);
+        Results {
+            tallies: HashMap::new(),
+            shown: HashMap::new(),
+            shown_before: HashMap::new(),
+            generation_ms: None,
+            window_ms,
+            generation_len_ms: window_ms
+                .saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
+            pending: VecDeque::new(),
+            exposures_cursor: String::new(),
+            events_cursor: String::new(),
+            exposures_read: 0,
+            events_read: 0,
+        }
+    }
+
+    /// Users whose exposed lists are kept (both generations).
+    pub fn users_kept(&self) -> usize {
+        self.shown.len() + self.shown_before.len()
+    }
+
     /// Counts exposures.
     pub fn add_exposures(&mut self, exposures: &[pb::Exposure]) {
         self.exposures_read += exposures.len() as u64;
         for e in exposures {
-            let lists = self.shown.entry(e.user_id.clone()).or_default();
+            let lists = match self.shown_before.remove(&e.user_id) {
+                Some(before) => self.shown.entry(e.user_id.clone()).or_insert(before),
+                None => self.shown.entry(e.user_id.clone()).or_default(),
+            };
             for a in &e.assignments {
                 self.tallies
                     .entry((a.experiment_id.clone(), a.variant.clone()))
@@ -73,6 +127,7 @@ impl Results {
                 lists.push(Shown {
                     experiment: a.experiment_id.clone(),
                     variant: a.variant.clone(),
+                    exposed_ms: e.timestamp_ms,
                     items: e.item_ids.clone(),
                     clicked: false,
                     converted: false,
@@ -87,8 +142,29 @@ impl Results {
         self.pending.extend(events);
     }
 
-    /// Attributes the queued events with a time before `until_ms`.
+    /// Attributes the queued events with a time before `until_ms` (the
+    /// attribution clock), then drops the lists no event can count for any
+    /// more.
     pub fn attribute(&mut self, until_ms: i64) {
+        self.attribute_events(until_ms);
+        match self.generation_ms {
+            None => self.generation_ms = Some(until_ms),
+            // A list in `shown_before` was read while the clock was before
+            // `start`, and an exposure's time is at most the delay ahead of
+            // the clock when it is read, so it was exposed before
+            // start + delay and
+            // no event after start + delay + window counts for it. Once the
+            // clock has passed that, every event that could count has been
+            // attributed (this round's above): drop them.
+            Some(start) if until_ms.saturating_sub(start) >= self.generation_len_ms => {
+                self.shown_before = std::mem::take(&mut self.shown);
+                self.generation_ms = Some(until_ms);
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn attribute_events(&mut self, until_ms: i64) {
         // Events arrive about in time order; a late-stamped one waits for
         // those before it to be old enough.
         while self
@@ -104,10 +180,19 @@ impl Results {
             if !click && !purchase {
                 continue;
             }
-            let Some(lists) = self.shown.get_mut(&e.user_id) else {
+            let Some(lists) = self
+                .shown
+                .get_mut(&e.user_id)
+                .or_else(|| self.shown_before.get_mut(&e.user_id))
+            else {
                 continue;
             };
-            for s in lists.iter_mut().filter(|s| s.items.contains(&e.item_id)) {
+            let window_ms = self.window_ms;
+            let counts = |s: &Shown| {
+                s.items.contains(&e.item_id)
+                    && e.timestamp_ms.saturating_sub(s.exposed_ms) <= window_ms
+            };
+            for s in lists.iter_mut().filter(|s| counts(s)) {
                 let tally = self
                     .tallies
                     .entry((s.experiment.clone(), s.variant.clone()))
@@ -344,6 +429,60 @@ mod tests {
         let report = r.report(&set_with_guardrail(10), "x").expect("known");
         assert_eq!(report.control, "control");
         assert_eq!(report.variants[1].ctr, 1.0);
+    }
+
+    fn exposure_at(user: &str, items: &[&str], ts: i64) -> pb::Exposure {
+        pb::Exposure {
+            timestamp_ms: ts,
+            ..exposure(user, "b", items)
+        }
+    }
+
+    #[test]
+    fn a_click_counts_only_within_the_window_of_its_exposure() {
+        let mut r = Results::new(1_000, 0);
+        r.add_exposures(&[
+            exposure_at("u1", &["i1"], 5_000),
+            exposure_at("u2", &["i1"], 5_000),
+        ]);
+        r.add_events(vec![
+            event("u1", "i1", pb::EventType::Click, 6_000), // at the window's end
+            event("u2", "i1", pb::EventType::Click, 6_001), // 1 ms past it
+        ]);
+        r.attribute(10_000);
+        assert_eq!(r.tally("x", "b").impressions, 2);
+        assert_eq!(r.tally("x", "b").clicks, 1);
+    }
+
+    #[test]
+    fn lists_are_dropped_once_no_event_can_count_for_them() {
+        // Window 1 s, delay 500 ms: a generation lasts 1.5 s.
+        let mut r = Results::new(1_000, 500);
+        r.attribute(0);
+        for i in 0..1_000 {
+            r.add_exposures(&[exposure_at(&format!("u{i}"), &["i1"], 400)]);
+        }
+        r.attribute(900);
+        assert_eq!(r.users_kept(), 1_000);
+        // A generation later the lists move to the older generation, where
+        // a click inside the window still counts for them.
+        r.attribute(1_500);
+        assert_eq!(r.users_kept(), 1_000);
+        r.add_events(vec![event("u1", "i1", pb::EventType::Click, 1_400)]);
+        r.attribute(1_600);
+        assert_eq!(r.tally("x", "b").clicks, 1);
+        // u2 is exposed again: their lists move to the current generation.
+        r.add_exposures(&[exposure_at("u2", &["i2"], 1_700)]);
+        r.attribute(2_000);
+        assert_eq!(r.users_kept(), 1_000);
+        // Another generation later everyone not exposed since is dropped.
+        r.attribute(3_000);
+        assert_eq!(r.users_kept(), 1, "only u2 is kept");
+        r.add_events(vec![event("u2", "i2", pb::EventType::Click, 2_600)]);
+        r.attribute(3_100);
+        assert_eq!(r.tally("x", "b").clicks, 2, "u2's latest list still counts");
+        // The tallies stay whatever is dropped.
+        assert_eq!(r.tally("x", "b").impressions, 1_001);
     }
 
     /// A deterministic Bernoulli source (SplitMix64).
