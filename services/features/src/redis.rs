@@ -88,6 +88,11 @@ pub struct RedisConfig {
     /// has never seen answers with the empty profile Redis would give
     /// instead of `UNAVAILABLE` (see [`KnownUsers`]).
     pub known_users: u64,
+    /// At start, the users of the event stream's latest this-many events
+    /// are read into the snapshot (at most `l1_capacity`), so a restarted
+    /// instance answers them from it while Redis is slow, as the instance
+    /// before it would have; 0 turns it off.
+    pub warm_from_events: usize,
 }
 
 impl Default for RedisConfig {
@@ -107,6 +112,7 @@ impl Default for RedisConfig {
             replay_interval_ms: 200,
             batch: 1_000,
             known_users: 1_000_000,
+            warm_from_events: 10_000,
         }
     }
 }
@@ -253,6 +259,8 @@ pub struct RedisStore {
     buffered: AtomicUsize,
     /// Users with history; `None` when `known_users` is 0.
     known: Option<KnownUsers>,
+    /// The start's snapshot warm-up is over (done, stopped or off).
+    warmed: AtomicBool,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -354,6 +362,7 @@ impl RedisStore {
             snapshot_items: Cache::new(capacity),
             buffered: AtomicUsize::new(pending.len()),
             known: (config.known_users > 0).then(|| KnownUsers::new(config.known_users)),
+            warmed: AtomicBool::new(config.warm_from_events == 0),
             buffer: Mutex::new(Buffer {
                 path: file.path().to_owned(),
                 file: Arc::new(std::sync::Mutex::new(file)),
@@ -375,6 +384,9 @@ impl RedisStore {
         watch_stream(&store, Duration::from_secs(5));
         if store.known.is_some() {
             tokio::spawn(follow_known_users(Arc::downgrade(&store)));
+        }
+        if store.config.warm_from_events > 0 {
+            tokio::spawn(warm_snapshot(Arc::downgrade(&store)));
         }
         let weak = Arc::downgrade(&store);
         tokio::spawn(async move {
@@ -1118,6 +1130,53 @@ impl RedisStore {
         self.known.as_ref().is_some_and(|k| k.surely_new(user))
     }
 
+    /// Whether the start's snapshot warm-up is over (done, stopped or off).
+    pub fn snapshot_warmed(&self) -> bool {
+        self.warmed.load(Ordering::Acquire)
+    }
+
+    /// The users of the event stream's latest `n` entries, latest first,
+    /// each once; read in pages of 1,000 so no reply holds Redis long.
+    async fn recent_users(&self, n: usize) -> Result<Vec<String>, Error> {
+        let xrevrange = CustomCommand::new_static("XREVRANGE", ClusterHash::FirstKey, false);
+        let (mut users, mut seen) = (Vec::new(), std::collections::HashSet::new());
+        let (mut end, mut read) = ("+".to_owned(), 0);
+        while read < n {
+            let count = (n - read).min(1_000);
+            let reply: Value = self
+                .pool
+                .next_connected()
+                .with_options(&self.background())
+                .custom(
+                    xrevrange.clone(),
+                    vec![
+                        self.key("events"),
+                        end.clone(),
+                        "-".into(),
+                        "COUNT".into(),
+                        count.to_string(),
+                    ],
+                )
+                .await?;
+            let entries =
+                stream_entries(Value::Array(vec![Value::Array(vec![Value::Null, reply])]));
+            read += entries.len();
+            let last = entries.last().map(|(id, _)| format!("({id}"));
+            for (_, mut fields) in entries {
+                if let Some(user) = fields.remove("user")
+                    && seen.insert(user.clone())
+                {
+                    users.push(user);
+                }
+            }
+            match last {
+                Some(last) if read < n => end = last,
+                _ => break,
+            }
+        }
+        Ok(users)
+    }
+
     /// Options for the known-users scan and follower: background reads, so
     /// as patient as the replay.
     fn background(&self) -> Options {
@@ -1248,6 +1307,66 @@ async fn follow_known_users(store: Weak<RedisStore>) {
             cursor = read.next_cursor;
         }
     }
+}
+
+/// Reads the recent users of the event stream (`warm_from_events`) into the
+/// store's snapshot, eight at a time, skipping users a `GetUser` has read
+/// meanwhile. Stops when Redis does not answer (the snapshot then fills as
+/// users are read, as without the warm-up).
+async fn warm_snapshot(store: Weak<RedisStore>) {
+    const AT_ONCE: usize = 8;
+    let Some(s) = store.upgrade() else { return };
+    let started = std::time::Instant::now();
+    let users = match s.recent_users(s.config.warm_from_events).await {
+        Ok(users) => users,
+        Err(e) => {
+            tracing::info!(error = %e, "snapshot not warmed: the event stream was not read");
+            s.warmed.store(true, Ordering::Release);
+            return;
+        }
+    };
+    let wanted = users
+        .len()
+        .min(usize::try_from(s.config.l1_capacity).unwrap_or(usize::MAX));
+    let mut warmed = 0;
+    for chunk in users[..wanted].chunks(AT_ONCE) {
+        let mut reads = tokio::task::JoinSet::new();
+        for user in chunk {
+            let (s, user) = (Arc::clone(&s), user.clone());
+            reads.spawn(async move {
+                if s.snapshot_users.contains_key(&user) {
+                    return true;
+                }
+                let Ok(raw) = s.read_user(&user).await else {
+                    return false;
+                };
+                let features = user_features(&user, raw, s.max_recent, now_ms());
+                s.snapshot_users.insert(user, Arc::new(features)).await;
+                true
+            });
+        }
+        let mut done = 0;
+        while let Some(read) = reads.join_next().await {
+            done += usize::from(matches!(read, Ok(true)));
+        }
+        warmed += done;
+        if done == 0 {
+            tracing::info!(
+                warmed,
+                of = wanted,
+                "snapshot warm-up stopped: redis is not answering"
+            );
+            break;
+        }
+    }
+    if warmed == wanted {
+        tracing::info!(
+            users = warmed,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot warmed with the event stream's recent users"
+        );
+    }
+    s.warmed.store(true, Ordering::Release);
 }
 
 /// Publishes [`RedisStore::stream_stats`] as gauges every `every`.

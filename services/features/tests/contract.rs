@@ -436,6 +436,76 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     );
 }
 
+/// A restarted instance reads the users of the event stream's latest events
+/// into its snapshot at start, so while Redis is slow it answers them as the
+/// instance before it would have, instead of `UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
+    let dir = scratch("redis-warm");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = redis_config(&server, &dir);
+    config.redis.command_timeout_ms = 10_000;
+    config.redis.known_users = 0;
+    let data = data();
+    let before = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
+        .await
+        .expect("open");
+    let now = now_ms();
+    before
+        .ingest(&[
+            event("warm1", "u0", "i9", EventKind::View, now),
+            event("warm2", "u1", "i8", EventKind::Click, now + 1),
+        ])
+        .await
+        .expect("ingested");
+    drop(before);
+
+    // Two instances start on that Redis: one warms its snapshot (the
+    // default), one does not.
+    let warm = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
+        .await
+        .expect("open the warmed instance");
+    let mut cold_config = config.redis.clone();
+    cold_config.warm_from_events = 0;
+    cold_config.buffer_path = dir.join("cold-buffer.tsv");
+    let cold = RedisStore::open(cold_config, &data, 50, 168.0)
+        .await
+        .expect("open the cold instance");
+    let started = Instant::now();
+    while !warm.snapshot_warmed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "warm-up did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pause_redis(&server, 3_000).await;
+    let hurried = Duration::from_millis(100);
+    for (user, item) in [("u0", "i9"), ("u1", "i8")] {
+        let u = warm
+            .user_within(user, 10, hurried)
+            .await
+            .expect("answered from the warmed snapshot");
+        assert_eq!(
+            u.recent.first().map(|r| r.item_id.as_str()),
+            Some(item),
+            "{user}: {u:?}"
+        );
+        let err = cold
+            .user_within(user, 10, hurried)
+            .await
+            .expect_err("nothing read by the cold instance");
+        assert!(err.to_string().contains("unavailable"), "{err}");
+    }
+    // A user without an event in the stream was not read.
+    let err = warm
+        .user_within("u2", 10, hurried)
+        .await
+        .expect_err("u2 has no event in the stream");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+}
+
 /// With the known-users filter, a hurried read of a user who has no history
 /// in Redis answers the empty profile Redis would give, while every user
 /// with history (bulk-loaded, ingested here, or ingested by another
