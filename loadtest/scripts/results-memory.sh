@@ -9,8 +9,6 @@ set -euo pipefail
 out=$1 dur=$2
 shift 2
 here=$(dirname "$0")
-rm -rf "$out"
-mkdir -p "$out"
 . "$here/start-mesh.sh"
 start_mesh "$out" "$@"
 pid=$(printf '%s\n' "${pids[@]}" | sed -n 's/^experiments://p')

@@ -8,8 +8,6 @@ set -euo pipefail
 out=$1 dur=$2
 shift 2
 here=$(dirname "$0")
-rm -rf "$out"
-mkdir -p "$out"
 export RECMESH_LOG='info,recmesh_server::lag=debug'
 . "$here/start-mesh.sh"
 start_mesh "$out" "$@"

@@ -1,6 +1,7 @@
 # Sourced by the measurement scripts: starts the six release binaries as
 # separate processes on their default ports, the features event log on
-# tmpfs, logs in OUT; waits until the gateway serves, then 2 s more.
+# tmpfs, logs in OUT (emptied first); waits until the gateway serves, then
+# 2 s more.
 #   start_mesh OUT [VAR=value ... for the experiments service]
 # Sets R (the binaries' directory) and pids ("name:pid" each); stops them
 # (SIGINT, then waits) and removes the tmpfs logs on exit.
@@ -9,6 +10,8 @@ pids=()
 start_mesh() {
   local out=$1
   shift
+  rm -rf "$out"
+  mkdir -p "$out"
   RECMESH_EVENT_LOG__PATH=/dev/shm/rm-events-$$.tsv RECMESH_EVENT_LOG__EXPOSURES_PATH=/dev/shm/rm-exp-$$.jsonl \
     "$R/recmesh-features" > "$out/features.log" 2>&1 &
   pids+=("features:$!")
