@@ -100,6 +100,15 @@ fn redis_config(server: &RedisServer, dir: &std::path::Path) -> Config {
     }
 }
 
+/// For the slow-Redis tests: patient by default (a plain read waits out a
+/// pause), and without the known-users filter (its own test has it).
+fn patient_without_known_users(server: &RedisServer, dir: &std::path::Path) -> Config {
+    let mut config = redis_config(server, dir);
+    config.redis.command_timeout_ms = 10_000;
+    config.redis.known_users = 0;
+    config
+}
+
 /// Holds every client's commands for `ms` (`CLIENT PAUSE … ALL`), as
 /// reads wait behind a write stuck in a slow fsync.
 async fn pause_redis(server: &RedisServer, ms: u64) {
@@ -396,11 +405,7 @@ async fn the_stream_exports_through_a_consumer_group_once_per_event() {
 async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     let dir = scratch("redis-slow");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
-    let mut config = redis_config(&server, &dir);
-    // Patient by default: a plain read would wait out the pause below.
-    config.redis.command_timeout_ms = 10_000;
-    // Without the known-users filter (the next test has it).
-    config.redis.known_users = 0;
+    let config = patient_without_known_users(&server, &dir);
     let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
         .await
         .expect("open");
@@ -443,9 +448,7 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
 async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
     let dir = scratch("redis-warm");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
-    let mut config = redis_config(&server, &dir);
-    config.redis.command_timeout_ms = 10_000;
-    config.redis.known_users = 0;
+    let config = patient_without_known_users(&server, &dir);
     let data = data();
     let before = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
         .await
