@@ -1359,13 +1359,14 @@ async fn warm_snapshot(store: Weak<RedisStore>) {
             break;
         }
     }
-    if warmed == wanted {
-        tracing::info!(
-            users = warmed,
-            ms = started.elapsed().as_millis() as u64,
-            "snapshot warmed with the event stream's recent users"
-        );
-    }
+    // Users whose read failed now and then are left to their first
+    // `GetUser`; the count says how many were read.
+    tracing::info!(
+        users = warmed,
+        of = wanted,
+        ms = started.elapsed().as_millis() as u64,
+        "snapshot warmed with the event stream's recent users"
+    );
     s.warmed.store(true, Ordering::Release);
 }
 
