@@ -20,12 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tracelib  # noqa: E402
 
-LIFT_MS, AFTER_MS = 5000, 1000
-strays = [
-    d
-    for d in tracelib.degraded(sys.argv[1])
-    if d[1] >= LIFT_MS + AFTER_MS and d[0] != "sigterm gateway"
-]
+strays = tracelib.strays(sys.argv[1])
 pauses, summaries = [], []
 for path in sys.argv[2:]:
     pauses += tracelib.pauses(path)

@@ -49,6 +49,12 @@ def degraded(trace):
     return out
 
 
+def strays(trace):
+    """The degraded answers sent 1 s or more after their row's fault was
+    lifted (5 s into the row), the gateway's SIGTERM row aside."""
+    return [d for d in degraded(trace) if d[1] >= 6000 and d[0] != "sigterm gateway"]
+
+
 def probe_pauses(path):
     """hiccup.py's pauses: where is "cpu<N>"."""
     out = []

@@ -77,10 +77,8 @@ pub struct Results {
 
 impl Default for Results {
     fn default() -> Self {
-        Results::new(
-            crate::ResultsConfig::default().attribution_window_ms,
-            crate::ResultsConfig::default().attribution_delay_ms,
-        )
+        let config = crate::ResultsConfig::default();
+        Results::new(config.attribution_window_ms, config.attribution_delay_ms)
     }
 }
 
