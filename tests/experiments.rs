@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use recmesh_e2e::TestMesh;
+use recmesh_e2e::{Fault, TestMesh};
 use recmesh_proto::v1::{
     self as pb, experiments_admin_client::ExperimentsAdminClient, gateway_client::GatewayClient,
 };
@@ -356,4 +356,153 @@ async fn a_guardrail_stops_a_variant_whose_ctr_drops() {
         let r = recommend_assigned(&mut client, &format!("u{n}"), 5).await;
         assert_eq!(variant_of(&r, "guarded"), Some("control"), "u{n}");
     }
+}
+
+/// The assign stage's report in `r`.
+fn assign_report(r: &pb::RecommendResponse) -> &pb::StageReport {
+    r.stages
+        .iter()
+        .find(|s| s.stage == "assign")
+        .expect("assign reported")
+}
+
+const LOCAL: &str = "assigned in the gateway";
+
+/// The gateway assigns users from the rules the experiments service pushes
+/// with each version, exactly as `Assign` would, with no call: a user it
+/// never saw is assigned while the service is unreachable. A change of the
+/// rules reaches it; a running sticky experiment (first variants recorded
+/// by the service) sends it back to `Assign`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_assigns_from_the_pushed_rules_as_assign_would() {
+    let mesh = start().await;
+    let mut client = mesh.client().await;
+    let mut admin = admin(&mesh).await;
+    let mut service =
+        pb::experiments_client::ExperimentsClient::connect(mesh.mesh.stages.experiments.grpc_uri())
+            .await
+            .expect("experiments reachable");
+    let mut n = 0;
+    // A user never asked before: neither cache can answer.
+    let mut ask = async |debug: bool| {
+        n += 1;
+        let user = format!("rules-{n}");
+        let r = client
+            .recommend(pb::RecommendRequest {
+                user_id: user.clone(),
+                count: 5,
+                debug,
+                ..Default::default()
+            })
+            .await
+            .expect("answer")
+            .into_inner();
+        (user, r)
+    };
+    let waited = Instant::now();
+    while !assign_report(&ask(false).await.1).detail.contains(LOCAL) {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the rules reach the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Same answers as Assign's, over enough users to see both variants.
+    let mut variants = HashMap::new();
+    for _ in 0..200 {
+        let (user, r) = ask(false).await;
+        let report = assign_report(&r);
+        assert!(report.detail.contains(LOCAL), "{report:?}");
+        assert!(report.fallback.is_empty(), "{report:?}");
+        let expected = service
+            .assign(pb::AssignRequest {
+                user_id: user.clone(),
+                context: None,
+            })
+            .await
+            .expect("assign")
+            .into_inner();
+        assert_eq!(r.assignments, expected.assignments, "{user}");
+        for a in &r.assignments {
+            *variants.entry(a.variant.clone()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(variants.len(), 2, "both demo variants: {variants:?}");
+
+    // The experiments service unreachable from the gateway: new users are
+    // still assigned, nothing degraded; a debug request calls the service
+    // and falls back to control.
+    mesh.proxy("assign").set(Fault::Refuse);
+    for _ in 0..20 {
+        let (user, r) = ask(false).await;
+        assert!(assign_report(&r).fallback.is_empty(), "{:?}", r.stages);
+        let expected = service
+            .assign(pb::AssignRequest {
+                user_id: user,
+                context: None,
+            })
+            .await
+            .expect("assign")
+            .into_inner();
+        assert_eq!(r.assignments, expected.assignments);
+        assert_eq!(r.assignments.len(), 1, "the demo experiment");
+    }
+    let (_, r) = ask(true).await;
+    assert_eq!(assign_report(&r).fallback, "control", "{:?}", r.stages);
+    mesh.proxy("assign").set(Fault::None);
+
+    // A change of the rules reaches the gateway: the demo experiment
+    // paused, nobody is in it.
+    admin
+        .set_status(authed(pb::SetStatusRequest {
+            id: "candidate-count".into(),
+            status: "paused".into(),
+            expected_version: 0,
+        }))
+        .await
+        .expect("paused");
+    let waited = Instant::now();
+    loop {
+        let (_, r) = ask(false).await;
+        if assign_report(&r).detail.contains(LOCAL) && r.assignments.is_empty() {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the pause reaches the gateway: {:?}",
+            r.stages
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A running sticky experiment: the gateway calls Assign, which records
+    // the user's first variant.
+    let mut sticky = mmr_and_mix([50, 50]);
+    sticky.sticky = true;
+    admin
+        .put_experiment(authed(pb::PutExperimentRequest {
+            experiment: Some(sticky),
+        }))
+        .await
+        .expect("accepted");
+    let waited = Instant::now();
+    let r = loop {
+        let (_, r) = ask(false).await;
+        let report = assign_report(&r);
+        if !report.detail.contains(LOCAL) && report.fallback.is_empty() {
+            break r;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the sticky experiment reaches the gateway: {:?}",
+            r.stages
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        variant_of(&r, "mmr-and-mix").is_some(),
+        "{:?}",
+        r.assignments
+    );
 }

@@ -487,7 +487,9 @@ async fn each_stage_down_or_stalled_falls_back_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_user_keeps_their_variant_while_experiments_is_down() {
-    let mesh = TestMesh::start().await;
+    // The assignment cache holds what `Assign` answered: with local
+    // assignment off, every user's assignment comes from the service.
+    let mesh = TestMesh::start_configured(|_| {}, |g| g.assign_locally = false).await;
     let mut client = mesh.client().await;
     let assign = |r: &pb::RecommendResponse| {
         r.stages
@@ -622,6 +624,10 @@ async fn with_every_stage_down_the_gateway_answers_from_popularity() {
         category: "books".into(),
         ..Default::default()
     });
+    // Debug: assignment calls the experiments service too (a plain request
+    // is assigned in the gateway from the pushed rules, when they have
+    // arrived; tests/experiments.rs checks that).
+    req.debug = true;
     let r = client
         .recommend(bounded(req))
         .await

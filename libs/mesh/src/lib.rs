@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assign;
 pub mod balance;
 pub mod connect;
 pub mod convert;

@@ -104,6 +104,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "calls refused at once with RESOURCE_EXHAUSTED by the concurrency limit, by service",
     ),
     (
+        "recmesh_gateway_assign_local_total",
+        Kind::Counter,
+        "Recommend assignments made in the gateway from the rules pushed with the experiment config version, with no Assign call",
+    ),
+    (
         "recmesh_gateway_assign_cache_total",
         Kind::Counter,
         "Recommend assignments taken from the gateway's assignment cache (hit) or answered by the experiments service (miss; debug requests are not counted)",

@@ -227,6 +227,14 @@ fn refused(err: Refused, prefix: &str) -> Status {
     }
 }
 
+/// What `WatchVersion` sends for `set`.
+fn config_version(set: &ExperimentSet, holdout: f64) -> pb::ConfigVersion {
+    pb::ConfigVersion {
+        version: set.version,
+        rules: Some(set.rules(holdout)),
+    }
+}
+
 /// Shared state of both gRPC services and the background tasks.
 #[derive(Debug)]
 struct Inner {
@@ -235,7 +243,8 @@ struct Inner {
     changing: tokio::sync::Mutex<()>,
     sticky: RwLock<store::Sticky>,
     store: Option<store::Store>,
-    version: watch::Sender<u64>,
+    /// The set's version and the rules `Assign` follows at it.
+    version: watch::Sender<Arc<pb::ConfigVersion>>,
     closing: watch::Sender<bool>,
     results: Mutex<results::Results>,
     holdout: f64,
@@ -311,7 +320,7 @@ impl Experiments {
                 "experiments admin API is open: set admin_token_file or admin_token (RECMESH_ADMIN_TOKEN) outside local demos"
             );
         }
-        let (version, _) = watch::channel(set.version);
+        let (version, _) = watch::channel(Arc::new(config_version(&set, config.holdout)));
         let (closing, _) = watch::channel(false);
         Ok(Experiments(Arc::new(Inner {
             set: RwLock::new(Arc::new(set)),
@@ -379,8 +388,9 @@ impl Experiments {
     /// Serves `set` and tells the version watchers.
     fn swap(&self, set: ExperimentSet) {
         let version = set.version;
+        let rules = Arc::new(config_version(&set, self.0.holdout));
         *self.0.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        self.0.version.send_replace(version);
+        self.0.version.send_replace(rules);
         metrics::gauge!("recmesh_experiments_config_version").set(version as f64);
     }
 
@@ -442,14 +452,17 @@ impl Experiments {
 
     /// The assignments of `user` now.
     pub fn assign(&self, user: &str) -> pb::AssignResponse {
-        let set = self.current();
+        let current = self.0.version.borrow().clone();
         let mut new_sticky = Vec::new();
         let (assignments, holdout) = {
             let sticky = self.0.sticky.read().unwrap_or_else(|p| p.into_inner());
-            set.assign(
+            recmesh_mesh::assign::assign(
+                current
+                    .rules
+                    .as_ref()
+                    .unwrap_or(&pb::AssignmentRules::default()),
                 user,
                 now_ms(),
-                self.0.holdout,
                 |exp| sticky.get(&(exp.to_owned(), user.to_owned())).cloned(),
                 |exp, variant| new_sticky.push((exp.to_owned(), variant.to_owned())),
             )
@@ -467,7 +480,7 @@ impl Experiments {
         }
         pb::AssignResponse {
             assignments,
-            config_version: set.version,
+            config_version: current.version,
             holdout,
         }
     }
@@ -656,11 +669,8 @@ impl pb::experiments_server::Experiments for Experiments {
                 if *closing.borrow() {
                     return None;
                 }
-                let v = *version.borrow_and_update();
-                Some((
-                    Ok(pb::ConfigVersion { version: v }),
-                    (version, closing, false),
-                ))
+                let v = (**version.borrow_and_update()).clone();
+                Some((Ok(v), (version, closing, false)))
             },
         );
         Ok(Response::new(Box::pin(stream)))
@@ -1026,12 +1036,35 @@ mod tests {
             .await
             .expect("stream")
             .into_inner();
-        let first = stream.next().await.expect("current").expect("ok").version;
+        let first = stream.next().await.expect("current").expect("ok");
         svc.put_experiment(Request::new(push("w", [1, 1], "0.5")))
             .await
             .expect("ok");
-        let second = stream.next().await.expect("change").expect("ok").version;
-        assert_eq!(second, first + 1);
+        let second = stream.next().await.expect("change").expect("ok");
+        assert_eq!(second.version, first.version + 1);
+        // Each version comes with the rules Assign follows at it.
+        let ids = |v: &pb::ConfigVersion| -> Vec<String> {
+            let rules = v.rules.as_ref().expect("rules");
+            rules
+                .experiments
+                .iter()
+                .map(|r| r.experiment.as_ref().expect("experiment").id.clone())
+                .collect()
+        };
+        assert!(!ids(&first).contains(&"w".to_owned()));
+        assert!(ids(&second).contains(&"w".to_owned()));
+        for u in 0..100 {
+            let user = format!("u{u}");
+            let local = recmesh_mesh::assign::assign(
+                second.rules.as_ref().expect("rules"),
+                &user,
+                now_ms(),
+                |_| None,
+                |_, _| {},
+            );
+            let served = svc.assign(&user);
+            assert_eq!(local, (served.assignments, served.holdout), "{user}");
+        }
         svc.close();
         assert!(stream.next().await.is_none(), "ends when the server drains");
     }

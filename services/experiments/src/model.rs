@@ -10,14 +10,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use recmesh_algo::assign::{BUCKETS, bucket, pick_variant, share_buckets};
+use recmesh_algo::assign::{BUCKETS, share_buckets};
 use recmesh_algo::params::VariantParams;
 use recmesh_mesh::convert::{FieldError, check_id};
 use recmesh_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-
-/// Salt of the global holdout's buckets.
-pub const HOLDOUT_SALT: &str = "recmesh-holdout";
 
 /// Lifecycle of an experiment; only `running` assigns.
 pub const STATUSES: &[&str] = &["draft", "running", "paused", "stopped"];
@@ -104,12 +101,6 @@ impl ExperimentDef {
             .iter()
             .position(|v| v.name == "control")
             .unwrap_or(0)
-    }
-
-    fn live_at(&self, now_ms: i64) -> bool {
-        self.status == "running"
-            && (self.start_ms == 0 || now_ms >= self.start_ms)
-            && (self.end_ms == 0 || now_ms < self.end_ms)
     }
 }
 
@@ -380,50 +371,34 @@ impl ExperimentSet {
         Some(self.version)
     }
 
-    /// The variants `user` is in at `now_ms`, one per layer at most, and
-    /// whether the user is in the holdout. `sticky` gives a user's recorded
-    /// variant of a sticky experiment; `record` is told a sticky
-    /// experiment's new assignment.
+    /// What `Assign` follows at this version, with the global `holdout`
+    /// share: every experiment, in order, with its range's first bucket.
+    pub fn rules(&self, holdout: f64) -> pb::AssignmentRules {
+        pb::AssignmentRules {
+            holdout,
+            experiments: self
+                .experiments
+                .iter()
+                .map(|s| pb::AssignmentRule {
+                    experiment: Some(to_proto(s)),
+                    offset: s.start,
+                })
+                .collect(),
+        }
+    }
+
+    /// The variants `user` is in at `now_ms` (see
+    /// [`recmesh_mesh::assign::assign`]); for tests and one-off callers,
+    /// the service assigns from rules it keeps per version.
     pub fn assign(
         &self,
         user: &str,
         now_ms: i64,
         holdout: f64,
         sticky: impl Fn(&str) -> Option<String>,
-        mut record: impl FnMut(&str, &str),
+        record: impl FnMut(&str, &str),
     ) -> (Vec<pb::Assignment>, bool) {
-        if holdout > 0.0 && bucket(HOLDOUT_SALT, user) < share_buckets(holdout) {
-            return (Vec::new(), true);
-        }
-        let mut out = Vec::new();
-        for s in &self.experiments {
-            let e = &s.def;
-            if !e.live_at(now_ms) {
-                continue;
-            }
-            let weights: Vec<u32> = e.variants.iter().map(|v| v.weight).collect();
-            let Some(mut v) = pick_variant(bucket(&e.layer, user), s.start, e.traffic, &weights)
-            else {
-                continue;
-            };
-            if e.sticky {
-                match sticky(&e.id).and_then(|name| e.variants.iter().position(|x| x.name == name))
-                {
-                    Some(kept) => v = kept,
-                    None => record(&e.id, &e.variants[v].name),
-                }
-            }
-            if !e.variants[v].stopped_reason.is_empty() {
-                v = e.control();
-            }
-            let variant = &e.variants[v];
-            out.push(pb::Assignment {
-                experiment_id: e.id.clone(),
-                variant: variant.name.clone(),
-                params: variant.params.clone().into_iter().collect(),
-            });
-        }
-        (out, false)
+        recmesh_mesh::assign::assign(&self.rules(holdout), user, now_ms, sticky, record)
     }
 }
 
@@ -508,6 +483,7 @@ pub fn from_proto(e: pb::Experiment) -> ExperimentDef {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use recmesh_algo::assign::bucket;
 
     pub(crate) fn experiment(id: &str, layer: &str, traffic: f64) -> ExperimentDef {
         ExperimentDef {

@@ -25,8 +25,14 @@ pub struct Config {
     pub limits: Limits,
     /// The L1 response cache.
     pub cache: CacheConfig,
-    /// Users' experiment assignments, reused while the experiment config's
-    /// version is unchanged.
+    /// Assign users in the gateway from the rules the experiments service
+    /// pushes with each config version (`WatchVersion`), with no `Assign`
+    /// call on the request path. The service is still called while the
+    /// set has a running sticky experiment (it records first variants),
+    /// before the first rules arrive, and for `debug` requests.
+    pub assign_locally: bool,
+    /// Users' experiment assignments from `Assign`, reused while the
+    /// experiment config's version is unchanged.
     pub assign_cache: AssignCacheConfig,
     /// Exposure logging (what each user was shown under which variants).
     pub exposures: ExposureConfig,
@@ -57,6 +63,7 @@ impl Default for Config {
             budgets: Budgets::default(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
+            assign_locally: true,
             assign_cache: AssignCacheConfig::default(),
             exposures: ExposureConfig::default(),
             adaptive: AdaptiveConfig::default(),

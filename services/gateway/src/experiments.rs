@@ -1,8 +1,9 @@
 //! The gateway's side of experiments, off the request path: following the
-//! experiment set's version (a change drops the cached answers, so a pushed
-//! config reaches every user at once), and sending exposures to the
-//! exposure log in batches.
+//! experiment set's version and its assignment rules (a change drops the
+//! cached answers, so a pushed config reaches every user at once), and
+//! sending exposures to the exposure log in batches.
 
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use recmesh_mesh::Balanced;
@@ -14,15 +15,41 @@ use tokio::sync::mpsc;
 use crate::cache::{AssignmentCache, ResponseCache};
 use crate::config::ExposureConfig;
 
+/// The latest config version seen and its assignment rules, shared by
+/// the watch and the request path. While the watch is broken the last
+/// rules keep serving (a change made meanwhile is seen when it is back).
+#[derive(Debug, Clone, Default)]
+pub struct PushedRules(Arc<RwLock<Option<Arc<pb::ConfigVersion>>>>);
+
+impl PushedRules {
+    /// The latest version seen, if any.
+    pub fn get(&self) -> Option<Arc<pb::ConfigVersion>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, v: pb::ConfigVersion) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+    }
+}
+
+/// Now, in Unix ms (experiments' schedules are in it).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Follows `WatchVersion` for as long as the process lives: every version
-/// different from the last one seen drops the whole response cache, and
-/// the assignment cache serves only assignments made under the latest. A broken
-/// stream is reopened after a short pause; the first message of a new
-/// stream is the current version, so a change made meanwhile is not missed.
+/// different from the last one seen drops the whole response cache, the
+/// assignment cache serves only assignments made under the latest, and
+/// `rules` gets its assignment rules. A broken stream is reopened after a
+/// short pause; the first message of a new stream is the current version,
+/// so a change made meanwhile is not missed.
 pub fn watch_version(
     mut client: ExperimentsClient<Balanced>,
     cache: ResponseCache,
     assignments: AssignmentCache,
+    rules: PushedRules,
 ) {
     tokio::spawn(async move {
         let mut last: Option<u64> = None;
@@ -42,6 +69,7 @@ pub fn watch_version(
                         assignments.set_version(v.version);
                         last = Some(v.version);
                         metrics::gauge!("recmesh_gateway_config_version").set(v.version as f64);
+                        rules.set(v);
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "experiments watch unavailable; retrying"),
@@ -105,9 +133,7 @@ pub fn queue_exposure(
     let exposure = pb::Exposure {
         request_id: response.request_id.clone(),
         user_id: user.to_owned(),
-        timestamp_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
+        timestamp_ms: now_ms(),
         assignments: response
             .assignments
             .iter()

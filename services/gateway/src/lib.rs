@@ -2,8 +2,11 @@
 //! RPCs, orchestrating the stage services under latency budgets.
 //!
 //! `Recommend` runs assignment and user features in parallel, then
-//! retrieval → ranking → rerank. Assignment is given up at its budget only
-//! once features has answered: until then the step waits anyway. Every
+//! retrieval → ranking → rerank. Assignment is made here from the rules the
+//! experiments service pushes with its config version, with no call, unless
+//! a running experiment is sticky; a called `Assign` is given up at its
+//! budget only once features has answered: until then the step waits
+//! anyway. Every
 //! call gets the smaller of its stage budget and what is left of the
 //! request's deadline. Every stage has a
 //! fallback, so a valid request always gets an answer while the gateway is
@@ -101,6 +104,8 @@ pub struct Gateway {
     cache: cache::ResponseCache,
     /// Users' assignments under the current experiment config version.
     assignments: cache::AssignmentCache,
+    /// The assignment rules pushed with the current version.
+    rules: experiments::PushedRules,
     /// Exposures on their way to the exposure log (`None`: not logged).
     exposures: Option<tokio::sync::mpsc::Sender<pb::Exposure>>,
     /// Recommends in flight, for adaptive degradation.
@@ -310,10 +315,12 @@ impl Gateway {
         );
         let cache = cache::ResponseCache::new(&config.cache);
         let assignments = cache::AssignmentCache::new(&config.assign_cache);
+        let rules = experiments::PushedRules::default();
         experiments::watch_version(
             clients.experiments.clone(),
             cache.clone(),
             assignments.clone(),
+            rules.clone(),
         );
         let exposures = config
             .exposures
@@ -323,6 +330,7 @@ impl Gateway {
             clients,
             cache,
             assignments,
+            rules,
             config: Arc::new(config),
             lists,
             exposures,
@@ -484,6 +492,44 @@ impl Gateway {
         kept.into_iter().filter_map(|i| slots[i].take()).collect()
     }
 
+    /// `user`'s assignments from the rules pushed with the current config
+    /// version, when there are rules and none needs the experiments
+    /// service (a running sticky experiment).
+    fn assign_locally(
+        &self,
+        user: &str,
+        deadline: &Deadline,
+    ) -> Option<(Result<pb::AssignResponse, CallError>, pb::StageReport)> {
+        let started = Instant::now();
+        let pushed = self.rules.get()?;
+        let rules = pushed.rules.as_ref()?;
+        if recmesh_mesh::assign::needs_service(rules) {
+            return None;
+        }
+        let (assignments, holdout) =
+            recmesh_mesh::assign::assign(rules, user, experiments::now_ms(), |_| None, |_, _| {});
+        metrics::counter!("recmesh_gateway_assign_local_total").increment(1);
+        let report = pb::StageReport {
+            stage: stage::ASSIGN.to_owned(),
+            outcome: pb::StageOutcome::Ok as i32,
+            budget_us: deadline
+                .budget(Budgets::ms(self.config.budgets.assign_ms))
+                .as_micros() as u32,
+            latency_us: started.elapsed().as_micros() as u32,
+            detail: format!(
+                "assigned in the gateway from the pushed rules (config version {})",
+                pushed.version
+            ),
+            ..Default::default()
+        };
+        let answer = pb::AssignResponse {
+            assignments,
+            config_version: pushed.version,
+            holdout,
+        };
+        Some((Ok(answer), report))
+    }
+
     /// The pipeline's answer, and how long the variant lets it be cached.
     async fn recommend_pipeline(
         &self,
@@ -514,8 +560,16 @@ impl Gateway {
         let assign_budget = Budgets::ms(b.assign_ms);
         let step_budget = assign_budget.max(Budgets::ms(b.features_ms));
         let assign = async {
+            // Assigned here from the pushed rules, with no call (debug
+            // requests run the whole pipeline).
+            if self.config.assign_locally
+                && !q.debug
+                && let Some(a) = self.assign_locally(&q.user_id, &deadline)
+            {
+                return a;
+            }
             // A user's assignments do not change while the config version
-            // does not (debug requests run the whole pipeline).
+            // does not.
             if !q.debug
                 && let Some(a) = self.assignments.get(&q.user_id).await
             {
