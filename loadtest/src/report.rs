@@ -77,7 +77,8 @@ pub struct Bad {
     pub degraded: bool,
     /// `stage:fallback` of each stage that fell back (`Recommend` only).
     pub fallbacks: Vec<String>,
-    /// The status message of a failed call (empty when only degraded).
+    /// The status message of a failed call; for a degraded answer, the
+    /// latency of each stage that fell back and of the whole call.
     pub message: String,
 }
 
