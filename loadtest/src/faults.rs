@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+use crate::report::Bad;
 use crate::{Report, Scenario};
 
 /// What the suite runs and against which binaries.
@@ -650,16 +651,21 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
                 *m.entry(f).or_default() += 1;
                 m
             }),
-        inflight_failed: sigterm_at.map(|at| {
-            let at = at.as_millis() as u64;
-
-            report
-                .bad
-                .iter()
-                .filter(|b| b.code != "OK" && b.at_ms < at)
-                .count() as u64
-        }),
+        inflight_failed: sigterm_at.map(|at| inflight_failed(&report.bad, at)),
     })
+}
+
+/// Calls in flight at the SIGTERM (`at`, from the row's start) that
+/// failed: sent before it, and failed at it or after. A call that had
+/// already failed before the SIGTERM was not in flight (it counts among
+/// the row's failed calls). The load starts a few ms after the row, so a
+/// failure up to 50 ms before `at` still counts.
+fn inflight_failed(bad: &[Bad], at: Duration) -> u64 {
+    const SLACK_MS: u64 = 50;
+    let at = at.as_millis() as u64;
+    bad.iter()
+        .filter(|b| b.code != "OK" && b.at_ms < at && b.answered_ms + SLACK_MS >= at)
+        .count() as u64
 }
 
 /// Runs the suite: starts the mesh, then every scenario in turn.
@@ -828,7 +834,34 @@ pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::back_to_lead_rate;
+    use super::{Bad, back_to_lead_rate, inflight_failed};
+    use std::time::Duration;
+
+    #[test]
+    fn in_flight_at_the_sigterm_means_sent_before_it_and_failed_after() {
+        let call = |at_ms, answered_ms, code| Bad {
+            at_ms,
+            answered_ms,
+            call: "recommend",
+            code,
+            degraded: false,
+            fallbacks: Vec::new(),
+            message: String::new(),
+        };
+        let bad = [
+            // Failed 900 ms before the SIGTERM: not in flight then.
+            call(1_000, 1_100, "UNAVAILABLE"),
+            // Sent before, failed after: in flight.
+            call(1_950, 2_010, "UNAVAILABLE"),
+            // Failed 30 ms before it: within the load's start slack.
+            call(1_900, 1_970, "CANCELLED"),
+            // Degraded, not failed.
+            call(1_990, 2_005, "OK"),
+            // Sent after the SIGTERM.
+            call(2_100, 2_150, "UNAVAILABLE"),
+        ];
+        assert_eq!(inflight_failed(&bad, Duration::from_millis(2_000)), 2);
+    }
 
     #[test]
     fn recovery_is_judged_against_the_rate_before_the_fault() {

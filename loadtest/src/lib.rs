@@ -393,6 +393,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         if (!ok || sample.degraded) && m.bad.len() < MAX_BAD {
             m.bad.push(report::Bad {
                 at_ms: sample.at.as_millis() as u64,
+                answered_ms: (sample.at + sample.latency).as_millis() as u64,
                 call: sample.call,
                 code: sample.code,
                 degraded: sample.degraded,

@@ -69,6 +69,8 @@ pub struct Second {
 pub struct Bad {
     /// Intended send time, ms from the start of the run.
     pub at_ms: u64,
+    /// When the answer or the error came, ms from the start of the run.
+    pub answered_ms: u64,
     /// Which call.
     pub call: &'static str,
     /// gRPC status (`OK` when only degraded).
