@@ -152,6 +152,13 @@ impl ServiceConfig for Config {
             ("redis.max_buffered", self.redis.max_buffered as u64),
             ("redis.batch", self.redis.batch as u64),
         ])?;
+        let share = self.redis.slow_read_wait_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::invalid(
+                "redis.slow_read_wait_share",
+                format!("must be in (0, 1], got {share}"),
+            ));
+        }
         if !(self.affinity_half_life_hours.is_finite() && self.affinity_half_life_hours >= 1.0) {
             return Err(ConfigError::invalid(
                 "affinity_half_life_hours",
@@ -297,14 +304,14 @@ impl pb::features_server::Features for FeaturesService {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::UserFeatures>, Status> {
-        // Leave half of what the caller has left for answering from the
-        // last read features when the store is slow: the caller's clock
-        // started before this one (sending, queueing), and the answer must
-        // still travel back and be scheduled there.
+        // Leave part of what the caller has left (half by default) for
+        // answering from the last read features when the store is slow:
+        // the caller's clock started before this one (sending, queueing),
+        // and the answer must still travel back and be scheduled there.
         let left =
             Deadline::from_metadata(request.metadata(), self.config.server.request_timeout())
                 .remaining();
-        let wait = left / 2;
+        let wait = left.mul_f64(self.config.redis.slow_read_wait_share);
         let req = request.into_inner();
         check_id("user_id", &req.user_id).map_err(reject)?;
         let max = if req.max_recent == 0 {
@@ -478,6 +485,19 @@ mod tests {
         };
         let store = memory::MemoryStore::open(&data, config.limits(), None).expect("store");
         FeaturesService::new(config, Arc::new(store))
+    }
+
+    #[test]
+    fn a_wait_share_outside_0_to_1_is_a_config_error_naming_it() {
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let mut config = Config::default();
+            config.redis.slow_read_wait_share = share;
+            let e = config.validate().expect_err("refused").to_string();
+            assert!(e.contains("redis.slow_read_wait_share"), "{share}: {e}");
+        }
+        let mut config = Config::default();
+        config.redis.slow_read_wait_share = 1.0;
+        config.validate().expect("1 is allowed");
     }
 
     fn event(id: &str, kind: pb::EventType) -> pb::Event {

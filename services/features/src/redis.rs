@@ -64,6 +64,11 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Timeout of one Redis round trip, ms; past it the call falls back.
     pub command_timeout_ms: u64,
+    /// Share of what a `GetUser`'s caller has left (its `grpc-timeout`)
+    /// that the read waits on Redis before answering from the user's last
+    /// read features; the rest is for the answer to travel back and be
+    /// scheduled in the caller. 0 < share ≤ 1.
+    pub slow_read_wait_share: f64,
     /// How long an event id is remembered for deduplication, seconds.
     pub dedupe_ttl_s: u64,
     /// Approximate bound of the event stream (`XADD MAXLEN ~`).
@@ -102,6 +107,7 @@ impl Default for RedisConfig {
             pool_size: 4,
             key_prefix: "rm".into(),
             command_timeout_ms: 50,
+            slow_read_wait_share: 0.5,
             dedupe_ttl_s: 24 * 3600,
             stream_max_len: 10_000_000,
             l1_user_ttl_ms: 100,
