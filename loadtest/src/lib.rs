@@ -43,7 +43,8 @@ struct Sample {
     cached: bool,
     /// (stage, latency, fallback) from a `Recommend`'s stage report.
     stages: Vec<(String, Duration, String)>,
-    /// The status message of a failed call (empty for an answer).
+    /// The status message of a failed call; for a degraded answer, the
+    /// `detail` of each stage that fell back.
     message: String,
 }
 
@@ -194,7 +195,8 @@ fn draw_call(s: &Scenario, rng: &mut Rng, run: u128, n: u64) -> Call {
 }
 
 /// What `send` got back: status code name, degraded, cached, stage
-/// reports, and a failure's message.
+/// reports, and a failure's message or, for a degraded answer, the
+/// `detail` of each stage that fell back.
 type Answer = (
     &'static str,
     bool,
@@ -218,20 +220,29 @@ async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
                     )
                 })
                 .collect();
-            (a.degraded, a.cached, stages)
+            let details: Vec<String> = a
+                .stages
+                .iter()
+                .filter(|s| !s.fallback.is_empty())
+                .map(|s| format!("{}: {}", s.stage, s.detail))
+                .collect();
+            (a.degraded, a.cached, stages, details.join("; "))
         }),
         Call::Similar(r) => client
             .similar_items(r)
             .await
-            .map(|a| (a.into_inner().degraded, false, Vec::new())),
+            .map(|a| (a.into_inner().degraded, false, Vec::new(), String::new())),
         Call::Trending(r) => client
             .trending(r)
             .await
-            .map(|a| (a.into_inner().degraded, false, Vec::new())),
-        Call::Track(r) => client.track(r).await.map(|_| (false, false, Vec::new())),
+            .map(|a| (a.into_inner().degraded, false, Vec::new(), String::new())),
+        Call::Track(r) => client
+            .track(r)
+            .await
+            .map(|_| (false, false, Vec::new(), String::new())),
     };
     match result {
-        Ok((degraded, cached, stages)) => ("OK", degraded, cached, stages, String::new()),
+        Ok((degraded, cached, stages, details)) => ("OK", degraded, cached, stages, details),
         Err(status) => (
             code_name(status.code()),
             false,
@@ -242,9 +253,8 @@ async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
     }
 }
 
-/// How long each stage that fell back took, and the whole call:
-/// `features 10.4 ms, call 13.1 ms` (a stage past its budget timed out, one
-/// well inside it failed).
+/// How long each stage that fell back took, the whole call, and the
+/// stages' `detail`: `features 10.4 ms, call 13.1 ms; features: …`.
 fn degraded_latencies(sample: &Sample) -> String {
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let mut parts: Vec<String> = sample
@@ -254,7 +264,11 @@ fn degraded_latencies(sample: &Sample) -> String {
         .map(|(stage, latency, _)| format!("{stage} {:.1} ms", ms(latency)))
         .collect();
     parts.push(format!("call {:.1} ms", ms(&sample.latency)));
-    parts.join(", ")
+    let mut out = parts.join(", ");
+    if !sample.message.is_empty() {
+        out = format!("{out}; {}", sample.message);
+    }
+    out
 }
 
 /// Failed or degraded calls kept per run, for fault analysis.

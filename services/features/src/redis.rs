@@ -98,6 +98,10 @@ pub struct RedisConfig {
     /// instance answers them from it while Redis is slow, as the instance
     /// before it would have; 0 turns it off.
     pub warm_from_events: usize,
+    /// Then up to this many more users with history, in the order a `SCAN`
+    /// of the user keys finds them (bulk-loaded users have no events in
+    /// the stream), still at most `l1_capacity` in all; 0 turns it off.
+    pub warm_from_scan: usize,
 }
 
 impl Default for RedisConfig {
@@ -119,6 +123,7 @@ impl Default for RedisConfig {
             batch: 1_000,
             known_users: 1_000_000,
             warm_from_events: 10_000,
+            warm_from_scan: 100_000,
         }
     }
 }
@@ -368,7 +373,7 @@ impl RedisStore {
             snapshot_items: Cache::new(capacity),
             buffered: AtomicUsize::new(pending.len()),
             known: (config.known_users > 0).then(|| KnownUsers::new(config.known_users)),
-            warmed: AtomicBool::new(config.warm_from_events == 0),
+            warmed: AtomicBool::new(config.warm_from_events == 0 && config.warm_from_scan == 0),
             buffer: Mutex::new(Buffer {
                 path: file.path().to_owned(),
                 file: Arc::new(std::sync::Mutex::new(file)),
@@ -391,7 +396,7 @@ impl RedisStore {
         if store.known.is_some() {
             tokio::spawn(follow_known_users(Arc::downgrade(&store)));
         }
-        if store.config.warm_from_events > 0 {
+        if store.config.warm_from_events > 0 || store.config.warm_from_scan > 0 {
             tokio::spawn(warm_snapshot(Arc::downgrade(&store)));
         }
         let weak = Arc::downgrade(&store);
@@ -775,7 +780,11 @@ impl FeatureStore for RedisStore {
                         // What Redis would answer for a user without history.
                         Ok(user_features(user_id, None, max_recent, now_ms()))
                     }
-                    None => Err(unavailable(e)),
+                    None => {
+                        tracing::debug!(user = user_id, error = %e,
+                            "GetUser unavailable: redis did not answer in time and this instance has not read the user");
+                        Err(unavailable(e))
+                    }
                 }
             }
         }
@@ -1315,30 +1324,72 @@ async fn follow_known_users(store: Weak<RedisStore>) {
     }
 }
 
-/// Reads the recent users of the event stream (`warm_from_events`) into the
-/// store's snapshot, eight at a time, skipping users a `GetUser` has read
-/// meanwhile. Stops when Redis does not answer (the snapshot then fills as
-/// users are read, as without the warm-up).
+/// Reads users with history into the store's snapshot, so it can answer
+/// them while Redis is slow before a `GetUser` has read them: first the
+/// recent users of the event stream (`warm_from_events`), then users a
+/// `SCAN` of the user keys finds (`warm_from_scan`), at most `l1_capacity`
+/// in all, eight at a time, skipping users already in the snapshot. Stops
+/// when Redis does not answer (the snapshot then fills as users are read,
+/// as without the warm-up).
 async fn warm_snapshot(store: Weak<RedisStore>) {
-    const AT_ONCE: usize = 8;
     let Some(s) = store.upgrade() else { return };
     let started = std::time::Instant::now();
-    let users = match s.recent_users(s.config.warm_from_events).await {
-        Ok(users) => users,
-        Err(e) => {
-            tracing::info!(error = %e, "snapshot not warmed: the event stream was not read");
-            s.warmed.store(true, Ordering::Release);
-            return;
+    let mut room = usize::try_from(s.config.l1_capacity).unwrap_or(usize::MAX);
+    let (mut from_events, mut from_scan, mut answering) = (0, 0, true);
+    if s.config.warm_from_events > 0 {
+        match s.recent_users(s.config.warm_from_events).await {
+            Ok(users) => {
+                let wanted = users.len().min(room);
+                (from_events, answering) = warm_users(&s, &users[..wanted]).await;
+                room -= wanted;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "snapshot not warmed from the event stream: it was not read");
+            }
         }
-    };
-    let wanted = users
-        .len()
-        .min(usize::try_from(s.config.l1_capacity).unwrap_or(usize::MAX));
+    }
+    let mut scan_room = room.min(s.config.warm_from_scan);
+    let mut page = "0".to_owned();
+    while answering && scan_room > 0 {
+        let Ok((next, mut users)) = s.scan_users(&page).await else {
+            answering = false;
+            break;
+        };
+        users.truncate(scan_room);
+        scan_room -= users.len();
+        let (read, ok) = warm_users(&s, &users).await;
+        (from_scan, answering) = (from_scan + read, ok);
+        page = next;
+        if page == "0" {
+            break;
+        }
+    }
+    // Users whose read failed now and then are left to their first
+    // `GetUser`; the counts say how many were read.
+    tracing::info!(
+        from_events,
+        from_scan,
+        ms = started.elapsed().as_millis() as u64,
+        "{}",
+        if answering {
+            "snapshot warmed with users with history"
+        } else {
+            "snapshot warm-up stopped: redis is not answering"
+        }
+    );
+    s.warmed.store(true, Ordering::Release);
+}
+
+/// Reads `users` (those not in the snapshot yet) into the snapshot, eight
+/// at a time; the users read, and false when a whole batch failed (Redis
+/// is not answering: stop).
+async fn warm_users(s: &Arc<RedisStore>, users: &[String]) -> (usize, bool) {
+    const AT_ONCE: usize = 8;
     let mut warmed = 0;
-    for chunk in users[..wanted].chunks(AT_ONCE) {
+    for chunk in users.chunks(AT_ONCE) {
         let mut reads = tokio::task::JoinSet::new();
         for user in chunk {
-            let (s, user) = (Arc::clone(&s), user.clone());
+            let (s, user) = (Arc::clone(s), user.clone());
             reads.spawn(async move {
                 if s.snapshot_users.contains_key(&user) {
                     return true;
@@ -1347,7 +1398,11 @@ async fn warm_snapshot(store: Weak<RedisStore>) {
                     return false;
                 };
                 let features = user_features(&user, raw, s.max_recent, now_ms());
-                s.snapshot_users.insert(user, Arc::new(features)).await;
+                // Never over what a `GetUser` read meanwhile (newer).
+                s.snapshot_users
+                    .entry(user)
+                    .or_insert(Arc::new(features))
+                    .await;
                 true
             });
         }
@@ -1357,23 +1412,10 @@ async fn warm_snapshot(store: Weak<RedisStore>) {
         }
         warmed += done;
         if done == 0 {
-            tracing::info!(
-                warmed,
-                of = wanted,
-                "snapshot warm-up stopped: redis is not answering"
-            );
-            break;
+            return (warmed, false);
         }
     }
-    // Users whose read failed now and then are left to their first
-    // `GetUser`; the count says how many were read.
-    tracing::info!(
-        users = warmed,
-        of = wanted,
-        ms = started.elapsed().as_millis() as u64,
-        "snapshot warmed with the event stream's recent users"
-    );
-    s.warmed.store(true, Ordering::Release);
+    (warmed, true)
 }
 
 /// Publishes [`RedisStore::stream_stats`] as gauges every `every`.

@@ -448,7 +448,9 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
 async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
     let dir = scratch("redis-warm");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
-    let config = patient_without_known_users(&server, &dir);
+    let mut config = patient_without_known_users(&server, &dir);
+    // The event stream's users only (the scan is the next test's).
+    config.redis.warm_from_scan = 0;
     let data = data();
     let before = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
         .await
@@ -509,6 +511,54 @@ async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
     assert!(err.to_string().contains("unavailable"), "{err}");
 }
 
+/// A starting instance also reads the users a scan of the user keys finds
+/// (bulk-loaded users have no events in the stream), so it answers them
+/// while Redis is slow before any `GetUser` has read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_instance_answers_bulk_loaded_users_while_redis_is_slow() {
+    let dir = scratch("redis-warm-scan");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = patient_without_known_users(&server, &dir);
+    config.redis.warm_from_events = 0;
+    let data = data();
+    // u0's history is bulk-loaded: nothing of it is in the event stream.
+    let scanned = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
+        .await
+        .expect("open the scanning instance");
+    let mut cold_config = config.redis.clone();
+    cold_config.warm_from_scan = 0;
+    cold_config.buffer_path = dir.join("cold-buffer.tsv");
+    let cold = RedisStore::open(cold_config, &data, 50, 168.0)
+        .await
+        .expect("open the cold instance");
+    let started = Instant::now();
+    while !scanned.snapshot_warmed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "warm-up did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pause_redis(&server, 3_000).await;
+    let hurried = Duration::from_millis(100);
+    let u = scanned
+        .user_within("u0", 10, hurried)
+        .await
+        .expect("answered from the scanned snapshot");
+    let items: Vec<&str> = u.recent.iter().map(|r| r.item_id.as_str()).collect();
+    assert_eq!(
+        items,
+        ["i2", "i1"],
+        "u0's bulk-loaded history, latest first"
+    );
+    let err = cold
+        .user_within("u0", 10, hurried)
+        .await
+        .expect_err("nothing read by the cold instance");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+}
+
 /// With the known-users filter, a hurried read of a user who has no history
 /// in Redis answers the empty profile Redis would give, while every user
 /// with history (bulk-loaded, ingested here, or ingested by another
@@ -519,6 +569,9 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let mut config = redis_config(&server, &dir);
     config.redis.command_timeout_ms = 10_000;
+    // The filter alone: no warm-up reads users with history beforehand.
+    config.redis.warm_from_events = 0;
+    config.redis.warm_from_scan = 0;
     let data = data();
     let here = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
         .await
