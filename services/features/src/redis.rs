@@ -272,6 +272,8 @@ pub struct RedisStore {
     known: Option<KnownUsers>,
     /// The start's snapshot warm-up is over (done, stopped or off).
     warmed: AtomicBool,
+    /// The store itself, for background reads it starts.
+    me: Weak<RedisStore>,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -360,7 +362,8 @@ impl RedisStore {
                 "outage buffer holds events from a previous run; replaying them");
         }
         let capacity = config.l1_capacity;
-        let store = Arc::new(RedisStore {
+        let store = Arc::new_cyclic(|me| RedisStore {
+            me: me.clone(),
             l1_users: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(Duration::from_millis(config.l1_user_ttl_ms.max(1)))
@@ -868,9 +871,21 @@ impl FeatureStore for RedisStore {
                 _ => out.applied += 1,
             }
         }
+        let mut unread = Vec::new();
         for e in events {
             self.l1_users.invalidate(&e.user).await;
             self.l1_items.invalidate(&e.item).await;
+            if !self.snapshot_users.contains_key(&e.user) && !unread.contains(&e.user) {
+                unread.push(e.user.clone());
+            }
+        }
+        // A user with an event here but never read here would be refused
+        // while Redis is slow: read them now, in the background, after
+        // their event has landed.
+        if !unread.is_empty()
+            && let Some(store) = self.me.upgrade()
+        {
+            tokio::spawn(async move { warm_users(&store, &unread).await });
         }
         Ok(out)
     }
@@ -1143,6 +1158,12 @@ impl RedisStore {
     /// tells: false while its start scan runs, and when it is off.
     pub fn has_no_history(&self, user: &str) -> bool {
         self.known.as_ref().is_some_and(|k| k.surely_new(user))
+    }
+
+    /// Whether this instance has read `user` (its snapshot holds the
+    /// user's last read features).
+    pub fn has_read(&self, user: &str) -> bool {
+        self.snapshot_users.contains_key(user)
     }
 
     /// Whether the start's snapshot warm-up is over (done, stopped or off).

@@ -561,8 +561,9 @@ async fn a_started_instance_answers_bulk_loaded_users_while_redis_is_slow() {
 
 /// With the known-users filter, a hurried read of a user who has no history
 /// in Redis answers the empty profile Redis would give, while every user
-/// with history (bulk-loaded, ingested here, or ingested by another
-/// instance) that was never read here is still `UNAVAILABLE`.
+/// with history (bulk-loaded, or ingested by another instance) that was
+/// never read here is still `UNAVAILABLE`. A user with an event ingested
+/// here is read right after it, so is answered with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
     let dir = scratch("redis-known");
@@ -604,6 +605,7 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
         .expect("ingested by the other instance");
     assert!(!here.has_no_history("via-here"));
     until("the stream follower", &|| !here.has_no_history("via-other"));
+    until("the read after the event", &|| here.has_read("via-here"));
 
     pause_redis(&server, 3_000).await;
 
@@ -616,7 +618,16 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
         nobody.recent.is_empty() && nobody.top_categories.is_empty(),
         "{nobody:?}"
     );
-    for user in ["u0", "via-here", "via-other"] {
+    let via_here = here
+        .user_within("via-here", 10, Duration::from_millis(100))
+        .await
+        .expect("read right after its event");
+    assert_eq!(
+        via_here.recent.first().map(|r| r.item_id.as_str()),
+        Some("i1"),
+        "{via_here:?}"
+    );
+    for user in ["u0", "via-other"] {
         let err = here
             .user_within(user, 10, Duration::from_millis(100))
             .await
