@@ -441,6 +441,34 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     );
 }
 
+/// Two instances started on `config`'s Redis: one as configured, once its
+/// warm-up is over, and one with its warm-up turned off by `cold`.
+async fn warmed_and_cold(
+    config: &Config,
+    data: &Dataset,
+    dir: &std::path::Path,
+    cold: impl FnOnce(&mut RedisConfig),
+) -> (Arc<RedisStore>, Arc<RedisStore>) {
+    let warm = RedisStore::open(config.redis.clone(), data, 50, 168.0)
+        .await
+        .expect("open the warmed instance");
+    let mut cold_config = config.redis.clone();
+    cold(&mut cold_config);
+    cold_config.buffer_path = dir.join("cold-buffer.tsv");
+    let cold = RedisStore::open(cold_config, data, 50, 168.0)
+        .await
+        .expect("open the cold instance");
+    let started = Instant::now();
+    while !warm.snapshot_warmed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "warm-up did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (warm, cold)
+}
+
 /// A restarted instance reads the users of the event stream's latest events
 /// into its snapshot at start, so while Redis is slow it answers them as the
 /// instance before it would have, instead of `UNAVAILABLE`.
@@ -467,23 +495,7 @@ async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
 
     // Two instances start on that Redis: one warms its snapshot (the
     // default), one does not.
-    let warm = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
-        .await
-        .expect("open the warmed instance");
-    let mut cold_config = config.redis.clone();
-    cold_config.warm_from_events = 0;
-    cold_config.buffer_path = dir.join("cold-buffer.tsv");
-    let cold = RedisStore::open(cold_config, &data, 50, 168.0)
-        .await
-        .expect("open the cold instance");
-    let started = Instant::now();
-    while !warm.snapshot_warmed() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "warm-up did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (warm, cold) = warmed_and_cold(&config, &data, &dir, |c| c.warm_from_events = 0).await;
 
     pause_redis(&server, 3_000).await;
     let hurried = Duration::from_millis(100);
@@ -520,25 +532,8 @@ async fn a_started_instance_answers_bulk_loaded_users_while_redis_is_slow() {
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let mut config = patient_without_known_users(&server, &dir);
     config.redis.warm_from_events = 0;
-    let data = data();
     // u0's history is bulk-loaded: nothing of it is in the event stream.
-    let scanned = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
-        .await
-        .expect("open the scanning instance");
-    let mut cold_config = config.redis.clone();
-    cold_config.warm_from_scan = 0;
-    cold_config.buffer_path = dir.join("cold-buffer.tsv");
-    let cold = RedisStore::open(cold_config, &data, 50, 168.0)
-        .await
-        .expect("open the cold instance");
-    let started = Instant::now();
-    while !scanned.snapshot_warmed() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "warm-up did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (scanned, cold) = warmed_and_cold(&config, &data(), &dir, |c| c.warm_from_scan = 0).await;
 
     pause_redis(&server, 3_000).await;
     let hurried = Duration::from_millis(100);
