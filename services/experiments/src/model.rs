@@ -388,8 +388,9 @@ impl ExperimentSet {
     }
 
     /// The variants `user` is in at `now_ms` (see
-    /// [`recmesh_mesh::assign::assign`]); for tests and one-off callers,
-    /// the service assigns from rules it keeps per version.
+    /// [`recmesh_mesh::assign::assign`]), for the tests here; the service
+    /// assigns from the rules it keeps per version.
+    #[cfg(test)]
     pub fn assign(
         &self,
         user: &str,
