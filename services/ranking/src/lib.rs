@@ -1081,12 +1081,24 @@ mod tests {
         let first = svc.scorer().version().to_owned();
 
         // Requests run the whole time (features unreachable: they still rank).
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        // Until `answered` passes `n` (the load task runs beside this one).
+        let answered_past = async |n: usize| {
+            let passed = async {
+                while answered.load(Relaxed) <= n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), passed)
+                .await
+                .expect("the load keeps answering (its task stops at a failed request)");
+        };
         let load = {
-            let (svc, stop) = (svc.clone(), stop.clone());
+            let (svc, stop, answered) = (svc.clone(), stop.clone(), answered.clone());
             tokio::spawn(async move {
-                let mut answered = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Relaxed) {
                     let r = svc
                         .rank(Request::new(pb::RankRequest {
                             user_id: "u1".into(),
@@ -1099,12 +1111,12 @@ mod tests {
                         .await
                         .expect("every request succeeds during swaps");
                     assert_eq!(r.into_inner().candidates.len(), 2);
-                    answered += 1;
+                    answered.fetch_add(1, Relaxed);
                     tokio::task::yield_now().await;
                 }
-                answered
             })
         };
+        answered_past(0).await;
 
         // Publish a different model the way a trainer should: write, then rename.
         let tmp = dir.join(".model.txt.tmp");
@@ -1126,8 +1138,10 @@ mod tests {
             "reported once"
         );
 
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(load.await.expect("task") > 0);
+        // Requests keep succeeding after the swaps too.
+        answered_past(answered.load(Relaxed)).await;
+        stop.store(true, Relaxed);
+        load.await.expect("every request succeeded");
         std::fs::remove_dir_all(&dir).ok();
     }
 
