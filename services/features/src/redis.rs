@@ -871,12 +871,12 @@ impl FeatureStore for RedisStore {
                 _ => out.applied += 1,
             }
         }
-        let mut unread = Vec::new();
+        let mut unread = std::collections::BTreeSet::new();
         for e in events {
             self.l1_users.invalidate(&e.user).await;
             self.l1_items.invalidate(&e.item).await;
-            if !self.snapshot_users.contains_key(&e.user) && !unread.contains(&e.user) {
-                unread.push(e.user.clone());
+            if !self.snapshot_users.contains_key(&e.user) {
+                unread.insert(e.user.clone());
             }
         }
         // A user with an event here but never read here would be refused
@@ -885,6 +885,7 @@ impl FeatureStore for RedisStore {
         if !unread.is_empty()
             && let Some(store) = self.me.upgrade()
         {
+            let unread: Vec<String> = unread.into_iter().collect();
             tokio::spawn(async move { warm_users(&store, &unread).await });
         }
         Ok(out)
