@@ -324,6 +324,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "events written to the outage buffer while Redis was unreachable",
     ),
     (
+        "recmesh_features_buffer_writes_total",
+        Kind::Counter,
+        "writes (each with one fsync) of the outage buffer; batches staged during a write share the next",
+    ),
+    (
         "recmesh_features_replayed_total",
         Kind::Counter,
         "buffered events replayed into Redis",

@@ -163,6 +163,14 @@ end
 return 2
 "#;
 
+/// A batch waiting for the outage buffer's next write.
+#[derive(Debug)]
+struct Staged {
+    events: Vec<ValidEvent>,
+    reason: String,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
 /// The outage buffer: the file and its events in order.
 #[derive(Debug)]
 struct Buffer {
@@ -266,6 +274,12 @@ pub struct RedisStore {
     snapshot_users: Cache<String, Arc<pb::UserFeatures>>,
     snapshot_items: Cache<String, pb::ItemFeatures>,
     buffer: Mutex<Buffer>,
+    /// Batches waiting for the buffer's next write: every batch staged
+    /// while one write is on the disk goes to the file in the next one,
+    /// with one fsync for all of them (group commit).
+    staged: std::sync::Mutex<Vec<Staged>>,
+    /// Writes of the buffer file so far (one fsync each).
+    buffer_writes: AtomicU64,
     /// Events in the buffer, read without the lock on the fast path.
     buffered: AtomicUsize,
     /// Users with history; `None` when `known_users` is 0.
@@ -375,6 +389,8 @@ impl RedisStore {
             snapshot_users: Cache::new(capacity),
             snapshot_items: Cache::new(capacity),
             buffered: AtomicUsize::new(pending.len()),
+            staged: std::sync::Mutex::new(Vec::new()),
+            buffer_writes: AtomicU64::new(0),
             known: (config.known_users > 0).then(|| KnownUsers::new(config.known_users)),
             warmed: AtomicBool::new(config.warm_from_events == 0 && config.warm_from_scan == 0),
             buffer: Mutex::new(Buffer {
@@ -686,38 +702,105 @@ impl RedisStore {
     }
 
     /// Appends events to the outage buffer (durably) or refuses them.
+    ///
+    /// The batch is staged, and a writer task (the first batch staged
+    /// since the last write starts it) writes every staged batch with one
+    /// fsync once the write before it is done. On a slow disk, calls that
+    /// come while a write is on the disk wait for one more fsync, not one
+    /// each. The write runs in its own task, so a caller that gives up
+    /// (its deadline passed) does not cut it short for the others.
     async fn buffer(&self, events: &[ValidEvent], reason: &str) -> Result<Ingested, StoreError> {
-        let mut buffer = self.buffer.lock().await;
-        if buffer.queue.len() + events.len() > self.config.max_buffered {
-            metrics::counter!("recmesh_features_rejected_total", "reason" => "buffer_full")
-                .increment(events.len() as u64);
-            return Err(StoreError::NotRecorded(format!(
-                "redis is unreachable ({reason}) and the outage buffer is full \
-                 ({} of {} events, `redis.max_buffered`); retry later",
-                buffer.queue.len(),
-                self.config.max_buffered
-            )));
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            staged.push(Staged {
+                events: events.to_vec(),
+                reason: reason.to_owned(),
+                done,
+            });
+            staged.len() == 1
+        };
+        if first {
+            let Some(store) = self.me.upgrade() else {
+                return Err(StoreError::NotRecorded(
+                    "outage buffer: the store is shutting down".into(),
+                ));
+            };
+            tokio::spawn(async move { store.write_staged().await });
         }
-        if buffer.queue.is_empty() {
-            tracing::warn!(
-                reason,
-                "redis unreachable: buffering events to {}",
-                buffer.path.display()
-            );
-        }
-        let batch = events.to_vec();
-        buffer
-            .on_file(move |f| f.append(&batch))
-            .await
-            .map_err(|e| StoreError::NotRecorded(format!("outage buffer: {e}")))?;
-        buffer.queue.extend(events.iter().cloned());
-        self.buffered.store(buffer.queue.len(), Ordering::Release);
-        metrics::counter!("recmesh_features_buffered_total").increment(events.len() as u64);
-        metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::NotRecorded(
+                "outage buffer: the writer stopped before the write".into(),
+            ))
+        })?;
         Ok(Ingested {
             buffered: events.len() as u32,
             ..Default::default()
         })
+    }
+
+    /// Writes every staged batch to the buffer file with one fsync, in the
+    /// order they were staged, refusing those past `max_buffered` (a batch
+    /// is taken whole or not at all).
+    async fn write_staged(&self) {
+        let mut buffer = self.buffer.lock().await;
+        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut room = self.config.max_buffered.saturating_sub(buffer.queue.len());
+        let mut taken = Vec::with_capacity(staged.len());
+        for s in staged {
+            if s.events.len() > room {
+                metrics::counter!("recmesh_features_rejected_total", "reason" => "buffer_full")
+                    .increment(s.events.len() as u64);
+                let _ = s.done.send(Err(StoreError::NotRecorded(format!(
+                    "redis is unreachable ({}) and the outage buffer is full \
+                     ({} of {} events, `redis.max_buffered`); retry later",
+                    s.reason,
+                    self.config.max_buffered - room,
+                    self.config.max_buffered
+                ))));
+            } else {
+                room -= s.events.len();
+                taken.push(s);
+            }
+        }
+        let Some(first) = taken.first() else { return };
+        if buffer.queue.is_empty() {
+            tracing::warn!(
+                reason = first.reason,
+                "redis unreachable: buffering events to {}",
+                buffer.path.display()
+            );
+        }
+        let batch: Vec<ValidEvent> = taken.iter().flat_map(|s| s.events.clone()).collect();
+        let n = batch.len();
+        let written = buffer.on_file(move |f| f.append(&batch)).await;
+        self.buffer_writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("recmesh_features_buffer_writes_total").increment(1);
+        match written {
+            Ok(()) => {
+                for s in &taken {
+                    buffer.queue.extend(s.events.iter().cloned());
+                }
+                self.buffered.store(buffer.queue.len(), Ordering::Release);
+                metrics::counter!("recmesh_features_buffered_total").increment(n as u64);
+                metrics::gauge!("recmesh_features_buffered").set(buffer.queue.len() as f64);
+                for s in taken {
+                    let _ = s.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                for s in taken {
+                    let _ = s
+                        .done
+                        .send(Err(StoreError::NotRecorded(format!("outage buffer: {e}"))));
+                }
+            }
+        }
+    }
+
+    /// Writes of the outage buffer file so far, one fsync each.
+    pub fn buffer_writes(&self) -> u64 {
+        self.buffer_writes.load(Ordering::Relaxed)
     }
 
     /// Events waiting in the outage buffer.
@@ -1484,5 +1567,76 @@ mod tests {
             imagined < 2_000,
             "{imagined} of 100000 strangers taken for known"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_staged_during_a_write_share_the_next_one() {
+        use super::{RedisConfig, RedisStore};
+        use crate::store::ValidEvent;
+        use recmesh_catalog::{Dataset, EventKind};
+        use std::sync::Arc;
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!("recmesh-group-commit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = crate::testkit::RedisServer::start(&dir.join("redis")).expect("redis-server");
+        let config = RedisConfig {
+            url: server.url(),
+            buffer_path: dir.join("buffer.tsv"),
+            max_buffered: 25,
+            // No replay during the test: the buffer keeps what was written.
+            replay_interval_ms: 600_000,
+            ..RedisConfig::default()
+        };
+        let store = RedisStore::open(config, &Dataset::default(), 50, 168.0)
+            .await
+            .expect("open");
+        let event = |n: usize| ValidEvent {
+            event_id: format!("e{n}"),
+            user: format!("u{n}"),
+            item: "i1".into(),
+            kind: EventKind::View,
+            timestamp_ms: 1_700_000_000_000,
+        };
+        let staged = |store: &RedisStore| store.staged.lock().map(|s| s.len()).unwrap_or(0);
+        // A write on a slow disk holds the buffer; meanwhile twenty calls
+        // of one event each, then one of ten, are staged.
+        let held = store.buffer.lock().await;
+        let mut calls = Vec::new();
+        for n in 0..20 {
+            let store = Arc::clone(&store);
+            calls.push(tokio::spawn(async move {
+                store.buffer(&[event(n)], "test").await
+            }));
+        }
+        while staged(&store) < 20 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let big: Vec<ValidEvent> = (20..30).map(event).collect();
+        let too_many = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.buffer(&big, "test").await })
+        };
+        while staged(&store) < 21 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(held);
+        for call in calls {
+            let done = call.await.expect("call").expect("buffered");
+            assert_eq!(done.buffered, 1);
+        }
+        let err = too_many.await.expect("call").expect_err("past the bound");
+        assert!(err.to_string().contains("redis.max_buffered"), "{err}");
+        assert_eq!(store.buffer_writes(), 1, "one write for the twenty batches");
+        assert_eq!(store.buffered(), 20, "the refused batch left nothing");
+        let mut on_file: Vec<String> = crate::log::read_events(&dir.join("buffer.tsv"))
+            .expect("buffer file")
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        on_file.sort();
+        let mut want: Vec<String> = (0..20).map(|n| format!("e{n}")).collect();
+        want.sort();
+        assert_eq!(on_file, want);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
