@@ -778,8 +778,8 @@ impl RedisStore {
         metrics::counter!("recmesh_features_buffer_writes_total").increment(1);
         match written {
             Ok(()) => {
-                for s in &taken {
-                    buffer.queue.extend(s.events.iter().cloned());
+                for s in &mut taken {
+                    buffer.queue.extend(std::mem::take(&mut s.events));
                 }
                 self.buffered.store(buffer.queue.len(), Ordering::Release);
                 metrics::counter!("recmesh_features_buffered_total").increment(n as u64);
