@@ -1597,7 +1597,18 @@ mod tests {
             kind: EventKind::View,
             timestamp_ms: 1_700_000_000_000,
         };
-        let staged = |store: &RedisStore| store.staged.lock().map(|s| s.len()).unwrap_or(0);
+        // Until `n` batches are staged; a staging that never comes fails
+        // the test instead of hanging it.
+        let staged_past = async |store: &RedisStore, n: usize| {
+            let staged = async {
+                while store.staged.lock().map(|s| s.len()).unwrap_or(0) < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), staged)
+                .await
+                .expect("batches staged");
+        };
         // A write on a slow disk holds the buffer; meanwhile twenty calls
         // of one event each, then one of ten, are staged.
         let held = store.buffer.lock().await;
@@ -1608,17 +1619,13 @@ mod tests {
                 store.buffer(&[event(n)], "test").await
             }));
         }
-        while staged(&store) < 20 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        staged_past(&store, 20).await;
         let big: Vec<ValidEvent> = (20..30).map(event).collect();
         let too_many = {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.buffer(&big, "test").await })
         };
-        while staged(&store) < 21 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        staged_past(&store, 21).await;
         drop(held);
         for call in calls {
             let done = call.await.expect("call").expect("buffered");
