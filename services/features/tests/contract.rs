@@ -284,23 +284,34 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     let mut server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let mut config = redis_config(&server, &dir);
     config.redis.max_buffered = 3;
-    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
+    let data = data();
+    let store = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
         .await
         .expect("open");
     let ids = vec!["i1".to_string(), "i2".to_string()];
     let before = store.user("u0", 10).await.expect("u0");
     let items_before = store.items(&ids).await.expect("items");
-    // w1 has history but is never read before the outage.
-    store
+    // w1 has history but is never read here before the outage: its event
+    // comes through another instance (one ingested here would be read
+    // right after it), and this one learns of it from the stream.
+    let mut other_config = config.redis.clone();
+    other_config.buffer_path = dir.join("other-buffer.tsv");
+    let other = RedisStore::open(other_config, &data, 50, 168.0)
+        .await
+        .expect("open the other instance");
+    other
         .ingest(&[event("w1", "w1", "i1", EventKind::View, now_ms())])
         .await
         .expect("w1");
-    for _ in 0..200 {
-        if store.has_no_history("nobody") {
-            break;
-        }
+    let started = Instant::now();
+    while !store.has_no_history("nobody") || store.has_no_history("w1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the known-users scan and the stream follower did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    drop(other);
 
     server.kill();
     // Let the L1 entries expire: what answers now is the snapshot.
