@@ -82,11 +82,16 @@ async fn every_fault_is_survived_without_a_failed_recommend_or_a_lost_event() {
         env: env(),
         only: Vec::new(),
         scenario: recmesh_loadtest::Scenario::default(),
+        warmup_s: 2.0,
     };
-    let rows = run(&spec).await.expect("the fault suite runs");
-    let table = markdown(&rows, &spec);
+    let suite = run(&spec).await.expect("the fault suite runs");
+    let table = markdown(&suite, &spec);
     println!("{table}");
     std::fs::write(work_dir.join("faults.md"), &table).expect("table written");
+    let warmup = suite.warmup.as_ref().expect("a warm-up was asked for");
+    assert!(warmup.recommends > 0, "the warm-up sent load\n{table}");
+    assert!(table.contains("Warm-up before the first row"), "{table}");
+    let rows = suite.rows;
     assert_eq!(
         rows.iter().map(|r| r.fault.clone()).collect::<Vec<_>>(),
         scenario_names(),

@@ -23,6 +23,8 @@ use tokio::process::{Child, Command};
 use crate::report::Bad;
 use crate::{Report, Scenario};
 
+type Client = recmesh_proto::v1::gateway_client::GatewayClient<tonic::transport::Channel>;
+
 /// What the suite runs and against which binaries.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -51,6 +53,39 @@ pub struct Spec {
     pub only: Vec<String>,
     /// The load's scenario (mix, users, SLO); rate and duration are set here.
     pub scenario: Scenario,
+    /// Seconds of the same load on the fresh mesh before the first row (0:
+    /// none), reported as [`WarmUp`].
+    pub warmup_s: f64,
+}
+
+/// The load on the fresh mesh before the first row. Every cache starts
+/// empty at once there (the gateway's answers, ranking's item features,
+/// the features service's reads), which no row after it sees: without it,
+/// whichever row ran first carried that cost. Reported beside the table;
+/// a cold start is not one of the faults, so the goals do not judge it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WarmUp {
+    /// Seconds of load.
+    pub seconds: f64,
+    /// `Recommend`s sent.
+    pub recommends: u64,
+    /// Calls that failed (any call, any status but OK).
+    pub failed: u64,
+    /// Share of answers degraded.
+    pub degraded_rate: f64,
+    /// p99 of `Recommend`, ms.
+    pub recommend_p99_ms: f64,
+    /// p99 of every call sent in the first second, ms: the cold start.
+    pub first_second_p99_ms: f64,
+}
+
+/// What the suite measured: the warm-up, then one row per scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Suite {
+    /// The warm-up before the first row (`None` with `warmup_s` 0).
+    pub warmup: Option<WarmUp>,
+    /// One row per scenario, in order.
+    pub rows: Vec<Row>,
 }
 
 /// One scenario's row of the table.
@@ -85,6 +120,14 @@ pub struct Row {
     /// measure that means something when the load alone degrades a few
     /// answers. `None`: not within the run.
     pub recovery_to_lead_ms: Option<u64>,
+    /// As `recovery_ms`, counting only what the fault itself can cause: a
+    /// failed call, or an answer degraded by the faulted stage or by a
+    /// stage that calls it ([`fault_fallbacks`]; a degraded answer whose
+    /// stages are not recorded counts too). A late answer of another
+    /// stage (a `features:anonymous` while the re-ranker restarts) is the
+    /// load's background and counts in `recovery_ms` only. `None` in the
+    /// baseline, which has no fault.
+    pub fault_recovery_ms: Option<u64>,
     /// From the restart command to the restarted process answering its
     /// health check, ms (rows that restart a process). Part of both
     /// recovery figures, which count from the command: the share of them
@@ -526,14 +569,42 @@ struct Injected {
     restart: Option<Duration>,
 }
 
-async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
+/// Clients of the mesh's gateway and the suite's load for `duration_s`.
+async fn load(
+    mesh: &Mesh,
+    spec: &Spec,
+    duration_s: f64,
+) -> anyhow::Result<(Vec<Client>, Scenario)> {
     let gateway = format!("http://127.0.0.1:{}", mesh.gateway_port);
     let clients = crate::connect(&gateway).await?;
     let mut s = spec.scenario.clone();
     s.rate = spec.rate;
     s.catalog.items = spec.demo.0;
     s.warmup_s = 0.0;
-    s.duration_s = spec.lead_s + spec.fault_s + spec.recover_s;
+    s.duration_s = duration_s;
+    Ok((clients, s))
+}
+
+async fn warm_up(mesh: &Mesh, spec: &Spec) -> anyhow::Result<WarmUp> {
+    let (clients, s) = load(mesh, spec, spec.warmup_s).await?;
+    let report: Report = crate::run(&clients, &s).await?;
+    let failed_recommends = report
+        .bad
+        .iter()
+        .filter(|b| b.code != "OK" && b.call == "recommend")
+        .count() as u64;
+    Ok(WarmUp {
+        seconds: spec.warmup_s,
+        recommends: report.ok_by_call.get("recommend").copied().unwrap_or(0) + failed_recommends,
+        failed: report.bad.iter().filter(|b| b.code != "OK").count() as u64,
+        degraded_rate: report.degraded_rate,
+        recommend_p99_ms: report.per_call.get("recommend").map_or(0.0, |p| p.p99),
+        first_second_p99_ms: report.timeline.first().map_or(0.0, |sec| sec.p99),
+    })
+}
+
+async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
+    let (clients, s) = load(mesh, spec, spec.lead_s + spec.fault_s + spec.recover_s).await?;
     let events_before = mesh.stored_events().await?;
     let t0 = Instant::now();
     if std::env::var_os("FAULTS_TRACE").is_some() {
@@ -584,18 +655,31 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
     let lifted_ms = lifted.as_millis() as u64;
     let fault_ms = (spec.lead_s * 1000.0) as u64;
     let end_ms = (s.duration_s * 1000.0) as u64;
-    let last_bad = report
-        .bad
-        .iter()
-        .filter(|b| b.at_ms >= fault_ms)
-        .map(|b| b.at_ms)
-        .max();
-    let recovery_ms = match last_bad {
-        None => Some(0),
-        Some(t) if t + 500 >= end_ms => None,
-        Some(t) => Some(t.saturating_sub(lifted_ms)),
-    };
+    let recovery_ms = last_bad_to_recovery(
+        report.bad.iter().filter(|b| b.at_ms >= fault_ms),
+        lifted_ms,
+        end_ms,
+    );
+    let fault_recovery_ms = fault_fallbacks(name)
+        .map(|own| {
+            last_bad_to_recovery(
+                report
+                    .bad
+                    .iter()
+                    .filter(|b| b.at_ms >= fault_ms && caused_by(b, own)),
+                lifted_ms,
+                end_ms,
+            )
+        })
+        .unwrap_or(None);
     if std::env::var_os("FAULTS_TRACE").is_some() {
+        // Each second's latency, to see where in the row a p99 comes from.
+        for sec in &report.timeline {
+            eprintln!(
+                "TRACE second {} count {} p50 {:.1} p99 {:.1} errors {}",
+                sec.t, sec.count, sec.p50, sec.p99, sec.errors
+            );
+        }
         // Failures whenever they came; degraded answers after the lift.
         for b in report
             .bad
@@ -631,6 +715,7 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         cache_hit_rate: report.cache_hit_rate,
         recovery_ms,
         recovery_to_lead_ms,
+        fault_recovery_ms,
         restart_ms: restart.map(|d| d.as_millis() as u64),
         events_acked: acked,
         events_lost: acked.saturating_sub(stored),
@@ -655,6 +740,58 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
     })
 }
 
+/// From the lift to the last of `bad` (ms; 0 when there is none), or
+/// `None` when one came in the run's last 500 ms: still bad at the end.
+fn last_bad_to_recovery<'a>(
+    bad: impl Iterator<Item = &'a Bad>,
+    lifted_ms: u64,
+    end_ms: u64,
+) -> Option<u64> {
+    match bad.map(|b| b.at_ms).max() {
+        None => Some(0),
+        Some(t) if t + 500 >= end_ms => None,
+        Some(t) => Some(t.saturating_sub(lifted_ms)),
+    }
+}
+
+/// Every `stage:fallback` prefix of the gateway's stage reports
+/// (`recmesh_gateway` stage names).
+const ANY_STAGE: &[&str] = &["assign:", "features:", "retrieval:", "ranking:", "rerank:"];
+
+/// The fallbacks a fault can cause (`stage:` or `stage:fallback`
+/// prefixes): those of the stage it stops or slows, and of a stage whose
+/// own call goes to it (ranking asks features for item features, so a
+/// features or Redis fault also shows as `ranking:without_features`).
+/// Overload and the gateway's SIGTERM reach every stage. `None` for the
+/// baseline, which injects nothing.
+pub fn fault_fallbacks(fault: &str) -> Option<&'static [&'static str]> {
+    const FEATURES: &[&str] = &["features:", "ranking:without_features"];
+    let own: &'static [&'static str] = match fault.rsplit(' ').next()? {
+        "retrieval" => &["retrieval:"],
+        "ranking" => &["ranking:"],
+        "reranker" => &["rerank:"],
+        "experiments" => &["assign:"],
+        "features" => FEATURES,
+        _ if fault == "redis down" => FEATURES,
+        _ if fault == "baseline" => return None,
+        _ => ANY_STAGE,
+    };
+    Some(own)
+}
+
+/// Whether `bad` is the fault's doing: a failed call, or an answer that
+/// fell back in one of the fault's `own` stages. A degraded answer whose
+/// stages the load does not record (`SimilarItems`, `Trending`) cannot be
+/// told apart, so it is charged to every fault.
+fn caused_by(bad: &Bad, own: &[&str]) -> bool {
+    bad.code != "OK"
+        || bad.fallbacks.is_empty()
+        || bad
+            .fallbacks
+            .iter()
+            .any(|f| own.iter().any(|o| f.starts_with(o)))
+}
+
 /// Calls in flight at the SIGTERM (`at`, from the row's start) that
 /// failed: sent before it, and failed at it or after. A call that had
 /// already failed before the SIGTERM was not in flight (it counts among
@@ -669,7 +806,7 @@ fn inflight_failed(bad: &[Bad], at: Duration) -> u64 {
 }
 
 /// Runs the suite: starts the mesh, then every scenario in turn.
-pub async fn run(spec: &Spec) -> anyhow::Result<Vec<Row>> {
+pub async fn run(spec: &Spec) -> anyhow::Result<Suite> {
     let names: Vec<String> = scenario_names()
         .into_iter()
         .filter(|n| spec.only.is_empty() || spec.only.iter().any(|o| o == n))
@@ -682,6 +819,14 @@ pub async fn run(spec: &Spec) -> anyhow::Result<Vec<Row>> {
         );
     }
     let mut mesh = Mesh::start(spec).await?;
+    let warmup = if spec.warmup_s > 0.0 {
+        eprintln!("fault suite: warm-up");
+        let w = warm_up(&mesh, spec).await?;
+        eprintln!("  {}", warmup_text(&w, spec.rate));
+        Some(w)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for name in names {
         eprintln!("fault suite: {name}");
@@ -689,7 +834,20 @@ pub async fn run(spec: &Spec) -> anyhow::Result<Vec<Row>> {
         eprintln!("  {}", row_text(&row));
         rows.push(row);
     }
-    Ok(rows)
+    Ok(Suite { warmup, rows })
+}
+
+fn warmup_text(w: &WarmUp, rate: f64) -> String {
+    format!(
+        "Warm-up before the first row (a fresh mesh, every cache empty; not a fault, not judged): \
+         {} s at {rate:.0}/s, {} calls failed, degraded {:.1}%, `Recommend` p99 {:.1} ms, \
+         every call's p99 in the first second {:.1} ms.",
+        w.seconds,
+        w.failed,
+        w.degraded_rate * 100.0,
+        w.recommend_p99_ms,
+        w.first_second_p99_ms,
+    )
 }
 
 /// When, after `lifted_ms`, the rest of the run had no larger a share of
@@ -723,7 +881,7 @@ fn back_to_lead_rate(
 
 fn row_text(r: &Row) -> String {
     format!(
-        "failed Recommend {}/{}, p99 {:.1} ms (Recommend {:.1} ms), degraded {:.1}%, {:.0}% from cache, recovery {} (to the pre-fault rate {}), events lost {}{}; failed {:?}; fallbacks after the fault {:?}",
+        "failed Recommend {}/{}, p99 {:.1} ms (Recommend {:.1} ms), degraded {:.1}%, {:.0}% from cache, recovery {} (to the pre-fault rate {}; of the faulted stage {}), events lost {}{}; failed {:?}; fallbacks after the fault {:?}",
         r.failed_recommends,
         r.recommends,
         r.p99_ms,
@@ -732,6 +890,7 @@ fn row_text(r: &Row) -> String {
         r.cache_hit_rate * 100.0,
         within(r.recovery_ms),
         within(r.recovery_to_lead_ms),
+        fault_within(r),
         r.events_lost,
         r.inflight_failed
             .map_or(String::new(), |n| format!(", in-flight failed {n}")),
@@ -744,12 +903,25 @@ fn within(ms: Option<u64>) -> String {
     ms.map_or("not within the run".to_owned(), |ms| format!("{ms} ms"))
 }
 
+/// The faulted stage's recovery, `–` for the baseline (no fault).
+fn fault_within(r: &Row) -> String {
+    if fault_fallbacks(&r.fault).is_none() {
+        "–".to_owned()
+    } else {
+        within(r.fault_recovery_ms)
+    }
+}
+
 /// The table in Markdown.
-pub fn markdown(rows: &[Row], spec: &Spec) -> String {
+pub fn markdown(suite: &Suite, spec: &Spec) -> String {
+    let rows = &suite.rows;
+    let warmup = suite.warmup.as_ref().map_or(String::new(), |w| {
+        format!("{}\n\n", warmup_text(w, spec.rate))
+    });
     let mut out = format!(
-        "Load {:.0}/s (overload: {:.0}/s); each fault {} s after {} s of load, then {} s to recover; demo catalog {} items.\n\n\
-         | fault | Recommend failed / sent | other calls failed | degraded | from cache | p99 ms, Recommend / all calls | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | restart to ready | events acked | lost | in-flight failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "Load {:.0}/s (overload: {:.0}/s); each fault {} s after {} s of load, then {} s to recover; demo catalog {} items.\n\n{warmup}\
+         | fault | Recommend failed / sent | other calls failed | degraded | from cache | p99 ms, Recommend / all calls | recovery after the fault is lifted (last bad call) | back to the pre-fault bad-call rate | recovery of the faulted stage (its last fallback or failure) | restart to ready | events acked | lost | in-flight failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         spec.rate, spec.overload_rate, spec.fault_s, spec.lead_s, spec.recover_s, spec.demo.0
     );
     for r in rows {
@@ -763,7 +935,7 @@ pub fn markdown(rows: &[Row], spec: &Spec) -> String {
                 .join(", ")
         };
         out.push_str(&format!(
-            "| {} | {} / {} | {} | {:.1}% | {:.0}% | {:.1} / {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} | {} | {:.1}% | {:.0}% | {:.1} / {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.fault,
             r.failed_recommends,
             r.recommends,
@@ -774,6 +946,7 @@ pub fn markdown(rows: &[Row], spec: &Spec) -> String {
             r.p99_ms,
             within(r.recovery_ms),
             within(r.recovery_to_lead_ms),
+            fault_within(r),
             r.restart_ms.map_or("–".to_owned(), |ms| format!("{ms} ms")),
             r.events_acked,
             r.events_lost,
@@ -832,9 +1005,29 @@ pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
     out
 }
 
+/// The rows whose faulted stage was still failing or falling back more
+/// than `recovery_ms` after the lift: [`breaches`]' recovery check with
+/// the load's background of late answers in other stages left out. One
+/// line per row; reported beside the goals, not instead of them.
+pub fn fault_recovery_misses(rows: &[Row], recovery_ms: u64) -> Vec<String> {
+    rows.iter()
+        .filter(|r| fault_fallbacks(&r.fault).is_some())
+        .filter_map(|r| match r.fault_recovery_ms {
+            None => Some(format!("{}: not recovered by the end of the run", r.fault)),
+            Some(ms) if ms > recovery_ms => Some(format!(
+                "{}: recovered after {ms} ms > {recovery_ms} ms",
+                r.fault
+            )),
+            Some(_) => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Bad, back_to_lead_rate, inflight_failed};
+    use super::{
+        Bad, back_to_lead_rate, caused_by, fault_fallbacks, inflight_failed, last_bad_to_recovery,
+    };
     use std::time::Duration;
 
     #[test]
@@ -861,6 +1054,69 @@ mod tests {
             call(2_100, 2_150, "UNAVAILABLE"),
         ];
         assert_eq!(inflight_failed(&bad, Duration::from_millis(2_000)), 2);
+    }
+
+    #[test]
+    fn a_fault_is_charged_with_its_own_stages_fallbacks_and_every_failure() {
+        let answer = |at_ms, code, fallbacks: &[&str]| Bad {
+            at_ms,
+            answered_ms: at_ms + 10,
+            call: "recommend",
+            code,
+            degraded: !fallbacks.is_empty(),
+            fallbacks: fallbacks.iter().map(|f| (*f).to_owned()).collect(),
+            message: String::new(),
+        };
+        let ranking = fault_fallbacks("kill-9 ranking").expect("a fault");
+        let features = fault_fallbacks("redis down").expect("a fault");
+        let everything = fault_fallbacks("overload").expect("a fault");
+        let stray = answer(10_500, "OK", &["features:anonymous"]);
+        assert!(!caused_by(&stray, ranking));
+        assert!(caused_by(&stray, features));
+        assert!(caused_by(&stray, everything));
+        // Ranking's own call to features: a features fault's doing, and
+        // ranking's own fallback either way.
+        let without = answer(6_000, "OK", &["ranking:without_features"]);
+        assert!(caused_by(&without, ranking) && caused_by(&without, features));
+        assert!(!caused_by(
+            &without,
+            fault_fallbacks("sigstop reranker").expect("a fault")
+        ));
+        // A failed call is charged to any fault.
+        let failed = answer(7_000, "UNAVAILABLE", &[]);
+        assert!(caused_by(
+            &failed,
+            fault_fallbacks("kill-9 experiments").expect("a fault")
+        ));
+        // A degraded `Trending` (no stage reports kept): charged to any fault.
+        let trending = Bad {
+            call: "trending",
+            ..answer(7_000, "OK", &[])
+        };
+        assert!(caused_by(&trending, ranking));
+        assert_eq!(fault_fallbacks("baseline"), None);
+        assert_eq!(
+            fault_fallbacks("latency retrieval"),
+            Some(&["retrieval:"][..])
+        );
+
+        // Lifted at 5 s, the run ends at 11 s: the ranking fallback at 6 s
+        // is the last of the fault's own; the stray at 10.5 s is not, and
+        // would be "not within the run" if it were.
+        let bad = [
+            answer(5_200, "OK", &["ranking:retrieval_order"]),
+            answer(6_000, "OK", &["ranking:retrieval_order"]),
+            stray,
+        ];
+        let own = |own: &[&str]| {
+            last_bad_to_recovery(bad.iter().filter(|b| caused_by(b, own)), 5_000, 11_000)
+        };
+        assert_eq!(own(ranking), Some(1_000));
+        assert_eq!(own(everything), None);
+        assert_eq!(
+            own(fault_fallbacks("kill-9 retrieval").expect("a fault")),
+            Some(0)
+        );
     }
 
     #[test]
