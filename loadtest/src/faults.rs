@@ -660,18 +660,16 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
         lifted_ms,
         end_ms,
     );
-    let fault_recovery_ms = fault_fallbacks(name)
-        .map(|own| {
-            last_bad_to_recovery(
-                report
-                    .bad
-                    .iter()
-                    .filter(|b| b.at_ms >= fault_ms && caused_by(b, own)),
-                lifted_ms,
-                end_ms,
-            )
-        })
-        .unwrap_or(None);
+    let fault_recovery_ms = fault_fallbacks(name).and_then(|own| {
+        last_bad_to_recovery(
+            report
+                .bad
+                .iter()
+                .filter(|b| b.at_ms >= fault_ms && caused_by(b, own)),
+            lifted_ms,
+            end_ms,
+        )
+    });
     if std::env::var_os("FAULTS_TRACE").is_some() {
         // Each second's latency, to see where in the row a p99 comes from.
         for sec in &report.timeline {
