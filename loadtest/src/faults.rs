@@ -588,14 +588,10 @@ async fn load(
 async fn warm_up(mesh: &Mesh, spec: &Spec) -> anyhow::Result<WarmUp> {
     let (clients, s) = load(mesh, spec, spec.warmup_s).await?;
     let report: Report = crate::run(&clients, &s).await?;
-    let failed_recommends = report
-        .bad
-        .iter()
-        .filter(|b| b.code != "OK" && b.call == "recommend")
-        .count() as u64;
+    let (recommends, _) = recommends_sent_failed(&report);
     Ok(WarmUp {
         seconds: spec.warmup_s,
-        recommends: report.ok_by_call.get("recommend").copied().unwrap_or(0) + failed_recommends,
+        recommends,
         failed: report.bad.iter().filter(|b| b.code != "OK").count() as u64,
         degraded_rate: report.degraded_rate,
         recommend_p99_ms: report.per_call.get("recommend").map_or(0.0, |p| p.p99),
@@ -693,15 +689,14 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
     let bad_at: Vec<u64> = report.bad.iter().map(|b| b.at_ms).collect();
     let recovery_to_lead_ms = back_to_lead_rate(&bad_at, fault_ms, lifted_ms, end_ms, s.rate);
     let mut failed_other = BTreeMap::new();
-    let mut failed_recommends = 0;
-    for b in report.bad.iter().filter(|b| b.code != "OK") {
-        if b.call == "recommend" {
-            failed_recommends += 1;
-        } else {
-            *failed_other.entry(b.call.to_owned()).or_default() += 1;
-        }
+    for b in report
+        .bad
+        .iter()
+        .filter(|b| b.code != "OK" && b.call != "recommend")
+    {
+        *failed_other.entry(b.call.to_owned()).or_default() += 1;
     }
-    let recommends = report.ok_by_call.get("recommend").copied().unwrap_or(0) + failed_recommends;
+    let (recommends, failed_recommends) = recommends_sent_failed(&report);
     Ok(Row {
         fault: name.to_owned(),
         recommends,
@@ -736,6 +731,17 @@ async fn one(mesh: &mut Mesh, name: &str, spec: &Spec) -> anyhow::Result<Row> {
             }),
         inflight_failed: sigterm_at.map(|at| inflight_failed(&report.bad, at)),
     })
+}
+
+/// `Recommend`s sent in `report`, and how many of them failed.
+fn recommends_sent_failed(report: &Report) -> (u64, u64) {
+    let failed = report
+        .bad
+        .iter()
+        .filter(|b| b.code != "OK" && b.call == "recommend")
+        .count() as u64;
+    let ok = report.ok_by_call.get("recommend").copied().unwrap_or(0);
+    (ok + failed, failed)
 }
 
 /// From the lift to the last of `bad` (ms; 0 when there is none), or
@@ -989,13 +995,7 @@ pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
                 r.recommend_p99_ms
             ));
         }
-        match r.recovery_ms {
-            None => out.push(format!("{f}: not recovered by the end of the run")),
-            Some(ms) if ms > recovery_ms => {
-                out.push(format!("{f}: recovered after {ms} ms > {recovery_ms} ms"));
-            }
-            Some(_) => {}
-        }
+        out.extend(recovery_miss(f, r.recovery_ms, recovery_ms));
         if r.events_lost > 0 {
             out.push(format!("{f}: {} acknowledged events lost", r.events_lost));
         }
@@ -1010,15 +1010,20 @@ pub fn breaches(rows: &[Row], p99_ms: f64, recovery_ms: u64) -> Vec<String> {
 pub fn fault_recovery_misses(rows: &[Row], recovery_ms: u64) -> Vec<String> {
     rows.iter()
         .filter(|r| fault_fallbacks(&r.fault).is_some())
-        .filter_map(|r| match r.fault_recovery_ms {
-            None => Some(format!("{}: not recovered by the end of the run", r.fault)),
-            Some(ms) if ms > recovery_ms => Some(format!(
-                "{}: recovered after {ms} ms > {recovery_ms} ms",
-                r.fault
-            )),
-            Some(_) => None,
-        })
+        .filter_map(|r| recovery_miss(&r.fault, r.fault_recovery_ms, recovery_ms))
         .collect()
+}
+
+/// The line for a recovery (`ms`, `None`: not within the run) past the
+/// goal, in the form `run-summary.py` reads.
+fn recovery_miss(fault: &str, ms: Option<u64>, goal_ms: u64) -> Option<String> {
+    match ms {
+        None => Some(format!("{fault}: not recovered by the end of the run")),
+        Some(ms) if ms > goal_ms => {
+            Some(format!("{fault}: recovered after {ms} ms > {goal_ms} ms"))
+        }
+        Some(_) => None,
+    }
 }
 
 #[cfg(test)]
