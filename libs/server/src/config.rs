@@ -179,6 +179,11 @@ pub struct ServerConfig {
     /// at once; in Kubernetes set it to a few seconds, below
     /// `terminationGracePeriodSeconds` minus the drain timeout.
     pub shutdown_delay_ms: u64,
+    /// Let the kernel back this process's memory with transparent huge
+    /// pages. Off by default: compacting and collapsing memory for them
+    /// stalls a core for milliseconds, past stage budgets of a few (see
+    /// the `thp` module).
+    pub transparent_huge_pages: bool,
     /// Registration with a Consul agent (off unless `agent` is set).
     pub consul: ConsulRegistration,
 }
@@ -328,6 +333,7 @@ impl Default for ServerConfig {
             max_concurrency: 1_024,
             drain_timeout_ms: 5_000,
             shutdown_delay_ms: 0,
+            transparent_huge_pages: false,
             consul: ConsulRegistration::default(),
         }
     }

@@ -16,6 +16,7 @@ pub mod consul;
 pub mod lag;
 pub mod layers;
 pub mod telemetry;
+pub mod thp;
 
 /// mimalloc for every binary built on this crate: under load the mesh is
 /// allocation-heavy (protobuf messages per hop), and glibc malloc spent about
@@ -190,6 +191,9 @@ impl GrpcServer {
         // Install the recorder before the first request, or early samples
         // would go to the no-op recorder and be lost.
         telemetry::prometheus();
+        if !config.transparent_huge_pages {
+            thp::disable();
+        }
         // Stops with the server (any return below).
         let _lag = lag::spawn(name);
 
