@@ -168,32 +168,10 @@ fn feed_bytes(bytes: &[u8]) {
                 &invalid,
             );
         }
-        if let Ok(m) = recmesh_mesh::wire::RankRequest::decode(bytes) {
-            // As served: candidates read from their bytes, not decoded.
-            allowed(
-                "Rank (wire)",
-                s.ranking
-                    .rank_wire(Request::new(m))
-                    .await
-                    .map(tonic::Response::new),
-                &invalid,
-            );
-        }
         if let Ok(m) = pb::RerankRequest::decode(bytes) {
             allowed(
                 "Rerank",
                 Reranker::rerank(&s.reranker, Request::new(m)).await,
-                &invalid,
-            );
-        }
-        if let Ok(m) = recmesh_mesh::wire::RerankRequest::decode(bytes) {
-            // As served: the rules read candidates in their bytes.
-            allowed(
-                "Rerank (wire)",
-                s.reranker
-                    .rerank_wire(&m, 0)
-                    .map(tonic::Response::new)
-                    .map_err(tonic::Status::from),
                 &invalid,
             );
         }

@@ -99,32 +99,3 @@ pub fn rule_item(c: &pb::Candidate) -> recmesh_algo::rules::RuleItem<'_> {
         in_stock: a.is_some_and(|a| a.in_stock),
     }
 }
-
-/// Reads encoded candidates ([`crate::wire::view`]), refusing one that does
-/// not read or has a bad id by its index (`candidates[3]`).
-pub fn candidate_views(
-    candidates: &[crate::wire::Bytes],
-) -> Result<Vec<crate::wire::CandidateView<'_>>, FieldError> {
-    candidates
-        .iter()
-        .enumerate()
-        .map(|(n, c)| {
-            let view = crate::wire::view(c)
-                .map_err(|e| FieldError::new(format!("candidates[{n}]"), e.to_string()))?;
-            check_id(&format!("candidates[{n}].item_id"), view.item_id)?;
-            Ok(view)
-        })
-        .collect()
-}
-
-/// [`rule_item`] of a candidate read in its bytes.
-pub fn rule_item_of<'a>(c: &crate::wire::CandidateView<'a>) -> recmesh_algo::rules::RuleItem<'a> {
-    let a = c.attributes.unwrap_or_default();
-    recmesh_algo::rules::RuleItem {
-        id: c.item_id,
-        category: a.category,
-        price: a.price,
-        // As above: no attributes, no stock.
-        in_stock: c.attributes.is_some_and(|a| a.in_stock),
-    }
-}

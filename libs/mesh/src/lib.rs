@@ -13,6 +13,7 @@ pub mod assign;
 pub mod balance;
 pub mod connect;
 pub mod convert;
+pub mod lean;
 pub mod timer;
 pub mod wire;
 

@@ -741,7 +741,7 @@ impl Gateway {
             }
         }
         let candidates = match retrieved {
-            Ok(r) if !r.candidates.is_empty() => r.candidates,
+            Ok(r) if !r.list.is_empty() => r.list,
             _ => {
                 fell_back(&mut report, fallback_name::POPULARITY);
                 let categories = Self::fallback_categories(q, &profile);

@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })
                 .collect();
+            let candidates = recmesh_mesh::lean::from_candidates(&candidates)?;
             let recent: Vec<pb::Interaction> = data.interactions[..20]
                 .iter()
                 .map(|e| pb::Interaction {
@@ -68,7 +69,7 @@ fn main() -> anyhow::Result<()> {
             let request = || {
                 tonic::Request::new(pb::RankRequest {
                     user_id: "u1".into(),
-                    candidates: candidates.clone(),
+                    candidates: Some(candidates.clone()),
                     model: String::new(),
                     recent: recent.clone(),
                 })
@@ -81,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 let started = Instant::now();
                 let out = svc.rank(req).await?.into_inner();
                 timings.push(started.elapsed());
-                assert_eq!(out.candidates.len(), CANDIDATES);
+                assert_eq!(out.candidates.map_or(0, |l| l.id_ends.len()), CANDIDATES);
             }
             timings.sort();
             let q = |p: f64| timings[((timings.len() - 1) as f64 * p) as usize];

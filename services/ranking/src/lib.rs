@@ -31,11 +31,11 @@ use recmesh_algo::gbdt::GbdtModel;
 use recmesh_algo::ranking::{self, CandidateSignals, ItemSignals, UserSignals};
 use recmesh_algo::scoring::{BaselineInput, BaselineWeights, baseline_scores};
 use recmesh_mesh::balance::{BalanceConfig, Balanced, Source};
-use recmesh_mesh::convert::{FieldError, candidate_views, check_id};
-use recmesh_mesh::wire;
+use recmesh_mesh::convert::{FieldError, check_id};
+use recmesh_mesh::lean::Candidates;
 use recmesh_mesh::{Deadline, bounded, outgoing, request_id};
 use recmesh_proto::v1::{
-    self as pb, features_client::FeaturesClient, ranking_server::SERVICE_NAME,
+    self as pb, features_client::FeaturesClient, ranking_server::RankingServer,
 };
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
@@ -317,6 +317,23 @@ impl Scorer {
         candidates
     }
 
+    /// `list` ordered by the model's score (stable: equal scores keep
+    /// retrieval's order), each candidate with that score and the freshest
+    /// attributes in `features`; every other field as it came.
+    pub fn rank(
+        &self,
+        list: &Candidates,
+        recent: &[pb::Interaction],
+        features: &ItemFeatureMap,
+        now_s: i64,
+    ) -> pb::CandidateList {
+        let scores = self.scores(&Listed::all(list), recent, features, now_s);
+        let mut order: Vec<usize> = (0..list.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        let sorted: Vec<f64> = order.iter().map(|&k| scores[k]).collect();
+        list.reordered(&order, &sorted, |id| fresh_attributes(features, id))
+    }
+
     /// The model's score of each of `candidates`, in their order.
     pub fn scores(
         &self,
@@ -427,23 +444,36 @@ impl RankInput for pb::Candidate {
     }
 }
 
-impl RankInput for wire::CandidateView<'_> {
+/// Candidate `k` of a lean list, as the service scores it.
+#[derive(Debug, Clone, Copy)]
+pub struct Listed<'a> {
+    list: &'a Candidates,
+    k: usize,
+}
+
+impl<'a> Listed<'a> {
+    /// Every candidate of `list`, in order.
+    pub fn all(list: &'a Candidates) -> Vec<Listed<'a>> {
+        (0..list.len()).map(|k| Listed { list, k }).collect()
+    }
+}
+
+impl RankInput for Listed<'_> {
     fn item_id(&self) -> &str {
-        self.item_id
+        self.list.id(self.k)
     }
 
     fn signals(&self) -> CandidateSignals {
-        let s = |name: &str| {
-            self.source_scores
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map_or(0.0, |(_, v)| *v)
-        };
-        candidate_signals(self.score, s, self.source_scores.len())
+        let (list, k) = (self.list, self.k);
+        candidate_signals(
+            list.score(k),
+            |name| list.source_score(k, name),
+            list.source_count(k),
+        )
     }
 
     fn source_names(&self) -> impl Iterator<Item = &str> {
-        self.source_scores.iter().map(|(k, _)| *k)
+        self.list.source_scores(self.k).map(|(s, _)| s)
     }
 }
 
@@ -576,59 +606,45 @@ impl RankingService {
         );
     }
 
-    /// Checks the request and reads its candidates (ids, scores, source
-    /// scores) from their bytes.
-    fn validate<'a>(
-        &self,
-        req: &'a wire::RankRequest,
-    ) -> Result<Vec<wire::CandidateView<'a>>, FieldError> {
+    /// Checks the request: the user id, and a list within bounds whose
+    /// every array and position is in range (refused naming the field).
+    fn validate(&self, req: &mut pb::RankRequest) -> Result<Candidates, FieldError> {
         check_id("user_id", &req.user_id)?;
-        if req.candidates.len() > self.config.max_candidates {
+        let list = Candidates::new(req.candidates.take().unwrap_or_default(), "candidates")?;
+        if list.len() > self.config.max_candidates {
             return Err(FieldError::new(
                 "candidates",
                 format!("at most {} candidates per call", self.config.max_candidates),
             ));
         }
-        candidate_views(&req.candidates)
+        Ok(list)
     }
 
-    /// `Rank` on the encoded candidates: each goes back as it came, with the
-    /// model's score and the freshest attributes in place of what retrieval
-    /// knew. What the service serves, and what [`Ranking::rank`] wraps.
-    pub async fn rank_wire(
+    /// `Rank`: the candidates in the model's order, each with its score
+    /// and the freshest attributes in place of what retrieval knew.
+    pub async fn rank_list(
         &self,
-        request: Request<wire::RankRequest>,
-    ) -> Result<wire::RankResponse, Status> {
+        request: Request<pb::RankRequest>,
+    ) -> Result<pb::RankResponse, Status> {
         let deadline =
             Deadline::from_metadata(request.metadata(), self.config.server.request_timeout());
         let rid = request_id(&request);
-        let req = request.into_inner();
-        let views = self.validate(&req)?;
-        let ids = views.iter().map(|c| c.item_id);
-        let ids = ids.chain(req.recent.iter().map(|r| r.item_id.as_str()));
+        let mut req = request.into_inner();
+        let list = self.validate(&mut req)?;
+        let ids = list
+            .ids()
+            .chain(req.recent.iter().map(|r| r.item_id.as_str()));
         let (features, missing) = self.item_features(ids, &deadline, &rid).await;
         let scorer = self.scorer_for(&req.model);
-        let scores = scorer.scores(&views, &req.recent, &features, now_s());
-        // One buffer for every rescored candidate; each is a slice of it.
-        let size: usize = req.candidates.iter().map(|c| c.len() + 64).sum();
-        let mut out = wire::BytesMut::with_capacity(size);
-        let mut ranked: Vec<(f64, wire::Bytes)> = Vec::with_capacity(views.len());
-        for ((view, bytes), score) in views.iter().zip(&req.candidates).zip(scores) {
-            let fresh = fresh_attributes(&features, view.item_id);
-            let rescored = wire::rescore(bytes, score, fresh, &mut out).map_err(|e| {
-                Status::internal(format!("a candidate that read did not rescore: {e}"))
-            })?;
-            ranked.push((score, rescored));
-        }
-        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let ranked = scorer.rank(&list, &req.recent, &features, now_s());
         let version = match &missing {
             None => scorer.version.to_string(),
             Some(_) => format!("{}+no-features", scorer.version),
         };
         metrics::counter!("recmesh_ranking_scored_total", "model" => version.clone())
-            .increment(ranked.len() as u64);
-        Ok(wire::RankResponse {
-            candidates: ranked.into_iter().map(|(_, c)| c).collect(),
+            .increment(list.len() as u64);
+        Ok(pb::RankResponse {
+            candidates: Some(ranked),
             model_version: version,
             degraded: missing.is_some(),
             detail: missing.unwrap_or_default(),
@@ -819,42 +835,11 @@ impl RankingService {
 
 #[tonic::async_trait]
 impl pb::ranking_server::Ranking for RankingService {
-    /// The generated types' `Rank`, for in-process callers and tests: the
-    /// same path as the served one ([`RankingService::rank_wire`]).
     async fn rank(
         &self,
         request: Request<pb::RankRequest>,
     ) -> Result<Response<pb::RankResponse>, Status> {
-        let (metadata, extensions, req) = request.into_parts();
-        let req = wire::RankRequest {
-            user_id: req.user_id,
-            candidates: wire::encode(&req.candidates),
-            model: req.model,
-            recent: req.recent,
-        };
-        let r = self
-            .rank_wire(Request::from_parts(metadata, extensions, req))
-            .await?;
-        Ok(Response::new(pb::RankResponse {
-            candidates: wire::decode(&r.candidates),
-            model_version: r.model_version,
-            degraded: r.degraded,
-            detail: r.detail,
-        }))
-    }
-}
-
-impl wire::WireMethod for RankingService {
-    const SERVICE: &'static str = SERVICE_NAME;
-    const PATH: &'static str = wire::RANK;
-    type Request = wire::RankRequest;
-    type Response = wire::RankResponse;
-
-    async fn call(
-        self: Arc<Self>,
-        request: Request<wire::RankRequest>,
-    ) -> Result<wire::RankResponse, Status> {
-        self.rank_wire(request).await
+        self.rank_list(request).await.map(Response::new)
     }
 }
 
@@ -863,8 +848,7 @@ pub fn server(config: Config) -> Result<GrpcServer, ConfigError> {
     let features = Balanced::new("features_addr", &config.features_addr, &config.balance)?;
     let service = RankingService::new(config.clone(), features)?;
     service.spawn_model_watch();
-    Ok(GrpcServer::new("ranking", config.server.clone())
-        .add_service(wire::WireServer::new(service)))
+    Ok(GrpcServer::new("ranking", config.server.clone()).add_service(RankingServer::new(service)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -887,9 +871,22 @@ mod tests {
         pb::Candidate {
             item_id: id.into(),
             score,
+            source: sources.first().map(|s| s.to_string()).unwrap_or_default(),
             source_scores: sources.iter().map(|s| (s.to_string(), score)).collect(),
             ..Default::default()
         }
+    }
+
+    /// The lean list of whole candidates, as retrieval would send it.
+    fn listed(candidates: Vec<pb::Candidate>) -> Option<pb::CandidateList> {
+        Some(recmesh_mesh::lean::from_candidates(&candidates).expect("known sources"))
+    }
+
+    /// The answer's candidates, whole.
+    fn whole(r: &pb::RankResponse) -> Vec<pb::Candidate> {
+        Candidates::new(r.candidates.clone().unwrap_or_default(), "candidates")
+            .expect("the service sends a list that checks")
+            .to_candidates()
     }
 
     fn item(id: &str, popularity: f64) -> (String, Arc<pb::ItemFeatures>) {
@@ -967,7 +964,7 @@ mod tests {
         let served = svc
             .rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
-                candidates: list.clone(),
+                candidates: listed(list.clone()),
                 ..Default::default()
             }))
             .await
@@ -977,27 +974,33 @@ mod tests {
         let direct = svc
             .scorer()
             .score(list, &[], &ItemFeatureMap::default(), now_s());
-        assert_eq!(served.candidates, direct);
+        assert_eq!(whole(&served), direct);
         assert!(served.degraded);
     }
 
     #[tokio::test]
-    async fn a_candidate_that_does_not_decode_is_refused_by_its_index() {
+    async fn a_broken_list_is_refused_naming_the_field() {
         let svc = RankingService::new(Config::default(), nowhere()).expect("service");
-        let good = wire::encode(&[candidate("a", 0.5, &["cf"])]);
+        let mut broken = listed(vec![
+            candidate("a", 0.5, &["cf"]),
+            candidate("b", 0.4, &["cf"]),
+        ]);
+        if let Some(l) = broken.as_mut() {
+            l.scores.pop();
+        }
         let err = svc
-            .rank_wire(Request::new(wire::RankRequest {
+            .rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
-                candidates: vec![
-                    good[0].clone(),
-                    wire::Bytes::from_static(&[0x0a, 0x05, b'x']),
-                ],
+                candidates: broken,
                 ..Default::default()
             }))
             .await
             .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("candidates[1]"), "{}", err.message());
+        assert_eq!(
+            err.message(),
+            "candidates.scores: 1 entries for 2 candidates"
+        );
     }
 
     #[tokio::test]
@@ -1102,15 +1105,15 @@ mod tests {
                     let r = svc
                         .rank(Request::new(pb::RankRequest {
                             user_id: "u1".into(),
-                            candidates: vec![
+                            candidates: listed(vec![
                                 candidate("a", 0.5, &["cf"]),
                                 candidate("b", 0.4, &["cf"]),
-                            ],
+                            ]),
                             ..Default::default()
                         }))
                         .await
                         .expect("every request succeeds during swaps");
-                    assert_eq!(r.into_inner().candidates.len(), 2);
+                    assert_eq!(whole(&r.into_inner()).len(), 2);
                     answered.fetch_add(1, Relaxed);
                     tokio::task::yield_now().await;
                 }
@@ -1174,7 +1177,10 @@ mod tests {
         let answer = svc
             .rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
-                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 1.0, &["cf"])],
+                candidates: listed(vec![
+                    candidate("a", 0.5, &["cf"]),
+                    candidate("b", 1.0, &["cf"]),
+                ]),
                 ..Default::default()
             }))
             .await
@@ -1188,7 +1194,8 @@ mod tests {
         );
         assert_eq!(answer.model_version, "baseline-1+no-features");
         assert_eq!(
-            answer.candidates[0].item_id, "b",
+            whole(&answer)[0].item_id,
+            "b",
             "retrieval evidence alone orders them"
         );
     }
@@ -1202,7 +1209,10 @@ mod tests {
         let rank = || {
             svc.rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
-                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 1.0, &["cf"])],
+                candidates: listed(vec![
+                    candidate("a", 0.5, &["cf"]),
+                    candidate("b", 1.0, &["cf"]),
+                ]),
                 ..Default::default()
             }))
         };
@@ -1239,7 +1249,10 @@ mod tests {
             }
             svc.rank(Request::new(pb::RankRequest {
                 user_id: "u1".into(),
-                candidates: vec![candidate("a", 0.5, &["cf"]), candidate("b", 0.5, &["cf"])],
+                candidates: listed(vec![
+                    candidate("a", 0.5, &["cf"]),
+                    candidate("b", 0.5, &["cf"]),
+                ]),
                 ..Default::default()
             }))
             .await
@@ -1249,7 +1262,7 @@ mod tests {
         let answer = stale_for(60_000).await;
         assert!(!answer.degraded, "{}", answer.detail);
         assert_eq!(answer.model_version, "baseline-1");
-        assert_eq!(answer.candidates[0].item_id, "a", "the more popular");
+        assert_eq!(whole(&answer)[0].item_id, "a", "the more popular");
 
         // Without stale use, the same entries are missing and fetched inline,
         // which fails: degraded, as before this cache served stale entries.

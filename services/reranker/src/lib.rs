@@ -14,13 +14,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prost::Message;
 use recmesh_algo::EventKind;
 use recmesh_algo::rerank::{Boost, RerankItem, RerankRequest, RerankRules, rerank, seed_of};
 use recmesh_algo::rules::HardFilters;
-use recmesh_mesh::convert::{FieldError, candidate_views, event_kind, rule_item_of};
-use recmesh_mesh::wire;
-use recmesh_proto::v1::{self as pb, reranker_server::SERVICE_NAME};
+use recmesh_mesh::convert::{FieldError, event_kind};
+use recmesh_mesh::lean::Candidates;
+use recmesh_proto::v1::{self as pb, reranker_server::RerankerServer};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
 use serde::{Deserialize, Serialize};
@@ -98,32 +97,11 @@ impl RerankerService {
     }
 
     /// Applies the rules to a request, with `now_s` as the current time.
+    /// The rules read each candidate from the lean list, and only the ones
+    /// placed in the answer become whole `Candidate`s.
     pub fn rerank(
         &self,
         req: pb::RerankRequest,
-        now_s: i64,
-    ) -> Result<pb::RerankResponse, FieldError> {
-        let req = wire::RerankRequest {
-            user_id: req.user_id,
-            candidates: wire::encode(&req.candidates),
-            count: req.count,
-            exclude_item_ids: req.exclude_item_ids,
-            purchased_item_ids: req.purchased_item_ids,
-            filters: req.filters,
-            rule_overrides: req.rule_overrides,
-            request_id: req.request_id,
-            recent: req.recent,
-            usual_categories: req.usual_categories,
-        };
-        self.rerank_wire(&req, now_s)
-    }
-
-    /// [`RerankerService::rerank`] on encoded candidates, as served: the
-    /// rules read each candidate in its bytes ([`wire::view`]), and only
-    /// the ones placed in the answer are decoded.
-    pub fn rerank_wire(
-        &self,
-        req: &wire::RerankRequest,
         now_s: i64,
     ) -> Result<pb::RerankResponse, FieldError> {
         let c = &self.config;
@@ -131,12 +109,6 @@ impl RerankerService {
             return Err(FieldError::new(
                 "count",
                 format!("must be in 1..={}", c.max_count),
-            ));
-        }
-        if req.candidates.len() > c.max_candidates {
-            return Err(FieldError::new(
-                "candidates",
-                format!("at most {} per call", c.max_candidates),
             ));
         }
         for (field, ids) in [
@@ -147,7 +119,13 @@ impl RerankerService {
                 return Err(FieldError::new(field, format!("at most {} ids", c.max_ids)));
             }
         }
-        let views = candidate_views(&req.candidates)?;
+        let list = Candidates::new(req.candidates.clone().unwrap_or_default(), "candidates")?;
+        if list.len() > c.max_candidates {
+            return Err(FieldError::new(
+                "candidates",
+                format!("at most {} per call", c.max_candidates),
+            ));
+        }
         let overrides: HashMap<String, String> = req.rule_overrides.clone().into_iter().collect();
         let rules = c
             .rules
@@ -173,16 +151,15 @@ impl RerankerService {
             seed: seed_of(&req.request_id),
             count: req.count as usize,
         };
-        let items: Vec<RerankItem<'_>> = views
-            .iter()
-            .map(|view| {
-                let a = view.attributes.unwrap_or_default();
+        let items: Vec<RerankItem<'_>> = (0..list.len())
+            .map(|k| {
+                let a = list.attributes(k).unwrap_or_default();
                 RerankItem {
-                    rule: rule_item_of(view),
+                    rule: list.rule_item(k),
                     brand: a.brand,
                     promoted: a.promoted,
                     created_at_s: a.created_at,
-                    score: view.score,
+                    score: list.score(k),
                 }
             })
             .collect();
@@ -195,17 +172,14 @@ impl RerankerService {
         metrics::counter!("recmesh_reranker_exploration_total").increment(explored as u64);
         let mut candidates = Vec::with_capacity(out.items.len());
         // Each candidate is placed at most once, whatever the rules return.
-        let mut placed_already = vec![false; req.candidates.len()];
+        let mut placed_already = vec![false; list.len()];
         for placed in out.items {
-            let Some(bytes) = req.candidates.get(placed.index) else {
-                continue;
-            };
-            if std::mem::replace(&mut placed_already[placed.index], true) {
+            if placed.index >= list.len()
+                || std::mem::replace(&mut placed_already[placed.index], true)
+            {
                 continue;
             }
-            let mut cand = pb::Candidate::decode(bytes.clone()).map_err(|e| {
-                FieldError::new(format!("candidates[{}]", placed.index), e.to_string())
-            })?;
+            let mut cand = list.candidate(placed.index);
             cand.score = placed.score;
             let category = cand
                 .attributes
@@ -249,24 +223,10 @@ impl pb::reranker_server::Reranker for RerankerService {
     }
 }
 
-impl wire::WireMethod for RerankerService {
-    const SERVICE: &'static str = SERVICE_NAME;
-    const PATH: &'static str = wire::RERANK;
-    type Request = wire::RerankRequest;
-    type Response = pb::RerankResponse;
-
-    async fn call(
-        self: Arc<Self>,
-        request: Request<wire::RerankRequest>,
-    ) -> Result<pb::RerankResponse, Status> {
-        Ok(self.rerank_wire(request.get_ref(), now_s())?)
-    }
-}
-
 /// The reranker server, ready to start or run.
 pub fn server(config: Config) -> GrpcServer {
     GrpcServer::new("reranker", config.server.clone())
-        .add_service(wire::WireServer::new(RerankerService::new(config)))
+        .add_service(RerankerServer::new(RerankerService::new(config)))
 }
 
 /// Serves until `shutdown`, then drains.
@@ -298,6 +258,11 @@ mod tests {
         }
     }
 
+    /// The lean list of whole candidates, as ranking would send it.
+    fn listed(candidates: Vec<pb::Candidate>) -> Option<pb::CandidateList> {
+        Some(recmesh_mesh::lean::from_candidates(&candidates).expect("known sources"))
+    }
+
     fn overrides(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
         pairs
             .iter()
@@ -326,7 +291,7 @@ mod tests {
             .rerank(
                 pb::RerankRequest {
                     user_id: "u".into(),
-                    candidates: vec![
+                    candidates: listed(vec![
                         candidate("a", "x", true),
                         candidate("b", "x", false),
                         candidate("c", "x", true),
@@ -334,7 +299,7 @@ mod tests {
                         candidate("e", "y", true),
                         candidate("f", "y", true),
                         candidate("g", "y", true),
-                    ],
+                    ]),
                     count: 10,
                     exclude_item_ids: vec!["e".into()],
                     purchased_item_ids: vec!["f".into()],
@@ -378,7 +343,7 @@ mod tests {
         candidates.append(&mut others);
         let request = pb::RerankRequest {
             user_id: "u".into(),
-            candidates,
+            candidates: listed(candidates),
             count: 10,
             request_id: "req-1".into(),
             usual_categories: vec!["x".into(), "y".into(), "z".into()],
@@ -432,7 +397,7 @@ mod tests {
             .rerank(
                 pb::RerankRequest {
                     user_id: "u".into(),
-                    candidates: vec![candidate("a", "x", true), candidate("b", "y", true)],
+                    candidates: listed(vec![candidate("a", "x", true), candidate("b", "y", true)]),
                     count: 5,
                     recent: vec![view("a", 60), view("b", 7_200)],
                     rule_overrides: overrides(&[("recently_viewed_window_s", "3600")]),
@@ -464,21 +429,25 @@ mod tests {
             )
             .expect_err("bad override");
         assert_eq!(err.field, "rule_overrides.mmr_lambda");
-        // A candidate that does not read (cut short) is refused by index.
-        let good = wire::encode(&[candidate("a", "books", true)]);
+        // A list whose arrays do not line up is refused naming the array.
+        let mut broken = listed(vec![
+            candidate("a", "books", true),
+            candidate("b", "toys", true),
+        ]);
+        if let Some(l) = broken.as_mut() {
+            l.flags.pop();
+        }
         let err = s
-            .rerank_wire(
-                &wire::RerankRequest {
+            .rerank(
+                pb::RerankRequest {
                     count: 5,
-                    candidates: vec![
-                        good[0].clone(),
-                        wire::Bytes::from_static(&[0x0a, 0x05, b'x']),
-                    ],
+                    candidates: broken,
                     ..Default::default()
                 },
                 NOW,
             )
-            .expect_err("broken candidate");
-        assert_eq!(err.field, "candidates[1]");
+            .expect_err("broken list");
+        assert_eq!(err.field, "candidates.flags");
+        assert_eq!(err.reason, "1 entries for 2 candidates");
     }
 }

@@ -39,6 +39,7 @@ use recmesh_catalog::bundle::{self, BuildParams, Bundle};
 use recmesh_catalog::files::DataSource;
 use recmesh_catalog::{Catalog, Dataset, EventKind};
 use recmesh_mesh::convert::{FieldError, attributes, check_id, event_kind};
+use recmesh_mesh::lean;
 use recmesh_proto::v1::{self as pb, retrieval_server::RetrievalServer};
 use recmesh_server::GrpcServer;
 use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_one};
@@ -651,21 +652,28 @@ impl SourceWeights {
 struct Merger<'a> {
     index: &'a Index,
     constraints: &'a Constraints<'a>,
-    order: Vec<u32>,
     /// foldhash: every item every source found passes through here.
     by_item: HashMap<u32, Merged, foldhash::fast::RandomState>,
+    /// The recent items that explain an `ann` hit ([`Why::Nearest`]).
+    nearest_to: &'a [(u32, f64, EventKind)],
 }
 
 /// One item while sources are merged: only the winners of the cut become
-/// `Candidate`s (ids, attributes and maps are built for `count` items, not
-/// for every item every source found).
+/// candidates (ids, attributes and reasons are written for `count` items,
+/// not for every item every source found).
 struct Merged {
     score: f64,
+    /// When a source first found it: equal scores keep that order.
+    seq: u32,
     /// Best raw score per source, in the order the sources found it (the
     /// first is the candidate's `source`).
     source_scores: Vec<(&'static str, f64)>,
     reasons: Vec<Why>,
 }
+
+/// Reasons kept per item while merging: the three shown, and one more in
+/// case a [`Why::Nearest`] turns out to repeat another.
+const REASONS_KEPT: usize = 4;
 
 /// Why a source offered an item. Sources hand these over as indexes; only
 /// the items that make the cut get their reasons written out as text
@@ -677,6 +685,10 @@ enum Why {
     SimilarTo(u32),
     /// "because you {verb} {title of the item}"
     Because(&'static str, u32),
+    /// An `ann` hit, explained by the recent item nearest to it (resolved
+    /// into `Because` or `ForYourTaste` only for the items that make the
+    /// cut: a dot product per recent item, per hit).
+    Nearest(u32),
     /// "picked for your taste"
     ForYourTaste,
     /// "new in {category}"
@@ -703,7 +715,7 @@ impl Why {
         match self {
             Why::SimilarTo(i) => format!("similar to {}", index.title(i)),
             Why::Because(verb, i) => format!("because you {verb} {}", index.title(i)),
-            Why::ForYourTaste => "picked for your taste".to_owned(),
+            Why::Nearest(_) | Why::ForYourTaste => "picked for your taste".to_owned(),
             Why::NewIn(c) => format!("new in {}", category(c)),
             Why::TrendingIn(c) => format!("trending in {}", category(c)),
             Why::TrendingNow => "trending now".to_owned(),
@@ -718,9 +730,28 @@ impl<'a> Merger<'a> {
         Merger {
             index,
             constraints,
-            order: Vec::new(),
-            by_item: HashMap::default(),
+            by_item: HashMap::with_capacity_and_hasher(1024, Default::default()),
+            nearest_to: &[],
         }
+    }
+
+    /// Resolves a [`Why::Nearest`]: the recent item (of `nearest_to`)
+    /// whose vector is closest to the hit's.
+    fn resolve(&self, why: Why) -> Why {
+        let Why::Nearest(hit) = why else {
+            return why;
+        };
+        let Some(f) = self.index.factors.as_ref() else {
+            return Why::ForYourTaste;
+        };
+        let item = |i: u32| f.trained.item(i as usize);
+        self.nearest_to
+            .iter()
+            .map(|seed| (als::similarity(item(hit), item(seed.0)), seed))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or(Why::ForYourTaste, |(_, &(seed, _, kind))| {
+                Why::Because(kind.verb(), seed)
+            })
     }
 
     /// Adds one source's results (best first) with `weight`.
@@ -741,35 +772,59 @@ impl<'a> Merger<'a> {
                 continue;
             }
             let score = if best > 0.0 { weight * raw / best } else { 0.0 };
-            let merged = self.by_item.entry(item).or_insert_with(|| {
-                self.order.push(item);
-                Merged {
-                    score: 0.0,
-                    source_scores: Vec::with_capacity(2),
-                    reasons: Vec::with_capacity(1),
-                }
+            let seq = self.by_item.len() as u32;
+            let merged = self.by_item.entry(item).or_insert_with(|| Merged {
+                score: 0.0,
+                seq,
+                source_scores: Vec::with_capacity(2),
+                reasons: Vec::with_capacity(1),
             });
             match merged.source_scores.iter_mut().find(|(s, _)| *s == source) {
                 Some((_, best_raw)) => *best_raw = best_raw.max(raw),
                 None => merged.source_scores.push((source, raw.max(0.0))),
             }
             merged.score = merged.score.max(score);
-            if !merged.reasons.contains(&reason) && merged.reasons.len() < 3 {
+            if !merged.reasons.contains(&reason) && merged.reasons.len() < REASONS_KEPT {
                 merged.reasons.push(reason);
             }
         }
     }
 
-    fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
-        let mut out: Vec<(u32, Merged)> = self
-            .order
-            .iter()
-            .filter_map(|&i| self.by_item.remove(&i).map(|m| (i, m)))
-            .collect();
-        // Stable: equal scores keep source order.
-        out.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+    /// The best `count` merged items, best first (stable: equal scores keep
+    /// source order).
+    fn best(&mut self, count: usize) -> Vec<(u32, Merged)> {
+        let mut out: Vec<(u32, Merged)> = self.by_item.drain().collect();
+        let order = |a: &(u32, Merged), b: &(u32, Merged)| {
+            b.1.score.total_cmp(&a.1.score).then(a.1.seq.cmp(&b.1.seq))
+        };
+        // Only the best `count` are sorted: a few hundred of a thousand or more.
+        if out.len() > count && count > 0 {
+            out.select_nth_unstable_by(count - 1, order);
+        }
         out.truncate(count);
-        out.into_iter()
+        out.sort_unstable_by(order);
+        out
+    }
+
+    /// An item's reasons to show: resolved, as text (positions in `list`
+    /// through `written`), each text once, at most three.
+    fn reason_texts(&self, reasons: &[Why], mut text: impl FnMut(Why) -> u32) -> Vec<u32> {
+        let mut out = Vec::with_capacity(3);
+        for why in reasons {
+            let at = text(self.resolve(*why));
+            // Two items may share a title: one line each way.
+            if !out.contains(&at) && out.len() < 3 {
+                out.push(at);
+            }
+        }
+        out
+    }
+
+    /// The best `count` items as whole candidates (`Similar`, `Popular`,
+    /// `Trending`: short lists the gateway answers with as they are).
+    fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
+        self.best(count)
+            .into_iter()
             .map(|(item, m)| {
                 let it = self.index.catalog.item(item);
                 pb::Candidate {
@@ -782,8 +837,8 @@ impl<'a> Merger<'a> {
                         .unwrap_or_default(),
                     reasons: m.reasons.iter().fold(Vec::new(), |mut texts, why| {
                         // Two items may share a title: one line each way.
-                        let text = why.text(self.index);
-                        if !texts.contains(&text) {
+                        let text = self.resolve(*why).text(self.index);
+                        if !texts.contains(&text) && texts.len() < 3 {
                             texts.push(text);
                         }
                         texts
@@ -798,6 +853,56 @@ impl<'a> Merger<'a> {
                 }
             })
             .collect()
+    }
+
+    /// The best `count` items as the lean list `Retrieve` answers with:
+    /// each distinct reason is written once for the whole list (many
+    /// candidates share "because you viewed X" or "popular in Y").
+    fn finish_list(mut self, count: usize) -> pb::CandidateList {
+        let best = self.best(count);
+        let mut list = lean::ListBuilder::with_capacity(best.len());
+        let mut written: Vec<(Why, u32)> = Vec::new();
+        let mut scores = Vec::with_capacity(4);
+        for (item, m) in best {
+            let Some(it) = self.index.catalog.item(item) else {
+                continue;
+            };
+            scores.clear();
+            scores.extend(
+                m.source_scores
+                    .iter()
+                    .filter_map(|&(s, v)| Some((lean::source_code(s)?, v))),
+            );
+            let first_source = scores.first().map_or(0, |s| s.0);
+            scores.sort_by_key(|s| s.0);
+            let reasons = self.reason_texts(&m.reasons, |why| {
+                match written.iter().find(|(w, _)| *w == why) {
+                    Some(&(_, at)) => at,
+                    None => {
+                        let at = list.text(&why.text(self.index));
+                        written.push((why, at));
+                        at
+                    }
+                }
+            });
+            list.push(lean::Entry {
+                id: &it.id,
+                score: m.score,
+                first_source,
+                source_scores: &scores,
+                reasons: &reasons,
+                attributes: Some(lean::Attributes {
+                    category: &it.category,
+                    brand: &it.brand,
+                    price: it.price,
+                    in_stock: it.in_stock,
+                    promoted: it.promoted,
+                    created_at: it.created_at,
+                }),
+                exploration: false,
+            });
+        }
+        list.finish()
     }
 }
 
@@ -1551,23 +1656,13 @@ impl Snapshot {
         }
         if let (Some(ran), Some(job)) = (ann, plan.ann.as_ref()) {
             let hits = ran.report("ann", &mut reports, Vec::len);
-            if let (Some(hits), Some(f)) = (hits, index.factors.as_ref()) {
-                let item = |i: u32| f.trained.item(i as usize);
+            if let (Some(hits), Some(_)) = (hits, index.factors.as_ref()) {
+                merger.nearest_to = &job.strongest;
                 merger.add(
                     "ann",
                     plan.weights.ann,
-                    hits.into_iter().map(|h| {
-                        let reason = job
-                            .strongest
-                            .iter()
-                            .map(|seed| (als::similarity(item(h.id), item(seed.0)), seed))
-                            .max_by(|a, b| a.0.total_cmp(&b.0))
-                            .map(|(_, seed)| seed)
-                            .map_or(Why::ForYourTaste, |&(seed, _, kind)| {
-                                Why::Because(kind.verb(), seed)
-                            });
-                        (h.id, f64::from(h.score), reason)
-                    }),
+                    hits.into_iter()
+                        .map(|h| (h.id, f64::from(h.score), Why::Nearest(h.id))),
                 );
             }
         }
@@ -1605,9 +1700,10 @@ impl Snapshot {
             }
         }
         pb::RetrieveResponse {
-            candidates: merger.finish(plan.count),
+            candidates: Vec::new(),
             data_version: index.version.clone(),
             sources,
+            list: Some(merger.finish_list(plan.count)),
         }
     }
 
@@ -1719,6 +1815,7 @@ impl Snapshot {
             candidates: merger.finish(count),
             data_version: index.version.clone(),
             sources: reports,
+            list: None,
         })
     }
 
@@ -1766,6 +1863,7 @@ impl Snapshot {
             candidates: out,
             data_version: index.version.clone(),
             sources: Vec::new(),
+            list: None,
         })
     }
 }
@@ -1890,6 +1988,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 mod tests {
     use super::*;
 
+    /// `Retrieve`'s lean list, whole.
+    trait Whole {
+        fn whole(self) -> Vec<pb::Candidate>;
+    }
+
+    impl Whole for pb::RetrieveResponse {
+        fn whole(self) -> Vec<pb::Candidate> {
+            lean::Candidates::new(self.list.unwrap_or_default(), "list")
+                .expect("retrieval sends a list that checks")
+                .to_candidates()
+        }
+    }
+
     #[test]
     fn shard_copies_of_dead_processes_are_removed_and_live_ones_kept() {
         let tmp = std::env::temp_dir().join(format!("rm-sweep-{}", std::process::id()));
@@ -1951,7 +2062,7 @@ mod tests {
             count: 50,
             ..Default::default()
         };
-        let out = s.retrieve_blocking(&req).expect("ok").candidates;
+        let out = s.retrieve_blocking(&req).expect("ok").whole();
         assert_eq!(out.len(), 50);
         assert_eq!(out[0].source, "cf", "personal candidates come first");
         assert!(
@@ -1979,11 +2090,11 @@ mod tests {
             ("category".into(), 0.0),
             ("content".into(), 0.0),
         ]);
-        let out = s.retrieve_blocking(&only_cf).expect("ok").candidates;
+        let out = s.retrieve_blocking(&only_cf).expect("ok").whole();
         assert!(!out.is_empty() && out.iter().all(|c| c.source == "cf"));
         let mut no_cf = req;
         no_cf.source_weights = HashMap::from([("cf".into(), 0.0), ("content".into(), 0.0)]);
-        let out = s.retrieve_blocking(&no_cf).expect("ok").candidates;
+        let out = s.retrieve_blocking(&no_cf).expect("ok").whole();
         assert!(
             !out.is_empty()
                 && out
@@ -2006,7 +2117,7 @@ mod tests {
             ..Default::default()
         };
         let answer = s.retrieve_blocking(&req).expect("ok");
-        let out = answer.candidates;
+        let out = answer.clone().whole();
         assert!(!out.is_empty());
         assert!(
             out.iter()
@@ -2204,7 +2315,7 @@ mod tests {
             source_weights: only("ann"),
             ..Default::default()
         };
-        let out = s.retrieve_blocking(&req).expect("ok").candidates;
+        let out = s.retrieve_blocking(&req).expect("ok").whole();
         assert_eq!(out.len(), 30, "a trained user gets ALS candidates");
         assert!(
             out.iter()
@@ -2225,7 +2336,7 @@ mod tests {
             recent: vec![viewed(&seed)],
             ..req.clone()
         };
-        let out = s.retrieve_blocking(&fresh).expect("ok").candidates;
+        let out = s.retrieve_blocking(&fresh).expect("ok").whole();
         assert_eq!(out.len(), 30);
         let title = &index.catalog.item(index.popular[0].0).expect("item").title;
         assert!(out.iter().all(|c| c.item_id != seed
@@ -2235,12 +2346,7 @@ mod tests {
             user_id: "never-seen".into(),
             ..req
         };
-        assert!(
-            s.retrieve_blocking(&cold)
-                .expect("ok")
-                .candidates
-                .is_empty()
-        );
+        assert!(s.retrieve_blocking(&cold).expect("ok").whole().is_empty());
     }
 
     #[test]
@@ -2269,7 +2375,7 @@ mod tests {
                 ..Default::default()
             })
             .expect("ok")
-            .candidates;
+            .whole();
         let category = &out
             .iter()
             .find(|c| c.item_id == "brand-new")
@@ -2391,9 +2497,10 @@ mod tests {
                 source_weights: only("ann"),
                 ..Default::default()
             })
-            .expect("ok");
+            .expect("ok")
+            .whole();
         assert!(
-            out.candidates.iter().all(|c| c.source == "ann") && !out.candidates.is_empty(),
+            out.iter().all(|c| c.source == "ann") && !out.is_empty(),
             "the shard answers for a trained user"
         );
 
@@ -2490,8 +2597,9 @@ mod tests {
             ..Default::default()
         };
         let out = s.retrieve(&req, None).await.expect("answered");
-        assert!(!out.candidates.is_empty(), "the other sources still answer");
-        assert!(out.candidates.iter().all(|c| c.source != "ann"));
+        let whole = out.clone().whole();
+        assert!(!whole.is_empty(), "the other sources still answer");
+        assert!(whole.iter().all(|c| c.source != "ann"));
         let ann = out
             .sources
             .iter()

@@ -587,12 +587,12 @@ fn served_list(
         .map(|s| s.iter().map(|i| (*i).to_owned()).collect())
         .unwrap_or_default();
     let c = stages.candidates(user, &seen)?;
-    let ranked = scorer.score(c.candidates, &c.profile.recent, &c.features, stages.now_s);
+    let ranked = scorer.rank(&c.list, &c.profile.recent, &c.features, stages.now_s);
     let out = reranker
         .rerank(
             pb::RerankRequest {
                 user_id: user.to_owned(),
-                candidates: ranked,
+                candidates: Some(ranked),
                 count: k as u32,
                 exclude_item_ids: seen,
                 purchased_item_ids: c.profile.purchased_item_ids,
@@ -651,17 +651,13 @@ pub fn in_process_throughput(
                         let user = users[n % users.len()];
                         let begun = std::time::Instant::now();
                         let c = stages.candidates(user, &[])?;
-                        let ranked = scorer.score(
-                            c.candidates,
-                            &c.profile.recent,
-                            &c.features,
-                            stages.now_s,
-                        );
+                        let ranked =
+                            scorer.rank(&c.list, &c.profile.recent, &c.features, stages.now_s);
                         let answer = reranker
                             .rerank(
                                 pb::RerankRequest {
                                     user_id: user.to_owned(),
-                                    candidates: ranked,
+                                    candidates: Some(ranked),
                                     count: 10,
                                     purchased_item_ids: c.profile.purchased_item_ids,
                                     request_id: format!("{n}"),

@@ -68,14 +68,13 @@ pub fn training_set(split: &Split, max_users: usize) -> TrainingSet {
             continue;
         };
         let rows = recmesh_ranking::feature_rows(
-            &c.candidates,
+            &recmesh_ranking::Listed::all(&c.list),
             &c.profile.recent,
             &c.features,
             stages.now_s,
         );
-        for (cand, row) in c.candidates.iter().zip(rows) {
-            set.labels
-                .push(f64::from(u8::from(relevant.contains(&cand.item_id))));
+        for (id, row) in c.list.ids().zip(rows) {
+            set.labels.push(f64::from(u8::from(relevant.contains(id))));
             set.rows.push(row);
         }
         set.users += 1;

@@ -21,8 +21,8 @@ pub struct ServedStages {
 pub struct Candidates {
     /// The user's features (recent items, purchases, top categories).
     pub profile: pb::UserFeatures,
-    /// Retrieval's candidates, best first.
-    pub candidates: Vec<pb::Candidate>,
+    /// Retrieval's candidates, best first, as `Retrieve` sends them.
+    pub list: recmesh_mesh::lean::Candidates,
     /// Item features of the candidates and of the user's recent items.
     pub features: recmesh_ranking::ItemFeatureMap,
 }
@@ -62,7 +62,7 @@ impl ServedStages {
     /// Retrieval's candidates for `user`, never any of `seen`.
     pub fn candidates(&self, user: &str, seen: &[String]) -> anyhow::Result<Candidates> {
         let profile = self.store.user_features(user, 20);
-        let candidates = self
+        let list = self
             .retrieval
             .retrieve_blocking(&pb::RetrieveRequest {
                 user_id: user.to_owned(),
@@ -72,8 +72,11 @@ impl ServedStages {
                 ..Default::default()
             })
             .map_err(|e| anyhow::anyhow!("retrieve: {e}"))?
-            .candidates;
-        let mut ids: Vec<String> = candidates.iter().map(|c| c.item_id.clone()).collect();
+            .list
+            .unwrap_or_default();
+        let list = recmesh_mesh::lean::Candidates::new(list, "list")
+            .map_err(|e| anyhow::anyhow!("retrieve: {e}"))?;
+        let mut ids: Vec<String> = list.ids().map(str::to_owned).collect();
         ids.extend(profile.recent.iter().map(|r| r.item_id.clone()));
         let features = self
             .store
@@ -84,7 +87,7 @@ impl ServedStages {
             .collect();
         Ok(Candidates {
             profile,
-            candidates,
+            list,
             features,
         })
     }
