@@ -28,6 +28,11 @@ use serde::{Deserialize, Serialize};
 use crate::params::ParamError;
 use crate::rules::{HardFilters, Removal, RuleItem};
 
+/// Per-call tables keyed by item, category or brand: foldhash, seeded per
+/// map like the standard hasher, at a fraction of SipHash's cost.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// The re-ranking rules. Every field has a default and a validated range;
 /// experiments override them with params named `rerank.<field>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,7 +291,7 @@ pub fn attribute_similarity(a: (&str, &str, f64), b: (&str, &str, f64)) -> f64 {
 /// one brand with every other such item, so no cap or similarity counts it.
 const UNKNOWN: u32 = u32::MAX;
 
-fn intern<'a>(table: &mut HashMap<&'a str, u32>, key: &'a str) -> u32 {
+fn intern<'a>(table: &mut FastMap<&'a str, u32>, key: &'a str) -> u32 {
     if key.is_empty() {
         return UNKNOWN;
     }
@@ -320,18 +325,18 @@ impl KeyCounts {
 pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest<'_>) -> Reranked {
     let mut out = Reranked::default();
     let window = rules.recently_viewed_window_s as i64;
-    let recently_viewed: HashSet<&str> = if window > 0 {
+    let recently_viewed: FastSet<&str> = if window > 0 {
         req.recent_views
             .iter()
             .filter(|(_, ts)| req.now_s - *ts <= window)
             .map(|(id, _)| *id)
             .collect()
     } else {
-        HashSet::new()
+        FastSet::default()
     };
 
     // 1. Hard filters, and duplicates.
-    let mut seen: HashSet<&str> = HashSet::new();
+    let mut seen: FastSet<&str> = FastSet::with_capacity_and_hasher(items.len(), Default::default());
     let mut survivors: Vec<usize> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let verdict = if !seen.insert(item.rule.id) {
@@ -392,8 +397,8 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     let score_of = |i: usize| boosted[i].0;
 
     // Keys for caps and similarity.
-    let mut categories = HashMap::new();
-    let mut brands = HashMap::new();
+    let mut categories = FastMap::default();
+    let mut brands = FastMap::default();
     let keys: Vec<Keys> = items
         .iter()
         .map(|it| Keys {
