@@ -336,7 +336,8 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
     };
 
     // 1. Hard filters, and duplicates.
-    let mut seen: FastSet<&str> = FastSet::with_capacity_and_hasher(items.len(), Default::default());
+    let mut seen: FastSet<&str> =
+        FastSet::with_capacity_and_hasher(items.len(), Default::default());
     let mut survivors: Vec<usize> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let verdict = if !seen.insert(item.rule.id) {

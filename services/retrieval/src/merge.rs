@@ -1,0 +1,348 @@
+//! Merging what the sources found into one candidate list: request
+//! constraints, source weights, reasons, and the top-k cut.
+
+use std::collections::HashMap;
+
+use recmesh_algo::als::{self};
+use recmesh_algo::rules::{HardFilters, RuleItem};
+use recmesh_catalog::EventKind;
+use recmesh_mesh::convert::{FieldError, attributes};
+use recmesh_mesh::lean;
+use recmesh_proto::v1::{self as pb};
+
+use crate::index::Index;
+
+/// Request filters after validation: the same hard filters the reranker
+/// applies (`recmesh_algo::rules`), pushed down so no slot is spent on an
+/// item that would be dropped later.
+pub(crate) struct Constraints<'a> {
+    pub(crate) filters: HardFilters<'a>,
+    /// Category ids of `filters.categories`, for picking popularity lists.
+    pub(crate) categories: Vec<u32>,
+}
+
+impl Constraints<'_> {
+    pub(crate) fn allows(&self, index: &Index, item: u32) -> bool {
+        index.catalog.item(item).is_some_and(|it| {
+            let rule = RuleItem {
+                id: &it.id,
+                category: &it.category,
+                price: it.price,
+                in_stock: it.in_stock,
+            };
+            self.filters.check(&rule).is_none()
+        })
+    }
+}
+
+/// The merge weight of each source (`RetrieveRequest.source_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SourceWeights {
+    pub(crate) anchor: f64,
+    pub(crate) cf: f64,
+    pub(crate) ann: f64,
+    pub(crate) content: f64,
+    pub(crate) trending: f64,
+    pub(crate) category: f64,
+    pub(crate) popular: f64,
+}
+
+impl SourceWeights {
+    pub(crate) fn from_request(map: &HashMap<String, f64>) -> Result<Self, FieldError> {
+        let mut w = SourceWeights {
+            anchor: 1.0,
+            cf: 1.0,
+            ann: 1.0,
+            content: 0.5,
+            // MovieLens served NDCG@10: 0.1433 without trending, 0.1465 at
+            // 0.3, 0.1479 at 0.5 (docs/evaluation.md).
+            trending: 0.5,
+            category: 0.6,
+            popular: 0.4,
+        };
+        for (name, &value) in map {
+            let field = format!("source_weights.{name}");
+            if !(0.0..=10.0).contains(&value) {
+                return Err(FieldError::new(field, "must be in 0..=10"));
+            }
+            match name.as_str() {
+                "anchor" => w.anchor = value,
+                "cf" => w.cf = value,
+                "ann" => w.ann = value,
+                "content" => w.content = value,
+                "trending" => w.trending = value,
+                "category" => w.category = value,
+                "popular" => w.popular = value,
+                _ => {
+                    return Err(FieldError::new(
+                        field,
+                        "unknown source; known: anchor, cf, ann, content, trending, category, popular",
+                    ));
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// Builds the merged candidate list, first source to find an item first.
+pub(crate) struct Merger<'a> {
+    pub(crate) index: &'a Index,
+    pub(crate) constraints: &'a Constraints<'a>,
+    /// foldhash: every item every source found passes through here.
+    pub(crate) by_item: HashMap<u32, Merged, foldhash::fast::RandomState>,
+    /// The recent items that explain an `ann` hit ([`Why::Nearest`]).
+    pub(crate) nearest_to: &'a [(u32, f64, EventKind)],
+}
+
+/// One item while sources are merged: only the winners of the cut become
+/// candidates (ids, attributes and reasons are written for `count` items,
+/// not for every item every source found).
+pub(crate) struct Merged {
+    pub(crate) score: f64,
+    /// When a source first found it: equal scores keep that order.
+    pub(crate) seq: u32,
+    /// Best raw score per source, in the order the sources found it (the
+    /// first is the candidate's `source`).
+    pub(crate) source_scores: Vec<(&'static str, f64)>,
+    pub(crate) reasons: Vec<Why>,
+}
+
+/// Reasons kept per item while merging: the three shown, and one more in
+/// case a [`Why::Nearest`] turns out to repeat another.
+pub(crate) const REASONS_KEPT: usize = 4;
+
+/// Why a source offered an item. Sources hand these over as indexes; only
+/// the items that make the cut get their reasons written out as text
+/// ([`Why::text`]), so a request formats a few dozen strings, not one per
+/// item every source found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Why {
+    /// "similar to {title of the item}"
+    SimilarTo(u32),
+    /// "because you {verb} {title of the item}"
+    Because(&'static str, u32),
+    /// An `ann` hit, explained by the recent item nearest to it (resolved
+    /// into `Because` or `ForYourTaste` only for the items that make the
+    /// cut: a dot product per recent item, per hit).
+    Nearest(u32),
+    /// "picked for your taste"
+    ForYourTaste,
+    /// "new in {category}"
+    NewIn(u32),
+    /// "trending in {category}"
+    TrendingIn(u32),
+    /// "trending now"
+    TrendingNow,
+    /// "popular in {category}"
+    PopularIn(u32),
+    /// "popular right now"
+    PopularNow,
+}
+
+impl Why {
+    pub(crate) fn text(self, index: &Index) -> String {
+        let category = |c: u32| {
+            index
+                .catalog
+                .categories
+                .get(c as usize)
+                .map_or("", String::as_str)
+        };
+        match self {
+            Why::SimilarTo(i) => format!("similar to {}", index.title(i)),
+            Why::Because(verb, i) => format!("because you {verb} {}", index.title(i)),
+            Why::Nearest(_) | Why::ForYourTaste => "picked for your taste".to_owned(),
+            Why::NewIn(c) => format!("new in {}", category(c)),
+            Why::TrendingIn(c) => format!("trending in {}", category(c)),
+            Why::TrendingNow => "trending now".to_owned(),
+            Why::PopularIn(c) => format!("popular in {}", category(c)),
+            Why::PopularNow => "popular right now".to_owned(),
+        }
+    }
+}
+
+impl<'a> Merger<'a> {
+    pub(crate) fn new(index: &'a Index, constraints: &'a Constraints<'a>) -> Self {
+        Merger {
+            index,
+            constraints,
+            by_item: HashMap::with_capacity_and_hasher(1024, Default::default()),
+            nearest_to: &[],
+        }
+    }
+
+    /// Resolves a [`Why::Nearest`]: the recent item (of `nearest_to`)
+    /// whose vector is closest to the hit's.
+    pub(crate) fn resolve(&self, why: Why) -> Why {
+        let Why::Nearest(hit) = why else {
+            return why;
+        };
+        let Some(f) = self.index.factors.as_ref() else {
+            return Why::ForYourTaste;
+        };
+        let item = |i: u32| f.trained.item(i as usize);
+        self.nearest_to
+            .iter()
+            .map(|seed| (als::similarity(item(hit), item(seed.0)), seed))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or(Why::ForYourTaste, |(_, &(seed, _, kind))| {
+                Why::Because(kind.verb(), seed)
+            })
+    }
+
+    /// Adds one source's results (best first) with `weight`.
+    pub(crate) fn add(
+        &mut self,
+        source: &'static str,
+        weight: f64,
+        results: impl IntoIterator<Item = (u32, f64, Why)>,
+    ) {
+        // Weight 0: the variant turned this source off.
+        if weight <= 0.0 {
+            return;
+        }
+        let results: Vec<(u32, f64, Why)> = results.into_iter().collect();
+        let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
+        for (item, raw, reason) in results {
+            if !self.constraints.allows(self.index, item) {
+                continue;
+            }
+            let score = if best > 0.0 { weight * raw / best } else { 0.0 };
+            let seq = self.by_item.len() as u32;
+            let merged = self.by_item.entry(item).or_insert_with(|| Merged {
+                score: 0.0,
+                seq,
+                source_scores: Vec::with_capacity(2),
+                reasons: Vec::with_capacity(1),
+            });
+            match merged.source_scores.iter_mut().find(|(s, _)| *s == source) {
+                Some((_, best_raw)) => *best_raw = best_raw.max(raw),
+                None => merged.source_scores.push((source, raw.max(0.0))),
+            }
+            merged.score = merged.score.max(score);
+            if !merged.reasons.contains(&reason) && merged.reasons.len() < REASONS_KEPT {
+                merged.reasons.push(reason);
+            }
+        }
+    }
+
+    /// The best `count` merged items, best first (stable: equal scores keep
+    /// source order).
+    pub(crate) fn best(&mut self, count: usize) -> Vec<(u32, Merged)> {
+        let mut out: Vec<(u32, Merged)> = self.by_item.drain().collect();
+        let order = |a: &(u32, Merged), b: &(u32, Merged)| {
+            b.1.score.total_cmp(&a.1.score).then(a.1.seq.cmp(&b.1.seq))
+        };
+        // Only the best `count` are sorted: a few hundred of a thousand or more.
+        if out.len() > count && count > 0 {
+            out.select_nth_unstable_by(count - 1, order);
+        }
+        out.truncate(count);
+        out.sort_unstable_by(order);
+        out
+    }
+
+    /// An item's reasons to show: resolved, as text (positions in `list`
+    /// through `written`), each text once, at most three.
+    pub(crate) fn reason_texts(
+        &self,
+        reasons: &[Why],
+        mut text: impl FnMut(Why) -> u32,
+    ) -> Vec<u32> {
+        let mut out = Vec::with_capacity(3);
+        for why in reasons {
+            let at = text(self.resolve(*why));
+            // Two items may share a title: one line each way.
+            if !out.contains(&at) && out.len() < 3 {
+                out.push(at);
+            }
+        }
+        out
+    }
+
+    /// The best `count` items as whole candidates (`Similar`, `Popular`,
+    /// `Trending`: short lists the gateway answers with as they are).
+    pub(crate) fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
+        self.best(count)
+            .into_iter()
+            .map(|(item, m)| {
+                let it = self.index.catalog.item(item);
+                pb::Candidate {
+                    item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
+                    score: m.score,
+                    source: m
+                        .source_scores
+                        .first()
+                        .map(|(s, _)| (*s).to_owned())
+                        .unwrap_or_default(),
+                    reasons: m.reasons.iter().fold(Vec::new(), |mut texts, why| {
+                        // Two items may share a title: one line each way.
+                        let text = self.resolve(*why).text(self.index);
+                        if !texts.contains(&text) && texts.len() < 3 {
+                            texts.push(text);
+                        }
+                        texts
+                    }),
+                    source_scores: m
+                        .source_scores
+                        .into_iter()
+                        .map(|(s, v)| (s.to_owned(), v))
+                        .collect(),
+                    attributes: it.map(attributes),
+                    exploration: false,
+                }
+            })
+            .collect()
+    }
+
+    /// The best `count` items as the lean list `Retrieve` answers with:
+    /// each distinct reason is written once for the whole list (many
+    /// candidates share "because you viewed X" or "popular in Y").
+    pub(crate) fn finish_list(mut self, count: usize) -> pb::CandidateList {
+        let best = self.best(count);
+        let mut list = lean::ListBuilder::with_capacity(best.len());
+        let mut written: Vec<(Why, u32)> = Vec::new();
+        let mut scores = Vec::with_capacity(4);
+        for (item, m) in best {
+            let Some(it) = self.index.catalog.item(item) else {
+                continue;
+            };
+            scores.clear();
+            scores.extend(
+                m.source_scores
+                    .iter()
+                    .filter_map(|&(s, v)| Some((lean::source_code(s)?, v))),
+            );
+            let first_source = scores.first().map_or(0, |s| s.0);
+            scores.sort_by_key(|s| s.0);
+            let reasons = self.reason_texts(&m.reasons, |why| {
+                match written.iter().find(|(w, _)| *w == why) {
+                    Some(&(_, at)) => at,
+                    None => {
+                        let at = list.text(&why.text(self.index));
+                        written.push((why, at));
+                        at
+                    }
+                }
+            });
+            list.push(lean::Entry {
+                id: &it.id,
+                score: m.score,
+                first_source,
+                source_scores: &scores,
+                reasons: &reasons,
+                attributes: Some(lean::Attributes {
+                    category: &it.category,
+                    brand: &it.brand,
+                    price: it.price,
+                    in_stock: it.in_stock,
+                    promoted: it.promoted,
+                    created_at: it.created_at,
+                }),
+                exploration: false,
+            });
+        }
+        list.finish()
+    }
+}
