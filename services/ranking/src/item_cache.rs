@@ -6,7 +6,8 @@
 //! cheap. moka did this first, and its per-read bookkeeping (recording the
 //! read for its eviction policy, running pending housekeeping inline) was
 //! 23% of ranking's CPU under load (docs/performance.md, "Ranking's item
-//! cache"). Here a lookup is one shared lock and one hash probe.
+//! cache"). Here a lookup is one shared lock and one hash probe, against
+//! one clock reading for the whole call.
 //!
 //! Why stale entries are served: items fetched together expire together.
 //! After the features service or ranking restarts, every item is fetched
@@ -48,7 +49,7 @@ struct Entry {
     claimed: AtomicU64,
 }
 
-type Shard = HashMap<String, Arc<Entry>, RandomState>;
+type Shard = HashMap<String, Entry, RandomState>;
 
 /// What the cache has for an item.
 #[derive(Debug, Clone)]
@@ -100,14 +101,17 @@ impl ItemCache {
 
     /// What the cache has for `id` now.
     pub fn get(&self, id: &str) -> Lookup {
-        let entry = {
-            let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
-            match shard.get(id) {
-                Some(e) => e.clone(),
-                None => return Lookup::Miss,
-            }
+        self.get_at(id, Instant::now())
+    }
+
+    /// What the cache has for `id` at `now`: a `Rank` reads the clock once
+    /// for all of its candidates, not once per lookup.
+    pub fn get_at(&self, id: &str, now: Instant) -> Lookup {
+        let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = shard.get(id) else {
+            return Lookup::Miss;
         };
-        let age = entry.stored.elapsed();
+        let age = now.saturating_duration_since(entry.stored);
         if age < entry.fresh_for {
             return Lookup::Fresh(entry.features.clone());
         }
@@ -116,7 +120,7 @@ impl ItemCache {
         }
         Lookup::Stale {
             features: entry.features.clone(),
-            refresh: self.claim(&entry),
+            refresh: self.claim(entry),
         }
     }
 
@@ -153,12 +157,12 @@ impl ItemCache {
         // The same item always gets the same share (a fixed hash, not the
         // per-process one), so its freshness does not wander between stores.
         let fresh_for = recmesh_algo::assign::jittered(self.ttl, &id, JITTER);
-        let entry = Arc::new(Entry {
+        let entry = Entry {
             features,
             stored,
             fresh_for,
             claimed: AtomicU64::new(0),
-        });
+        };
         let mut shard = self.shard(&id).write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&id) {
             shard.retain(|_, e| now.duration_since(e.stored) < usable);

@@ -374,11 +374,12 @@ impl RankingService {
         let mut asked = std::collections::HashSet::<&str, foldhash::fast::RandomState>::default();
         let (mut missing, mut refresh) = (Vec::new(), Vec::new());
         let mut stale = 0;
+        let now = std::time::Instant::now();
         for id in ids {
             if found.contains_key(id) {
                 continue;
             }
-            match self.cache.get(id) {
+            match self.cache.get_at(id, now) {
                 Lookup::Fresh(f) => {
                     found.insert(id.to_owned(), f);
                 }
