@@ -1,5 +1,18 @@
-//! Statistics of A/B results: the two-proportion z-test, the confidence
-//! interval of a difference of proportions, and the guardrail rule.
+//! Statistics of A/B results.
+//!
+//! - [`ratio`]: per-user ratio metrics compared with the delta method, and
+//!   CUPED;
+//! - [`sequential`]: always-valid p-values and intervals (mSPRT) for
+//!   anything looked at continuously;
+//! - [`srm`]: the sample-ratio-mismatch check;
+//! - here: the normal distribution, and the impression-level
+//!   two-proportion z-test with the guardrail rule it used to drive (kept
+//!   for the labelled impression-level figures and for the simulator's
+//!   comparison with the old behaviour).
+
+pub mod ratio;
+pub mod sequential;
+pub mod srm;
 
 /// The complementary error function, Chebyshev fit with fractional error
 /// below 1.2e-7 everywhere (Numerical Recipes, 2nd ed., §6.2, `erfcc`).
