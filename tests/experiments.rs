@@ -257,6 +257,21 @@ async fn a_pushed_experiment_changes_recommendations_and_reports_results() {
     assert!(personal.ctr > 0.0 && personal.ctr <= 1.0);
     assert!((0.0..=1.0).contains(&personal.ctr_p_value) && personal.ctr_p_value > 0.0);
     assert!(personal.ctr_diff_ci_low <= personal.ctr_diff_ci_high);
+    // Per user: at most the 150 simulated users and the earlier ones, each
+    // counted once however many lists they saw.
+    let users: u64 = results.variants.iter().map(|v| v.users).sum();
+    let impressions: u64 = results.variants.iter().map(|v| v.impressions).sum();
+    assert!(users > 0 && users < impressions, "{results:?}");
+    assert!(personal.users <= personal.impressions);
+    assert!(personal.user_ctr_se > 0.0, "{personal:?}");
+    assert!(personal.user_ctr_p_value > 0.0 && personal.user_ctr_p_value <= 1.0);
+    assert!(personal.user_ctr_diff_ci_low <= personal.user_ctr_diff_ci_high);
+    assert!(personal.always_valid_p_value > 0.0 && personal.always_valid_p_value <= 1.0);
+    assert!(personal.always_valid_lift_ci_low <= personal.always_valid_lift_ci_high);
+    assert!(
+        !results.srm_note.is_empty(),
+        "the split check says what it saw"
+    );
 
     // A push with bad weights is refused naming the field; the old config
     // keeps serving.
@@ -294,7 +309,8 @@ async fn a_guardrail_stops_a_variant_whose_ctr_drops() {
     e.guardrails = vec![pb::Guardrail {
         metric: "ctr".into(),
         max_relative_drop: 0.05,
-        min_sample: 100,
+        // Users per arm (200 users split about evenly between two arms).
+        min_sample: 50,
     }];
     admin
         .put_experiment(authed(pb::PutExperimentRequest {
@@ -335,6 +351,13 @@ async fn a_guardrail_stops_a_variant_whose_ctr_drops() {
         stopped.variants[1]
             .stopped_reason
             .starts_with("guardrail ctr:"),
+        "{}",
+        stopped.variants[1].stopped_reason
+    );
+    assert!(
+        stopped.variants[1]
+            .stopped_reason
+            .contains("always-valid p = "),
         "{}",
         stopped.variants[1].stopped_reason
     );

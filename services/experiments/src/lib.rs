@@ -597,15 +597,29 @@ impl Experiments {
         Ok(drained)
     }
 
+    /// One look at the results: the always-valid tests advance, the split
+    /// is checked, and variants whose guardrail fires are stopped.
     async fn check_guardrails(&self) {
         let set = self.current();
-        let breaches = self
+        let look = self
             .0
             .results
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .breaches(&set);
-        for (experiment, variant, reason) in breaches {
+            .look(&set);
+        for (experiment, flagged) in &look.srm {
+            metrics::gauge!("recmesh_experiments_srm_flagged", "experiment" => experiment.clone())
+                .set(if *flagged { 1.0 } else { 0.0 });
+        }
+        for c in look.srm_changes {
+            if c.flagged {
+                tracing::error!(experiment = %c.experiment, note = %c.note,
+                    "sample-ratio mismatch: guardrails held and no variant can stop until it is explained");
+            } else {
+                tracing::info!(experiment = %c.experiment, note = %c.note, "sample ratio back in line");
+            }
+        }
+        for (experiment, variant, reason) in look.breaches {
             let stopped = self
                 .change(|set| {
                     set.stop_variant(&experiment, &variant, reason.clone())

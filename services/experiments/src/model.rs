@@ -88,6 +88,10 @@ pub struct ExperimentDef {
     /// Keep each user's first variant when weights change.
     #[serde(default)]
     pub sticky: bool,
+    /// Adjust the per-user CTR comparison with CUPED (the user's events in
+    /// the 7 days before their first exposure as the covariate).
+    #[serde(default)]
+    pub cuped: bool,
 }
 
 fn running() -> String {
@@ -415,6 +419,7 @@ pub fn to_proto(s: &Stored) -> pb::Experiment {
         start_ms: e.start_ms,
         end_ms: e.end_ms,
         sticky: e.sticky,
+        cuped: e.cuped,
         guardrails: e
             .guardrails
             .iter()
@@ -451,6 +456,7 @@ pub fn from_proto(e: pb::Experiment) -> ExperimentDef {
         start_ms: e.start_ms,
         end_ms: e.end_ms,
         sticky: e.sticky,
+        cuped: e.cuped,
         guardrails: e
             .guardrails
             .into_iter()
@@ -496,6 +502,7 @@ mod tests {
             end_ms: 0,
             guardrails: vec![],
             sticky: false,
+            cuped: false,
             variants: vec![
                 VariantDef {
                     name: "control".into(),

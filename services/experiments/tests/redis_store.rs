@@ -17,6 +17,7 @@ fn experiment(id: &str, layer: &str, weights: [u32; 2], sticky: bool) -> Experim
         end_ms: 0,
         guardrails: vec![],
         sticky,
+        cuped: false,
         variants: vec![
             VariantDef {
                 name: "control".into(),

@@ -34,7 +34,7 @@ use recmesh_server::config::{ConfigError, ServerConfig, ServiceConfig, at_least_
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-pub use store::{FeatureStore, Ingested, StoreError, ValidEvent};
+pub use store::{FeatureStore, Ingested, LogKind, LogPage, StoreError, ValidEvent};
 
 /// Default gRPC port of the features service.
 pub const DEFAULT_PORT: u16 = 50056;

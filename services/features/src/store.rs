@@ -65,6 +65,9 @@ struct ExposureRecord {
     t: i64,
     a: Vec<(String, String)>,
     i: Vec<String>,
+    /// `user_events_7d`; absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<u32>,
 }
 
 /// An exposure's JSON form.
@@ -78,6 +81,7 @@ pub fn exposure_json(e: &pb::Exposure) -> String {
             .map(|a| (a.experiment_id.clone(), a.variant.clone()))
             .collect(),
         i: e.item_ids.clone(),
+        c: e.user_events_7d,
     };
     serde_json::to_string(&record).unwrap_or_default()
 }
@@ -99,6 +103,7 @@ pub fn exposure_from_json(text: &str) -> Result<pb::Exposure, String> {
             })
             .collect(),
         item_ids: r.i,
+        user_events_7d: r.c,
     })
 }
 

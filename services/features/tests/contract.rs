@@ -209,6 +209,28 @@ async fn contract(store: Arc<dyn FeatureStore>) {
     // A user never seen is cold, not an error.
     let cold = store.user("nobody", 10).await.expect("cold user");
     assert!(!cold.known && cold.recent.is_empty());
+
+    // Exposures come back as logged, with the CUPED covariate when the
+    // gateway knew it and without when it did not.
+    let exposure = |user: &str, covariate: Option<u32>| pb::Exposure {
+        request_id: format!("r-{user}"),
+        user_id: user.into(),
+        timestamp_ms: now,
+        assignments: vec![pb::Assignment {
+            experiment_id: "x".into(),
+            variant: "b".into(),
+            params: Default::default(),
+        }],
+        item_ids: vec!["i3".into(), "i7".into()],
+        user_events_7d: covariate,
+    };
+    let logged = vec![exposure("u9", Some(6)), exposure("nobody", None)];
+    assert_eq!(store.log_exposures(&logged).await.expect("log"), 2);
+    let page = store
+        .read_log(recmesh_features::LogKind::Exposures, "", 10)
+        .await
+        .expect("read exposures");
+    assert_eq!(page.exposures, logged);
 }
 
 #[tokio::test]

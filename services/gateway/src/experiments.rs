@@ -124,11 +124,14 @@ pub fn spawn_exposure_log(
     tx
 }
 
-/// Queues the exposure of `response` to `user`; a full queue drops it.
+/// Queues the exposure of `response` to `user`, with the user's events in
+/// the last 7 days when the answer was computed from their features (the
+/// covariate of CUPED); a full queue drops it.
 pub fn queue_exposure(
     queue: &mpsc::Sender<pb::Exposure>,
     user: &str,
     response: &pb::RecommendResponse,
+    user_events_7d: Option<u32>,
 ) {
     let exposure = pb::Exposure {
         request_id: response.request_id.clone(),
@@ -144,6 +147,7 @@ pub fn queue_exposure(
             })
             .collect(),
         item_ids: response.items.iter().map(|i| i.item_id.clone()).collect(),
+        user_events_7d,
     };
     if queue.try_send(exposure).is_err() {
         metrics::counter!("recmesh_gateway_exposures_total", "outcome" => "dropped").increment(1);

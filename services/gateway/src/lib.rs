@@ -536,7 +536,7 @@ impl Gateway {
         q: &RecommendQuery,
         deadline: Deadline,
         rid: &str,
-    ) -> (pb::RecommendResponse, Option<Duration>) {
+    ) -> (pb::RecommendResponse, Option<Duration>, Option<u32>) {
         let b = &self.config.budgets;
         let mut stages = Vec::with_capacity(5);
 
@@ -660,6 +660,9 @@ impl Gateway {
                 (Vec::new(), VariantParams::default())
             }
         };
+        // The user's recent engagement, logged with the exposure as the
+        // covariate of CUPED; unknown when their features are not at hand.
+        let events_7d = user.as_ref().ok().map(|u| u.events_7d);
         let profile = user.unwrap_or_else(|_| {
             fell_back(&mut user_report, fallback_name::ANONYMOUS);
             pb::UserFeatures {
@@ -841,15 +844,24 @@ impl Gateway {
             degraded,
             cached: false,
         };
-        (response, params.cache_ttl_ms.map(Duration::from_millis))
+        (
+            response,
+            params.cache_ttl_ms.map(Duration::from_millis),
+            events_7d,
+        )
     }
 
     /// Queues the exposure of an answer with assignments; never waits.
-    fn log_exposure(&self, user: &str, response: &pb::RecommendResponse) {
+    fn log_exposure(
+        &self,
+        user: &str,
+        response: &pb::RecommendResponse,
+        user_events_7d: Option<u32>,
+    ) {
         if let Some(queue) = &self.exposures
             && !response.assignments.is_empty()
         {
-            experiments::queue_exposure(queue, user, response);
+            experiments::queue_exposure(queue, user, response, user_events_7d);
         }
     }
 
@@ -918,14 +930,14 @@ impl pb::gateway_server::Gateway for Gateway {
                 let mut response = (*hit).clone();
                 response.request_id = rid;
                 response.cached = true;
-                self.log_exposure(&q.user_id, &response);
+                self.log_exposure(&q.user_id, &response, None);
                 return Ok(Response::new(response));
             }
             metrics::counter!("recmesh_gateway_cache_total", "result" => "miss").increment(1);
         }
 
-        let (response, variant_ttl) = self.recommend_pipeline(&q, deadline, &rid).await;
-        self.log_exposure(&q.user_id, &response);
+        let (response, variant_ttl, events_7d) = self.recommend_pipeline(&q, deadline, &rid).await;
+        self.log_exposure(&q.user_id, &response, events_7d);
         metrics::counter!("recmesh_gateway_recommend_total", "degraded" => if response.degraded { "true" } else { "false" })
             .increment(1);
         // Degraded answers are not cached: the next request should get the

@@ -127,13 +127,14 @@ impl Admin {
 /// One experiment as text.
 pub fn render_experiment(e: &pb::Experiment) -> String {
     let mut out = format!(
-        "{} (layer {}, {:.0}% of traffic, {}, version {}{})\n",
+        "{} (layer {}, {:.0}% of traffic, {}, version {}{}{})\n",
         e.id,
         e.layer,
         e.traffic * 100.0,
         e.status,
         e.version,
-        if e.sticky { ", sticky" } else { "" }
+        if e.sticky { ", sticky" } else { "" },
+        if e.cuped { ", CUPED" } else { "" }
     );
     for v in &e.variants {
         let mut params: Vec<String> = v.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -154,7 +155,7 @@ pub fn render_experiment(e: &pb::Experiment) -> String {
     for g in &e.guardrails {
         let _ = writeln!(
             out,
-            "  guardrail {}: stop a variant more than {:.0}% below control (p < 0.05, ≥ {} impressions each)",
+            "  guardrail {}: stop a variant more than {:.0}% below control (always-valid p < 0.05, ≥ {} users each, no sample-ratio mismatch)",
             g.metric,
             g.max_relative_drop * 100.0,
             g.min_sample
@@ -163,14 +164,93 @@ pub fn render_experiment(e: &pb::Experiment) -> String {
     out
 }
 
-/// Results as a Markdown table.
+/// A lift interval's bound as a percentage; unbounded before the first look.
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:+.1}%", x * 100.0)
+    } else if x > 0.0 {
+        "+∞".into()
+    } else {
+        "−∞".into()
+    }
+}
+
+/// Results as Markdown: the split check, then per user (the figures to
+/// decide on), then per impression (labelled, for comparison).
 pub fn render_results(r: &pb::ExperimentResults) -> String {
     let mut out = format!(
         "experiment {} (control: {}); {} exposures and {} events read\n\n",
         r.experiment_id, r.control, r.exposures_read, r.events_read
     );
+    let _ = writeln!(
+        out,
+        "split: {}{}\n",
+        if r.srm_flagged {
+            "SAMPLE-RATIO MISMATCH. "
+        } else {
+            ""
+        },
+        r.srm_note
+    );
     out.push_str(
-        "| variant | impressions | clicks | CTR | conversions | conv. rate | CTR lift | p-value | 95% CI of CTR diff |\n\
+        "Per user (delta method; fixed-horizon p valid at a pre-set sample size, \
+         always-valid p and CI valid at any look):\n\n\
+         | variant | users | CTR | CTR lift | fixed-horizon p | 95% CI of CTR diff | always-valid p | always-valid CI of lift | can stop | conv. p |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for v in &r.variants {
+        let name = format!(
+            "{}{}",
+            v.variant,
+            if v.stopped_reason.is_empty() {
+                ""
+            } else {
+                " (stopped)"
+            }
+        );
+        if v.variant == r.control {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.4} | — | — | — | — | — | — | — |",
+                v.users, v.ctr
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.4} | {:+.1}% | {:.4} | [{:+.4}, {:+.4}] | {:.4} | [{}, {}] | {} | {:.4} |",
+            v.users,
+            v.ctr,
+            v.ctr_lift * 100.0,
+            v.user_ctr_p_value,
+            v.user_ctr_diff_ci_low,
+            v.user_ctr_diff_ci_high,
+            v.always_valid_p_value,
+            pct(v.always_valid_lift_ci_low),
+            pct(v.always_valid_lift_ci_high),
+            if v.can_stop { "yes" } else { "no" },
+            v.user_conversion_p_value,
+        );
+    }
+    if r.cuped {
+        out.push_str(
+            "\nCUPED (covariate: the user's events in the 7 days before their first exposure):\n\n\
+             | variant | adjusted CTR | adjusted lift | variance removed |\n|---|---|---|---|\n",
+        );
+        for v in r.variants.iter().filter(|v| v.variant != r.control) {
+            let _ = writeln!(
+                out,
+                "| {} | {:.4} | {:+.1}% | {:.1}% |",
+                v.variant,
+                v.cuped_ctr,
+                v.cuped_lift * 100.0,
+                v.cuped_variance_reduction * 100.0
+            );
+        }
+    }
+    out.push_str(
+        "\nPer impression (every list an independent trial: intervals too narrow, do not decide on these):\n\n\
+         | variant | impressions | clicks | CTR | conversions | conv. rate | CTR lift | p-value | 95% CI of CTR diff |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
     for v in &r.variants {
@@ -187,18 +267,8 @@ pub fn render_results(r: &pb::ExperimentResults) -> String {
         };
         let _ = writeln!(
             out,
-            "| {}{} | {} | {} | {:.4} | {} | {:.4} {versus}",
-            v.variant,
-            if v.stopped_reason.is_empty() {
-                ""
-            } else {
-                " (stopped)"
-            },
-            v.impressions,
-            v.clicks,
-            v.ctr,
-            v.conversions,
-            v.conversion_rate
+            "| {} | {} | {} | {:.4} | {} | {:.4} {versus}",
+            v.variant, v.impressions, v.clicks, v.ctr, v.conversions, v.conversion_rate
         );
     }
     for v in r.variants.iter().filter(|v| !v.stopped_reason.is_empty()) {
