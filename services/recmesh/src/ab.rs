@@ -235,15 +235,19 @@ pub fn render_results(r: &pb::ExperimentResults) -> String {
     if r.cuped {
         out.push_str(
             "\nCUPED (covariate: the user's events in the 7 days before their first exposure):\n\n\
-             | variant | adjusted CTR | adjusted lift | variance removed |\n|---|---|---|---|\n",
+             | variant | adjusted CTR | adjusted lift | fixed-horizon p | 95% CI of adjusted diff | variance removed |\n\
+             |---|---|---|---|---|---|\n",
         );
         for v in r.variants.iter().filter(|v| v.variant != r.control) {
             let _ = writeln!(
                 out,
-                "| {} | {:.4} | {:+.1}% | {:.1}% |",
+                "| {} | {:.4} | {:+.1}% | {:.4} | [{:+.4}, {:+.4}] | {:.1}% |",
                 v.variant,
                 v.cuped_ctr,
                 v.cuped_lift * 100.0,
+                v.cuped_p_value,
+                v.cuped_diff_ci_low,
+                v.cuped_diff_ci_high,
                 v.cuped_variance_reduction * 100.0
             );
         }

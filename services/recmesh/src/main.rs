@@ -255,6 +255,35 @@ enum Command {
         #[command(flatten)]
         admin: AdminTarget,
     },
+    /// The proof of the experiment statistics, offline: many simulated
+    /// A/A, A/B and broken-split experiments through the real results code
+    /// (per-user tests, always-valid guardrail, SRM, CUPED) beside the old
+    /// impression-level rule. Prints Markdown tables (docs/experiments.md).
+    AbSim {
+        /// Experiments per A/A and A/B scenario.
+        #[arg(long, default_value_t = 1_000)]
+        runs: usize,
+        /// Experiments per SRM row.
+        #[arg(long, default_value_t = 200)]
+        srm_runs: usize,
+        /// Users per experiment.
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Results polls over each experiment's horizon.
+        #[arg(long, default_value_t = 200)]
+        looks: usize,
+        /// The A/B variant's relative CTR change, e.g. -0.1.
+        #[arg(long, default_value_t = -0.1, allow_hyphen_values = true)]
+        effect: f64,
+        /// Users per experiment of the SRM rows, comma-separated.
+        #[arg(long, default_value = "5000,10000,20000,40000", value_delimiter = ',')]
+        srm_users: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Threads (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// The serving pipeline called in process (no gRPC): the baseline the
     /// mesh's throughput is compared with.
     BenchInProcess {
@@ -485,6 +514,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", recmesh::ab::render_results(&a.results(&id).await?));
                 }
             }
+            Ok(())
+        }
+        Command::AbSim {
+            runs,
+            srm_runs,
+            users,
+            looks,
+            effect,
+            srm_users,
+            seed,
+            threads,
+        } => {
+            anyhow::ensure!(
+                runs > 0 && srm_runs > 0,
+                "--runs, --srm-runs: must be at least 1"
+            );
+            anyhow::ensure!(users >= 2, "--users: must be at least 2");
+            anyhow::ensure!(looks >= 1, "--looks: must be at least 1");
+            anyhow::ensure!(
+                effect > -1.0 && effect.is_finite(),
+                "--effect: must be above -1 (-0.1 is a 10% drop)"
+            );
+            let suite = recmesh_experiments::simulation::Suite {
+                runs,
+                srm_runs,
+                users,
+                looks,
+                effect,
+                srm_users,
+                seed,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            };
+            let started = std::time::Instant::now();
+            let report = suite
+                .run(|what| eprintln!("ab-sim: {what} ({:.0} s)", started.elapsed().as_secs_f64()));
+            print!("{report}");
+            eprintln!("ab-sim: done in {:.0} s", started.elapsed().as_secs_f64());
             Ok(())
         }
         Command::Simulate {

@@ -146,6 +146,8 @@ impl Results {
     /// fires. Called once per results round; the always-valid figures in
     /// [`Results::report`] are those of the latest look.
     pub fn look(&mut self, set: &ExperimentSet) -> Look {
+        // A deleted experiment's counts go with it.
+        self.experiments.retain(|id, _| set.get(id).is_some());
         let mut out = Look::default();
         for s in &set.experiments {
             let e = &s.def;
@@ -254,6 +256,7 @@ impl Results {
                     user_ctr_p_value: 1.0,
                     always_valid_p_value: 1.0,
                     user_conversion_p_value: 1.0,
+                    cuped_p_value: 1.0,
                     ..Default::default()
                 };
                 if v.name == control.name {
@@ -284,6 +287,8 @@ impl Results {
                     r.cuped_ctr = k.comparison.variant;
                     r.cuped_lift = k.comparison.lift;
                     r.cuped_variance_reduction = k.variance_reduction;
+                    r.cuped_p_value = k.comparison.p_value;
+                    (r.cuped_diff_ci_low, r.cuped_diff_ci_high) = k.comparison.diff_ci;
                 }
                 let test = t
                     .and_then(|t| t.sequential.get(&v.name))

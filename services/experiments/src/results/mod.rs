@@ -322,6 +322,16 @@ impl Results {
             .unwrap_or_default()
     }
 
+    /// Per-user counts kept, over every experiment and variant (about 40
+    /// bytes each, kept until the experiment is deleted).
+    pub fn tracked_users(&self) -> usize {
+        self.experiments
+            .values()
+            .flat_map(|e| e.arms.values())
+            .map(|a| a.users.len())
+            .sum()
+    }
+
     /// Distinct users exposed in one variant.
     pub fn users(&self, experiment: &str, variant: &str) -> u64 {
         self.experiments
