@@ -232,7 +232,9 @@ pub fn render_results(r: &pb::ExperimentResults) -> String {
             v.user_conversion_p_value,
         );
     }
-    if r.cuped {
+    if r.cuped && !r.cuped_note.is_empty() {
+        let _ = writeln!(out, "\nCUPED {}", r.cuped_note);
+    } else if r.cuped {
         out.push_str(
             "\nCUPED (covariate: the user's events in the 7 days before their first exposure):\n\n\
              | variant | adjusted CTR | adjusted lift | fixed-horizon p | 95% CI of adjusted diff | variance removed |\n\

@@ -231,6 +231,7 @@ impl Results {
         let c = self.tally(id, &control.name);
         let (check, srm_note) = split_check(e, t);
         let srm_flagged = check.is_some_and(|c| c.flagged());
+        let mut cuped_note = String::new();
         let variants = e
             .variants
             .iter()
@@ -281,6 +282,11 @@ impl Results {
                 if let Some(cmp) = &compared.conversion {
                     r.user_conversion_p_value = cmp.p_value;
                 }
+                if e.cuped && compared.cuped.is_none() && compared.ctr.is_some() {
+                    cuped_note = "not applied: the covariate (events in the 7 days before a \
+                                  user's first exposure) is the same for every user, or unknown"
+                        .into();
+                }
                 if e.cuped
                     && let Some(k) = &compared.cuped
                 {
@@ -310,6 +316,7 @@ impl Results {
             srm_flagged,
             srm_note,
             cuped: e.cuped,
+            cuped_note,
         })
     }
 }

@@ -391,4 +391,14 @@ fn cuped_is_reported_when_the_experiment_asks_for_it() {
         (report.variants[0].cuped_ctr - 0.5).abs() < 1e-12,
         "control: plain"
     );
+    assert!(report.cuped_note.is_empty());
+    // Every user with the same covariate: nothing to adjust by, and the
+    // results say so.
+    let mut r = Results::default();
+    arm(&mut r, "c", "control", 40, 20);
+    arm(&mut r, "v", "b", 40, 10);
+    r.attribute(i64::MAX);
+    let report = r.report(&set, "x").expect("known");
+    assert!(report.cuped_note.starts_with("not applied"), "{report:?}");
+    assert_eq!(report.variants[1].cuped_variance_reduction, 0.0);
 }
