@@ -289,6 +289,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "users whose exposed lists the results consumer keeps for attribution",
     ),
     (
+        "recmesh_experiments_results_tracked_users",
+        Kind::Gauge,
+        "per-user counts the results hold, over every experiment and variant",
+    ),
+    (
+        "recmesh_experiments_srm_flagged",
+        Kind::Gauge,
+        "1 while a running experiment's users per variant mismatch its weights (chi-square p < 0.001), by experiment",
+    ),
+    (
         "recmesh_experiments_consul_rejected_total",
         Kind::Counter,
         "Consul KV keys refused (the previous version keeps serving)",
