@@ -92,21 +92,21 @@ pub struct RunOutcome {
     pub users: (u64, u64),
 }
 
-/// SplitMix64 with the few distributions the simulation needs.
-struct Rng(u64);
+/// The demo data's SplitMix64 with the few distributions the simulation
+/// needs.
+struct Rng(recmesh_catalog::demo::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    /// The generator whose state starts at `state`.
+    fn with_state(state: u64) -> Self {
+        Rng(recmesh_catalog::demo::Rng::new(
+            state ^ 0x5851_f42d_4c95_7f2d,
+        ))
     }
 
     /// Uniform on [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.f64()
     }
 
     fn normal(&mut self) -> f64 {
@@ -196,7 +196,7 @@ struct User {
 
 /// Simulates one experiment with seed `seed`.
 pub fn run(s: &Scenario, seed: u64) -> RunOutcome {
-    let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
+    let mut rng = Rng::with_state(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
     let set = experiment_set(s);
     let looks = s.looks.max(1);
     let mut by_look: Vec<Vec<u32>> = vec![Vec::new(); looks];
@@ -344,6 +344,10 @@ fn count(outcomes: &[RunOutcome], f: impl Fn(&RunOutcome) -> bool) -> usize {
     outcomes.iter().filter(|o| f(o)).count()
 }
 
+fn mean_reduction(o: &[RunOutcome]) -> f64 {
+    o.iter().map(|r| r.variance_reduction).sum::<f64>() / o.len().max(1) as f64
+}
+
 fn median(mut xs: Vec<usize>) -> Option<usize> {
     xs.sort_unstable();
     xs.get(xs.len() / 2).copied()
@@ -396,11 +400,10 @@ pub fn render_aa(s: &Scenario, o: &[RunOutcome]) -> String {
         let _ = writeln!(out, "| {what} | {} |", share(hits, n));
     }
     if s.cuped {
-        let mean = o.iter().map(|r| r.variance_reduction).sum::<f64>() / n.max(1) as f64;
         let _ = writeln!(
             out,
             "| CUPED variance reduction at the horizon (mean) | {:.1}% |",
-            mean * 100.0
+            mean_reduction(o) * 100.0
         );
     }
     out
@@ -459,11 +462,10 @@ pub fn render_ab(s: &Scenario, o: &[RunOutcome]) -> String {
         at(median(legacy))
     );
     if s.cuped {
-        let mean = o.iter().map(|r| r.variance_reduction).sum::<f64>() / n.max(1) as f64;
         let _ = writeln!(
             out,
             "| CUPED variance reduction (mean) | {:.1}% |",
-            mean * 100.0
+            mean_reduction(o) * 100.0
         );
     }
     out
