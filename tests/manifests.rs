@@ -5,7 +5,14 @@
 //! probes point at them, its Service forwards to them, and every upstream
 //! address in the config names a Service and port that exist. The Helm
 //! chart passes `helm lint --strict` and what `helm template` renders is
-//! checked the same way; so are its values, read directly.
+//! checked the same way (default values, and prod-like ones: a data volume,
+//! a Qdrant server, a ServiceMonitor); so are its values, read directly.
+//!
+//! Every pod meets Pod Security "restricted" (non-root, no privilege
+//! escalation, no capabilities, seccomp, read-only root with /tmp mounted),
+//! an HPA-managed Deployment sets no replicas, and every rendered object
+//! passes `kubernetes-validate --strict` for the Kubernetes version the
+//! manifests target (installed by tests/run.sh).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -88,9 +95,36 @@ fn check_overlay(overlay: &str) -> usize {
     check_docs(overlay, &render(overlay))
 }
 
+/// The Kubernetes version the manifests target (the oldest supported minor
+/// they are validated against).
+const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Prod-like chart values: a data volume (the trainer's bundle served by
+/// retrieval and ranking), a Qdrant server, a ServiceMonitor for
+/// kube-prometheus-stack, a toleration.
+const HELM_PROD: &[&str] = &[
+    "--set",
+    "data.existingClaim=recmesh-data",
+    "--set",
+    "qdrant.url=http://qdrant:6334",
+    "--set",
+    "serviceMonitor.enabled=true",
+    "--set",
+    "serviceMonitor.labels.release=kube-prometheus-stack",
+    "--set",
+    "tolerations[0].key=dedicated",
+    "--set",
+    "tolerations[0].operator=Exists",
+];
+
 /// `helm lint`, then `helm template rm` of the chart: the objects a
 /// `helm install rm helm/recmesh` would create, with the default values.
 fn render_helm() -> Vec<Value> {
+    render_helm_with(&[])
+}
+
+/// As [`render_helm`], with `helm template` arguments `extra`.
+fn render_helm_with(extra: &[&str]) -> Vec<Value> {
     let chart = repo().join("helm/recmesh");
     let helm = |args: &[&str]| {
         let out = Command::new("helm")
@@ -108,7 +142,9 @@ fn render_helm() -> Vec<Value> {
         String::from_utf8(out.stdout).expect("utf-8")
     };
     helm(&["lint", "--strict"]);
-    let text = helm(&["template", "rm"]);
+    let mut args = vec!["template", "rm", "--namespace", "recmesh"];
+    args.extend_from_slice(extra);
+    let text = helm(&args);
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).expect("yaml"))
         .filter(|d| !d.is_null())
@@ -142,9 +178,28 @@ fn check_docs(overlay: &str, docs: &[Value]) -> usize {
                 .collect(),
         );
     }
+    let autoscaled: Vec<&str> = docs
+        .iter()
+        .filter(|d| kind(d) == "HorizontalPodAutoscaler")
+        .map(|d| s(&d["spec"]["scaleTargetRef"]["name"]))
+        .collect();
+    for d in docs.iter().filter(|d| kind(d) == "CronJob") {
+        let name = s(&d["metadata"]["name"]);
+        check_restricted(
+            &format!("{overlay}/{name}"),
+            &d["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        );
+    }
     let mut checked = 0;
     for d in docs.iter().filter(|d| kind(d) == "Deployment") {
         let name = s(&d["metadata"]["name"]).to_owned();
+        check_restricted(&format!("{overlay}/{name}"), &d["spec"]["template"]["spec"]);
+        if autoscaled.contains(&name.as_str()) {
+            assert!(
+                d["spec"]["replicas"].is_null(),
+                "{overlay}/{name}: an HPA owns its replicas; setting them resets its choice at every apply"
+            );
+        }
         let c = &d["spec"]["template"]["spec"]["containers"][0];
         let binary = s(&c["command"][0])
             .rsplit('/')
@@ -226,6 +281,255 @@ fn check_docs(overlay: &str, docs: &[Value]) -> usize {
         checked += 1;
     }
     checked
+}
+
+/// Pod Security "restricted" (and a bit more) for one pod spec.
+fn check_restricted(what: &str, pod: &Value) {
+    let sc = &pod["securityContext"];
+    assert_eq!(
+        sc["runAsNonRoot"].as_bool(),
+        Some(true),
+        "{what}: runAsNonRoot"
+    );
+    assert!(
+        sc["runAsUser"].as_u64().is_some_and(|u| u > 0),
+        "{what}: runAsUser"
+    );
+    assert_eq!(
+        s(&sc["seccompProfile"]["type"]),
+        "RuntimeDefault",
+        "{what}: seccompProfile"
+    );
+    assert_eq!(
+        pod["automountServiceAccountToken"].as_bool(),
+        Some(false),
+        "{what}: no service-account token"
+    );
+    for c in pod["containers"].as_sequence().cloned().unwrap_or_default() {
+        let cs = &c["securityContext"];
+        let name = s(&c["name"]);
+        assert_eq!(
+            cs["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{what}/{name}: allowPrivilegeEscalation"
+        );
+        assert_eq!(
+            cs["readOnlyRootFilesystem"].as_bool(),
+            Some(true),
+            "{what}/{name}: readOnlyRootFilesystem"
+        );
+        let drops: Vec<&str> = cs["capabilities"]["drop"]
+            .as_sequence()
+            .map(|d| d.iter().map(s).collect())
+            .unwrap_or_default();
+        assert_eq!(drops, ["ALL"], "{what}/{name}: capabilities");
+        let mounts: Vec<&str> = c["volumeMounts"]
+            .as_sequence()
+            .map(|m| m.iter().map(|m| s(&m["mountPath"])).collect())
+            .unwrap_or_default();
+        assert!(
+            mounts.contains(&"/tmp"),
+            "{what}/{name}: a read-only root needs /tmp mounted: {mounts:?}"
+        );
+    }
+}
+
+/// A validator installed by tests/run.sh (a Python virtualenv of pinned
+/// PyPI packages under ~/.cache/recmesh/tools/py).
+fn python_tool(name: &str) -> String {
+    format!(
+        "{}/.cache/recmesh/tools/py/bin/{name}",
+        std::env::var("HOME").unwrap_or_default()
+    )
+}
+
+/// Writes rendered objects to `dir/what.yaml`, leaving out custom
+/// resources when `core_only` (validators without their schemas).
+fn write_docs(dir: &Path, what: &str, docs: &[Value], core_only: bool) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).expect("scratch dir");
+    let file = dir.join(format!("{}.yaml", what.replace('/', "-")));
+    let text: String = docs
+        .iter()
+        .filter(|d| !core_only || !s(&d["apiVersion"]).contains("monitoring.coreos.com"))
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+        .collect();
+    std::fs::write(&file, text).expect("write");
+    file
+}
+
+fn scratch(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("recmesh-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `kubernetes-validate --strict` on rendered objects (the ServiceMonitor,
+/// a custom resource whose schema it does not have, is left out).
+fn validate(what: &str, docs: &[Value]) {
+    let file = write_docs(&scratch("validate"), what, docs, true);
+    let tool = python_tool("kubernetes-validate");
+    let out = Command::new(&tool)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool}: {e} (tests/run.sh installs kubernetes-validate from PyPI)")
+        });
+    assert!(
+        out.status.success(),
+        "kubernetes-validate {what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// checkov with tests/checkov.yaml (every check, except the skips it
+/// lists with their reasons).
+fn checkov(args: &[&str]) {
+    let tool = python_tool("checkov");
+    let out = Command::new(&tool)
+        .arg("--config-file")
+        .arg(repo().join("tests/checkov.yaml"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e} (tests/run.sh installs checkov from PyPI)"));
+    assert!(
+        out.status.success(),
+        "checkov {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_rendering_passes_checkov() {
+    // The Kubernetes framework over every rendering...
+    let dir = scratch("checkov");
+    for overlay in ["dev", "prod"] {
+        write_docs(&dir, overlay, &render(overlay), false);
+    }
+    write_docs(&dir, "helm", &render_helm(), false);
+    write_docs(&dir, "helm-prod", &render_helm_with(HELM_PROD), false);
+    checkov(&[
+        "--framework",
+        "kubernetes",
+        "-d",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    // ...and the Helm framework, which renders the chart itself.
+    let chart = repo().join("helm/recmesh");
+    let values = repo().join("tests/checkov-helm-values.yaml");
+    checkov(&[
+        "--framework",
+        "helm",
+        "-d",
+        chart.to_str().expect("utf-8 path"),
+        "--var-file",
+        values.to_str().expect("utf-8 path"),
+    ]);
+}
+
+#[test]
+fn every_rendering_passes_kubernetes_validate() {
+    for overlay in ["dev", "prod"] {
+        validate(overlay, &render(overlay));
+    }
+    validate("helm", &render_helm());
+    validate("helm-prod", &render_helm_with(HELM_PROD));
+}
+
+#[test]
+fn the_prod_like_chart_wires_training_to_serving() {
+    let docs = render_helm_with(HELM_PROD);
+    assert_eq!(check_docs("helm-prod", &docs), 6, "six Deployments");
+    let by = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| s(&d["kind"]) == kind && s(&d["metadata"]["name"]) == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    // The trainer writes the bundle where retrieval and ranking read it, on
+    // the same claim.
+    let trainer = &by("CronJob", "rm-trainer")["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    let args: Vec<&str> = trainer["containers"][0]["args"]
+        .as_sequence()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    let out = args
+        .iter()
+        .position(|a| *a == "--out")
+        .map(|i| args[i + 1])
+        .expect("--out");
+    let claim = |pod: &Value| -> Vec<String> {
+        pod["volumes"]
+            .as_sequence()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(claim(trainer), ["recmesh-data"]);
+    for service in ["rm-retrieval", "rm-ranking"] {
+        let pod = &by("Deployment", service)["spec"]["template"]["spec"];
+        let env = &pod["containers"][0]["env"];
+        let bundle_dir = env
+            .as_sequence()
+            .and_then(|e| e.iter().find(|e| s(&e["name"]) == "RECMESH_BUNDLE_DIR"))
+            .map(|e| s(&e["value"]))
+            .unwrap_or_else(|| panic!("{service}: RECMESH_BUNDLE_DIR"));
+        assert_eq!(
+            bundle_dir, out,
+            "{service} serves what the trainer publishes"
+        );
+        assert_eq!(
+            claim(pod),
+            ["recmesh-data"],
+            "{service}: the trainer's claim"
+        );
+    }
+    // The ServiceMonitors keep the series' own `service` label and carry
+    // the labels kube-prometheus-stack selects on.
+    let monitors: Vec<&Value> = docs
+        .iter()
+        .filter(|d| s(&d["kind"]) == "ServiceMonitor")
+        .collect();
+    assert_eq!(monitors.len(), 6);
+    for m in monitors {
+        assert_eq!(
+            m["spec"]["endpoints"][0]["honorLabels"].as_bool(),
+            Some(true)
+        );
+        assert_eq!(
+            s(&m["metadata"]["labels"]["release"]),
+            "kube-prometheus-stack"
+        );
+    }
+    // No default admin token: a random one when none is given.
+    let secret = by("Secret", "rm-admin");
+    let token = s(&secret["stringData"]["token"]);
+    assert!(token.len() >= 32 && token != "change-me", "{token}");
+}
+
+#[test]
+fn the_chart_refuses_bad_values_by_name() {
+    for (set, named) in [
+        ("services.gateway.port=nope", "services.gateway.port"),
+        ("imagee.tag=x", "imagee"),
+        ("gatewayService.type=Magic", "gatewayService.type"),
+    ] {
+        let out = Command::new("helm")
+            .args(["template", "rm"])
+            .arg(repo().join("helm/recmesh"))
+            .args(["--set", set])
+            .output()
+            .expect("helm runs (tests/run.sh installs it when missing)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} accepted");
+        assert!(err.contains(named), "{set}: {err}");
+    }
 }
 
 #[test]

