@@ -112,6 +112,8 @@ const HELM_PROD: &[&str] = &[
     "--set",
     "serviceMonitor.labels.release=kube-prometheus-stack",
     "--set",
+    "prometheusRule.enabled=true",
+    "--set",
     "tolerations[0].key=dedicated",
     "--set",
     "tolerations[0].operator=Exists",
@@ -511,6 +513,68 @@ fn the_prod_like_chart_wires_training_to_serving() {
     let secret = by("Secret", "rm-admin");
     let token = s(&secret["stringData"]["token"]);
     assert!(token.len() >= 32 && token != "change-me", "{token}");
+}
+
+/// Runs `promtool` with `args` in `dir`.
+fn promtool(dir: &Path, args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool runs (tests/run.sh installs it when missing)");
+    assert!(
+        out.status.success(),
+        "promtool {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The alerting rules as the prod overlay and the prod-like chart render
+/// them: the same groups as the rules file, valid for `promtool check
+/// rules`, and behaving as tests/rules.test.yaml says under `promtool test
+/// rules` (latency and error burn rates, degraded share, guardrail stop,
+/// SRM: firing and quiet cases).
+#[test]
+fn the_alerting_rules_pass_promtool_and_their_unit_tests() {
+    let file: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("helm/recmesh/rules/prometheusrule.yaml"))
+            .expect("rules file"),
+    )
+    .expect("yaml");
+    let groups = &file["spec"]["groups"];
+    assert!(groups.as_sequence().is_some_and(|g| !g.is_empty()));
+    for (what, docs) in [
+        ("prod", render("prod")),
+        ("helm-prod", render_helm_with(HELM_PROD)),
+    ] {
+        let rules: Vec<&Value> = docs
+            .iter()
+            .filter(|d| s(&d["kind"]) == "PrometheusRule")
+            .collect();
+        assert_eq!(rules.len(), 1, "{what}: one PrometheusRule");
+        assert_eq!(
+            &rules[0]["spec"]["groups"], groups,
+            "{what}: the rules file's groups"
+        );
+    }
+    let dir = scratch("rules");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let mut plain = serde_yaml::Mapping::new();
+    plain.insert("groups".into(), groups.clone());
+    std::fs::write(
+        dir.join("recmesh.rules.yaml"),
+        serde_yaml::to_string(&plain).expect("yaml"),
+    )
+    .expect("write rules");
+    std::fs::copy(
+        repo().join("tests/rules.test.yaml"),
+        dir.join("rules.test.yaml"),
+    )
+    .expect("copy rule tests");
+    promtool(&dir, &["check", "rules", "recmesh.rules.yaml"]);
+    promtool(&dir, &["test", "rules", "rules.test.yaml"]);
 }
 
 #[test]
