@@ -137,3 +137,84 @@ async fn a_new_bundle_is_swapped_in_while_requests_keep_succeeding() {
     t.mesh.shutdown().await.expect("shutdown");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Retrieval on the `qdrant` backend against a real Qdrant server (the one
+/// `tools/build-qdrant.sh` builds, started here; or `QDRANT_URL`): the
+/// bundle's item vectors go into a collection of the server, the `ann`
+/// source answers from it, and `Recommend` returns a full answer. Skips, and
+/// says so, when there is no server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_is_served_with_the_ann_index_in_a_real_qdrant_server() {
+    let mut _server = None;
+    let url = match std::env::var("QDRANT_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let binary = recmesh_vector::testkit::default_binary();
+            if !binary.exists() {
+                eprintln!(
+                    "skipped: no Qdrant server. {} does not exist (build it with \
+                     `bash tools/build-qdrant.sh QDRANT_SRC RAFT_RS_SRC`), and QDRANT_URL is not set",
+                    binary.display()
+                );
+                return;
+            }
+            let server =
+                recmesh_vector::testkit::QdrantServer::start(&binary, &scratch_dir("qdrant"))
+                    .expect("the built qdrant starts");
+            let url = server.url();
+            _server = Some(server);
+            url
+        }
+    };
+    let root = scratch_dir("qdrant-bundles");
+    bundle("v0000000000003-qdrant", 8, MODEL.to_owned())
+        .publish(&root)
+        .expect("publish a bundle with item vectors");
+    let dir = root.display().to_string();
+    let t = TestMesh::start_with(|c| {
+        c.retrieval.bundle_dir = dir.clone();
+        c.ranking.bundle_dir = dir.clone();
+        c.retrieval.ann.backend = recmesh_retrieval::AnnBackend::Qdrant;
+        c.retrieval.ann.qdrant_url = url.clone();
+        c.retrieval.ann.qdrant_collection_prefix = format!("recmesh-e2e-{}-", std::process::id());
+    })
+    .await;
+    let mut retrieval =
+        pb::retrieval_client::RetrievalClient::connect(t.mesh.stages.retrieval.grpc_uri())
+            .await
+            .expect("retrieval");
+    let mut ann_offered = 0;
+    for user in ["u1", "u2", "u3", "u4", "u5"] {
+        let answer = retrieval
+            .retrieve(pb::RetrieveRequest {
+                user_id: user.into(),
+                count: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("retrieve")
+            .into_inner();
+        let ann = answer
+            .sources
+            .iter()
+            .find(|s| s.source == "ann")
+            .expect("an ann report");
+        assert_ne!(ann.outcome, "error", "{user}: {ann:?}");
+        if ann.outcome == "ok" {
+            ann_offered += ann.candidates;
+        }
+    }
+    assert!(ann_offered > 0, "the ann source answered from Qdrant");
+    let mut client = t.client().await;
+    let r = client
+        .recommend(pb::RecommendRequest {
+            user_id: "u1".into(),
+            count: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("recommend")
+        .into_inner();
+    assert_eq!(r.items.len(), 10);
+    assert!(!r.degraded, "{:?}", r.stages);
+}

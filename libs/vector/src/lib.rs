@@ -23,6 +23,7 @@ pub mod edge;
 pub mod exact;
 pub mod mips;
 pub mod remote;
+pub mod testkit;
 
 use std::fmt;
 use std::future::Future;

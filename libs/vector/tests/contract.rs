@@ -2,9 +2,11 @@
 //! queries give the exact search's answers (small sets, where HNSW is exact
 //! or scanned), filters hold, upserts replace, bad input names its field.
 //!
-//! The in-process backends always run. The Qdrant server backend runs when
-//! `QDRANT_URL` is set (e.g. `QDRANT_URL=http://localhost:6334`), against a
-//! fresh collection it deletes afterwards; otherwise it says why it skipped.
+//! The in-process backends always run. The Qdrant server backend runs
+//! against `QDRANT_URL` when set (e.g. `http://localhost:6334`), else
+//! against the server `tools/build-qdrant.sh` built, started by the test;
+//! in a fresh collection it deletes afterwards. With neither it says why it
+//! skipped.
 
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
@@ -439,11 +441,27 @@ async fn a_built_edge_graph_is_searched_and_opened_from_a_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qdrant_server_passes_the_contract() {
-    let Ok(url) = std::env::var("QDRANT_URL") else {
-        eprintln!(
-            "skipped: QDRANT_URL is not set. Start a Qdrant server (docker run -p 6334:6334 qdrant/qdrant) and run with QDRANT_URL=http://localhost:6334"
-        );
-        return;
+    // A server given by URL, else the one tools/build-qdrant.sh built,
+    // started here; else say why the test does nothing.
+    let mut _server = None;
+    let url = match std::env::var("QDRANT_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let binary = recmesh_vector::testkit::default_binary();
+            if !binary.exists() {
+                eprintln!(
+                    "skipped: no Qdrant server. {} does not exist (build it with \
+                     `bash tools/build-qdrant.sh QDRANT_SRC RAFT_RS_SRC`), and QDRANT_URL is not set",
+                    binary.display()
+                );
+                return;
+            }
+            let server = recmesh_vector::testkit::QdrantServer::start(&binary, &scratch("qdrant"))
+                .expect("the built qdrant starts");
+            let url = server.url();
+            _server = Some(server);
+            url
+        }
     };
     let collection = format!("recmesh-contract-{}", std::process::id());
     let config = |name: String| {
