@@ -145,26 +145,11 @@ async fn a_new_bundle_is_swapped_in_while_requests_keep_succeeding() {
 /// says so, when there is no server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommend_is_served_with_the_ann_index_in_a_real_qdrant_server() {
-    let mut _server = None;
-    let url = match std::env::var("QDRANT_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            let binary = recmesh_vector::testkit::default_binary();
-            if !binary.exists() {
-                eprintln!(
-                    "skipped: no Qdrant server. {} does not exist (build it with \
-                     `bash tools/build-qdrant.sh QDRANT_SRC RAFT_RS_SRC`), and QDRANT_URL is not set",
-                    binary.display()
-                );
-                return;
-            }
-            let server =
-                recmesh_vector::testkit::QdrantServer::start(&binary, &scratch_dir("qdrant"))
-                    .expect("the built qdrant starts");
-            let url = server.url();
-            _server = Some(server);
-            url
-        }
+    // QDRANT_URL, else the server tools/build-qdrant.sh built, started
+    // here; else say why the test does nothing.
+    let Some((url, _server)) = recmesh_vector::testkit::server_for_test(&scratch_dir("qdrant"))
+    else {
+        return;
     };
     let root = scratch_dir("qdrant-bundles");
     bundle("v0000000000003-qdrant", 8, MODEL.to_owned())

@@ -21,6 +21,29 @@ pub fn default_binary() -> PathBuf {
     )
 }
 
+/// The Qdrant server a test runs against: `QDRANT_URL` when set, else the
+/// built binary started with its storage in `dir` (the server, kept alive
+/// by the caller, is returned with its URL). `None`, after printing why,
+/// when there is neither.
+pub fn server_for_test(dir: &Path) -> Option<(String, Option<QdrantServer>)> {
+    if let Ok(url) = std::env::var("QDRANT_URL") {
+        return Some((url, None));
+    }
+    let binary = default_binary();
+    if !binary.exists() {
+        eprintln!(
+            "skipped: no Qdrant server. {} does not exist (build it with \
+             `bash tools/build-qdrant.sh QDRANT_SRC RAFT_RS_SRC`), and QDRANT_URL is not set",
+            binary.display()
+        );
+        return None;
+    }
+    match QdrantServer::start(&binary, dir) {
+        Ok(server) => Some((server.url(), Some(server))),
+        Err(e) => panic!("{} does not start: {e}", binary.display()),
+    }
+}
+
 /// A `qdrant` child process.
 #[derive(Debug)]
 pub struct QdrantServer {

@@ -441,27 +441,10 @@ async fn a_built_edge_graph_is_searched_and_opened_from_a_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qdrant_server_passes_the_contract() {
-    // A server given by URL, else the one tools/build-qdrant.sh built,
-    // started here; else say why the test does nothing.
-    let mut _server = None;
-    let url = match std::env::var("QDRANT_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            let binary = recmesh_vector::testkit::default_binary();
-            if !binary.exists() {
-                eprintln!(
-                    "skipped: no Qdrant server. {} does not exist (build it with \
-                     `bash tools/build-qdrant.sh QDRANT_SRC RAFT_RS_SRC`), and QDRANT_URL is not set",
-                    binary.display()
-                );
-                return;
-            }
-            let server = recmesh_vector::testkit::QdrantServer::start(&binary, &scratch("qdrant"))
-                .expect("the built qdrant starts");
-            let url = server.url();
-            _server = Some(server);
-            url
-        }
+    // QDRANT_URL, else the server tools/build-qdrant.sh built, started
+    // here; else say why the test does nothing.
+    let Some((url, _server)) = recmesh_vector::testkit::server_for_test(&scratch("qdrant")) else {
+        return;
     };
     let collection = format!("recmesh-contract-{}", std::process::id());
     let config = |name: String| {
