@@ -18,7 +18,8 @@
 # (branch v0.14.6-qdrant, not in any snapshot here) by crates.io tonic 0.14.6
 # with the one change Qdrant's code calls, the fork's commit 37718d9
 # (`Endpoint::http2_max_local_error_reset_streams`), applied below.
-# Needs `protoc` (the api crate compiles its protos). About 900 crates: most
+# Needs `protoc` and the protobuf well-known types (apt-get protobuf-compiler
+# libprotobuf-dev; installed when missing). About 900 crates: most
 # of an hour on 2 cores.
 set -euo pipefail
 
@@ -37,11 +38,13 @@ if [ $# -lt 2 ]; then
     exit 2
 fi
 
-command -v protoc >/dev/null 2>&1 || {
+# protoc and the well-known types (google/protobuf/*.proto) the protos import.
+if ! command -v protoc >/dev/null 2>&1 || [ ! -f /usr/include/google/protobuf/duration.proto ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends protobuf-compiler >/dev/null
-}
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        protobuf-compiler libprotobuf-dev >/dev/null
+fi
 
 checkout() { # origin rev dir
     if [ ! -d "$3" ]; then
