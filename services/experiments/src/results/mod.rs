@@ -58,11 +58,11 @@ struct UserTally {
     covariate: u32,
 }
 
-/// One variant: impression-level counters, each user's counts, and the
-/// per-user sums the comparisons need (kept up to date as users change).
+/// One variant: each user's counts, and the per-user sums the comparisons
+/// need (kept up to date as users change). The impression-level counts are
+/// the sums' totals (Σy impressions, Σx clicks or conversions).
 #[derive(Debug, Default)]
 struct Arm {
-    tally: Tally,
     users: HashMap<u64, UserTally>,
     /// Clicks over impressions per user, covariate = `covariate`.
     ctr: RatioSums,
@@ -208,7 +208,6 @@ impl Results {
             };
             for a in &e.assignments {
                 let arm = Self::arm_in(&mut self.experiments, &a.experiment_id, &a.variant);
-                arm.tally.impressions += 1;
                 arm.update(user, e.user_events_7d, |u| {
                     u.impressions = u.impressions.saturating_add(1);
                 });
@@ -286,12 +285,10 @@ impl Results {
                 let arm = Self::arm_in(&mut self.experiments, &s.experiment, &s.variant);
                 if click && !s.clicked {
                     s.clicked = true;
-                    arm.tally.clicks += 1;
                     arm.update(s.user, None, |u| u.clicks = u.clicks.saturating_add(1));
                 }
                 if purchase && !s.converted {
                     s.converted = true;
-                    arm.tally.conversions += 1;
                     arm.update(s.user, None, |u| {
                         u.conversions = u.conversions.saturating_add(1);
                     });
@@ -318,7 +315,12 @@ impl Results {
         self.experiments
             .get(experiment)
             .and_then(|e| e.arms.get(variant))
-            .map(|a| a.tally)
+            .map(|a| Tally {
+                // Sums of integer counts: exact in f64.
+                impressions: a.ctr.y as u64,
+                clicks: a.ctr.x as u64,
+                conversions: a.conversion.x as u64,
+            })
             .unwrap_or_default()
     }
 
