@@ -140,10 +140,12 @@ pub struct CfCandidate {
 
 /// Scores items by their similarity to `seeds` (item, weight), the user's
 /// recent items with recency and event weights applied by the caller. Seeds
-/// themselves are not returned. Best first, at most `limit`.
+/// themselves and items `skip` says yes to (what the user already has) are
+/// not returned, and are dropped before the cut. Best first, at most `limit`.
 pub fn score_from_seeds(
     neighbours: &[Vec<(u32, f32)>],
     seeds: &[(u32, f64)],
+    skip: impl Fn(u32) -> bool,
     limit: usize,
 ) -> Vec<CfCandidate> {
     let mut acc: HashMap<u32, (f64, u32, f64)> = HashMap::new();
@@ -166,6 +168,7 @@ pub fn score_from_seeds(
     }
     let mut out: Vec<CfCandidate> = acc
         .into_iter()
+        .filter(|(item, _)| !skip(*item))
         .map(|(item, (score, because_of, _))| CfCandidate {
             item,
             score,
@@ -246,7 +249,7 @@ mod tests {
             vec![],
             vec![],
         ];
-        let out = score_from_seeds(&neighbours, &[(0, 1.0), (1, 1.0)], 10);
+        let out = score_from_seeds(&neighbours, &[(0, 1.0), (1, 1.0)], |_| false, 10);
         // item 3: 0.25 + 0.75 = 1.0, mostly from seed 1; item 2: 0.9 from
         // seed 0; item 0 is a seed and never returned.
         assert_eq!(out.len(), 2);
@@ -255,5 +258,8 @@ mod tests {
         assert!((out[0].score - 1.0).abs() < 1e-6);
         assert_eq!(out[1].item, 2);
         assert_eq!(out[1].because_of, 0);
+        // With item 3 skipped, item 2 still makes a list of one.
+        let out = score_from_seeds(&neighbours, &[(0, 1.0), (1, 1.0)], |i| i == 3, 1);
+        assert_eq!(out.iter().map(|c| c.item).collect::<Vec<_>>(), [2]);
     }
 }

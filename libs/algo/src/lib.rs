@@ -18,6 +18,7 @@ pub mod ranking;
 pub mod rerank;
 pub mod rules;
 pub mod scoring;
+pub mod seen;
 pub mod stats;
 
 /// What a user did with an item, in increasing order of intent.

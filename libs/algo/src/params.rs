@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::rerank::RerankRules;
+use crate::seen::SeenPolicy;
 
 /// Pipeline settings one variant can change; `Default` is the control.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +33,12 @@ pub struct VariantParams {
     /// `cache.ttl_ms`: how long the gateway may serve this variant's answers
     /// from its cache (0: never); `None`: the gateway's own TTL.
     pub cache_ttl_ms: Option<u64>,
+    /// `seen.kinds`: event kinds that make an item seen (`all`, `none`, or a
+    /// comma-separated list); `None`: the gateway's `[seen]` config.
+    pub seen_kinds: Option<u8>,
+    /// `seen.window_s`: seconds an item stays seen (0: forever); `None`: the
+    /// gateway's `[seen]` config.
+    pub seen_window_s: Option<u64>,
 }
 
 /// Retrieval's sources, as `retrieval.weight.<source>` names them.
@@ -52,6 +59,8 @@ impl Default for VariantParams {
             rerank_budget_ms: None,
             source_weights: BTreeMap::new(),
             cache_ttl_ms: None,
+            seen_kinds: None,
+            seen_window_s: None,
         }
     }
 }
@@ -75,6 +84,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "budget.rerank_ms",
     "retrieval.weight.<source> (anchor, cf, category, popular; 0..=10)",
     "cache.ttl_ms",
+    "seen.kinds (all, none, or a list of view, click, add_to_cart, purchase)",
+    "seen.window_s (0..=31536000; 0: forever)",
 ];
 
 fn ranged(key: &str, value: &str, lo: u64, hi: u64) -> Result<u64, ParamError> {
@@ -88,6 +99,14 @@ fn ranged(key: &str, value: &str, lo: u64, hi: u64) -> Result<u64, ParamError> {
 }
 
 impl VariantParams {
+    /// `base` (the gateway's `[seen]` config) with this variant's `seen.*`.
+    pub fn seen_policy(&self, base: SeenPolicy) -> SeenPolicy {
+        SeenPolicy {
+            kinds: self.seen_kinds.unwrap_or(base.kinds),
+            window_s: self.seen_window_s.unwrap_or(base.window_s),
+        }
+    }
+
     /// `base` with this variant's `rerank.*` overrides (validated when the
     /// params were applied, so they hold).
     pub fn rerank_rules(&self, base: &RerankRules) -> RerankRules {
@@ -135,6 +154,8 @@ impl VariantParams {
                 "budget.ranking_ms" => self.ranking_budget_ms = Some(ranged(key, value, 1, 150)?),
                 "budget.rerank_ms" => self.rerank_budget_ms = Some(ranged(key, value, 1, 150)?),
                 "cache.ttl_ms" => self.cache_ttl_ms = Some(ranged(key, value, 0, 600_000)?),
+                "seen.kinds" => self.seen_kinds = Some(SeenPolicy::parse_kinds(key, value)?),
+                "seen.window_s" => self.seen_window_s = Some(SeenPolicy::parse_window(key, value)?),
                 k if k.starts_with("retrieval.weight.") => {
                     let source = &k["retrieval.weight.".len()..];
                     if !SOURCES.contains(&source) {
@@ -242,6 +263,33 @@ mod tests {
             .apply(&map(&[("cache.ttl_ms", "-1")]))
             .expect_err("negative");
         assert_eq!(e.key, "cache.ttl_ms");
+        let e = VariantParams::default()
+            .apply(&map(&[("seen.kinds", "view,like")]))
+            .expect_err("unknown kind");
+        assert_eq!(e.key, "seen.kinds");
+        let e = VariantParams::default()
+            .apply(&map(&[("seen.window_s", "31536001")]))
+            .expect_err("past a year");
+        assert_eq!(e.key, "seen.window_s");
+    }
+
+    #[test]
+    fn seen_params_override_the_gateway_policy() {
+        let base = SeenPolicy::default();
+        let p = VariantParams::default()
+            .apply(&map(&[
+                ("seen.kinds", "purchase,click"),
+                ("seen.window_s", "600"),
+            ]))
+            .expect("valid");
+        assert_eq!(
+            p.seen_policy(base),
+            SeenPolicy {
+                kinds: 0b1010,
+                window_s: 600
+            }
+        );
+        assert_eq!(VariantParams::default().seen_policy(base), base);
     }
 
     #[test]

@@ -610,6 +610,7 @@ mod tests {
             filters: HardFilters {
                 excluded: (0..3).map(|_| pick(g)).collect(),
                 purchased: (0..3).map(|_| pick(g)).collect(),
+                seen: (0..5).map(|_| crate::seen::item_key(pick(g))).collect(),
                 categories: if g.chance(0.3) {
                     ["a", "b", "c"].into()
                 } else {
@@ -662,6 +663,13 @@ mod tests {
                     None,
                     "filtered item {:?} returned",
                     it.rule
+                );
+                assert!(
+                    !req.filters
+                        .seen
+                        .contains(&crate::seen::item_key(it.rule.id)),
+                    "seen item {} returned",
+                    it.rule.id
                 );
                 if rules.recently_viewed_window_s > 0 {
                     assert!(

@@ -26,6 +26,9 @@ pub struct HardFilters<'a> {
     pub excluded: HashSet<&'a str>,
     /// Ids the user already bought.
     pub purchased: HashSet<&'a str>,
+    /// Keys ([`crate::seen::item_key`]) of items the user has already seen,
+    /// under the request's seen-items policy.
+    pub seen: HashSet<u64>,
     /// Allowed categories (empty: all).
     pub categories: HashSet<&'a str>,
     /// Minimum price, inclusive (0: none).
@@ -47,6 +50,8 @@ pub enum Removal {
     Filtered,
     /// Viewed by the user within the configured window.
     RecentlyViewed,
+    /// Already seen by the user (the seen-items policy).
+    Seen,
     /// Over the category cap.
     CategoryCap,
     /// Over the brand cap.
@@ -64,6 +69,7 @@ impl Removal {
             Removal::OutOfStock => "out_of_stock",
             Removal::Filtered => "filtered",
             Removal::RecentlyViewed => "recently_viewed",
+            Removal::Seen => "seen",
             Removal::CategoryCap => "category_cap",
             Removal::BrandCap => "brand_cap",
             Removal::Duplicate => "duplicate",
@@ -78,6 +84,8 @@ impl HardFilters<'_> {
             Some(Removal::Excluded)
         } else if self.purchased.contains(item.id) {
             Some(Removal::Purchased)
+        } else if !self.seen.is_empty() && self.seen.contains(&crate::seen::item_key(item.id)) {
+            Some(Removal::Seen)
         } else if !item.in_stock {
             Some(Removal::OutOfStock)
         } else if (!self.categories.is_empty() && !self.categories.contains(item.category))
@@ -154,16 +162,19 @@ mod tests {
             item("f", "y", 10.0, true), // purchased
             item("a", "x", 10.0, true), // duplicate
             item("g", "y", 99.0, true), // too expensive
+            item("s", "y", 10.0, true), // seen
             item("h", "y", 10.0, true),
         ];
         let filters = HardFilters {
             excluded: ["e"].into(),
             purchased: ["f"].into(),
+            seen: [crate::seen::item_key("s")].into(),
             max_price: 50.0,
             ..HardFilters::default()
         };
         let (kept, removed) = select(&items, &filters, 10, 2);
-        assert_eq!(kept, vec![0, 2, 8]);
+        assert_eq!(kept, vec![0, 2, 9]);
+        assert_eq!(removed[&Removal::Seen], 1);
         assert_eq!(removed[&Removal::OutOfStock], 1);
         assert_eq!(removed[&Removal::CategoryCap], 1);
         assert_eq!(removed[&Removal::Excluded], 1);

@@ -103,6 +103,17 @@ pub struct Catalog {
     /// Category id of each item.
     pub category_of: Vec<u32>,
     index: HashMap<String, u32>,
+    /// [`item_key`] → index.
+    keys: HashMap<u64, u32>,
+}
+
+/// The compact key of an item id in a user's seen set (64-bit FNV-1a of the
+/// id's bytes): what the feature store keeps and the stages exchange, so a
+/// seen set of thousands of items costs 8 bytes per item, not a string. Two
+/// ids share a key with probability about n²/2⁶⁵ (3·10⁻⁸ for a million
+/// items); such a pair is excluded together.
+pub fn item_key(id: &str) -> u64 {
+    recmesh_algo::seen::item_key(id)
 }
 
 impl Catalog {
@@ -146,17 +157,28 @@ impl Catalog {
             .enumerate()
             .map(|(n, i)| (i.id.clone(), n as u32))
             .collect();
+        let keys = items
+            .iter()
+            .enumerate()
+            .map(|(n, i)| (item_key(&i.id), n as u32))
+            .collect();
         Catalog {
             items,
             categories,
             category_of,
             index,
+            keys,
         }
     }
 
     /// Index of an item id.
     pub fn index_of(&self, id: &str) -> Option<u32> {
         self.index.get(id).copied()
+    }
+
+    /// Index of the item with this [`item_key`].
+    pub fn index_of_key(&self, key: u64) -> Option<u32> {
+        self.keys.get(&key).copied()
     }
 
     /// The item at `index`.

@@ -87,6 +87,8 @@ pub struct RerankRequest {
     pub recent: Vec<pb::Interaction>,
     #[prost(string, repeated, tag = "11")]
     pub usual_categories: Vec<String>,
+    #[prost(fixed64, repeated, tag = "13")]
+    pub seen_items: Vec<u64>,
 }
 
 /// Encodes whole candidates the gateway made itself (the popularity
@@ -235,6 +237,7 @@ mod tests {
             request_id: "r1".into(),
             recent: vec![interaction()],
             usual_categories: vec!["toys".into()],
+            seen_items: vec![7, u64::MAX],
         });
     }
 

@@ -33,7 +33,12 @@ async fn main() -> anyhow::Result<()> {
         replay_interval_ms: 3_600_000,
         ..RedisConfig::default()
     };
-    let store = RedisStore::open(config, &Dataset::default(), 50, 168.0).await?;
+    let store = RedisStore::open(
+        config,
+        &Dataset::default(),
+        recmesh_features::Config::default().limits(),
+    )
+    .await?;
     server.kill();
 
     let until = Instant::now() + Duration::from_secs_f64(seconds);

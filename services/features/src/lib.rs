@@ -89,6 +89,11 @@ pub struct Config {
     pub redis: redis::RedisConfig,
     /// Recent interactions kept per user; older ones drop off.
     pub max_recent_per_user: usize,
+    /// Items kept in a user's seen set (`UserFeatures.seen_items`): the
+    /// whole history up to this many items; past it the item whose newest
+    /// event is oldest drops out, so a heavy user's oldest items can be
+    /// recommended again.
+    pub max_seen_per_user: usize,
     /// Recent interactions returned by `GetUser` when the request asks for 0.
     pub default_recent: u32,
     /// Half-life of a user's category affinity, hours.
@@ -114,6 +119,8 @@ impl Default for Config {
             // Enough history for CF seeds and category affinity; bounded so a
             // bot hammering one user cannot grow memory.
             max_recent_per_user: 50,
+            // 24 bytes an item: 240 KB for a user at the bound.
+            max_seen_per_user: 10_000,
             default_recent: 20,
             affinity_half_life_hours: 7.0 * 24.0,
             // About a minute of events at 2k events/s: covers client retries.
@@ -129,6 +136,7 @@ impl Config {
     pub fn limits(&self) -> memory::Limits {
         memory::Limits {
             max_recent: self.max_recent_per_user,
+            max_seen: self.max_seen_per_user,
             dedupe_window: self.dedupe_window,
             half_life_hours: self.affinity_half_life_hours,
         }
@@ -143,6 +151,7 @@ impl ServiceConfig for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         at_least_one(&[
             ("max_recent_per_user", self.max_recent_per_user as u64),
+            ("max_seen_per_user", self.max_seen_per_user as u64),
             ("dedupe_window", self.dedupe_window as u64),
             ("max_events_per_call", self.max_events_per_call as u64),
             ("max_items_per_call", self.max_items_per_call as u64),
@@ -227,13 +236,7 @@ pub async fn open_store(config: &Config, data: &Dataset) -> anyhow::Result<Arc<d
             Arc::new(memory::MemoryStore::open(data, limits, log)?)
         }
         Backend::Redis => {
-            redis::RedisStore::open(
-                config.redis.clone(),
-                data,
-                config.max_recent_per_user,
-                config.affinity_half_life_hours,
-            )
-            .await?
+            redis::RedisStore::open(config.redis.clone(), data, config.limits()).await?
         }
     })
 }

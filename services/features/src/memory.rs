@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 
+use recmesh_algo::seen::SeenTimes;
 use recmesh_catalog::{Dataset, EventKind, Item};
 use recmesh_proto::v1 as pb;
 use tokio::sync::Mutex;
@@ -16,7 +17,7 @@ use crate::log::{EventFile, JsonLines, LogError, read_events_after, read_lines_a
 use crate::now_ms;
 use crate::store::{
     Counts, FeatureStore, HOURS_KEPT, Ingested, LogKind, LogPage, StoreError, UserRaw, ValidEvent,
-    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index,
+    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index, mark_seen,
     user_features,
 };
 
@@ -35,6 +36,8 @@ struct UserState {
     purchased: HashSet<String>,
     affinity: HashMap<String, f64>,
     hours: HashMap<i64, u64>,
+    /// Item key → newest event of each kind (the seen set).
+    seen: HashMap<u64, SeenTimes>,
 }
 
 /// Limits and tuning shared with the service config.
@@ -42,6 +45,8 @@ struct UserState {
 pub struct Limits {
     /// Recent interactions kept per user.
     pub max_recent: usize,
+    /// Items kept in a user's seen set.
+    pub max_seen: usize,
     /// Event ids remembered for deduplication.
     pub dedupe_window: usize,
     /// Half-life of category affinity, hours.
@@ -78,6 +83,7 @@ impl State {
         if kind == EventKind::Purchase {
             u.purchased.insert(item.to_owned());
         }
+        mark_seen(&mut u.seen, item, kind, ts, limits.max_seen);
         if let Some(category) = category {
             *u.affinity.entry(category).or_default() +=
                 kind.weight() * decay_factor(ts, limits.half_life_hours);
@@ -187,6 +193,7 @@ impl MemoryStore {
             purchased: u.purchased.iter().cloned().collect(),
             affinity: u.affinity.clone(),
             hours: u.hours.iter().map(|(h, n)| (*h, *n)).collect(),
+            seen: u.seen.iter().map(|(k, t)| (*k, *t)).collect(),
         });
         user_features(user_id, raw, max_recent, now_ms())
     }

@@ -13,6 +13,8 @@
 //! | `rm:u:<user>:p` | set | items bought |
 //! | `rm:u:<user>:c` | hash | category → forward-decayed affinity |
 //! | `rm:u:<user>:h` | hash | hour bucket → events (last 7 days) |
+//! | `rm:u:<user>:s` | hash | seen set: item key (16 hex digits) → newest `view,click,cart,purchase`, Unix s (0: none) |
+//! | `rm:u:<user>:so` | sorted set | seen set order: item key → its newest event, Unix s (the oldest go first past `max_seen_per_user`) |
 //! | `rm:meta` | hash | `dataset`: fingerprint of the bulk-loaded dataset |
 //!
 //! One Lua script checks the dedupe marker, appends to the stream and
@@ -39,16 +41,18 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 use moka::future::Cache;
-use recmesh_catalog::{Dataset, EventKind, Item};
+use recmesh_algo::seen::SeenTimes;
+use recmesh_catalog::{Dataset, EventKind, Item, item_key};
 use recmesh_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::log::{EventFile, LogError};
+use crate::memory::Limits;
 use crate::now_ms;
 use crate::store::{
     Counts, FeatureStore, HOURS_KEPT, Ingested, LogKind, LogPage, StoreError, UserRaw, ValidEvent,
-    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index,
+    decay_factor, exposure_from_json, exposure_json, hour_of, item_features, kind_index, seen_time,
     user_features,
 };
 
@@ -131,12 +135,13 @@ impl Default for RedisConfig {
 /// The apply script. ARGV: mode (`event` logs and deduplicates, `load` only
 /// applies), prefix, event id, user, item, event name, counter slot, weight,
 /// timestamp, max recent, dedupe TTL, stream bound, decay factor, hour,
-/// oldest hour kept. Returns 0 for a duplicate, 1 applied, 2 applied to an
+/// oldest hour kept, item key, timestamp in seconds, max seen. Returns 0 for a duplicate, 1 applied, 2 applied to an
 /// item the catalog does not know.
 const APPLY_LUA: &str = r#"
 local mode, p, id, user, item, ev, slot, w, ts, maxr, ttl, maxlen, decay, hour, oldest =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9],
   tonumber(ARGV[10]), ARGV[11], ARGV[12], tonumber(ARGV[13]), ARGV[14], tonumber(ARGV[15])
+local ikey, tsec, maxs = ARGV[16], tonumber(ARGV[17]), tonumber(ARGV[18])
 if mode == 'event' then
   if not redis.call('SET', p .. ':seen:' .. id, '1', 'NX', 'EX', ttl) then return 0 end
   redis.call('XADD', p .. ':events', 'MAXLEN', '~', maxlen, '*',
@@ -154,6 +159,21 @@ if ev == 'purchase' then redis.call('SADD', uk .. ':p', item) end
 redis.call('HINCRBY', uk .. ':h', hour, 1)
 for _, h in ipairs(redis.call('HKEYS', uk .. ':h')) do
   if tonumber(h) < oldest then redis.call('HDEL', uk .. ':h', h) end
+end
+local times = {0, 0, 0, 0}
+local had = redis.call('HGET', uk .. ':s', ikey)
+if had then
+  local n = 1
+  for v in string.gmatch(had, '[^,]+') do times[n] = tonumber(v); n = n + 1 end
+end
+local s = tonumber(slot) + 1
+if tsec > times[s] then times[s] = tsec end
+redis.call('HSET', uk .. ':s', ikey, table.concat(times, ','))
+redis.call('ZADD', uk .. ':so', math.max(times[1], times[2], times[3], times[4]), ikey)
+local over = redis.call('ZCARD', uk .. ':so') - maxs
+if over > 0 then
+  local gone = redis.call('ZPOPMIN', uk .. ':so', over)
+  for n = 1, #gone, 2 do redis.call('HDEL', uk .. ':s', gone[n]) end
 end
 if cat then
   redis.call('HINCRBYFLOAT', uk .. ':c', cat, w * decay)
@@ -266,6 +286,7 @@ pub struct RedisStore {
     pool: Pool,
     config: RedisConfig,
     max_recent: usize,
+    max_seen: usize,
     half_life_hours: f64,
     script_sha: String,
     catalog: Arc<HashMap<String, Item>>,
@@ -316,6 +337,24 @@ async fn within<T>(
     }
 }
 
+/// One seen-set entry: `key` 16 hex digits, `times` four comma-separated
+/// Unix seconds. A malformed entry is skipped (and logged).
+fn parse_seen(key: &str, times: &str) -> Option<(u64, SeenTimes)> {
+    let parsed = (|| {
+        let k = u64::from_str_radix(key, 16).ok()?;
+        let mut t = [0u32; 4];
+        let mut parts = times.split(',');
+        for slot in &mut t {
+            *slot = parts.next()?.parse().ok()?;
+        }
+        Some((k, t))
+    })();
+    if parsed.is_none() {
+        tracing::warn!(key, times, "a malformed seen-set entry skipped");
+    }
+    parsed
+}
+
 fn parse_recent(entry: &str) -> Option<(String, EventKind, i64)> {
     let mut f = entry.split('\t');
     let item = f.next()?.to_owned();
@@ -330,9 +369,10 @@ impl RedisStore {
     pub async fn open(
         config: RedisConfig,
         data: &Dataset,
-        max_recent: usize,
-        half_life_hours: f64,
+        limits: Limits,
     ) -> anyhow::Result<Arc<Self>> {
+        let (max_recent, max_seen, half_life_hours) =
+            (limits.max_recent, limits.max_seen, limits.half_life_hours);
         let redis_config = Config::from_url(&config.url)
             .map_err(|e| anyhow::anyhow!("config: `redis.url` {:?}: {e}", config.url))?;
         let timeout = Duration::from_millis(config.command_timeout_ms);
@@ -407,6 +447,7 @@ impl RedisStore {
             pool,
             config,
             max_recent,
+            max_seen,
             half_life_hours,
             script_sha,
         });
@@ -473,6 +514,9 @@ impl RedisStore {
             decay_factor(e.timestamp_ms, self.half_life_hours).to_string(),
             hour.to_string(),
             (hour - HOURS_KEPT + 1).to_string(),
+            format!("{:016x}", item_key(&e.item)),
+            seen_time(e.timestamp_ms).to_string(),
+            self.max_seen.to_string(),
         ]
     }
 
@@ -591,13 +635,15 @@ impl RedisStore {
         let _: () = pipeline.smembers(format!("{uk}:p")).await?;
         let _: () = pipeline.hgetall(format!("{uk}:c")).await?;
         let _: () = pipeline.hgetall(format!("{uk}:h")).await?;
+        let _: () = pipeline.hgetall(format!("{uk}:s")).await?;
         type Read = (
             Vec<String>,
             Vec<String>,
             HashMap<String, f64>,
             HashMap<i64, u64>,
+            HashMap<String, String>,
         );
-        let (recent, purchased, affinity, hours): Read =
+        let (recent, purchased, affinity, hours, seen): Read =
             within(self.options().timeout, pipeline.all()).await?;
         if recent.is_empty() {
             return Ok(None);
@@ -607,6 +653,7 @@ impl RedisStore {
             purchased,
             affinity,
             hours: hours.into_iter().collect(),
+            seen: seen.iter().filter_map(|(k, v)| parse_seen(k, v)).collect(),
         }))
     }
 
@@ -1587,9 +1634,13 @@ mod tests {
             replay_interval_ms: 600_000,
             ..RedisConfig::default()
         };
-        let store = RedisStore::open(config, &Dataset::default(), 50, 168.0)
-            .await
-            .expect("open");
+        let store = RedisStore::open(
+            config,
+            &Dataset::default(),
+            crate::Config::default().limits(),
+        )
+        .await
+        .expect("open");
         let event = |n: usize| ValidEvent {
             event_id: format!("e{n}"),
             user: format!("u{n}"),

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use recmesh_catalog::{EventKind, Item};
+use recmesh_algo::seen::SeenTimes;
+use recmesh_catalog::{EventKind, Item, item_key};
 use recmesh_mesh::convert::{attributes, event_type};
 use recmesh_proto::v1 as pb;
 
@@ -215,6 +216,39 @@ pub struct UserRaw {
     pub affinity: HashMap<String, f64>,
     /// Hour bucket → events.
     pub hours: Vec<(i64, u64)>,
+    /// Seen set: item key → newest event of each kind, Unix s.
+    pub seen: Vec<(u64, SeenTimes)>,
+}
+
+/// Records an event in a seen set, then drops the items whose newest event
+/// is oldest until at most `max` remain.
+pub fn mark_seen(
+    seen: &mut HashMap<u64, SeenTimes>,
+    item: &str,
+    kind: EventKind,
+    ts_ms: i64,
+    max: usize,
+) {
+    let t = seen_time(ts_ms);
+    let slot = &mut seen.entry(item_key(item)).or_insert([0; 4])[kind_index(kind)];
+    *slot = (*slot).max(t);
+    while seen.len() > max {
+        let Some(oldest) = seen
+            .iter()
+            .min_by_key(|(k, t)| (t.iter().max().copied().unwrap_or(0), **k))
+            .map(|(k, _)| *k)
+        else {
+            break;
+        };
+        seen.remove(&oldest);
+    }
+}
+
+/// An event time as a seen-set time: Unix seconds, at least 1 (0 is "none").
+pub fn seen_time(ts_ms: i64) -> u32 {
+    u32::try_from(ts_ms.div_euclid(1000))
+        .unwrap_or(if ts_ms < 0 { 1 } else { u32::MAX })
+        .max(1)
 }
 
 /// Top categories returned in `UserFeatures.top_categories`.
@@ -254,6 +288,10 @@ pub fn user_features(
         .map(|(c, a)| (c.clone(), a / max))
         .collect();
     let (events_24h, events_7d) = recent_counts(raw.hours, now_ms);
+    // Newest first, so a reader that stops early keeps the freshest.
+    raw.seen
+        .sort_by_key(|(k, t)| (std::cmp::Reverse(t.iter().max().copied().unwrap_or(0)), *k));
+    let seen_at_s = raw.seen.iter().flat_map(|(_, t)| *t).collect();
     pb::UserFeatures {
         user_id: user_id.to_owned(),
         known: true,
@@ -272,6 +310,8 @@ pub fn user_features(
         category_affinity,
         events_24h,
         events_7d,
+        seen_items: raw.seen.iter().map(|(k, _)| *k).collect(),
+        seen_at_s,
     }
 }
 
@@ -316,6 +356,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_seen_set_keeps_the_newest_of_each_kind_and_drops_the_oldest_item() {
+        let mut seen = HashMap::new();
+        mark_seen(&mut seen, "a", EventKind::View, 5_000, 2);
+        mark_seen(&mut seen, "a", EventKind::View, 2_000, 2);
+        mark_seen(&mut seen, "a", EventKind::Purchase, 9_000, 2);
+        mark_seen(&mut seen, "b", EventKind::Click, 3_000, 2);
+        assert_eq!(seen[&item_key("a")], [5, 0, 0, 9]);
+        // "b" (newest 3 s) is older than "a" (9 s): it goes when "c" comes.
+        mark_seen(&mut seen, "c", EventKind::View, 4_000, 2);
+        assert_eq!(seen.len(), 2);
+        assert!(!seen.contains_key(&item_key("b")));
+        assert_eq!(seen_time(-5), 1);
+        assert_eq!(seen_time(999), 1);
+        assert_eq!(seen_time(i64::MAX), u32::MAX);
+    }
+
+    #[test]
     fn forward_decay_halves_per_half_life_and_never_overflows() {
         let t = LANDMARK_MS + 10 * 3_600_000;
         let a = decay_factor(t, 24.0);
@@ -355,12 +412,15 @@ mod tests {
             purchased: vec!["b".into()],
             affinity: HashMap::from([("x".into(), 1.0), ("y".into(), 4.0)]),
             hours: vec![],
+            seen: vec![(5, [1, 0, 0, 0]), (6, [0, 0, 0, 9])],
         };
         let u = user_features("u", Some(raw), 2, 0);
         let items: Vec<&str> = u.recent.iter().map(|r| r.item_id.as_str()).collect();
         assert_eq!(items, ["b", "c"]);
         assert_eq!(u.top_categories, ["y", "x"]);
         assert_eq!(u.category_affinity["x"], 0.25);
+        assert_eq!(u.seen_items, [6, 5], "newest first");
+        assert_eq!(u.seen_at_s, [0, 0, 0, 9, 1, 0, 0, 0]);
         assert!(!user_features("u", None, 2, 0).known);
     }
 }

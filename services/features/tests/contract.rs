@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use recmesh_catalog::{Dataset, EventKind, Interaction, Item};
+use recmesh_catalog::{Dataset, EventKind, Interaction, Item, item_key};
 use recmesh_features::redis::{RedisConfig, RedisStore};
 use recmesh_features::testkit::RedisServer;
 use recmesh_features::{Backend, Config, EventLogConfig, FeatureStore, ValidEvent, open_store};
@@ -138,6 +138,18 @@ async fn contract(store: Arc<dyn FeatureStore>) {
     assert_eq!(u0.purchased_item_ids, ["i2"]);
     assert_eq!(u0.top_categories, ["books"]);
     assert_eq!((u0.events_24h, u0.events_7d), (0, 2), "a day old: 7 d only");
+    // The seen set: every item of the history, newest first, with the
+    // newest time of each event kind.
+    let day_ago_s = ((now_ms() - 86_400_000) / 1000) as u32;
+    assert_eq!(u0.seen_items, [item_key("i2"), item_key("i1")]);
+    assert_eq!(u0.seen_at_s.len(), 8);
+    let (i2, i1) = (&u0.seen_at_s[..4], &u0.seen_at_s[4..]);
+    assert_eq!((i2[0], i2[1], i2[2]), (0, 0, 0), "i2 was only bought");
+    assert!(i2[3].abs_diff(day_ago_s + 1) <= 5, "{i2:?}");
+    assert!(
+        i1[0].abs_diff(day_ago_s) <= 5 && i1[1..] == [0, 0, 0],
+        "{i1:?}"
+    );
 
     let now = now_ms();
     let batch = vec![
@@ -181,6 +193,24 @@ async fn contract(store: Arc<dyn FeatureStore>) {
         "5/8 with a few seconds of decay: {books}"
     );
     assert_eq!((u9.events_24h, u9.events_7d), (6, 6));
+    // Every item u9 touched is seen, past `max_recent` too; i3 keeps its
+    // newest view (the replayed batch's e4) and its click.
+    let mut seen = u9.seen_items.clone();
+    seen.sort();
+    let mut want: Vec<u64> = ["i3", "i7", "i4", "brand-new"].map(item_key).to_vec();
+    want.sort();
+    assert_eq!(seen, want);
+    let at = |id: &str| {
+        let n = u9
+            .seen_items
+            .iter()
+            .position(|k| *k == item_key(id))
+            .expect("seen");
+        u9.seen_at_s[n * 4..n * 4 + 4].to_vec()
+    };
+    let s = |ms: i64| (ms / 1000) as u32;
+    assert_eq!(at("i3"), [s(now), s(now - 2_000), 0, 0]);
+    assert_eq!(at("i7"), [0, 0, 0, s(now - 1_000)]);
 
     // One call for many items: counters, CTR, popularity; unknown listed.
     let ids: Vec<String> = ["i3", "i7", "nope", "brand-new"].map(String::from).to_vec();
@@ -252,6 +282,46 @@ async fn redis_backend_keeps_the_contract() {
     contract(store).await;
 }
 
+/// With room for two items, the third pushes out the one whose newest event
+/// is oldest, on both backends, and a newer event keeps an item in.
+async fn seen_set_is_bounded(store: Arc<dyn FeatureStore>) {
+    let now = now_ms();
+    let events = [
+        event("b1", "b", "i1", EventKind::View, now - 5_000),
+        event("b2", "b", "i2", EventKind::View, now - 4_000),
+        event("b3", "b", "i1", EventKind::Click, now - 3_000),
+        event("b4", "b", "i3", EventKind::View, now - 2_000),
+    ];
+    for e in &events {
+        store.ingest(std::slice::from_ref(e)).await.expect("ingest");
+    }
+    let b = store.user("b", 10).await.expect("b");
+    assert_eq!(
+        b.seen_items,
+        [item_key("i3"), item_key("i1")],
+        "i2 (newest at -4 s) went; i1 stayed by its click at -3 s"
+    );
+}
+
+#[tokio::test]
+async fn memory_backend_bounds_the_seen_set() {
+    let dir = scratch("memory-seen");
+    let mut config = memory_config(&dir);
+    config.max_seen_per_user = 2;
+    let store = open_store(&config, &data()).await.expect("open");
+    seen_set_is_bounded(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backend_bounds_the_seen_set() {
+    let dir = scratch("redis-seen");
+    let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
+    let mut config = redis_config(&server, &dir);
+    config.max_seen_per_user = 2;
+    let store = open_store(&config, &data()).await.expect("open");
+    seen_set_is_bounded(store).await;
+}
+
 #[tokio::test]
 async fn memory_backend_replays_its_event_file_after_a_restart() {
     let dir = scratch("memory-restart");
@@ -307,9 +377,13 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     let mut config = redis_config(&server, &dir);
     config.redis.max_buffered = 3;
     let data = data();
-    let store = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
-        .await
-        .expect("open");
+    let store = RedisStore::open(
+        config.redis.clone(),
+        &data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open");
     let ids = vec!["i1".to_string(), "i2".to_string()];
     let before = store.user("u0", 10).await.expect("u0");
     let items_before = store.items(&ids).await.expect("items");
@@ -318,9 +392,13 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     // right after it), and this one learns of it from the stream.
     let mut other_config = config.redis.clone();
     other_config.buffer_path = dir.join("other-buffer.tsv");
-    let other = RedisStore::open(other_config, &data, 50, 168.0)
-        .await
-        .expect("open the other instance");
+    let other = RedisStore::open(
+        other_config,
+        &data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open the other instance");
     other
         .ingest(&[event("w1", "w1", "i1", EventKind::View, now_ms())])
         .await
@@ -397,9 +475,13 @@ async fn the_stream_exports_through_a_consumer_group_once_per_event() {
     let dir = scratch("redis-export");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let config = redis_config(&server, &dir);
-    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
-        .await
-        .expect("open");
+    let store = RedisStore::open(
+        config.redis.clone(),
+        &data(),
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open");
     let now = now_ms();
     let first: Vec<ValidEvent> = (0..5)
         .map(|n| event(&format!("x{n}"), "u1", "i1", EventKind::Click, now + n))
@@ -439,9 +521,13 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     let dir = scratch("redis-slow");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let config = patient_without_known_users(&server, &dir);
-    let store = RedisStore::open(config.redis.clone(), &data(), 50, 168.0)
-        .await
-        .expect("open");
+    let store = RedisStore::open(
+        config.redis.clone(),
+        &data(),
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open");
     let before = store.user("u0", 10).await.expect("u0");
     // A newer event the snapshot does not hold (ingesting drops the L1
     // entry), so an answer from Redis and one from the snapshot differ.
@@ -482,15 +568,23 @@ async fn warmed_and_cold(
     dir: &std::path::Path,
     cold: impl FnOnce(&mut RedisConfig),
 ) -> (Arc<RedisStore>, Arc<RedisStore>) {
-    let warm = RedisStore::open(config.redis.clone(), data, 50, 168.0)
-        .await
-        .expect("open the warmed instance");
+    let warm = RedisStore::open(
+        config.redis.clone(),
+        data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open the warmed instance");
     let mut cold_config = config.redis.clone();
     cold(&mut cold_config);
     cold_config.buffer_path = dir.join("cold-buffer.tsv");
-    let cold = RedisStore::open(cold_config, data, 50, 168.0)
-        .await
-        .expect("open the cold instance");
+    let cold = RedisStore::open(
+        cold_config,
+        data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open the cold instance");
     let started = Instant::now();
     while !warm.snapshot_warmed() {
         assert!(
@@ -513,9 +607,13 @@ async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
     // The event stream's users only (the scan is the next test's).
     config.redis.warm_from_scan = 0;
     let data = data();
-    let before = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
-        .await
-        .expect("open");
+    let before = RedisStore::open(
+        config.redis.clone(),
+        &data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open");
     let now = now_ms();
     before
         .ingest(&[
@@ -602,15 +700,23 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
     config.redis.warm_from_events = 0;
     config.redis.warm_from_scan = 0;
     let data = data();
-    let here = RedisStore::open(config.redis.clone(), &data, 50, 168.0)
-        .await
-        .expect("open");
+    let here = RedisStore::open(
+        config.redis.clone(),
+        &data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open");
     // Another instance on the same Redis (its own outage buffer).
     let mut other_config = config.redis.clone();
     other_config.buffer_path = dir.join("other-buffer.tsv");
-    let other = RedisStore::open(other_config, &data, 50, 168.0)
-        .await
-        .expect("open the other instance");
+    let other = RedisStore::open(
+        other_config,
+        &data,
+        recmesh_features::Config::default().limits(),
+    )
+    .await
+    .expect("open the other instance");
     let until = |what: &str, done: &dyn Fn() -> bool| {
         let what = what.to_owned();
         let ok = (0..200).any(|_| {

@@ -53,6 +53,44 @@ pub struct Config {
     /// Dataset the popularity lists are seeded from at start, so the gateway
     /// can answer before retrieval has ever been reached.
     pub data: DataSource,
+    /// The seen-items policy: which of a user's items are never recommended
+    /// back to them (variants override it with `seen.kinds`/`seen.window_s`).
+    pub seen: SeenConfig,
+}
+
+/// `[seen]`: the seen-items policy when no experiment overrides it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SeenConfig {
+    /// Event kinds that make an item seen: `all` (the default), `none`, or a
+    /// comma-separated list of `view`, `click`, `add_to_cart`, `purchase`.
+    /// Purchases are excluded by their own rule whatever this says.
+    pub kinds: String,
+    /// Seconds an item stays seen after the user's newest such event on it
+    /// (0: forever, the default).
+    pub window_s: u64,
+}
+
+impl Default for SeenConfig {
+    fn default() -> Self {
+        SeenConfig {
+            kinds: "all".into(),
+            window_s: 0,
+        }
+    }
+}
+
+impl SeenConfig {
+    /// The policy, or the config error naming the key.
+    pub fn policy(&self) -> Result<recmesh_algo::seen::SeenPolicy, ConfigError> {
+        use recmesh_algo::seen::SeenPolicy;
+        let bad = |e: recmesh_algo::params::ParamError| ConfigError::invalid(e.key, e.reason);
+        Ok(SeenPolicy {
+            kinds: SeenPolicy::parse_kinds("seen.kinds", &self.kinds).map_err(bad)?,
+            window_s: SeenPolicy::parse_window("seen.window_s", &self.window_s.to_string())
+                .map_err(bad)?,
+        })
+    }
 }
 
 impl Default for Config {
@@ -72,6 +110,7 @@ impl Default for Config {
             balance: BalanceConfig::default(),
             popularity: PopularityConfig::default(),
             data: DataSource::default(),
+            seen: SeenConfig::default(),
         }
     }
 }
@@ -338,6 +377,7 @@ impl ServiceConfig for Config {
             Source::parse(key, addr)?;
         }
         self.balance.validate("balance")?;
+        self.seen.policy()?;
         if self.hedge.retrieval_after_ms >= self.budgets.retrieval_ms
             && self.hedge.retrieval_after_ms > 0
         {

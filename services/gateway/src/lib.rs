@@ -476,12 +476,14 @@ impl Gateway {
         count: u32,
         exclude: &[String],
         purchased: &[String],
+        seen: &[u64],
         filters: &pb::Filters,
         cap: u32,
     ) -> Vec<pb::Candidate> {
         let rules = HardFilters {
             excluded: exclude.iter().map(String::as_str).collect(),
             purchased: purchased.iter().map(String::as_str).collect(),
+            seen: seen.iter().copied().collect(),
             categories: filters.categories.iter().map(String::as_str).collect(),
             min_price: filters.min_price,
             max_price: filters.max_price,
@@ -672,6 +674,16 @@ impl Gateway {
         });
         stages.push(assign_report);
         stages.push(user_report);
+        // What the user already has, under the variant's seen-items policy:
+        // retrieval drops it before cutting its lists, the reranker (or the
+        // gateway's rules) drops whatever still arrives.
+        let seen = params
+            .seen_policy(self.config.seen.policy().unwrap_or_default())
+            .select(
+                &profile.seen_items,
+                &profile.seen_at_s,
+                experiments::now_ms() / 1000,
+            );
 
         // 2. Retrieval.
         let retrieval = &self.clients.retrieval;
@@ -698,6 +710,7 @@ impl Gateway {
             exclude_item_ids: q.exclude.clone(),
             filters: Some(q.filters.clone()),
             source_weights,
+            seen_items: seen.clone(),
         };
         let budget = params.retrieval_budget_ms.unwrap_or(b.retrieval_ms);
         let hedge_after = Duration::from_millis(self.config.hedge.retrieval_after_ms);
@@ -802,6 +815,7 @@ impl Gateway {
             request_id: rid.to_owned(),
             recent: profile.recent.clone(),
             usual_categories: profile.top_categories.clone(),
+            seen_items: seen.clone(),
         };
         let budget = params.rerank_budget_ms.unwrap_or(b.rerank_ms);
         let (reranked, mut report) =
@@ -827,6 +841,7 @@ impl Gateway {
                     q.count,
                     &q.exclude,
                     &profile.purchased_item_ids,
+                    &seen,
                     &q.filters,
                     cap,
                 )
@@ -897,6 +912,7 @@ impl Gateway {
             list.count,
             list.exclude,
             list.purchased,
+            &[],
             list.filters,
             0,
         );

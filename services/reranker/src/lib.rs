@@ -45,6 +45,8 @@ pub struct Config {
     pub max_count: u32,
     /// Most excluded or purchased ids one request may carry.
     pub max_ids: usize,
+    /// Most seen-item keys one request may carry (`seen_items`).
+    pub max_seen_items: usize,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             max_candidates: 2_000,
             max_count: 200,
             max_ids: 5_000,
+            max_seen_items: 20_000,
         }
     }
 }
@@ -71,6 +74,7 @@ impl ServiceConfig for Config {
         at_least_one(&[
             ("max_candidates", self.max_candidates as u64),
             ("max_count", u64::from(self.max_count)),
+            ("max_seen_items", self.max_seen_items as u64),
         ])
     }
 }
@@ -119,6 +123,12 @@ impl RerankerService {
                 return Err(FieldError::new(field, format!("at most {} ids", c.max_ids)));
             }
         }
+        if req.seen_items.len() > c.max_seen_items {
+            return Err(FieldError::new(
+                "seen_items",
+                format!("at most {} item keys", c.max_seen_items),
+            ));
+        }
         let list = Candidates::new(req.candidates.clone().unwrap_or_default(), "candidates")?;
         if list.len() > c.max_candidates {
             return Err(FieldError::new(
@@ -136,6 +146,7 @@ impl RerankerService {
             filters: HardFilters {
                 excluded: req.exclude_item_ids.iter().map(String::as_str).collect(),
                 purchased: req.purchased_item_ids.iter().map(String::as_str).collect(),
+                seen: req.seen_items.iter().copied().collect(),
                 categories: f.categories.iter().map(String::as_str).collect(),
                 min_price: f.min_price,
                 max_price: f.max_price,

@@ -38,6 +38,9 @@ pub struct Config {
     pub max_count: u32,
     /// Most excluded ids one request may carry.
     pub max_exclusions: usize,
+    /// Most seen-item keys one request may carry (`seen_items`): the
+    /// features service's `max_seen_per_user` with room to spare.
+    pub max_seen_items: usize,
     /// Budget of the `content` source inside the request, in ms (capped at
     /// three quarters of the caller's deadline); a late answer is dropped
     /// and reported, never waited for.
@@ -152,6 +155,7 @@ impl Default for Config {
             default_count: 200,
             max_count: 2_000,
             max_exclusions: 1_000,
+            max_seen_items: 20_000,
             content_budget_ms: 15,
             content_pool: 20_000,
             ann: AnnConfig::default(),
@@ -175,6 +179,7 @@ impl ServiceConfig for Config {
             ("max_seeds", self.max_seeds as u64),
             ("popular_list_len", self.popular_list_len as u64),
             ("max_exclusions", self.max_exclusions as u64),
+            ("max_seen_items", self.max_seen_items as u64),
         ])?;
         at_least_one(&[
             ("ann.ef", self.ann.ef as u64),

@@ -344,12 +344,30 @@ impl Snapshot {
             constraints,
         };
 
+        // What the user has already seen (the gateway's seen-items policy
+        // over their whole history) and their recent items: no source
+        // offers them, and each drops them before it cuts its list, so no
+        // candidate slot is spent on them. Keys of items the catalog does
+        // not know are skipped.
+        if req.seen_items.len() > self.config.max_seen_items {
+            return Err(FieldError::new(
+                "seen_items",
+                format!("at most {} item keys", self.config.max_seen_items),
+            ));
+        }
+        let mut seen: std::collections::HashSet<u32> = req
+            .seen_items
+            .iter()
+            .filter_map(|&k| index.catalog.index_of_key(k))
+            .collect();
+
         // An anchor the index does not know yet (a brand-new item) adds no
         // candidates rather than failing the request.
         let started = std::time::Instant::now();
         if let Some(anchor) = index.catalog.index_of(&ctx.anchor_item_id) {
             let found: Vec<_> = index.neighbours[anchor as usize]
                 .iter()
+                .filter(|(i, _)| !seen.contains(i))
                 .map(|&(i, s)| (i, f64::from(s), Why::SimilarTo(anchor)))
                 .collect();
             plan.ready("anchor", weights.anchor, started, found);
@@ -360,7 +378,6 @@ impl Snapshot {
         // Seeds: newest first, weight = event strength × 0.9^position, so the
         // latest signals count most; an item seen twice keeps its strongest.
         let mut seeds: HashMap<u32, (f64, EventKind)> = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
         let mut engaged_categories: HashMap<u32, f64> = HashMap::new();
         for (position, r) in req.recent.iter().take(self.config.max_seeds).enumerate() {
             let (Some(i), Some(kind)) =
@@ -373,8 +390,8 @@ impl Snapshot {
             if w > seed.0 {
                 *seed = (w, kind.max(seed.1));
             }
-            // Items the user just interacted with are not recommended back to
-            // them by any source (issue #5 makes viewed items a configurable window).
+            // Items the user just interacted with are not recommended back
+            // to them by any source, whatever the policy.
             seen.insert(i);
             *engaged_categories
                 .entry(index.catalog.category_of[i as usize])
@@ -382,14 +399,18 @@ impl Snapshot {
         }
         let started = std::time::Instant::now();
         let seed_list: Vec<(u32, f64)> = seeds.iter().map(|(&i, &(w, _))| (i, w)).collect();
-        let cf: Vec<_> = cooccurrence::score_from_seeds(&index.neighbours, &seed_list, count * 2)
-            .into_iter()
-            .filter(|c| !seen.contains(&c.item))
-            .map(|c| {
-                let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
-                (c.item, c.score, Why::Because(verb, c.because_of))
-            })
-            .collect();
+        let cf: Vec<_> = cooccurrence::score_from_seeds(
+            &index.neighbours,
+            &seed_list,
+            |i| seen.contains(&i),
+            count * 2,
+        )
+        .into_iter()
+        .map(|c| {
+            let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
+            (c.item, c.score, Why::Because(verb, c.because_of))
+        })
+        .collect();
         if seeds.is_empty() {
             plan.off("cf", "no recent items");
         } else {

@@ -446,10 +446,11 @@ pub fn evaluate(
             .get(u)
             .map(|h| h.iter().map(|(&i, &w)| (i, w)).collect())
             .unwrap_or_default();
-        let mut list: Vec<String> = cooccurrence::score_from_seeds(neighbours, &seeds, k)
-            .into_iter()
-            .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
-            .collect();
+        let mut list: Vec<String> =
+            cooccurrence::score_from_seeds(neighbours, &seeds, |_| false, k)
+                .into_iter()
+                .filter_map(|c| fitted.catalog.item(c.item).map(|it| it.id.clone()))
+                .collect();
         if list.len() < k {
             let have: HashSet<String> = list.iter().cloned().collect();
             list.extend(top_popular(u, k - list.len(), &have));
