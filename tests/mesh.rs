@@ -381,6 +381,83 @@ async fn a_tracked_event_changes_that_users_next_recommend() {
     );
 }
 
+/// The heaviest user of the test data and every item they touched.
+fn heaviest_user(mesh: &TestMesh) -> (String, HashSet<String>) {
+    let mut per_user: std::collections::HashMap<&str, HashSet<String>> = Default::default();
+    for e in &mesh.mesh.data.interactions {
+        per_user
+            .entry(e.user.as_str())
+            .or_default()
+            .insert(e.item.clone());
+    }
+    let (user, items) = per_user
+        .into_iter()
+        .max_by_key(|(u, items)| (items.len(), std::cmp::Reverse(*u)))
+        .expect("users");
+    (user.to_owned(), items)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_the_user_already_had_is_recommended_back() {
+    // Features keeps only 5 recent items per user: what keeps the rest of
+    // the history out is the seen set.
+    let mesh = TestMesh::start_with(|c| c.features.max_recent_per_user = 5).await;
+    let (user, history) = heaviest_user(&mesh);
+    assert!(history.len() > 50, "{} items", history.len());
+    let mut client = mesh.client().await;
+    let mut req = recommend(&user, 30);
+    req.debug = true;
+    let answer = client
+        .recommend(req.clone())
+        .await
+        .expect("answer")
+        .into_inner();
+    assert!(!answer.degraded, "{:?}", answer.stages);
+    assert_eq!(answer.items.len(), 30, "the list is still full");
+    let back: Vec<String> = ids(&answer)
+        .into_iter()
+        .filter(|i| history.contains(i))
+        .collect();
+    assert!(back.is_empty(), "recommended back: {back:?}");
+
+    // A tracked event joins the seen set at once.
+    let shown = answer.items[0].item_id.clone();
+    let track = pb::TrackRequest {
+        event_id: "seen-1".into(),
+        user_id: user.clone(),
+        item_id: shown.clone(),
+        event_type: pb::EventType::View as i32,
+        timestamp_ms: 0,
+    };
+    assert!(
+        client
+            .track(track)
+            .await
+            .expect("tracked")
+            .into_inner()
+            .applied
+    );
+    let next = client.recommend(req).await.expect("answer").into_inner();
+    assert!(!ids(&next).contains(&shown), "the item just viewed is seen");
+    drop(mesh);
+
+    // The policy is what keeps them out: with `[seen] kinds = "none"` the
+    // same user is shown items of their history again (beyond the last 5).
+    let open = TestMesh::start_configured(
+        |c| c.features.max_recent_per_user = 5,
+        |g| g.seen.kinds = "none".into(),
+    )
+    .await;
+    let mut client = open.client().await;
+    let mut req = recommend(&user, 30);
+    req.debug = true;
+    let answer = client.recommend(req).await.expect("answer").into_inner();
+    assert!(
+        ids(&answer).iter().any(|i| history.contains(i)),
+        "without the policy the history leaks back"
+    );
+}
+
 /// Per stage: the fallback the gateway must use when it fails.
 const FALLBACKS: [(&str, &str); 5] = [
     ("assign", "control"),

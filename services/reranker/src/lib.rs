@@ -310,10 +310,12 @@ mod tests {
                         candidate("e", "y", true),
                         candidate("f", "y", true),
                         candidate("g", "y", true),
+                        candidate("h", "y", true),
                     ]),
                     count: 10,
                     exclude_item_ids: vec!["e".into()],
                     purchased_item_ids: vec!["f".into()],
+                    seen_items: vec![recmesh_algo::seen::item_key("h")],
                     rule_overrides: overrides(&[
                         ("category_cap", "2"),
                         ("mmr_lambda", "1"),
@@ -330,6 +332,7 @@ mod tests {
         assert_eq!(out.removed["category_cap"], 1);
         assert_eq!(out.removed["excluded"], 1);
         assert_eq!(out.removed["purchased"], 1);
+        assert_eq!(out.removed["seen"], 1);
     }
 
     #[test]

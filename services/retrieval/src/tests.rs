@@ -651,3 +651,67 @@ async fn a_late_source_is_dropped_and_reported_not_waited_for() {
     assert_eq!(ann.outcome, "late");
     assert!(ann.detail.contains("6 ms budget"), "{}", ann.detail);
 }
+
+#[test]
+fn seen_items_are_dropped_by_every_source_before_the_cut() {
+    let data = demo();
+    let s = RetrievalService::from_bundle(Config::default(), trained(&data));
+    let user = data.interactions[0].user.clone();
+    let index = s.index();
+    let seed = index
+        .catalog
+        .item(index.popular[0].0)
+        .expect("item")
+        .id
+        .clone();
+    let base = pb::RetrieveRequest {
+        user_id: user,
+        recent: vec![viewed(&seed)],
+        count: 60,
+        ..Default::default()
+    };
+    let before = s.retrieve_blocking(&base).expect("ok").whole();
+    assert_eq!(before.len(), 60);
+    // The user has seen the first 40 of what retrieval offered them, from
+    // every source: the next answer holds none of them and is still full.
+    let seen: std::collections::HashSet<u64> = before[..40]
+        .iter()
+        .map(|c| recmesh_catalog::item_key(&c.item_id))
+        .collect();
+    let req = pb::RetrieveRequest {
+        seen_items: seen.iter().copied().collect(),
+        ..base.clone()
+    };
+    let after = s.retrieve_blocking(&req).expect("ok").whole();
+    assert_eq!(after.len(), 60, "no slot spent on a seen item");
+    assert!(
+        after
+            .iter()
+            .all(|c| !seen.contains(&recmesh_catalog::item_key(&c.item_id)))
+    );
+    // Each source on its own too, the vector index's filter included.
+    for source in ["cf", "ann", "trending", "popular"] {
+        let one = pb::RetrieveRequest {
+            source_weights: only(source),
+            ..req.clone()
+        };
+        let out = s.retrieve_blocking(&one).expect("ok").whole();
+        assert!(
+            out.iter()
+                .all(|c| !seen.contains(&recmesh_catalog::item_key(&c.item_id))),
+            "{source} offered a seen item"
+        );
+    }
+    // Keys of items the catalog does not know are skipped; too many are refused.
+    let unknown = pb::RetrieveRequest {
+        seen_items: vec![1, 2, 3],
+        ..base.clone()
+    };
+    assert_eq!(s.retrieve_blocking(&unknown).expect("ok").whole().len(), 60);
+    let flood = pb::RetrieveRequest {
+        seen_items: vec![7; Config::default().max_seen_items + 1],
+        ..base
+    };
+    let err = s.retrieve_blocking(&flood).expect_err("too many");
+    assert!(err.to_string().contains("seen_items"), "{err}");
+}
