@@ -162,6 +162,11 @@ enum Command {
         /// (`redis://host:port`) instead of in memory.
         #[arg(long, conflicts_with = "events")]
         redis: Option<String>,
+        /// Experiments file served at the first start (when the state
+        /// folder holds no saved experiments); default: the built-in demo
+        /// experiment `candidate-count`. An empty file serves none.
+        #[arg(long)]
+        experiments: Option<PathBuf>,
     },
     /// Recommendations for a user.
     Recommend {
@@ -355,13 +360,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bundle,
             events,
             redis,
+            experiments,
         } => {
             let models = Models {
                 ranking_model,
                 bundle,
                 no_train,
             };
-            up(demo, port, models, events, redis).await
+            up(demo, port, models, events, redis, experiments).await
         }
         Command::Recommend {
             user,
@@ -697,6 +703,7 @@ async fn up(
     models: Models,
     events: Option<PathBuf>,
     redis: Option<String>,
+    experiments: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     recmesh_server::telemetry::init_tracing();
     let source = demo.source();
@@ -736,6 +743,9 @@ async fn up(
         );
     }
     stages.experiments.state_dir = state_dir.join("experiments").display().to_string();
+    if let Some(file) = &experiments {
+        stages.experiments.experiments_file = file.display().to_string();
+    }
     eprintln!("experiments: state in {}", stages.experiments.state_dir);
     if !models.no_train {
         let (data, state, task_models) = (data.clone(), state_dir.clone(), models.clone());

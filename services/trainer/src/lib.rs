@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ann_bench;
+pub mod grpc;
 pub mod parquet_input;
 pub mod progress;
 pub mod publish;
@@ -35,7 +36,6 @@ use recmesh_algo::cooccurrence;
 use recmesh_algo::metrics;
 use recmesh_algo::rerank::{RerankRules, attribute_similarity};
 use recmesh_catalog::Catalog;
-use recmesh_proto::v1 as pb;
 use serde::Serialize;
 
 pub use split::{Protocol, Split};
@@ -86,6 +86,9 @@ pub struct ModelReport {
     pub diversity: f64,
     /// Mean self-information of recommended items.
     pub novelty: f64,
+    /// Share of the top-K slots holding an item the user interacted with in
+    /// training (what a seen-items policy keeps at 0).
+    pub seen_share: f64,
     /// NDCG@K by user segment (users, NDCG).
     pub ndcg_by_segment: Vec<(Segment, usize, f64)>,
 }
@@ -112,7 +115,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let k = self.k;
         let mut out = format!(
-            "protocol: {}, data {}, seed {}, K = {k}\n\n| model | users | P@{k} | R@{k} | NDCG@{k} | MAP@{k} | HR@{k} | coverage | diversity | novelty | NDCG@{k} cold / active / power |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "protocol: {}, data {}, seed {}, K = {k}\n\n| model | users | P@{k} | R@{k} | NDCG@{k} | MAP@{k} | HR@{k} | coverage | diversity | novelty | seen | NDCG@{k} cold / active / power |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.protocol, self.data_fingerprint, self.seed
         );
         if let Some(r) = &self.ranker {
@@ -133,7 +136,7 @@ impl Report {
                     .map_or("–".to_owned(), |x| format!("{:.4} ({})", x.2, x.1))
             };
             out.push_str(&format!(
-                "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {} / {} / {} |\n",
+                "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {:.1}% | {} / {} / {} |\n",
                 m.model,
                 m.users,
                 m.precision,
@@ -144,6 +147,7 @@ impl Report {
                 m.coverage,
                 m.diversity,
                 m.novelty,
+                100.0 * m.seen_share,
                 seg(Segment::Cold),
                 seg(Segment::Active),
                 seg(Segment::Power)
@@ -237,7 +241,14 @@ impl<'a> Fitted<'a> {
                 |i| self.user_share.get(i.as_str()).copied().unwrap_or(0.0),
                 self.users,
             );
-            let history = self.seen.get(user.as_str()).map_or(0, HashSet::len);
+            let had = self.seen.get(user.as_str());
+            r.seen_share += list
+                .iter()
+                .take(k)
+                .filter(|i| had.is_some_and(|h| h.contains(i.as_str())))
+                .count() as f64
+                / k as f64;
+            let history = had.map_or(0, HashSet::len);
             let seg = by_segment.entry(Segment::of(history)).or_default();
             seg.0 += 1;
             seg.1 += ndcg;
@@ -253,6 +264,7 @@ impl<'a> Fitted<'a> {
             &mut r.hit_rate,
             &mut r.diversity,
             &mut r.novelty,
+            &mut r.seen_share,
         ] {
             *v /= n;
         }
@@ -557,7 +569,9 @@ pub fn evaluate(
             (true, None) => continue,
         };
         let row = fitted.evaluate(&variant.name, k, |u| {
-            served_list(u, k, seed, &fitted, &stages, scorer, &reranker).unwrap_or_default()
+            stages
+                .list(u, k, &format!("{seed}:{u}"), scorer, &reranker)
+                .unwrap_or_default()
         });
         models.push(row);
     }
@@ -570,42 +584,6 @@ pub fn evaluate(
         models,
         ranker: ranker.cloned(),
     })
-}
-
-/// One user's top `k` through retrieval → ranking → re-ranking.
-fn served_list(
-    user: &str,
-    k: usize,
-    seed: u64,
-    fitted: &Fitted<'_>,
-    stages: &served::ServedStages,
-    scorer: &recmesh_ranking::Scorer,
-    reranker: &recmesh_reranker::RerankerService,
-) -> anyhow::Result<Vec<String>> {
-    let seen: Vec<String> = fitted
-        .seen
-        .get(user)
-        .map(|s| s.iter().map(|i| (*i).to_owned()).collect())
-        .unwrap_or_default();
-    let c = stages.candidates(user, &seen)?;
-    let ranked = scorer.rank(&c.list, &c.profile.recent, &c.features, stages.now_s);
-    let out = reranker
-        .rerank(
-            pb::RerankRequest {
-                user_id: user.to_owned(),
-                candidates: Some(ranked),
-                count: k as u32,
-                exclude_item_ids: seen,
-                purchased_item_ids: c.profile.purchased_item_ids,
-                request_id: format!("{seed}:{user}"),
-                recent: c.profile.recent,
-                usual_categories: c.profile.top_categories,
-                ..Default::default()
-            },
-            stages.now_s,
-        )
-        .map_err(|e| anyhow::anyhow!("rerank: {e}"))?;
-    Ok(out.candidates.into_iter().map(|c| c.item_id).collect())
 }
 
 /// What [`in_process_throughput`] measured.
@@ -651,24 +629,7 @@ pub fn in_process_throughput(
                     for n in (t..requests).step_by(threads) {
                         let user = users[n % users.len()];
                         let begun = std::time::Instant::now();
-                        let c = stages.candidates(user, &[])?;
-                        let ranked =
-                            scorer.rank(&c.list, &c.profile.recent, &c.features, stages.now_s);
-                        let answer = reranker
-                            .rerank(
-                                pb::RerankRequest {
-                                    user_id: user.to_owned(),
-                                    candidates: Some(ranked),
-                                    count: 10,
-                                    purchased_item_ids: c.profile.purchased_item_ids,
-                                    request_id: format!("{n}"),
-                                    recent: c.profile.recent,
-                                    usual_categories: c.profile.top_categories,
-                                    ..Default::default()
-                                },
-                                stages.now_s,
-                            )
-                            .map_err(|e| anyhow::anyhow!("rerank: {e}"))?;
+                        let answer = stages.list(user, 10, &format!("{n}"), &scorer, &reranker)?;
                         std::hint::black_box(answer);
                         out.push(begun.elapsed());
                     }

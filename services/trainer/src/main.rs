@@ -346,6 +346,23 @@ enum Command {
         /// takes it (`brand_cap=0`, `exploration_share=0.05`); repeatable.
         #[arg(long = "rule", value_name = "KEY=VALUE")]
         rules: Vec<String>,
+        /// Also evaluate the pipeline through the real `Recommend` RPC: start
+        /// a mesh (`recmesh up`, from beside this binary or RECMESH_BIN) on
+        /// the split's training data with the served rows' bundle, ask it for
+        /// every test user with no client exclusions, and add its row. The
+        /// split is first shifted in time to end now (the mesh runs on the
+        /// wall clock).
+        #[arg(long, conflicts_with = "rules")]
+        grpc: bool,
+        /// With --grpc: ask the mesh at this address instead of starting
+        /// one; it must serve what --grpc-dir holds (`recmesh up --data-dir
+        /// DIR/data --bundle DIR/bundles --experiments DIR/experiments.toml`).
+        #[arg(long, requires = "grpc")]
+        gateway: Option<String>,
+        /// With --grpc: where the training data and bundle the mesh serves
+        /// are written (default: a folder in the temp dir).
+        #[arg(long, requires = "grpc")]
+        grpc_dir: Option<PathBuf>,
     },
     /// Write the split's training interactions (train.tsv: user, item,
     /// strength) and its test users (test_users.txt), for another library
@@ -385,6 +402,52 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     recmesh_server::exit_code(run(Cli::parse()))
+}
+
+/// The `--grpc` row: the served pipeline through the real `Recommend` RPC.
+fn served_over_grpc(
+    split: &Split,
+    ranker: &recmesh_trainer::TrainedRanker,
+    k: usize,
+    seed: u64,
+    gateway: Option<String>,
+    dir: PathBuf,
+) -> anyhow::Result<recmesh_trainer::ModelReport> {
+    use recmesh_trainer::grpc;
+    let started = Instant::now();
+    let (mesh, gateway) = match gateway {
+        Some(g) => (None, g),
+        None => {
+            let (data, root) = grpc::prepare(split, Some(ranker), &dir)?;
+            eprintln!(
+                "--grpc: training data and bundle written to {} ({:.1}s); starting recmesh up",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            let mesh = grpc::MeshProcess::start(&data, &root)?;
+            let g = mesh.gateway.clone();
+            (Some(mesh), g)
+        }
+    };
+    let mut users: Vec<String> = split.test.keys().cloned().collect();
+    users.sort();
+    let asked = Instant::now();
+    let answers = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(grpc::recommend_all(&gateway, &users, k, seed))?;
+    drop(mesh);
+    eprintln!(
+        "--grpc: {} Recommend calls to {gateway} in {:.1}s: {} degraded, {} cached",
+        users.len(),
+        asked.elapsed().as_secs_f64(),
+        answers.degraded,
+        answers.cached
+    );
+    let name = "served over gRPC (recmesh up, Recommend, no client exclusions)".to_owned();
+    let mut rows = recmesh_trainer::evaluate_lists(split, k, &[(name, answers.lists)]);
+    rows.pop()
+        .ok_or_else(|| anyhow::anyhow!("--grpc: nothing evaluated"))
 }
 
 fn print_report(report: &Report) {
@@ -478,6 +541,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
             rules,
+            grpc,
+            gateway,
+            grpc_dir,
         } => {
             let started = Instant::now();
             let mut overrides = HashMap::new();
@@ -491,7 +557,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with(&overrides)
                 .map_err(|e| anyhow::anyhow!("--rule: {e}"))?;
             let variants = variants_with(&served, &rules.join(", "));
-            let (_, split) = input.load()?;
+            let (_, mut split) = input.load()?;
+            if grpc {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_millis() as i64;
+                let delta = recmesh_trainer::grpc::shift_to_now(&mut split, now);
+                eprintln!(
+                    "--grpc: the split shifted by {:.1} days to end now",
+                    delta as f64 / 86_400_000.0
+                );
+            }
             let ranker = recmesh_trainer::train_ranker(&split)?;
             eprintln!(
                 "ranker trained on {} rows from {} users ({:.1}s)",
@@ -499,7 +575,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ranker.users,
                 started.elapsed().as_secs_f64()
             );
-            let report = evaluate(&split, input.k, seed, &variants, Some(&ranker))?;
+            let mut report = evaluate(&split, input.k, seed, &variants, Some(&ranker))?;
+            if grpc {
+                let row = served_over_grpc(
+                    &split,
+                    &ranker,
+                    input.k,
+                    seed,
+                    gateway,
+                    grpc_dir.unwrap_or_else(|| {
+                        std::env::temp_dir()
+                            .join(format!("recmesh-eval-grpc-{}", split.fingerprint))
+                    }),
+                )?;
+                report.models.push(row);
+            }
             print_report(&report);
             eprintln!("evaluated in {:.1}s", started.elapsed().as_secs_f64());
             if let Some(dir) = out {

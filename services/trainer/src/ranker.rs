@@ -14,7 +14,6 @@
 //! the matching default side. forust's base score is folded into the first
 //! tree's leaves, summed in the same order, so the raw scores are equal.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use forust_ml::GradientBooster;
@@ -47,13 +46,9 @@ pub const MAX_USERS: usize = 5_000;
 /// whose name hashes lowest).
 pub fn training_set(split: &Split, max_users: usize) -> TrainingSet {
     let train = &split.train_only;
+    // Candidates as served: the user's seen set (their whole training
+    // history under the default policy) is never a candidate.
     let stages = ServedStages::new(train);
-    let mut seen: HashMap<&str, Vec<String>> = HashMap::new();
-    for e in &train.interactions {
-        seen.entry(e.user.as_str())
-            .or_default()
-            .push(e.item.clone());
-    }
     let mut set = TrainingSet::default();
     let mut users: Vec<&String> = split.valid.keys().collect();
     if users.len() > max_users {
@@ -63,8 +58,7 @@ pub fn training_set(split: &Split, max_users: usize) -> TrainingSet {
     users.sort();
     for user in users {
         let relevant = &split.valid[user];
-        let history = seen.get(user.as_str()).map_or(&[][..], Vec::as_slice);
-        let Ok(c) = stages.candidates(user, history) else {
+        let Ok(c) = stages.candidates(user) else {
             continue;
         };
         let rows = recmesh_ranking::feature_rows(
