@@ -56,8 +56,10 @@ async fn in_process_served_lists_equal_the_recommend_rpc() {
     let reranker = recmesh_reranker::RerankerService::new(Default::default());
 
     // Over gRPC: the six services on loopback, the same bundle.
-    let mut configs = recmesh::StageConfigs::default();
-    configs.retrieval = retrieval;
+    let mut configs = recmesh::StageConfigs {
+        retrieval,
+        ..Default::default()
+    };
     configs.ranking.bundle_dir = root.display().to_string();
     configs.ranking.features_budget_ms *= BUDGET_SCALE * 4;
     configs.features.event_log.path = dir.join("events.tsv");

@@ -629,7 +629,7 @@ pub fn in_process_throughput(
                     for n in (t..requests).step_by(threads) {
                         let user = users[n % users.len()];
                         let begun = std::time::Instant::now();
-                        let answer = stages.list(user, 10, &format!("{n}"), &scorer, &reranker)?;
+                        let answer = stages.list(user, 10, &format!("{n}"), scorer, reranker)?;
                         std::hint::black_box(answer);
                         out.push(begun.elapsed());
                     }

@@ -366,7 +366,9 @@ enum Command {
     },
     /// Write the split's training interactions (train.tsv: user, item,
     /// strength) and its test users (test_users.txt), for another library
-    /// to train on.
+    /// to train on; and, for tuning, the training period without
+    /// validation (train_only.tsv) and each validation user's items
+    /// (valid.tsv: `user<TAB>item,item,...`).
     ExportSplit {
         #[command(flatten)]
         input: Input,
@@ -660,6 +662,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 train.push_str(&format!("{}\t{}\t{}\n", e.user, e.item, e.kind.weight()));
             }
             std::fs::write(out.join("train.tsv"), train)?;
+            // For tuning on the validation period: the training period
+            // alone, and each validation user's items.
+            let mut train_only = String::from("user\titem\tstrength\n");
+            for e in &split.train_only.interactions {
+                train_only.push_str(&format!("{}\t{}\t{}\n", e.user, e.item, e.kind.weight()));
+            }
+            std::fs::write(out.join("train_only.tsv"), train_only)?;
+            let mut valid: Vec<(&String, Vec<&str>)> = split
+                .valid
+                .iter()
+                .map(|(u, items)| {
+                    let mut items: Vec<&str> = items.iter().map(String::as_str).collect();
+                    items.sort();
+                    (u, items)
+                })
+                .collect();
+            valid.sort();
+            let valid: String = valid
+                .iter()
+                .map(|(u, items)| format!("{u}\t{}\n", items.join(",")))
+                .collect();
+            std::fs::write(out.join("valid.tsv"), valid)?;
             let mut users: Vec<&String> = split.test.keys().collect();
             users.sort();
             let users: Vec<&str> = users.into_iter().map(String::as_str).collect();
