@@ -116,6 +116,44 @@ impl QdrantIndex {
         Ok(index)
     }
 
+    /// Search-time ef (at least the limit of each query).
+    pub fn set_ef(&mut self, ef: usize) {
+        self.ef = ef;
+    }
+
+    /// ACORN's selectivity cut-off (0: off).
+    pub fn set_acorn(&mut self, acorn: f64) {
+        self.acorn = acorn;
+    }
+
+    /// Waits until the server has indexed the collection (status green:
+    /// no optimisation pending or running), polling every half second, for
+    /// at most `timeout`. Returns the indexed vectors the server reports.
+    pub async fn wait_indexed(&self, timeout: Duration) -> Result<u64, VectorError> {
+        use qdrant_client::qdrant::CollectionStatus;
+        let started = std::time::Instant::now();
+        loop {
+            let info = self
+                .call(
+                    "collection_info",
+                    self.client.collection_info(&self.config.collection),
+                )
+                .await?
+                .result
+                .ok_or_else(|| err("collection_info: no result"))?;
+            if info.status == CollectionStatus::Green as i32 {
+                return Ok(info.indexed_vectors_count.unwrap_or(0));
+            }
+            if started.elapsed() > timeout {
+                return Err(err(format!(
+                    "collection `{}` not indexed after {timeout:?} (status {})",
+                    self.config.collection, info.status
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// The collection name.
     pub fn collection(&self) -> &str {
         &self.config.collection

@@ -13,6 +13,7 @@ use recmesh_catalog::bundle::{Bundle, Factors, Lists, Manifest};
 use recmesh_vector::edge::EdgeIndex;
 use recmesh_vector::exact::ExactIndex;
 use recmesh_vector::mips::{Mips, MipsParams};
+use recmesh_vector::remote::QdrantConfig;
 use recmesh_vector::{Filter, HnswParams, Query, VectorIndex, bundle as ann};
 use serde::Serialize;
 
@@ -41,6 +42,70 @@ pub struct BenchOptions {
     pub k: usize,
     /// ALS settings.
     pub als: als::AlsParams,
+    /// A Qdrant server (gRPC URL) to run the same passes against, beside
+    /// qdrant-edge: the `qdrant` backend as retrieval opens it (the same
+    /// HNSW settings and dot-product split), one query at a time over
+    /// loopback gRPC.
+    pub qdrant_url: Option<String>,
+}
+
+/// The server passes: upload, wait for the server's index, then each ef
+/// unfiltered and filtered. Returns (upload and index seconds, passes).
+fn server_passes(
+    url: &str,
+    bundle: &Bundle,
+    opts: &BenchOptions,
+    plain: &[Query],
+    filtered: &[Query],
+) -> anyhow::Result<(f64, Vec<(usize, Pass)>)> {
+    use recmesh_vector::VectorIndex;
+    use recmesh_vector::remote::QdrantIndex;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dim = bundle.factors.as_ref().map_or(0, |f| f.factors);
+    let t = Instant::now();
+    let index = rt.block_on(async {
+        let index = QdrantIndex::connect(index_config(url, bundle, dim), dim, &opts.params).await?;
+        // A fresh collection each run: an earlier one may hold other vectors.
+        index.delete_collection().await?;
+        let index = QdrantIndex::connect(index_config(url, bundle, dim), dim, &opts.params).await?;
+        index.upsert(ann::points(bundle).collect()).await?;
+        let indexed = index
+            .wait_indexed(std::time::Duration::from_secs(3_600))
+            .await?;
+        eprintln!("qdrant server: {indexed} vectors indexed");
+        Ok::<_, anyhow::Error>(index)
+    })?;
+    let upload_s = t.elapsed().as_secs_f64();
+    eprintln!("qdrant server: uploaded and indexed in {upload_s:.1}s");
+    let mut mips = Mips::new(index, ann::points(bundle), opts.mips);
+    let mut passes = Vec::new();
+    for &ef in &opts.efs {
+        mips.inner_mut().set_ef(ef);
+        let name = format!("Qdrant server (gRPC), HNSW, ef {ef}");
+        let search = |m: &Mips<QdrantIndex>, q: &Query| -> anyhow::Result<Vec<u32>> {
+            Ok(rt
+                .block_on(m.search(q.clone()))?
+                .iter()
+                .map(|h| h.id)
+                .collect())
+        };
+        passes.push((0, timed(&name, plain, |q| search(&mips, q))?));
+        passes.push((
+            1,
+            timed(&format!("{name}, filtered"), filtered, |q| search(&mips, q))?,
+        ));
+    }
+    Ok((upload_s, passes))
+}
+
+/// The benchmark's collection: named after the catalog size and dimension.
+fn index_config(url: &str, bundle: &Bundle, dim: usize) -> QdrantConfig {
+    let mut config = QdrantConfig::new(url, format!("annbench-{}-{dim}", bundle.catalog.len()));
+    config.search_timeout = std::time::Duration::from_secs(10);
+    config.call_timeout = std::time::Duration::from_secs(120);
+    config
 }
 
 /// One line of the table.
@@ -92,6 +157,9 @@ pub struct BenchReport {
     pub build_s: f64,
     /// Opening the finished shard, s.
     pub open_s: f64,
+    /// Uploading the vectors to the Qdrant server and waiting for its
+    /// index, s (`None`: no server).
+    pub server_upload_s: Option<f64>,
     /// Resident memory the opened index added once every query ran, bytes
     /// per item: anonymous (heap) plus file-backed (mmapped shard pages,
     /// which the kernel may evict and read back).
@@ -453,6 +521,12 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let anon = anon_after.saturating_sub(anon_before);
     let file = file_after.saturating_sub(file_before);
     drop(index);
+    let mut server_upload_s = None;
+    if let Some(url) = &opts.qdrant_url {
+        let (upload_s, server) = server_passes(url, &bundle, opts, &plain, &filtered)?;
+        server_upload_s = Some(upload_s);
+        passes.extend(server);
+    }
 
     // Brute force: recmesh's own scan (what served ANN before the index),
     // the exact answers recall is measured against.
@@ -495,6 +569,7 @@ pub fn run(data: &Dataset, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         als_s,
         build_s,
         open_s,
+        server_upload_s,
         resident_bytes_per_item: (anon + file) as f64 / items.max(1) as f64,
         resident_anon_bytes_per_item: anon as f64 / items.max(1) as f64,
         resident_file_bytes_per_item: file as f64 / items.max(1) as f64,
@@ -532,6 +607,13 @@ impl BenchReport {
             self.k,
             self.k
         );
+        if let Some(s) = self.server_upload_s {
+            out = out.replacen(
+                "\n\n",
+                &format!("; Qdrant server: upload and index {s:.1}s\n\n"),
+                1,
+            );
+        }
         for r in &self.rows {
             let _ = writeln!(
                 out,

@@ -329,6 +329,10 @@ enum Command {
         /// Also write the report as JSON and Markdown here (FILE.json, FILE.md).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Also run the passes against this Qdrant server (gRPC URL, e.g.
+        /// http://127.0.0.1:6334), beside qdrant-edge's.
+        #[arg(long)]
+        qdrant_url: Option<String>,
     },
     /// Train the ranker on the validation period, then evaluate popularity,
     /// item-CF, ALS and the served pipeline (baseline and learned ranker, MMR
@@ -623,6 +627,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             factors,
             iterations,
             report,
+            qdrant_url,
         } => {
             let mips = |head, fetch| recmesh_vector::mips::MipsParams { head, fetch };
             let data = input.read()?;
@@ -644,6 +649,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     iterations,
                     ..Default::default()
                 },
+                qdrant_url,
             };
             let r = recmesh_trainer::ann_bench::run(&data, &opts)?;
             let md = r.markdown();
