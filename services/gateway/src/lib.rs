@@ -719,4 +719,20 @@ mod tests {
         let c: Config = recmesh_server::config::load(None).expect("defaults load");
         assert_eq!(c, Config::default());
     }
+
+    #[test]
+    fn a_bad_seen_policy_is_a_config_error_naming_the_key() {
+        use recmesh_server::ServiceConfig;
+        let mut c = Config::default();
+        c.seen.kinds = "view,likes".into();
+        let e = c.validate().expect_err("unknown kind").to_string();
+        assert!(e.contains("seen.kinds") && e.contains("likes"), "{e}");
+        let mut c = Config::default();
+        c.seen.window_s = 400 * 86_400;
+        let e = c.validate().expect_err("past a year").to_string();
+        assert!(e.contains("seen.window_s"), "{e}");
+        let mut c = Config::default();
+        c.seen.kinds = "click, add_to_cart".into();
+        assert_eq!(c.seen.policy().expect("valid").kinds, 0b0110);
+    }
 }
