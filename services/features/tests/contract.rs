@@ -128,6 +128,13 @@ async fn pause_redis(server: &RedisServer, ms: u64) {
         .expect("CLIENT PAUSE");
 }
 
+/// The Redis backend with the service's default limits.
+async fn open_redis(config: RedisConfig, data: &Dataset) -> Arc<RedisStore> {
+    RedisStore::open(config, data, Config::default().limits())
+        .await
+        .expect("open the redis store")
+}
+
 /// What every backend must do.
 async fn contract(store: Arc<dyn FeatureStore>) {
     // The dataset's history is there from the start.
@@ -377,13 +384,7 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     let mut config = redis_config(&server, &dir);
     config.redis.max_buffered = 3;
     let data = data();
-    let store = RedisStore::open(
-        config.redis.clone(),
-        &data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open");
+    let store = open_redis(config.redis.clone(), &data).await;
     let ids = vec!["i1".to_string(), "i2".to_string()];
     let before = store.user("u0", 10).await.expect("u0");
     let items_before = store.items(&ids).await.expect("items");
@@ -392,13 +393,7 @@ async fn redis_outage_reads_stale_buffers_writes_and_refuses_past_the_bound() {
     // right after it), and this one learns of it from the stream.
     let mut other_config = config.redis.clone();
     other_config.buffer_path = dir.join("other-buffer.tsv");
-    let other = RedisStore::open(
-        other_config,
-        &data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open the other instance");
+    let other = open_redis(other_config, &data).await;
     other
         .ingest(&[event("w1", "w1", "i1", EventKind::View, now_ms())])
         .await
@@ -475,13 +470,7 @@ async fn the_stream_exports_through_a_consumer_group_once_per_event() {
     let dir = scratch("redis-export");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let config = redis_config(&server, &dir);
-    let store = RedisStore::open(
-        config.redis.clone(),
-        &data(),
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open");
+    let store = open_redis(config.redis.clone(), &data()).await;
     let now = now_ms();
     let first: Vec<ValidEvent> = (0..5)
         .map(|n| event(&format!("x{n}"), "u1", "i1", EventKind::Click, now + n))
@@ -521,13 +510,7 @@ async fn a_slow_redis_answers_a_hurried_read_from_the_last_read_features() {
     let dir = scratch("redis-slow");
     let server = RedisServer::start(&dir.join("redis")).expect("redis-server");
     let config = patient_without_known_users(&server, &dir);
-    let store = RedisStore::open(
-        config.redis.clone(),
-        &data(),
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open");
+    let store = open_redis(config.redis.clone(), &data()).await;
     let before = store.user("u0", 10).await.expect("u0");
     // A newer event the snapshot does not hold (ingesting drops the L1
     // entry), so an answer from Redis and one from the snapshot differ.
@@ -568,23 +551,11 @@ async fn warmed_and_cold(
     dir: &std::path::Path,
     cold: impl FnOnce(&mut RedisConfig),
 ) -> (Arc<RedisStore>, Arc<RedisStore>) {
-    let warm = RedisStore::open(
-        config.redis.clone(),
-        data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open the warmed instance");
+    let warm = open_redis(config.redis.clone(), data).await;
     let mut cold_config = config.redis.clone();
     cold(&mut cold_config);
     cold_config.buffer_path = dir.join("cold-buffer.tsv");
-    let cold = RedisStore::open(
-        cold_config,
-        data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open the cold instance");
+    let cold = open_redis(cold_config, data).await;
     let started = Instant::now();
     while !warm.snapshot_warmed() {
         assert!(
@@ -607,13 +578,7 @@ async fn a_restarted_instance_answers_recent_users_while_redis_is_slow() {
     // The event stream's users only (the scan is the next test's).
     config.redis.warm_from_scan = 0;
     let data = data();
-    let before = RedisStore::open(
-        config.redis.clone(),
-        &data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open");
+    let before = open_redis(config.redis.clone(), &data).await;
     let now = now_ms();
     before
         .ingest(&[
@@ -700,23 +665,11 @@ async fn a_slow_redis_answers_a_user_without_history_with_the_empty_profile() {
     config.redis.warm_from_events = 0;
     config.redis.warm_from_scan = 0;
     let data = data();
-    let here = RedisStore::open(
-        config.redis.clone(),
-        &data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open");
+    let here = open_redis(config.redis.clone(), &data).await;
     // Another instance on the same Redis (its own outage buffer).
     let mut other_config = config.redis.clone();
     other_config.buffer_path = dir.join("other-buffer.tsv");
-    let other = RedisStore::open(
-        other_config,
-        &data,
-        recmesh_features::Config::default().limits(),
-    )
-    .await
-    .expect("open the other instance");
+    let other = open_redis(other_config, &data).await;
     let until = |what: &str, done: &dyn Fn() -> bool| {
         let what = what.to_owned();
         let ok = (0..200).any(|_| {

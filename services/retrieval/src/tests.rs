@@ -318,6 +318,17 @@ fn trained(data: &Dataset) -> Bundle {
     )
 }
 
+/// The id of the service's most popular item.
+fn most_popular(s: &RetrievalService) -> String {
+    let index = s.index();
+    index
+        .catalog
+        .item(index.popular[0].0)
+        .expect("item")
+        .id
+        .clone()
+}
+
 fn only(source: &str) -> HashMap<String, f64> {
     [
         "anchor", "cf", "ann", "content", "trending", "category", "popular",
@@ -349,12 +360,7 @@ fn ann_serves_trained_users_and_folds_in_new_ones() {
     // A user the bundle never saw: folded in from recent events, and
     // explained by one of them.
     let index = s.index();
-    let seed = index
-        .catalog
-        .item(index.popular[0].0)
-        .expect("item")
-        .id
-        .clone();
+    let seed = most_popular(&s);
     let fresh = pb::RetrieveRequest {
         user_id: "never-seen".into(),
         recent: vec![viewed(&seed)],
@@ -658,12 +664,7 @@ fn seen_items_are_dropped_by_every_source_before_the_cut() {
     let s = RetrievalService::from_bundle(Config::default(), trained(&data));
     let user = data.interactions[0].user.clone();
     let index = s.index();
-    let seed = index
-        .catalog
-        .item(index.popular[0].0)
-        .expect("item")
-        .id
-        .clone();
+    let seed = most_popular(&s);
     let base = pb::RetrieveRequest {
         user_id: user,
         recent: vec![viewed(&seed)],
