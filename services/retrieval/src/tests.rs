@@ -663,7 +663,6 @@ fn seen_items_are_dropped_by_every_source_before_the_cut() {
     let data = demo();
     let s = RetrievalService::from_bundle(Config::default(), trained(&data));
     let user = data.interactions[0].user.clone();
-    let index = s.index();
     let seed = most_popular(&s);
     let base = pb::RetrieveRequest {
         user_id: user,
