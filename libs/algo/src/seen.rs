@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(SeenPolicy::parse_kinds("k", "all"), Ok(0b1111));
         assert_eq!(SeenPolicy::parse_kinds("k", "none"), Ok(0));
         assert_eq!(SeenPolicy::parse_kinds("k", "click, purchase"), Ok(0b1010));
-        let e = SeenPolicy::parse_kinds("seen.kinds", "like").unwrap_err();
+        let e = SeenPolicy::parse_kinds("seen.kinds", "like").expect_err("unknown kind");
         assert_eq!(e.key, "seen.kinds");
         assert!(e.reason.contains("`like`"), "{}", e.reason);
         assert!(SeenPolicy::parse_kinds("k", "").is_err());
