@@ -13,7 +13,10 @@
 use crate::params::ParamError;
 
 /// The compact key of an item id in a seen set: 64-bit FNV-1a of its bytes
-/// (`recmesh_catalog::item_key` is this function).
+/// (`recmesh_catalog::item_key` re-exports it). What the feature store keeps
+/// and the stages exchange, so a seen set of thousands of items costs 8
+/// bytes per item, not a string. Two ids share a key with probability about
+/// n²/2⁶⁵ (3·10⁻⁸ for a million items); such a pair is excluded together.
 pub fn item_key(id: &str) -> u64 {
     crate::assign::fnv1a64(id.as_bytes())
 }
@@ -24,6 +27,11 @@ pub const KIND_NAMES: [&str; 4] = ["view", "click", "add_to_cart", "purchase"];
 /// The newest event of each kind on one item, Unix seconds (0: none), in
 /// [`KIND_NAMES`] order.
 pub type SeenTimes = [u32; 4];
+
+/// The newest event of any kind among `times` (0: none).
+pub fn newest(times: &SeenTimes) -> u32 {
+    times.iter().copied().max().unwrap_or(0)
+}
 
 /// Which events make an item seen, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

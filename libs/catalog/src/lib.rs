@@ -107,14 +107,8 @@ pub struct Catalog {
     keys: HashMap<u64, u32>,
 }
 
-/// The compact key of an item id in a user's seen set (64-bit FNV-1a of the
-/// id's bytes): what the feature store keeps and the stages exchange, so a
-/// seen set of thousands of items costs 8 bytes per item, not a string. Two
-/// ids share a key with probability about n²/2⁶⁵ (3·10⁻⁸ for a million
-/// items); such a pair is excluded together.
-pub fn item_key(id: &str) -> u64 {
-    recmesh_algo::seen::item_key(id)
-}
+/// The compact key of an item id in a seen set (defined with the policy).
+pub use recmesh_algo::seen::item_key;
 
 impl Catalog {
     /// Each user's strongest event weight per catalog item (events on

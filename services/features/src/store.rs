@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use recmesh_algo::seen::SeenTimes;
+use recmesh_algo::seen::{SeenTimes, newest};
 use recmesh_catalog::{EventKind, Item, item_key};
 use recmesh_mesh::convert::{attributes, event_type};
 use recmesh_proto::v1 as pb;
@@ -235,7 +235,7 @@ pub fn mark_seen(
     while seen.len() > max {
         let Some(oldest) = seen
             .iter()
-            .min_by_key(|(k, t)| (t.iter().max().copied().unwrap_or(0), **k))
+            .min_by_key(|(k, t)| (newest(t), **k))
             .map(|(k, _)| *k)
         else {
             break;
@@ -290,7 +290,7 @@ pub fn user_features(
     let (events_24h, events_7d) = recent_counts(raw.hours, now_ms);
     // Newest first, so a reader that stops early keeps the freshest.
     raw.seen
-        .sort_by_key(|(k, t)| (std::cmp::Reverse(t.iter().max().copied().unwrap_or(0)), *k));
+        .sort_by_key(|(k, t)| (std::cmp::Reverse(newest(t)), *k));
     let seen_at_s = raw.seen.iter().flat_map(|(_, t)| *t).collect();
     pb::UserFeatures {
         user_id: user_id.to_owned(),

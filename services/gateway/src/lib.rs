@@ -112,6 +112,9 @@ pub struct Gateway {
     exposures: Option<tokio::sync::mpsc::Sender<pb::Exposure>>,
     /// Recommends in flight, for adaptive degradation.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The `[seen]` policy, parsed once (`Config::validate` refused a bad one
+    /// at start).
+    seen_policy: recmesh_algo::seen::SeenPolicy,
 }
 
 /// Counts a Recommend in flight until dropped.
@@ -207,6 +210,7 @@ impl Gateway {
             .enabled
             .then(|| experiments::spawn_exposure_log(clients.features.clone(), &config.exposures));
         Ok(Gateway {
+            seen_policy: config.seen.policy().unwrap_or_default(),
             clients,
             cache,
             assignments,

@@ -272,13 +272,11 @@ impl Gateway {
         // What the user already has, under the variant's seen-items policy:
         // retrieval drops it before cutting its lists, the reranker (or the
         // gateway's rules) drops whatever still arrives.
-        let seen = params
-            .seen_policy(self.config.seen.policy().unwrap_or_default())
-            .select(
-                &profile.seen_items,
-                &profile.seen_at_s,
-                experiments::now_ms() / 1000,
-            );
+        let seen = params.seen_policy(self.seen_policy).select(
+            &profile.seen_items,
+            &profile.seen_at_s,
+            experiments::now_ms() / 1000,
+        );
 
         // 2. Retrieval.
         let retrieval = &self.clients.retrieval;

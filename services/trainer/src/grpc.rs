@@ -85,21 +85,17 @@ fn recmesh_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(bin));
     }
     let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().map(Path::to_path_buf);
-    while let Some(d) = dir {
-        let bin = d.join("recmesh");
-        if bin.is_file() {
-            return Ok(bin);
-        }
-        dir = d.parent().map(Path::to_path_buf);
-        if dir.as_ref().is_some_and(|p| p.join("Cargo.toml").is_file()) {
-            break;
-        }
-    }
-    anyhow::bail!(
-        "--grpc: no `recmesh` binary beside {}; build it (`cargo build --release -p recmesh`) or set RECMESH_BIN",
-        exe.display()
-    )
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("recmesh"))
+        .find(|bin| bin.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--grpc: no `recmesh` binary beside {}; build it (`cargo build --release -p recmesh`) or set RECMESH_BIN",
+                exe.display()
+            )
+        })
 }
 
 impl MeshProcess {
@@ -141,12 +137,18 @@ impl MeshProcess {
                 }
             }
         });
-        let mesh = |gateway| MeshProcess { child, gateway };
+        // Dropped (and so stopped) on the error path too.
+        let mut mesh = MeshProcess {
+            child,
+            gateway: String::new(),
+        };
         match rx.recv_timeout(Duration::from_secs(600)) {
-            Ok(addr) => Ok(mesh(format!("http://{addr}"))),
+            Ok(addr) => {
+                mesh.gateway = format!("http://{addr}");
+                Ok(mesh)
+            }
             Err(_) => {
-                let mut m = mesh(String::new());
-                let status = m.child.try_wait().ok().flatten();
+                let status = mesh.child.try_wait().ok().flatten();
                 anyhow::bail!("`recmesh up` did not start its gateway (exit: {status:?})")
             }
         }
@@ -186,8 +188,7 @@ pub async fn recommend_all(
     let mut client = loop {
         match GatewayClient::connect(gateway.to_owned()).await {
             Ok(c) => break c,
-            Err(e) if started.elapsed() < Duration::from_secs(60) => {
-                let _ = e;
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => anyhow::bail!("gateway {gateway}: {e}"),
