@@ -332,6 +332,22 @@ async fn a_tracked_event_changes_that_users_next_recommend() {
         .into_inner();
     assert!(again.cached);
     assert_eq!(ids(&again), ids(&before));
+    // ...unless the client asks for a fresh one (what the load test's
+    // --bypass-cache sends), which is then stored like any other.
+    let mut fresh = tonic::Request::new(recommend(user, 10));
+    fresh
+        .metadata_mut()
+        .insert("cache-control", "no-cache".parse().expect("ascii"));
+    let fresh = client.recommend(fresh).await.expect("answer").into_inner();
+    assert!(!fresh.cached && !fresh.degraded, "{:?}", fresh.stages);
+    assert!(
+        client
+            .recommend(recommend(user, 10))
+            .await
+            .expect("answer")
+            .into_inner()
+            .cached
+    );
 
     // ...until the user does something.
     let viewed = mesh.mesh.data.interactions[0].item.clone();

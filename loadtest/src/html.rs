@@ -236,7 +236,7 @@ pub fn report(r: &Report) -> String {
         r.degraded_rate * 100.0,
         r.cache_hit_rate * 100.0,
         if r.scenario.bypass_cache {
-            " (bypass_cache: every Recommend set debug)"
+            " (bypass_cache: every Recommend sent cache-control: no-cache)"
         } else {
             ""
         }

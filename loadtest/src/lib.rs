@@ -136,7 +136,8 @@ fn code_name(code: tonic::Code) -> &'static str {
 /// One call of the scenario's mix, ready to send.
 #[derive(Debug, Clone)]
 enum Call {
-    Recommend(pb::RecommendRequest),
+    /// The request, and whether it bypasses the response cache.
+    Recommend(pb::RecommendRequest, bool),
     Similar(pb::SimilarItemsRequest),
     Trending(pb::TrendingRequest),
     Track(pb::TrackRequest),
@@ -145,7 +146,7 @@ enum Call {
 impl Call {
     fn name(&self) -> &'static str {
         match self {
-            Call::Recommend(_) => "recommend",
+            Call::Recommend(..) => "recommend",
             Call::Similar(_) => "similar",
             Call::Trending(_) => "trending",
             Call::Track(_) => "track",
@@ -166,12 +167,14 @@ fn draw_call(s: &Scenario, rng: &mut Rng, run: u128, n: u64) -> Call {
     let c = rng.unit();
     let m = &s.calls;
     if c < m.recommend {
-        Call::Recommend(pb::RecommendRequest {
-            user_id: user,
-            count: 10,
-            debug: s.bypass_cache,
-            ..Default::default()
-        })
+        Call::Recommend(
+            pb::RecommendRequest {
+                user_id: user,
+                count: 10,
+                ..Default::default()
+            },
+            s.bypass_cache,
+        )
     } else if c < m.recommend + m.similar {
         Call::Similar(pb::SimilarItemsRequest {
             item_id: item,
@@ -205,29 +208,50 @@ type Answer = (
     String,
 );
 
+/// A `Recommend` call; bypassing the cache sends `cache-control: no-cache`,
+/// which makes the gateway compute the answer as it would for a user it
+/// has not seen within the cache's TTL (unlike `debug`, which also skips
+/// the gateway's local assignment).
+fn recommend_request(
+    r: pb::RecommendRequest,
+    bypass_cache: bool,
+) -> tonic::Request<pb::RecommendRequest> {
+    let mut req = tonic::Request::new(r);
+    if bypass_cache {
+        req.metadata_mut().insert(
+            "cache-control",
+            tonic::metadata::MetadataValue::from_static("no-cache"),
+        );
+    }
+    req
+}
+
 async fn send(client: &mut GatewayClient<Channel>, call: Call) -> Answer {
     let result = match call {
-        Call::Recommend(r) => client.recommend(r).await.map(|a| {
-            let a = a.into_inner();
-            let stages = a
-                .stages
-                .iter()
-                .map(|s| {
-                    (
-                        s.stage.clone(),
-                        Duration::from_micros(u64::from(s.latency_us)),
-                        s.fallback.clone(),
-                    )
-                })
-                .collect();
-            let details: Vec<String> = a
-                .stages
-                .iter()
-                .filter(|s| !s.fallback.is_empty())
-                .map(|s| format!("{}: {}", s.stage, s.detail))
-                .collect();
-            (a.degraded, a.cached, stages, details.join("; "))
-        }),
+        Call::Recommend(r, bypass_cache) => client
+            .recommend(recommend_request(r, bypass_cache))
+            .await
+            .map(|a| {
+                let a = a.into_inner();
+                let stages = a
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.stage.clone(),
+                            Duration::from_micros(u64::from(s.latency_us)),
+                            s.fallback.clone(),
+                        )
+                    })
+                    .collect();
+                let details: Vec<String> = a
+                    .stages
+                    .iter()
+                    .filter(|s| !s.fallback.is_empty())
+                    .map(|s| format!("{}: {}", s.stage, s.detail))
+                    .collect();
+                (a.degraded, a.cached, stages, details.join("; "))
+            }),
         Call::Similar(r) => client
             .similar_items(r)
             .await

@@ -35,8 +35,8 @@ struct Common {
     /// Override the scenario's warm-up, seconds.
     #[arg(long)]
     warmup: Option<f64>,
-    /// Every Recommend sets `debug`, so the gateway's response cache never
-    /// answers (sets the scenario's `bypass_cache`).
+    /// Every Recommend sends `cache-control: no-cache`, so the gateway's
+    /// response cache never answers (sets the scenario's `bypass_cache`).
     #[arg(long)]
     bypass_cache: bool,
     /// Directory for report.json and report.html.

@@ -14,10 +14,12 @@ pub struct Scenario {
     pub warmup_s: f64,
     /// Seed of the user, item and call draws.
     pub seed: u64,
-    /// Every `Recommend` sets `debug`, which makes the gateway skip its
-    /// response cache (and fill the debug fields): the whole pipeline runs
-    /// for every call. Off, a repeat user within the cache TTL is answered
-    /// from the cache, and the report says how often.
+    /// Every `Recommend` sends `cache-control: no-cache`, which makes the
+    /// gateway skip its response cache: the whole pipeline runs for every
+    /// call, as for a user the cache has not seen (assigned from the pushed
+    /// rules, as production is; `debug` would also call the experiments
+    /// service). Off, a repeat user within the cache TTL is answered from
+    /// the cache, and the report says how often.
     pub bypass_cache: bool,
     /// Who calls.
     pub users: Users,

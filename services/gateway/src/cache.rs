@@ -207,6 +207,25 @@ impl AssignmentCache {
     }
 }
 
+/// The request metadata a client sends for an answer computed afresh: the
+/// HTTP header; its `no-cache` directive is honoured as an HTTP cache does
+/// (the stored answer is not used; the fresh one is stored).
+pub const CACHE_CONTROL: &str = "cache-control";
+
+/// Whether the caller asked for an answer not taken from the response cache
+/// (`cache-control: no-cache`). Unlike `debug`, the request otherwise runs as
+/// any other: assigned from the pushed rules, its answer stored for the next
+/// request. This is what a load test sends to measure what a user the cache
+/// has not seen costs.
+pub fn wants_fresh(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
 /// The cache key of a query: a hash of everything but the user id (the
 /// user selects the entry) and the debug flag (debug requests skip the cache).
 pub fn query_key(
@@ -228,6 +247,23 @@ pub fn query_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_control_no_cache_asks_for_a_fresh_answer() {
+        let with = |values: &[&str]| {
+            let mut md = tonic::metadata::MetadataMap::new();
+            for v in values {
+                md.append(CACHE_CONTROL, v.parse().expect("ascii"));
+            }
+            wants_fresh(&md)
+        };
+        assert!(with(&["no-cache"]));
+        assert!(with(&["max-age=0, No-Cache"]));
+        assert!(with(&["max-age=10", "no-cache"]));
+        assert!(!with(&[]));
+        assert!(!with(&["max-age=10"]));
+        assert!(!with(&["no-cache-please"]));
+    }
 
     #[test]
     fn users_expire_spread_over_the_last_fifth_of_the_ttl() {

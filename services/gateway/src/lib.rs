@@ -486,11 +486,14 @@ impl pb::gateway_server::Gateway for Gateway {
     ) -> Result<Response<pb::RecommendResponse>, Status> {
         let deadline = self.deadline(&request);
         let rid = request_id(&request);
+        let fresh = cache::wants_fresh(request.metadata());
         let q = self.validate(request.into_inner())?;
 
         let key = cache::query_key(&q.context, q.count, &q.exclude, &q.filters);
         let entry = self.cache.entry(&q.user_id).await;
-        if !q.debug {
+        if fresh && !q.debug {
+            metrics::counter!("recmesh_gateway_cache_total", "result" => "bypass").increment(1);
+        } else if !q.debug {
             if let Some(hit) = entry.as_ref().and_then(|e| e.get(key)) {
                 metrics::counter!("recmesh_gateway_cache_total", "result" => "hit").increment(1);
                 let mut response = (*hit).clone();
