@@ -151,13 +151,9 @@ pub fn nearest(
         .filter(|&(i, _)| !exclude(i))
         .map(|(i, row)| (i, dot(query, row)))
         .collect();
-    let k = k.min(scored.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    scored.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.truncate(k);
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    crate::top_k(&mut scored, k, |a, b| {
+        b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+    });
     scored
 }
 

@@ -175,8 +175,9 @@ pub fn score_from_seeds(
             because_of,
         })
         .collect();
-    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
-    out.truncate(limit);
+    crate::top_k(&mut out, limit, |a, b| {
+        b.score.total_cmp(&a.score).then(a.item.cmp(&b.item))
+    });
     out
 }
 

@@ -89,28 +89,82 @@ impl SourceWeights {
 pub(crate) struct Merger<'a> {
     pub(crate) index: &'a Index,
     pub(crate) constraints: &'a Constraints<'a>,
-    /// foldhash: every item every source found passes through here.
-    pub(crate) by_item: HashMap<u32, Merged, foldhash::fast::RandomState>,
+    /// Each item's position in `items`. foldhash: every item every source
+    /// found passes through here.
+    by_item: HashMap<u32, u32, foldhash::fast::RandomState>,
+    /// The merged items in the order sources first found them (an item's
+    /// position is its `seq`), with no allocation per item.
+    items: Vec<(u32, Merged)>,
     /// The recent items that explain an `ann` hit ([`Why::Nearest`]).
     pub(crate) nearest_to: &'a [(u32, f64, EventKind)],
 }
 
 /// One item while sources are merged: only the winners of the cut become
 /// candidates (ids, attributes and reasons are written for `count` items,
-/// not for every item every source found).
+/// not for every item every source found). Held inline: a request merges
+/// a thousand or more items, and two small vectors each were a fifth of
+/// retrieval's CPU in allocation (docs/performance.md).
+#[derive(Clone, Copy)]
 pub(crate) struct Merged {
     pub(crate) score: f64,
-    /// When a source first found it: equal scores keep that order.
-    pub(crate) seq: u32,
+    /// Sources and reasons in use in the arrays below.
+    sources_len: u8,
+    reasons_len: u8,
     /// Best raw score per source, in the order the sources found it (the
     /// first is the candidate's `source`).
-    pub(crate) source_scores: Vec<(&'static str, f64)>,
-    pub(crate) reasons: Vec<Why>,
+    sources: [(&'static str, f64); SOURCES_KEPT],
+    reasons: [Why; REASONS_KEPT],
+}
+
+impl Merged {
+    const EMPTY: Merged = Merged {
+        score: 0.0,
+        sources_len: 0,
+        reasons_len: 0,
+        sources: [("", 0.0); SOURCES_KEPT],
+        reasons: [Why::ForYourTaste; REASONS_KEPT],
+    };
+
+    /// Best raw score per source, first finder first.
+    pub(crate) fn source_scores(&self) -> &[(&'static str, f64)] {
+        &self.sources[..usize::from(self.sources_len)]
+    }
+
+    /// Why sources offered it, first finder first, each once.
+    pub(crate) fn reasons(&self) -> &[Why] {
+        &self.reasons[..usize::from(self.reasons_len)]
+    }
+
+    fn add_source(&mut self, source: &'static str, raw: f64) {
+        let n = usize::from(self.sources_len);
+        match self.sources[..n].iter_mut().find(|(s, _)| *s == source) {
+            Some((_, best_raw)) => *best_raw = best_raw.max(raw),
+            // More distinct sources than retrieval has cannot occur; past
+            // the array, a source's score would only go unreported.
+            None if n < SOURCES_KEPT => {
+                self.sources[n] = (source, raw.max(0.0));
+                self.sources_len += 1;
+            }
+            None => {}
+        }
+    }
+
+    fn add_reason(&mut self, reason: Why) {
+        let n = usize::from(self.reasons_len);
+        if n < REASONS_KEPT && !self.reasons[..n].contains(&reason) {
+            self.reasons[n] = reason;
+            self.reasons_len += 1;
+        }
+    }
 }
 
 /// Reasons kept per item while merging: the three shown, and one more in
 /// case a [`Why::Nearest`] turns out to repeat another.
 pub(crate) const REASONS_KEPT: usize = 4;
+
+/// Sources one item can be found by (retrieval has seven: anchor, cf, ann,
+/// content, trending, category, popular).
+const SOURCES_KEPT: usize = 8;
 
 /// Why a source offered an item. Sources hand these over as indexes; only
 /// the items that make the cut get their reasons written out as text
@@ -168,6 +222,7 @@ impl<'a> Merger<'a> {
             index,
             constraints,
             by_item: HashMap::with_capacity_and_hasher(1024, Default::default()),
+            items: Vec::with_capacity(1024),
             nearest_to: &[],
         }
     }
@@ -205,42 +260,38 @@ impl<'a> Merger<'a> {
         let results: Vec<(u32, f64, Why)> = results.into_iter().collect();
         let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
         for (item, raw, reason) in results {
-            if !self.constraints.allows(self.index, item) {
-                continue;
-            }
+            // An item already merged passed the constraints when it was
+            // first found: only new items are checked.
+            let at = match self.by_item.entry(item) {
+                std::collections::hash_map::Entry::Occupied(e) => *e.get() as usize,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if !self.constraints.allows(self.index, item) {
+                        continue;
+                    }
+                    e.insert(self.items.len() as u32);
+                    self.items.push((item, Merged::EMPTY));
+                    self.items.len() - 1
+                }
+            };
             let score = if best > 0.0 { weight * raw / best } else { 0.0 };
-            let seq = self.by_item.len() as u32;
-            let merged = self.by_item.entry(item).or_insert_with(|| Merged {
-                score: 0.0,
-                seq,
-                source_scores: Vec::with_capacity(2),
-                reasons: Vec::with_capacity(1),
-            });
-            match merged.source_scores.iter_mut().find(|(s, _)| *s == source) {
-                Some((_, best_raw)) => *best_raw = best_raw.max(raw),
-                None => merged.source_scores.push((source, raw.max(0.0))),
-            }
+            let merged = &mut self.items[at].1;
+            merged.add_source(source, raw);
             merged.score = merged.score.max(score);
-            if !merged.reasons.contains(&reason) && merged.reasons.len() < REASONS_KEPT {
-                merged.reasons.push(reason);
-            }
+            merged.add_reason(reason);
         }
     }
 
     /// The best `count` merged items, best first (stable: equal scores keep
-    /// source order).
-    pub(crate) fn best(&mut self, count: usize) -> Vec<(u32, Merged)> {
-        let mut out: Vec<(u32, Merged)> = self.by_item.drain().collect();
-        let order = |a: &(u32, Merged), b: &(u32, Merged)| {
-            b.1.score.total_cmp(&a.1.score).then(a.1.seq.cmp(&b.1.seq))
-        };
+    /// the order sources found them in).
+    pub(crate) fn best(&self, count: usize) -> Vec<&(u32, Merged)> {
+        let items = &self.items;
+        let mut order: Vec<u32> = (0..items.len() as u32).collect();
         // Only the best `count` are sorted: a few hundred of a thousand or more.
-        if out.len() > count && count > 0 {
-            out.select_nth_unstable_by(count - 1, order);
-        }
-        out.truncate(count);
-        out.sort_unstable_by(order);
-        out
+        recmesh_algo::top_k(&mut order, count, |a, b| {
+            let (x, y) = (&items[*a as usize].1, &items[*b as usize].1);
+            y.score.total_cmp(&x.score).then(a.cmp(b))
+        });
+        order.iter().map(|&p| &items[p as usize]).collect()
     }
 
     /// An item's reasons to show: resolved, as text (positions in `list`
@@ -263,20 +314,20 @@ impl<'a> Merger<'a> {
 
     /// The best `count` items as whole candidates (`Similar`, `Popular`,
     /// `Trending`: short lists the gateway answers with as they are).
-    pub(crate) fn finish(mut self, count: usize) -> Vec<pb::Candidate> {
+    pub(crate) fn finish(self, count: usize) -> Vec<pb::Candidate> {
         self.best(count)
             .into_iter()
-            .map(|(item, m)| {
+            .map(|&(item, ref m)| {
                 let it = self.index.catalog.item(item);
                 pb::Candidate {
                     item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
                     score: m.score,
                     source: m
-                        .source_scores
+                        .source_scores()
                         .first()
                         .map(|(s, _)| (*s).to_owned())
                         .unwrap_or_default(),
-                    reasons: m.reasons.iter().fold(Vec::new(), |mut texts, why| {
+                    reasons: m.reasons().iter().fold(Vec::new(), |mut texts, why| {
                         // Two items may share a title: one line each way.
                         let text = self.resolve(*why).text(self.index);
                         if !texts.contains(&text) && texts.len() < 3 {
@@ -285,9 +336,9 @@ impl<'a> Merger<'a> {
                         texts
                     }),
                     source_scores: m
-                        .source_scores
-                        .into_iter()
-                        .map(|(s, v)| (s.to_owned(), v))
+                        .source_scores()
+                        .iter()
+                        .map(|&(s, v)| (s.to_owned(), v))
                         .collect(),
                     attributes: it.map(attributes),
                     exploration: false,
@@ -299,24 +350,24 @@ impl<'a> Merger<'a> {
     /// The best `count` items as the lean list `Retrieve` answers with:
     /// each distinct reason is written once for the whole list (many
     /// candidates share "because you viewed X" or "popular in Y").
-    pub(crate) fn finish_list(mut self, count: usize) -> pb::CandidateList {
+    pub(crate) fn finish_list(self, count: usize) -> pb::CandidateList {
         let best = self.best(count);
         let mut list = lean::ListBuilder::with_capacity(best.len());
         let mut written: Vec<(Why, u32)> = Vec::new();
         let mut scores = Vec::with_capacity(4);
-        for (item, m) in best {
+        for &(item, ref m) in best {
             let Some(it) = self.index.catalog.item(item) else {
                 continue;
             };
             scores.clear();
             scores.extend(
-                m.source_scores
+                m.source_scores()
                     .iter()
                     .filter_map(|&(s, v)| Some((lean::source_code(s)?, v))),
             );
             let first_source = scores.first().map_or(0, |s| s.0);
             scores.sort_by_key(|s| s.0);
-            let reasons = self.reason_texts(&m.reasons, |why| {
+            let reasons = self.reason_texts(m.reasons(), |why| {
                 match written.iter().find(|(w, _)| *w == why) {
                     Some(&(_, at)) => at,
                     None => {
