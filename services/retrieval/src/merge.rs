@@ -92,8 +92,8 @@ pub(crate) struct Merger<'a> {
     /// Each item's position in `items`. foldhash: every item every source
     /// found passes through here.
     by_item: HashMap<u32, u32, foldhash::fast::RandomState>,
-    /// The merged items in the order sources first found them (an item's
-    /// position is its `seq`), with no allocation per item.
+    /// The merged items in the order sources first found them (equal
+    /// scores keep that order), with no allocation per item.
     items: Vec<(u32, Merged)>,
     /// The recent items that explain an `ann` hit ([`Why::Nearest`]).
     pub(crate) nearest_to: &'a [(u32, f64, EventKind)],
@@ -102,8 +102,8 @@ pub(crate) struct Merger<'a> {
 /// One item while sources are merged: only the winners of the cut become
 /// candidates (ids, attributes and reasons are written for `count` items,
 /// not for every item every source found). Held inline: a request merges
-/// a thousand or more items, and two small vectors each were a fifth of
-/// retrieval's CPU in allocation (docs/performance.md).
+/// a thousand or more items, and giving each two small vectors made
+/// `Merger::add` 8.5% of the in-process pipeline (docs/performance.md).
 #[derive(Clone, Copy)]
 pub(crate) struct Merged {
     pub(crate) score: f64,
@@ -139,8 +139,8 @@ impl Merged {
         let n = usize::from(self.sources_len);
         match self.sources[..n].iter_mut().find(|(s, _)| *s == source) {
             Some((_, best_raw)) => *best_raw = best_raw.max(raw),
-            // More distinct sources than retrieval has cannot occur; past
-            // the array, a source's score would only go unreported.
+            // A name outside `lean::SOURCES` beyond them would go
+            // unreported, as the lean list drops it anyway.
             None if n < SOURCES_KEPT => {
                 self.sources[n] = (source, raw.max(0.0));
                 self.sources_len += 1;
@@ -162,9 +162,9 @@ impl Merged {
 /// case a [`Why::Nearest`] turns out to repeat another.
 pub(crate) const REASONS_KEPT: usize = 4;
 
-/// Sources one item can be found by (retrieval has seven: anchor, cf, ann,
-/// content, trending, category, popular).
-const SOURCES_KEPT: usize = 8;
+/// Sources one item can be found by: every source a candidate list can
+/// name.
+const SOURCES_KEPT: usize = lean::SOURCES.len();
 
 /// Why a source offered an item. Sources hand these over as indexes; only
 /// the items that make the cut get their reasons written out as text
