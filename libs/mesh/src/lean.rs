@@ -610,16 +610,16 @@ impl Candidates {
     }
 
     /// The list in `order` (positions in this list), with `scores[i]` for
-    /// `order[i]` and, where `fresh` has them, new attributes.
+    /// `order[i]` and, where `fresh` has them for a position, new attributes.
     pub fn reordered<'a>(
         &self,
         order: &[usize],
         scores: &[f64],
-        fresh: impl Fn(&str) -> Option<&'a pb::ItemAttributes>,
+        fresh: impl Fn(usize) -> Option<&'a pb::ItemAttributes>,
     ) -> pb::CandidateList {
         let mut b = ListBuilder::with_texts_of(self, order.len());
         for (&k, &score) in order.iter().zip(scores) {
-            b.push_from(self, k, score, fresh(self.id(k)));
+            b.push_from(self, k, score, fresh(k));
         }
         b.finish()
     }
@@ -692,7 +692,9 @@ mod tests {
             price: 3.0,
             ..Default::default()
         };
-        let out = read.reordered(&[1, 0], &[2.0, 1.0], |id| (id == "b").then_some(&fresh));
+        let out = read.reordered(&[1, 0], &[2.0, 1.0], |k| {
+            (read.id(k) == "b").then_some(&fresh)
+        });
         let out = Candidates::new(encoded(&out), "candidates").expect("checks");
         let mut b = whole[1].clone();
         b.score = 2.0;

@@ -39,6 +39,9 @@ const JITTER: f64 = 0.2;
 
 #[derive(Debug)]
 struct Entry {
+    /// The item's id: the shard is keyed by its hash, and a lookup whose
+    /// hash matches another item's (about 2^-64 a pair) is a miss.
+    id: Box<str>,
     features: Arc<pb::ItemFeatures>,
     stored: Instant,
     /// The TTL less up to [`JITTER`] of it, by item: items stored in the
@@ -49,7 +52,9 @@ struct Entry {
     claimed: AtomicU64,
 }
 
-type Shard = HashMap<String, Entry, RandomState>;
+/// Entries by the hash of their item id ([`ItemCache::key`]): a probe
+/// compares integers, and the id itself is compared once, on a hit.
+type Shard = HashMap<u64, Entry, RandomState>;
 
 /// What the cache has for an item.
 #[derive(Debug, Clone)]
@@ -94,9 +99,15 @@ impl ItemCache {
         }
     }
 
-    fn shard(&self, id: &str) -> &RwLock<Shard> {
-        let h = std::hash::BuildHasher::hash_one(&self.hasher, id);
-        &self.shards[(h as usize) % SHARDS]
+    /// The key of `id` in its shard, hashed once per lookup.
+    fn key(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    /// The shard of `key`, chosen by its middle bits (the shard's table
+    /// indexes by the low bits and tags by the top ones).
+    fn shard(&self, key: u64) -> &RwLock<Shard> {
+        &self.shards[((key >> 32) as usize) % SHARDS]
     }
 
     /// What the cache has for `id` now.
@@ -107,8 +118,9 @@ impl ItemCache {
     /// What the cache has for `id` at `now`: a `Rank` reads the clock once
     /// for all of its candidates, not once per lookup.
     pub fn get_at(&self, id: &str, now: Instant) -> Lookup {
-        let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = shard.get(id) else {
+        let key = self.key(id);
+        let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = shard.get(&key).filter(|e| *e.id == *id) else {
             return Lookup::Miss;
         };
         let age = now.saturating_duration_since(entry.stored);
@@ -157,14 +169,16 @@ impl ItemCache {
         // The same item always gets the same share (a fixed hash, not the
         // per-process one), so its freshness does not wander between stores.
         let fresh_for = recmesh_algo::assign::jittered(self.ttl, &id, JITTER);
+        let key = self.key(&id);
         let entry = Entry {
+            id: id.into_boxed_str(),
             features,
             stored,
             fresh_for,
             claimed: AtomicU64::new(0),
         };
-        let mut shard = self.shard(&id).write().unwrap_or_else(|p| p.into_inner());
-        if shard.len() >= self.per_shard && !shard.contains_key(&id) {
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             shard.retain(|_, e| now.duration_since(e.stored) < usable);
             if shard.len() >= self.per_shard
                 && let Some(any) = shard.keys().next().cloned()
@@ -172,7 +186,7 @@ impl ItemCache {
                 shard.remove(&any);
             }
         }
-        shard.insert(id, entry);
+        shard.insert(key, entry);
     }
 
     /// Items held (unusable ones included until an insert drops them).

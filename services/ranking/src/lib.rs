@@ -24,7 +24,9 @@ mod scorer;
 mod tests;
 
 use item_cache::Lookup;
-pub use scorer::{ItemFeatureMap, Listed, RankInput, Scorer, feature_rows};
+pub use scorer::{
+    Fetched, ItemFeatureMap, ItemFeatureSource, Listed, RankInput, Scorer, feature_rows,
+};
 use scorer::{load_model, model_stamp};
 
 use std::collections::HashMap;
@@ -341,10 +343,9 @@ impl RankingService {
         let rid = request_id(&request);
         let mut req = request.into_inner();
         let list = self.validate(&mut req)?;
-        let ids = list
-            .ids()
-            .chain(req.recent.iter().map(|r| r.item_id.as_str()));
-        let (features, missing) = self.item_features(ids, &deadline, &rid).await;
+        let (features, missing) = self
+            .item_features(&list, &req.recent, &deadline, &rid)
+            .await;
         let scorer = self.scorer_for(&req.model);
         let ranked = scorer.rank(&list, &req.recent, &features, now_s());
         let version = match &missing {
@@ -361,27 +362,33 @@ impl RankingService {
         })
     }
 
-    /// Item features for `ids` (repeats allowed): from the cache, the rest in
-    /// one call. Returns the features found and why some are missing (None:
-    /// nothing missing).
+    /// Item features of `list`'s candidates and of the `recent` items, by
+    /// position: from the cache, the rest in one call. Returns them and why
+    /// some are missing (None: nothing missing).
     async fn item_features(
         &self,
-        ids: impl Iterator<Item = &str>,
+        list: &Candidates,
+        recent: &[pb::Interaction],
         deadline: &Deadline,
         rid: &str,
-    ) -> (ItemFeatureMap, Option<String>) {
-        let mut found = ItemFeatureMap::with_capacity_and_hasher(256, Default::default());
+    ) -> (Fetched, Option<String>) {
+        let ids: Vec<&str> = list
+            .ids()
+            .chain(recent.iter().map(|r| r.item_id.as_str()))
+            .collect();
+        let mut out = Fetched {
+            items: Vec::with_capacity(ids.len()),
+            candidates: list.len(),
+        };
         let mut asked = std::collections::HashSet::<&str, foldhash::fast::RandomState>::default();
         let (mut missing, mut refresh) = (Vec::new(), Vec::new());
-        let mut stale = 0;
+        let (mut hits, mut stale) = (0, 0);
         let now = std::time::Instant::now();
-        for id in ids {
-            if found.contains_key(id) {
-                continue;
-            }
-            match self.cache.get_at(id, now) {
+        for &id in &ids {
+            let slot = match self.cache.get_at(id, now) {
                 Lookup::Fresh(f) => {
-                    found.insert(id.to_owned(), f);
+                    hits += 1;
+                    Some(f)
                 }
                 Lookup::Stale {
                     features,
@@ -391,13 +398,17 @@ impl RankingService {
                     if mine {
                         refresh.push(id.to_owned());
                     }
-                    found.insert(id.to_owned(), features);
+                    Some(features)
                 }
-                Lookup::Miss if asked.insert(id) => missing.push(id.to_owned()),
-                Lookup::Miss => {}
-            }
+                Lookup::Miss => {
+                    if asked.insert(id) {
+                        missing.push(id.to_owned());
+                    }
+                    None
+                }
+            };
+            out.items.push(slot);
         }
-        let hits = found.len() as u64 - stale;
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "hit").increment(hits);
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "stale").increment(stale);
         metrics::counter!("recmesh_ranking_item_cache_total", "result" => "miss")
@@ -406,8 +417,11 @@ impl RankingService {
             self.refresh_in_background(refresh, rid);
         }
         if missing.is_empty() {
-            return (found, None);
+            return (out, None);
         }
+        // The slow path: what the features service sends, by id, then put
+        // in the positions that missed.
+        let mut found = ItemFeatureMap::with_capacity_and_hasher(missing.len(), Default::default());
         let reserve = Duration::from_millis(self.config.scoring_reserve_ms);
         let budget = deadline
             .budget(Duration::from_millis(self.config.features_budget_ms))
@@ -505,11 +519,16 @@ impl RankingService {
                 budget.as_millis()
             )),
         }
+        for (slot, id) in out.items.iter_mut().zip(&ids) {
+            if slot.is_none() {
+                *slot = found.get(*id).cloned();
+            }
+        }
         if missing.is_empty() {
-            (found, None)
+            (out, None)
         } else {
             (
-                found,
+                out,
                 Some(format!("{}; scored without them", missing.join("; "))),
             )
         }

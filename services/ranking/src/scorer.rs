@@ -70,6 +70,45 @@ pub(crate) fn model_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
 /// profile (keys are seeded per map, as with the standard hasher).
 pub type ItemFeatureMap = HashMap<String, Arc<pb::ItemFeatures>, foldhash::fast::RandomState>;
 
+/// Where scoring finds an item's features: by position in the call (the
+/// service's [`Fetched`]) or by id (an [`ItemFeatureMap`]: the trainer,
+/// tests). Scoring asks once per candidate and recent item.
+pub trait ItemFeatureSource {
+    /// Features of candidate `k`, whose item is `id`.
+    fn candidate(&self, k: usize, id: &str) -> Option<&pb::ItemFeatures>;
+    /// Features of the user's recent interaction `k`, whose item is `id`.
+    fn recent(&self, k: usize, id: &str) -> Option<&pb::ItemFeatures>;
+}
+
+impl ItemFeatureSource for ItemFeatureMap {
+    fn candidate(&self, _: usize, id: &str) -> Option<&pb::ItemFeatures> {
+        self.get(id).map(|f| &**f)
+    }
+
+    fn recent(&self, _: usize, id: &str) -> Option<&pb::ItemFeatures> {
+        self.get(id).map(|f| &**f)
+    }
+}
+
+/// Item features of one `Rank` call by position: each candidate's, then
+/// each recent item's, as the service looked them up. Scoring reads them
+/// without hashing an id again.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub(crate) items: Vec<Option<Arc<pb::ItemFeatures>>>,
+    pub(crate) candidates: usize,
+}
+
+impl ItemFeatureSource for Fetched {
+    fn candidate(&self, k: usize, _: &str) -> Option<&pb::ItemFeatures> {
+        self.items.get(k)?.as_deref()
+    }
+
+    fn recent(&self, k: usize, _: &str) -> Option<&pb::ItemFeatures> {
+        self.items.get(self.candidates + k)?.as_deref()
+    }
+}
+
 /// The feature rows ([`ranking::FEATURE_NAMES`] order) of `candidates`, given
 /// the user's recent interactions and the fetched item features. Serving and
 /// training both build rows here, so a model sees at serving time exactly
@@ -77,18 +116,19 @@ pub type ItemFeatureMap = HashMap<String, Arc<pb::ItemFeatures>, foldhash::fast:
 pub fn feature_rows(
     candidates: &[impl RankInput],
     recent: &[pb::Interaction],
-    features: &ItemFeatureMap,
+    features: &impl ItemFeatureSource,
     now_s: i64,
 ) -> Vec<[f64; ranking::FEATURES]> {
-    let user = UserSignals::from_recent(recent.iter().filter_map(|r| {
-        let a = features.get(&r.item_id)?.attributes.as_ref()?;
+    let user = UserSignals::from_recent(recent.iter().enumerate().filter_map(|(k, r)| {
+        let a = features.recent(k, &r.item_id)?.attributes.as_ref()?;
         Some((a.category.as_str(), a.price))
     }));
     candidates
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(k, c)| {
             let item = features
-                .get(c.item_id())
+                .candidate(k, c.item_id())
                 .and_then(|f| item_signals(f, now_s));
             ranking::row(&c.signals(), item.as_ref(), &user)
         })
@@ -138,13 +178,13 @@ impl Scorer {
         &self,
         mut candidates: Vec<pb::Candidate>,
         recent: &[pb::Interaction],
-        features: &ItemFeatureMap,
+        features: &impl ItemFeatureSource,
         now_s: i64,
     ) -> Vec<pb::Candidate> {
         let scores = self.scores(&candidates, recent, features, now_s);
-        for (c, s) in candidates.iter_mut().zip(scores) {
+        for (k, (c, s)) in candidates.iter_mut().zip(scores).enumerate() {
             c.score = s;
-            if let Some(a) = fresh_attributes(features, &c.item_id) {
+            if let Some(a) = fresh_attributes(features, k, &c.item_id) {
                 c.attributes = Some(a.clone());
             }
         }
@@ -159,14 +199,16 @@ impl Scorer {
         &self,
         list: &Candidates,
         recent: &[pb::Interaction],
-        features: &ItemFeatureMap,
+        features: &impl ItemFeatureSource,
         now_s: i64,
     ) -> pb::CandidateList {
         let scores = self.scores(&Listed::all(list), recent, features, now_s);
         let mut order: Vec<usize> = (0..list.len()).collect();
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
         let sorted: Vec<f64> = order.iter().map(|&k| scores[k]).collect();
-        list.reordered(&order, &sorted, |id| fresh_attributes(features, id))
+        list.reordered(&order, &sorted, |k| {
+            fresh_attributes(features, k, list.id(k))
+        })
     }
 
     /// The model's score of each of `candidates`, in their order.
@@ -174,7 +216,7 @@ impl Scorer {
         &self,
         candidates: &[impl RankInput],
         recent: &[pb::Interaction],
-        features: &ItemFeatureMap,
+        features: &impl ItemFeatureSource,
         now_s: i64,
     ) -> Vec<f64> {
         match &self.model {
@@ -192,15 +234,18 @@ impl Scorer {
                     .collect()
             }
             None => {
-                let sources: std::collections::HashSet<&str> =
+                let sources: std::collections::HashSet<&str, foldhash::fast::RandomState> =
                     candidates.iter().flat_map(|c| c.source_names()).collect();
                 let inputs: Vec<BaselineInput> = candidates
                     .iter()
-                    .map(|c| {
+                    .enumerate()
+                    .map(|(k, c)| {
                         let signals = c.signals();
                         BaselineInput {
                             retrieval_score: signals.retrieval_score,
-                            popularity: features.get(c.item_id()).map_or(0.0, |f| f.popularity),
+                            popularity: features
+                                .candidate(k, c.item_id())
+                                .map_or(0.0, |f| f.popularity),
                             sources: signals.sources,
                         }
                     })
@@ -214,10 +259,11 @@ impl Scorer {
 /// Fresh attributes (stock above all) from the features service win over
 /// what retrieval knew.
 pub(crate) fn fresh_attributes<'a>(
-    features: &'a ItemFeatureMap,
+    features: &'a impl ItemFeatureSource,
+    k: usize,
     id: &str,
 ) -> Option<&'a pb::ItemAttributes> {
-    features.get(id)?.attributes.as_ref()
+    features.candidate(k, id)?.attributes.as_ref()
 }
 
 /// What scoring reads of a candidate: the generated type (the trainer, and

@@ -421,3 +421,40 @@ fn bad_features_address_is_a_config_error() {
     let err = c.validate().expect_err("no scheme");
     assert!(err.to_string().contains("features_addr"));
 }
+
+#[test]
+fn features_by_position_score_as_features_by_id() {
+    // The service looks features up once per position (`Fetched`); the
+    // trainer hands them over by id. Both must give the same list.
+    let scorer = Scorer::new(FIXTURE).expect("fixture model loads");
+    let by_id: ItemFeatureMap = [item("a", 0.1), item("b", 0.9), item("r", 0.5)]
+        .into_iter()
+        .collect();
+    let list = Candidates::new(
+        listed(vec![
+            candidate("a", 0.5, &["cf"]),
+            candidate("b", 0.4, &["cf", "popular"]),
+            candidate("c", 0.3, &["ann"]),
+        ])
+        .expect("list"),
+        "candidates",
+    )
+    .expect("checks");
+    let recent = vec![pb::Interaction {
+        item_id: "r".into(),
+        ..Default::default()
+    }];
+    let at = |id: &str| by_id.get(id).cloned();
+    let by_position = Fetched {
+        items: vec![at("a"), at("b"), None, at("r")],
+        candidates: 3,
+    };
+    let a = scorer.rank(&list, &recent, &by_id, 0);
+    let b = scorer.rank(&list, &recent, &by_position, 0);
+    assert_eq!(a, b);
+    let ranked = Candidates::new(b, "candidates").expect("checks");
+    assert_eq!(ranked.ids().collect::<Vec<_>>(), ["b", "a", "c"]);
+    // The fresh attributes went to the right candidates.
+    assert!(ranked.attributes(0).is_some_and(|x| x.category == "books"));
+    assert!(ranked.attributes(2).is_none());
+}
