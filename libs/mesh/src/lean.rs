@@ -384,7 +384,9 @@ impl Candidates {
                         format!("{end} does not end an id in `ids` after {start}"),
                     )
                 })?;
-            check_id(&format!("{field}[{k}].item_id"), id)?;
+            // The field's name is formatted only for an id that fails.
+            check_id("", id)
+                .map_err(|e| FieldError::new(format!("{field}[{k}].item_id"), e.reason))?;
             start = end;
         }
         let texts = list.texts.len();
