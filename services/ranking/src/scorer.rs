@@ -221,17 +221,15 @@ impl Scorer {
     ) -> Vec<f64> {
         match &self.model {
             Some(m) => {
-                // One buffer for the model's columns, reused for every candidate.
-                let mut row = vec![0.0; m.columns.len()];
-                feature_rows(candidates, recent, features, now_s)
-                    .iter()
-                    .map(|full| {
-                        for (slot, &col) in row.iter_mut().zip(&m.columns) {
-                            *slot = full[col];
-                        }
-                        m.gbdt.predict(&row)
-                    })
-                    .collect()
+                // The model's columns of every row in one buffer: the
+                // model walks several rows through each tree at once.
+                let width = m.columns.len();
+                let full = feature_rows(candidates, recent, features, now_s);
+                let mut rows = Vec::with_capacity(full.len() * width);
+                for f in &full {
+                    rows.extend(m.columns.iter().map(|&col| f[col]));
+                }
+                m.gbdt.predict_rows(&rows, width)
             }
             None => {
                 let sources: std::collections::HashSet<&str, foldhash::fast::RandomState> =
