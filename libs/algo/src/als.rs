@@ -162,6 +162,33 @@ pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
     dot(a, b)
 }
 
+/// `f(key, query · row)` for each `(key, row)` of `rows`, in their order,
+/// on the widest SIMD this CPU has (chosen once for the whole scan: a scan
+/// of thousands of 64-float rows is where [`similarity`]'s portable loop
+/// showed in the profile). Equal to [`similarity`] up to rounding.
+pub fn similarities<'a, K>(
+    query: &[f32],
+    rows: impl Iterator<Item = (K, &'a [f32])>,
+    f: impl FnMut(K, f32),
+) {
+    struct Scan<'q, I, F>(&'q [f32], I, F);
+    impl<'q, 'a, K, I, F> pulp::WithSimd for Scan<'q, I, F>
+    where
+        I: Iterator<Item = (K, &'a [f32])>,
+        F: FnMut(K, f32),
+    {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, simd: S) {
+            let Scan(query, rows, mut f) = self;
+            for (key, row) in rows {
+                f(key, dot_simd(simd, query, row));
+            }
+        }
+    }
+    pulp::Arch::new().dispatch(Scan(query, rows, f));
+}
+
 /// [`dot`] on `S`'s vector registers, with fused multiply-adds where the
 /// CPU has them; inlined into [`pulp::Arch::dispatch`]'s per-CPU copies.
 #[inline(always)]
@@ -528,6 +555,15 @@ mod tests {
                 "n {n}: {simd} vs {exact}"
             );
             assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5, "n {n}");
+            let mut scanned = Vec::new();
+            similarities(
+                &a,
+                [(0, b.as_slice()), (1, a.as_slice())].into_iter(),
+                |k, s| scanned.push((k, s)),
+            );
+            assert_eq!(scanned.len(), 2);
+            assert_eq!(scanned[0], (0, simd), "n {n}");
+            assert!((scanned[1].1 - dot(&a, &a)).abs() < 1e-4, "n {n}");
         }
         // The Gramian (upper triangle mirrored) against the definition.
         let f = 5;
