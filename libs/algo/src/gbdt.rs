@@ -174,14 +174,16 @@ struct Forest {
 const LANES: usize = 4;
 
 impl Forest {
-    fn new(trees: &[Tree]) -> Self {
+    /// The forest of `trees`, or the position of a tree whose children do
+    /// not form a tree (a split reached twice: its walk would not end).
+    fn new(trees: &[Tree]) -> Result<Self, usize> {
         let mut f = Forest {
             nodes: Vec::new(),
             leaves: Vec::new(),
             roots: Vec::with_capacity(trees.len()),
             width: 0,
         };
-        for t in trees {
+        for (at_tree, t) in trees.iter().enumerate() {
             let (nb, lb) = (f.nodes.len() as i32, f.leaves.len() as i32);
             let at = |c: i32| if c >= 0 { nb + c } else { !(lb + !c) };
             if t.split_feature.is_empty() {
@@ -202,9 +204,9 @@ impl Forest {
                 });
             }
             f.leaves.extend_from_slice(&t.leaf_value);
-            f.roots.push((nb, t.depth().unwrap_or(0)));
+            f.roots.push((nb, t.depth().ok_or(at_tree)?));
         }
-        f
+        Ok(f)
     }
 
     /// The sum of the leaves `x` reaches (at least `width` features).
@@ -420,16 +422,16 @@ impl GbdtModel {
                 ),
             ));
         }
-        if let Some(t) = trees.iter().position(|t| t.depth().is_none()) {
-            return Err(err(
+        let forest = Forest::new(&trees).map_err(|t| {
+            err(
                 0,
                 format!("tree {t}: a split is reached twice (its children do not form a tree)"),
-            ));
-        }
+            )
+        })?;
         Ok(GbdtModel {
             feature_names,
             objective,
-            forest: Forest::new(&trees),
+            forest,
             trees,
         })
     }
@@ -472,7 +474,7 @@ impl GbdtModel {
             return Vec::new();
         }
         if width < self.forest.width {
-            return rows.chunks(width.max(1)).map(|r| self.predict(r)).collect();
+            return rows.chunks(width).map(|r| self.predict(r)).collect();
         }
         let mut out = Vec::with_capacity(rows.len() / width);
         let mut chunks = rows.chunks_exact(width * LANES);
@@ -583,7 +585,7 @@ mod tests {
             (MISSING_NAN << 2) | 2,
         ] {
             let t = tree(dt);
-            let f = Forest::new(std::slice::from_ref(&t));
+            let f = Forest::new(std::slice::from_ref(&t)).expect("one split");
             for v in [f64::NAN, 0.0, -0.0, 1e-36, 0.5, 0.7, -3.0] {
                 assert_eq!(f.raw(&[v]), t.leaf(&[v]), "decision type {dt}, value {v}");
             }
