@@ -438,6 +438,8 @@ impl tower::Service<http::Request<Body>> for Balanced {
             answered: None,
         };
         let channel = guard.instance.channel.clone();
+        // A unary message goes out with END_STREAM on its own DATA frame.
+        let request = request.map(crate::body::at_once);
         Box::pin(async move {
             let result = channel.oneshot(request).await;
             guard.answered = Some(matches!(&result, Ok(r) if !refused(r)));

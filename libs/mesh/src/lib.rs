@@ -11,6 +11,7 @@
 
 pub mod assign;
 pub mod balance;
+pub mod body;
 pub mod connect;
 pub mod convert;
 pub mod lean;
