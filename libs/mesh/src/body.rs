@@ -113,7 +113,10 @@ mod tests {
         let data = frame.into_data().expect("a data frame");
         let len = "hello".to_owned().encoded_len();
         assert_eq!(data[0], 0);
-        assert_eq!(u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize, len);
+        assert_eq!(
+            u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize,
+            len
+        );
         assert_eq!(String::decode(&data[5..]).expect("decodes"), "hello");
         assert!(body.frame().await.is_none());
     }
@@ -124,7 +127,8 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"one"))))
             .await
             .expect("sent");
-        let stream = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let stream =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut body = at_once(Body::new(stream));
         assert!(!body.is_end_stream(), "more may come");
         let later = tokio::spawn(async move {
@@ -137,7 +141,10 @@ mod tests {
             got.push(frame.expect("data").into_data().expect("data"));
         }
         later.await.expect("sender");
-        assert_eq!(got, [Bytes::from_static(b"one"), Bytes::from_static(b"two")]);
+        assert_eq!(
+            got,
+            [Bytes::from_static(b"one"), Bytes::from_static(b"two")]
+        );
     }
 
     #[tokio::test]

@@ -40,6 +40,19 @@ pub struct Index {
     /// The bundle's trending lists plus the events since it was trained.
     pub(crate) trending: std::sync::RwLock<LiveTrending>,
     pub(crate) version: String,
+    /// What the request filters read of each item, by index, packed: the
+    /// merge checks every item every source found, and reading the whole
+    /// `Item` for it (ids, names, 120 bytes) was a cache miss each, most
+    /// of `Merger::add`'s time (docs/performance.md).
+    pub(crate) filter_columns: Vec<FilterColumns>,
+}
+
+/// An item's fields the hard filters read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FilterColumns {
+    pub(crate) price: f64,
+    pub(crate) category: u32,
+    pub(crate) in_stock: bool,
 }
 
 /// ALS factors with the user lookup and the fold-in solver.
@@ -186,7 +199,19 @@ impl Index {
             trained,
         });
         let (content, content_row) = cold_rows_first(&b.content, &cold, b.catalog.len());
+        let filter_columns = b
+            .catalog
+            .items
+            .iter()
+            .zip(&b.catalog.category_of)
+            .map(|(it, &category)| FilterColumns {
+                price: it.price,
+                category,
+                in_stock: it.in_stock,
+            })
+            .collect();
         Index {
+            filter_columns,
             catalog: b.catalog,
             neighbours: b.neighbours,
             popular: b.popular.overall,

@@ -337,7 +337,7 @@ impl Snapshot {
             .catalog
             .index_of(&req.item_id)
             .ok_or_else(|| Status::not_found(format!("item_id: unknown item `{}`", req.item_id)))?;
-        constraints.filters.excluded.insert(req.item_id.as_str());
+        constraints.exclude(&req.item_id, anchor);
         let mut reports = Vec::new();
         // Item → items through the vector index: the anchor's own vector.
         let ann = match (index.factors.as_ref(), index.ann.as_ref()) {

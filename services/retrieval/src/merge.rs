@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use recmesh_algo::als::{self};
-use recmesh_algo::rules::{HardFilters, RuleItem};
+use recmesh_algo::rules::HardFilters;
 use recmesh_catalog::EventKind;
 use recmesh_mesh::convert::{FieldError, attributes};
 use recmesh_mesh::lean;
@@ -19,19 +19,32 @@ pub(crate) struct Constraints<'a> {
     pub(crate) filters: HardFilters<'a>,
     /// Category ids of `filters.categories`, for picking popularity lists.
     pub(crate) categories: Vec<u32>,
+    /// Catalog indexes of `filters.excluded` (ids the catalog does not know
+    /// cannot come up), sorted.
+    pub(crate) excluded: Vec<u32>,
 }
 
-impl Constraints<'_> {
+impl<'a> Constraints<'a> {
+    /// Whether `item` passes the filters: [`HardFilters::check`] on the
+    /// item's packed columns (the tests hold the two to the same answers).
     pub(crate) fn allows(&self, index: &Index, item: u32) -> bool {
-        index.catalog.item(item).is_some_and(|it| {
-            let rule = RuleItem {
-                id: &it.id,
-                category: &it.category,
-                price: it.price,
-                in_stock: it.in_stock,
-            };
-            self.filters.check(&rule).is_none()
-        })
+        let Some(c) = index.filter_columns.get(item as usize) else {
+            return false;
+        };
+        let f = &self.filters;
+        c.in_stock
+            && (self.categories.is_empty() || self.categories.contains(&c.category))
+            && !(f.min_price > 0.0 && c.price < f.min_price)
+            && !(f.max_price > 0.0 && c.price > f.max_price)
+            && self.excluded.binary_search(&item).is_err()
+    }
+
+    /// Excludes one more item (its id and catalog index).
+    pub(crate) fn exclude(&mut self, id: &'a str, at: u32) {
+        self.filters.excluded.insert(id);
+        if let Err(p) = self.excluded.binary_search(&at) {
+            self.excluded.insert(p, at);
+        }
     }
 }
 
@@ -101,33 +114,45 @@ pub(crate) struct Merger<'a> {
 
 /// One item while sources are merged: only the winners of the cut become
 /// candidates (ids, attributes and reasons are written for `count` items,
-/// not for every item every source found). Held inline: a request merges
-/// a thousand or more items, and giving each two small vectors made
-/// `Merger::add` 8.5% of the in-process pipeline (docs/performance.md).
+/// not for every item every source found). Held inline and small (a
+/// request merges a thousand or more items): sources by their
+/// [`lean::SOURCES`] code, reasons as indexes.
 #[derive(Clone, Copy)]
 pub(crate) struct Merged {
     pub(crate) score: f64,
-    /// Sources and reasons in use in the arrays below.
-    sources_len: u8,
+    /// Best raw score per source, by source code (valid where `found` has
+    /// the source's bit).
+    raw: [f64; SOURCES_KEPT],
+    /// Bit `1 << code` for each source that found the item.
+    found: u8,
+    /// Code of the first source that found it: the candidate's `source`.
+    first: u8,
+    /// Reasons in use in `reasons`.
     reasons_len: u8,
-    /// Best raw score per source, in the order the sources found it (the
-    /// first is the candidate's `source`).
-    sources: [(&'static str, f64); SOURCES_KEPT],
     reasons: [Why; REASONS_KEPT],
 }
 
 impl Merged {
     const EMPTY: Merged = Merged {
         score: 0.0,
-        sources_len: 0,
+        raw: [0.0; SOURCES_KEPT],
+        found: 0,
+        first: 0,
         reasons_len: 0,
-        sources: [("", 0.0); SOURCES_KEPT],
         reasons: [Why::ForYourTaste; REASONS_KEPT],
     };
 
-    /// Best raw score per source, first finder first.
-    pub(crate) fn source_scores(&self) -> &[(&'static str, f64)] {
-        &self.sources[..usize::from(self.sources_len)]
+    /// The source that found it first, by name.
+    pub(crate) fn first_source(&self) -> Option<&'static str> {
+        (self.found != 0).then(|| lean::SOURCES[usize::from(self.first)])
+    }
+
+    /// Best raw score per source that found it, by source code, lowest
+    /// code first.
+    pub(crate) fn source_scores(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        (0..SOURCES_KEPT)
+            .filter(|&c| self.found & (1 << c) != 0)
+            .map(|c| (c as u32, self.raw[c]))
     }
 
     /// Why sources offered it, first finder first, each once.
@@ -135,17 +160,16 @@ impl Merged {
         &self.reasons[..usize::from(self.reasons_len)]
     }
 
-    fn add_source(&mut self, source: &'static str, raw: f64) {
-        let n = usize::from(self.sources_len);
-        match self.sources[..n].iter_mut().find(|(s, _)| *s == source) {
-            Some((_, best_raw)) => *best_raw = best_raw.max(raw),
-            // A name outside `lean::SOURCES` beyond them would go
-            // unreported, as the lean list drops it anyway.
-            None if n < SOURCES_KEPT => {
-                self.sources[n] = (source, raw.max(0.0));
-                self.sources_len += 1;
+    fn add_source(&mut self, code: usize, raw: f64) {
+        let bit = 1u8 << code;
+        if self.found & bit != 0 {
+            self.raw[code] = self.raw[code].max(raw);
+        } else {
+            if self.found == 0 {
+                self.first = code as u8;
             }
-            None => {}
+            self.found |= bit;
+            self.raw[code] = raw.max(0.0);
         }
     }
 
@@ -163,8 +187,9 @@ impl Merged {
 pub(crate) const REASONS_KEPT: usize = 4;
 
 /// Sources one item can be found by: every source a candidate list can
-/// name.
+/// name (a bit each in `Merged::found`).
 const SOURCES_KEPT: usize = lean::SOURCES.len();
+const _: () = assert!(SOURCES_KEPT <= 8);
 
 /// Why a source offered an item. Sources hand these over as indexes; only
 /// the items that make the cut get their reasons written out as text
@@ -174,8 +199,8 @@ const SOURCES_KEPT: usize = lean::SOURCES.len();
 pub(crate) enum Why {
     /// "similar to {title of the item}"
     SimilarTo(u32),
-    /// "because you {verb} {title of the item}"
-    Because(&'static str, u32),
+    /// "because you {verb of the kind} {title of the item}"
+    Because(EventKind, u32),
     /// An `ann` hit, explained by the recent item nearest to it (resolved
     /// into `Because` or `ForYourTaste` only for the items that make the
     /// cut: a dot product per recent item, per hit).
@@ -205,7 +230,7 @@ impl Why {
         };
         match self {
             Why::SimilarTo(i) => format!("similar to {}", index.title(i)),
-            Why::Because(verb, i) => format!("because you {verb} {}", index.title(i)),
+            Why::Because(kind, i) => format!("because you {} {}", kind.verb(), index.title(i)),
             Why::Nearest(_) | Why::ForYourTaste => "picked for your taste".to_owned(),
             Why::NewIn(c) => format!("new in {}", category(c)),
             Why::TrendingIn(c) => format!("trending in {}", category(c)),
@@ -237,13 +262,17 @@ impl<'a> Merger<'a> {
             return Why::ForYourTaste;
         };
         let item = |i: u32| f.trained.item(i as usize);
-        self.nearest_to
-            .iter()
-            .map(|seed| (als::similarity(item(hit), item(seed.0)), seed))
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map_or(Why::ForYourTaste, |(_, &(seed, _, kind))| {
-                Why::Because(kind.verb(), seed)
-            })
+        // One SIMD dispatch for all seeds; a tie keeps the later seed.
+        let mut nearest: Option<(f32, &(u32, f64, EventKind))> = None;
+        let seeds = self.nearest_to.iter().map(|seed| (seed, item(seed.0)));
+        als::similarities(item(hit), seeds, |seed, s| {
+            if nearest.is_none_or(|(best, _)| s >= best) {
+                nearest = Some((s, seed));
+            }
+        });
+        nearest.map_or(Why::ForYourTaste, |(_, &(seed, _, kind))| {
+            Why::Because(kind, seed)
+        })
     }
 
     /// Adds one source's results (best first) with `weight`.
@@ -257,6 +286,11 @@ impl<'a> Merger<'a> {
         if weight <= 0.0 {
             return;
         }
+        let Some(code) = lean::source_code(source) else {
+            debug_assert!(false, "source `{source}` has no code in lean::SOURCES");
+            return;
+        };
+        let code = code as usize;
         let results: Vec<(u32, f64, Why)> = results.into_iter().collect();
         let best = results.iter().map(|r| r.1).fold(0.0f64, f64::max);
         for (item, raw, reason) in results {
@@ -275,7 +309,7 @@ impl<'a> Merger<'a> {
             };
             let score = if best > 0.0 { weight * raw / best } else { 0.0 };
             let merged = &mut self.items[at].1;
-            merged.add_source(source, raw);
+            merged.add_source(code, raw);
             merged.score = merged.score.max(score);
             merged.add_reason(reason);
         }
@@ -322,11 +356,7 @@ impl<'a> Merger<'a> {
                 pb::Candidate {
                     item_id: it.map(|i| i.id.clone()).unwrap_or_default(),
                     score: m.score,
-                    source: m
-                        .source_scores()
-                        .first()
-                        .map(|(s, _)| (*s).to_owned())
-                        .unwrap_or_default(),
+                    source: m.first_source().unwrap_or_default().to_owned(),
                     reasons: m.reasons().iter().fold(Vec::new(), |mut texts, why| {
                         // Two items may share a title: one line each way.
                         let text = self.resolve(*why).text(self.index);
@@ -337,8 +367,7 @@ impl<'a> Merger<'a> {
                     }),
                     source_scores: m
                         .source_scores()
-                        .iter()
-                        .map(|&(s, v)| (s.to_owned(), v))
+                        .map(|(c, v)| (lean::SOURCES[c as usize].to_owned(), v))
                         .collect(),
                     attributes: it.map(attributes),
                     exploration: false,
@@ -360,13 +389,8 @@ impl<'a> Merger<'a> {
                 continue;
             };
             scores.clear();
-            scores.extend(
-                m.source_scores()
-                    .iter()
-                    .filter_map(|&(s, v)| Some((lean::source_code(s)?, v))),
-            );
-            let first_source = scores.first().map_or(0, |s| s.0);
-            scores.sort_by_key(|s| s.0);
+            scores.extend(m.source_scores());
+            let first_source = if m.found == 0 { 0 } else { u32::from(m.first) };
             let reasons = self.reason_texts(m.reasons(), |why| {
                 match written.iter().find(|(w, _)| *w == why) {
                     Some(&(_, at)) => at,

@@ -14,6 +14,10 @@ use recmesh_mesh::convert::{FieldError, check_id, event_kind};
 use recmesh_proto::v1 as pb;
 use recmesh_vector::Hit;
 
+/// Catalog indexes of a request's seen and recent items: probed for every
+/// item every source offers, so hashed with foldhash, not SipHash.
+pub(crate) type ItemSet = std::collections::HashSet<u32, foldhash::fast::RandomState>;
+
 use crate::merge::{Constraints, Merger, SourceWeights, Why};
 use crate::{Index, Snapshot};
 
@@ -94,7 +98,7 @@ pub(crate) struct AnnJob {
 pub(crate) struct ContentJob {
     pub(crate) index: Arc<Index>,
     pub(crate) profile: Vec<f32>,
-    pub(crate) seen: std::collections::HashSet<u32>,
+    pub(crate) seen: ItemSet,
     pub(crate) limit: usize,
     /// How many of the newest cold items are scanned.
     pub(crate) pool: usize,
@@ -132,10 +136,10 @@ impl ContentJob {
             self.pool.min(cold.len())
         };
         let mut best = std::collections::BinaryHeap::with_capacity(self.limit + 1);
-        for (&i, vector) in cold[..pool].iter().zip(self.index.cold_content(pool)) {
-            let s = als::similarity(&self.profile, vector);
+        let rows = cold[..pool].iter().zip(self.index.cold_content(pool));
+        als::similarities(&self.profile, rows, |&i, s| {
             if s <= 0.0 || self.seen.contains(&i) {
-                continue;
+                return;
             }
             let candidate = Weakest(s, i);
             if best.len() < self.limit {
@@ -144,7 +148,7 @@ impl ContentJob {
                 best.pop();
                 best.push(candidate);
             }
-        }
+        });
         best.into_sorted_vec()
             .into_iter()
             .map(|Weakest(s, i)| (i, s))
@@ -277,7 +281,14 @@ impl Snapshot {
                 "prices must be ≥ 0 and min_price ≤ max_price",
             ));
         }
+        let mut excluded: Vec<u32> = exclude
+            .iter()
+            .filter_map(|id| self.index.catalog.index_of(id))
+            .collect();
+        excluded.sort_unstable();
+        excluded.dedup();
         Ok(Constraints {
+            excluded,
             filters: HardFilters {
                 excluded: exclude.iter().map(String::as_str).collect(),
                 categories: categories
@@ -355,7 +366,7 @@ impl Snapshot {
                 format!("at most {} item keys", self.config.max_seen_items),
             ));
         }
-        let mut seen: std::collections::HashSet<u32> = req
+        let mut seen: ItemSet = req
             .seen_items
             .iter()
             .filter_map(|&k| index.catalog.index_of_key(k))
@@ -377,7 +388,8 @@ impl Snapshot {
 
         // Seeds: newest first, weight = event strength × 0.9^position, so the
         // latest signals count most; an item seen twice keeps its strongest.
-        let mut seeds: HashMap<u32, (f64, EventKind)> = HashMap::new();
+        let mut seeds: HashMap<u32, (f64, EventKind), foldhash::fast::RandomState> =
+            HashMap::default();
         let mut engaged_categories: HashMap<u32, f64> = HashMap::new();
         for (position, r) in req.recent.iter().take(self.config.max_seeds).enumerate() {
             let (Some(i), Some(kind)) =
@@ -407,8 +419,8 @@ impl Snapshot {
         )
         .into_iter()
         .map(|c| {
-            let verb = seeds.get(&c.because_of).map_or("viewed", |s| s.1.verb());
-            (c.item, c.score, Why::Because(verb, c.because_of))
+            let kind = seeds.get(&c.because_of).map_or(EventKind::View, |s| s.1);
+            (c.item, c.score, Why::Because(kind, c.because_of))
         })
         .collect();
         if seeds.is_empty() {
@@ -536,14 +548,9 @@ impl Snapshot {
     pub(crate) fn vector_filter(
         &self,
         c: &Constraints<'_>,
-        seen: &std::collections::HashSet<u32>,
+        seen: &ItemSet,
     ) -> recmesh_vector::Filter {
-        let mut exclude: Vec<u32> = c
-            .filters
-            .excluded
-            .iter()
-            .filter_map(|id| self.index.catalog.index_of(id))
-            .collect();
+        let mut exclude = c.excluded.clone();
         exclude.extend(seen.iter().copied());
         recmesh_vector::Filter {
             categories: c.categories.clone(),

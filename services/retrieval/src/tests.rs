@@ -439,7 +439,7 @@ fn the_content_scan_keeps_the_best_of_the_newest_cold_items() {
         "newest first"
     );
     let profile = index.content_of(cold[7]).to_vec();
-    let seen: std::collections::HashSet<u32> = [cold[7]].into();
+    let seen: crate::sources::ItemSet = [cold[7]].into_iter().collect();
     // By hand: score every unseen item of the pool, sort, keep the best.
     let by_hand = |pool: usize, limit: usize| {
         let mut all: Vec<(u32, f32)> = cold[..pool]
@@ -714,4 +714,74 @@ fn seen_items_are_dropped_by_every_source_before_the_cut() {
     };
     let err = s.retrieve_blocking(&flood).expect_err("too many");
     assert!(err.to_string().contains("seen_items"), "{err}");
+}
+
+/// The merge's by-index filter check gives `HardFilters::check`'s answer
+/// for every item, under exclusions, category and price filters, and an
+/// out-of-stock share (the demo catalog has some).
+#[test]
+fn packed_filter_columns_answer_as_the_hard_filters() {
+    use recmesh_algo::rules::RuleItem;
+    let s = service();
+    let snap = s.snapshot();
+    let index = snap.index.clone();
+    let items = &index.catalog.items;
+    assert!(
+        items.iter().any(|it| !it.in_stock),
+        "the fixture has out-of-stock items"
+    );
+    let exclude: Vec<String> = items
+        .iter()
+        .step_by(7)
+        .map(|it| it.id.clone())
+        .chain(["not-in-the-catalog".to_owned()])
+        .collect();
+    let prices: Vec<f64> = items.iter().map(|it| it.price).collect();
+    let median = {
+        let mut p = prices.clone();
+        p.sort_by(f64::total_cmp);
+        p[p.len() / 2]
+    };
+    let cases = [
+        pb::Filters::default(),
+        pb::Filters {
+            categories: vec![index.catalog.categories[0].clone()],
+            ..Default::default()
+        },
+        pb::Filters {
+            min_price: median,
+            ..Default::default()
+        },
+        pb::Filters {
+            categories: index.catalog.categories[..2].to_vec(),
+            max_price: median,
+            ..Default::default()
+        },
+    ];
+    let mut allowed = 0;
+    for filters in &cases {
+        for ex in [&[][..], &exclude[..]] {
+            let mut c = snap.constraints(ex, Some(filters)).expect("valid filters");
+            c.exclude(&items[3].id, 3);
+            for (i, it) in items.iter().enumerate() {
+                let rule = RuleItem {
+                    id: &it.id,
+                    category: &it.category,
+                    price: it.price,
+                    in_stock: it.in_stock,
+                };
+                let by_id = c.filters.check(&rule).is_none();
+                assert_eq!(
+                    c.allows(&index, i as u32),
+                    by_id,
+                    "item {} under {filters:?}, {} excluded",
+                    it.id,
+                    ex.len()
+                );
+                allowed += usize::from(by_id);
+            }
+            assert!(!c.allows(&index, items.len() as u32), "past the catalog");
+        }
+    }
+    assert!(allowed > 0, "some items pass some filters");
 }
