@@ -67,6 +67,27 @@ pub fn write(
     ]))
 }
 
+/// True when Qdrant's planner would read every point of this bundle's shard
+/// for a filtered search anyway: `items` vectors of `dim` floats take no
+/// more than the shard's `full_scan_kb` (Qdrant's `full_scan_threshold`;
+/// every search retrieval sends is filtered, by stock at least). False for a
+/// manifest that does not say (a bundle from before the key).
+pub fn scanned_whole(manifest: &Manifest, items: usize, dim: usize) -> bool {
+    manifest
+        .parameters
+        .get("ann.full_scan_kb")
+        .and_then(serde_json::Value::as_u64)
+        .is_some_and(|kb| (items as u64) * (dim as u64) * 4 <= kb * 1024)
+}
+
+/// Checks the shard files of the bundle in `bundle_dir` against its
+/// manifest (sizes and hashes), without opening the shard: a bundle is
+/// refused when its shard is damaged even where it is not searched.
+pub fn check(bundle_dir: &Path, manifest: &Manifest) -> Result<(), VectorError> {
+    bundle::check_files(bundle_dir, manifest, &format!("{ANN_DIR}/"))
+        .map_err(|e| VectorError::backend("edge", e))
+}
+
 /// True when the bundle in a directory with this manifest ships a shard.
 pub fn has_shard(manifest: &Manifest) -> bool {
     let prefix = format!("{ANN_DIR}/");
@@ -84,8 +105,7 @@ pub fn open(
     ef: usize,
     mips: MipsParams,
 ) -> Result<Mips<EdgeIndex>, VectorError> {
-    bundle::check_files(bundle_dir, &b.manifest, &format!("{ANN_DIR}/"))
-        .map_err(|e| VectorError::backend("edge", e))?;
+    check(bundle_dir, &b.manifest)?;
     let index = EdgeIndex::open_copy(&bundle_dir.join(ANN_DIR), work_dir, ef)?;
     let dim = b.factors.as_ref().map_or(0, |f| f.factors);
     if index.dim() != dim {

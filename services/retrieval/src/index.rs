@@ -133,6 +133,19 @@ impl Index {
             None | Some(0) => None,
             Some(dim) => Some(match config.backend {
                 AnnBackend::Exact => return Ok(Index::from_bundle(b)),
+                AnnBackend::Edge
+                    if config.exact_under_full_scan
+                        && vector_bundle::has_shard(&b.manifest)
+                        && vector_bundle::scanned_whole(&b.manifest, b.catalog.len(), dim) =>
+                {
+                    vector_bundle::check(dir, &b.manifest)?;
+                    tracing::info!(
+                        items = b.catalog.len(),
+                        dim,
+                        "item vectors under the shard's full_scan_kb: scanned exactly (ann.exact_under_full_scan)"
+                    );
+                    return Ok(Index::from_bundle(b));
+                }
                 AnnBackend::Edge if vector_bundle::has_shard(&b.manifest) => {
                     let root = if config.work_dir.is_empty() {
                         let tmp = std::env::temp_dir();

@@ -504,10 +504,12 @@ fn a_published_bundle_is_swapped_in_and_a_broken_one_refused() {
 
     let mut second = trained(&data);
     second.manifest.version = "v0000000000002-second".into();
-    // This one with the in-process vector index built in.
+    // This one with the in-process vector index built in, set to walk its
+    // graph at any size (by default a catalog this small is scanned: the
+    // test below).
     let dir = second
         .publish_with(&root, |tmp, b| {
-            vector_bundle::write(tmp, b, &Default::default(), |_| {})
+            vector_bundle::write(tmp, b, &graph_always(), |_| {})
         })
         .expect("publish");
     let before = s.index();
@@ -556,6 +558,84 @@ fn a_published_bundle_is_swapped_in_and_a_broken_one_refused() {
     let e = s.reload_if_changed().expect_err("refused");
     assert!(e.to_string().contains("edge_config.json"), "{e}");
     assert_eq!(s.index().version(), "v0000000000002-second");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Shard parameters that send every filtered search through the graph.
+fn graph_always() -> recmesh_vector::HnswParams {
+    recmesh_vector::HnswParams {
+        full_scan_kb: 0,
+        ..Default::default()
+    }
+}
+
+/// A catalog whose vectors fit under the shard's `full_scan_kb` (where
+/// Qdrant scans every point of a filtered search anyway) is served by the
+/// exact scan, with the same answers as the engine's; told not to, or with
+/// a shard that walks its graph, by the engine. A damaged shard is refused
+/// either way.
+#[test]
+fn a_catalog_under_the_full_scan_threshold_is_scanned_exactly() {
+    let root = std::env::temp_dir().join(format!("recmesh-retrieval-small-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = demo();
+    let mut b = trained(&data);
+    b.manifest.version = "v0000000000001-small".into();
+    let dir = b
+        .publish_with(&root, |tmp, b| {
+            vector_bundle::write(tmp, b, &Default::default(), |_| {})
+        })
+        .expect("publish");
+    let mut ann = config::AnnConfig {
+        work_dir: root.join("work").display().to_string(),
+        ..Default::default()
+    };
+    let scanned = Index::open(&dir, &ann).expect("opens");
+    assert_eq!(scanned.ann_backend(), Some("exact"));
+    ann.exact_under_full_scan = false;
+    let engine = Index::open(&dir, &ann).expect("opens");
+    assert_eq!(engine.ann_backend(), Some("edge"));
+    // The engine scans every point here too: the same items, best first.
+    let user = &data.interactions[0].user;
+    let request = pb::RetrieveRequest {
+        user_id: user.clone(),
+        count: 50,
+        source_weights: only("ann"),
+        ..Default::default()
+    };
+    let answer = |index: Index| {
+        let s = RetrievalService::with_index(Config::default(), index, None);
+        let ids: Vec<String> = s
+            .retrieve_blocking(&request)
+            .expect("ok")
+            .whole()
+            .into_iter()
+            .map(|c| c.item_id)
+            .collect();
+        ids
+    };
+    let (a, b) = (answer(scanned), answer(engine));
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "exact scan and the engine's full scan agree");
+
+    let mut graph = trained(&data);
+    graph.manifest.version = "v0000000000002-graph".into();
+    let dir = graph
+        .publish_with(&root, |tmp, b| {
+            vector_bundle::write(tmp, b, &graph_always(), |_| {})
+        })
+        .expect("publish");
+    ann.exact_under_full_scan = true;
+    assert_eq!(
+        Index::open(&dir, &ann).expect("opens").ann_backend(),
+        Some("edge")
+    );
+
+    std::fs::write(dir.join("ann/edge_config.json"), "{}").expect("damage");
+    let small = root.join("v0000000000001-small");
+    std::fs::write(small.join("ann/edge_config.json"), "{}").expect("damage");
+    let e = Index::open(&small, &ann).expect_err("a damaged shard is refused");
+    assert!(e.to_string().contains("edge_config.json"), "{e}");
     let _ = std::fs::remove_dir_all(&root);
 }
 
