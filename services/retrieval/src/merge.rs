@@ -27,6 +27,8 @@ pub(crate) struct Constraints<'a> {
 impl<'a> Constraints<'a> {
     /// Whether `item` passes the filters: [`HardFilters::check`] on the
     /// item's packed columns (the tests hold the two to the same answers).
+    /// Retrieval never fills `filters.purchased` or `filters.seen` (seen
+    /// items are dropped by each source before its cut), so neither is read.
     pub(crate) fn allows(&self, index: &Index, item: u32) -> bool {
         let Some(c) = index.filter_columns.get(item as usize) else {
             return false;
@@ -390,7 +392,7 @@ impl<'a> Merger<'a> {
             };
             scores.clear();
             scores.extend(m.source_scores());
-            let first_source = if m.found == 0 { 0 } else { u32::from(m.first) };
+            let first_source = u32::from(m.first);
             let reasons = self.reason_texts(m.reasons(), |why| {
                 match written.iter().find(|(w, _)| *w == why) {
                     Some(&(_, at)) => at,
