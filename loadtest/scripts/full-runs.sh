@@ -5,6 +5,8 @@
 # run (run-summary.py):
 #   loadtest/scripts/full-runs.sh N NAME_PREFIX [extra faults args...]
 # Each run's work dir, output and log are in /tmp/NAME_PREFIX<i>{,-out,.log}.
+# Each service runs WORKERS runtime threads (server.worker_threads; default 1,
+# as in start-mesh.sh: six processes share the machine's cores).
 # Build first: cargo build --release --workspace --bins
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,7 +23,8 @@ for i in $(seq 1 "$n"); do
   FAULTS_TRACE=1 "$R/recmesh-loadtest" faults --rate 500 \
     --work-dir "/tmp/$name" --out "/tmp/$name-out" \
     --env gateway:RECMESH_SERVER__SHUTDOWN_DELAY_MS=1000 \
-    --env gateway:RECMESH_CACHE__TTL_MS=30000 "$@" > "/tmp/$name.log" 2>&1 || true
+    --env gateway:RECMESH_CACHE__TTL_MS=30000 \
+    --env "RECMESH_SERVER__WORKER_THREADS=${WORKERS:-1}" "$@" > "/tmp/$name.log" 2>&1 || true
   grep -A20 '^goals:' "/tmp/$name.log" >&2 || true
   summary+=("$name" "/tmp/$name" "/tmp/$name-out" "/tmp/$name.log")
 done

@@ -5,7 +5,12 @@
 #   start_mesh OUT [VAR=value ... for the experiments service]
 # Sets R (the binaries' directory) and pids ("name:pid" each); stops them
 # (SIGINT, then waits) and removes the tmpfs logs on exit.
+# Each process runs WORKERS runtime threads (server.worker_threads; default
+# 1: six processes share this machine's cores, and one thread each spent
+# 11-14% less CPU per request than two, docs/performance.md; 0 is tokio's
+# choice, one per CPU).
 R="${CARGO_TARGET_DIR:-$HOME/.cache/recmesh/target}/release"
+export RECMESH_SERVER__WORKER_THREADS="${WORKERS:-1}"
 pids=()
 start_mesh() {
   local out=$1

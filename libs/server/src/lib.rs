@@ -545,9 +545,10 @@ async fn register(consul: consul::Consul, r: consul::Registration) {
 pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The whole `main` of a service binary: tracing, the config from the
-/// command line (`--config`, `--print-config`, `--help`), then `run` until
-/// SIGTERM or SIGINT, and the exit code.
-pub async fn service_main<C, F, Fut, E>(binary: &str, run: F) -> std::process::ExitCode
+/// command line (`--config`, `--print-config`, `--help`), the runtime it
+/// sizes (`server.worker_threads`), then `run` on it until SIGTERM or
+/// SIGINT, and the exit code.
+pub fn service_main<C, F, Fut, E>(binary: &str, run: F) -> std::process::ExitCode
 where
     C: config::ServiceConfig,
     F: FnOnce(C, Shutdown) -> Fut,
@@ -555,10 +556,52 @@ where
     E: std::fmt::Display,
 {
     telemetry::init_tracing();
-    match config::from_args::<C>(binary) {
-        Ok(Some(config)) => exit_code(run(config, Box::pin(shutdown_signal())).await),
-        Ok(None) => std::process::ExitCode::SUCCESS,
-        Err(e) => exit_code(Err(e)),
+    let config = match config::from_args::<C>(binary) {
+        Ok(Some(config)) => config,
+        Ok(None) => return std::process::ExitCode::SUCCESS,
+        Err(e) => return exit_code(Err(e)),
+    };
+    let runtime = match runtime(config.server()) {
+        Ok(rt) => rt,
+        Err(e) => {
+            return exit_code(Err(format!(
+                "could not start the runtime ({} worker threads asked by server.worker_threads, 0 = one per CPU): {e}",
+                config.server().worker_threads
+            )));
+        }
+    };
+    exit_code(runtime.block_on(run(config, Box::pin(shutdown_signal()))))
+}
+
+/// A service's runtime: multi-threaded, with `server.worker_threads`
+/// workers; when 0, `TOKIO_WORKER_THREADS` or one per CPU the process may
+/// use. A `TOKIO_WORKER_THREADS` that is not a count is an error naming it
+/// (tokio itself would panic on it).
+pub fn runtime(server: &ServerConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let workers = match server.worker_threads {
+        0 => worker_threads_from_env(std::env::var_os("TOKIO_WORKER_THREADS").as_deref())?,
+        n => Some(n),
+    };
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.build()
+}
+
+/// `TOKIO_WORKER_THREADS`, read: `None` when unset.
+fn worker_threads_from_env(var: Option<&std::ffi::OsStr>) -> std::io::Result<Option<usize>> {
+    let Some(var) = var else { return Ok(None) };
+    match var.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
+        Some(n) if (1..=config::MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "TOKIO_WORKER_THREADS={var:?} is not a thread count from 1 to {}; unset it or set server.worker_threads",
+                config::MAX_WORKER_THREADS
+            ),
+        )),
     }
 }
 

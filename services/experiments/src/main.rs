@@ -1,9 +1,7 @@
 //! `recmesh-experiments`: the experiments service on its own.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     recmesh_server::service_main("recmesh-experiments", |config, stop| {
         recmesh_experiments::run(config, stop)
     })
-    .await
 }

@@ -1,9 +1,7 @@
 //! `recmesh-features`: the features service on its own.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     recmesh_server::service_main("recmesh-features", |config, stop| {
         recmesh_features::run(config, stop)
     })
-    .await
 }

@@ -1,9 +1,7 @@
 //! `recmesh-ranking`: the ranking service on its own.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     recmesh_server::service_main("recmesh-ranking", |config, stop| {
         recmesh_ranking::run(config, stop)
     })
-    .await
 }

@@ -1,9 +1,7 @@
 //! `recmesh-reranker`: the reranker service on its own.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     recmesh_server::service_main("recmesh-reranker", |config, stop| {
         recmesh_reranker::run(config, stop)
     })
-    .await
 }

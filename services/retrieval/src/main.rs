@@ -1,9 +1,7 @@
 //! `recmesh-retrieval`: the retrieval service on its own.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     recmesh_server::service_main("recmesh-retrieval", |config, stop| {
         recmesh_retrieval::run(config, stop)
     })
-    .await
 }
