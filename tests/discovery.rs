@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use recmesh_e2e::{TestMesh, all_healthy, recommend_for};
+use recmesh_e2e::{TestMesh, all_healthy, eventually, recommend_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -243,14 +243,6 @@ async fn serve(
     let _ = stream.write_all(answer.as_bytes()).await;
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stages_register_with_consul_and_the_gateway_follows_them() {
     let agent = Agent::start().await;
@@ -338,6 +330,7 @@ async fn stages_register_with_consul_and_the_gateway_follows_them() {
         ranking,
         experiments,
         features,
+        ..
     } = stages;
     reranker.shutdown().await.expect("first reranker stops");
     assert!(

@@ -1017,3 +1017,105 @@ async fn shutdown_drains_the_call_in_flight_and_refuses_new_ones() {
     drop(proxies);
     mesh.stages.shutdown().await.expect("stages stop");
 }
+
+/// Names of this process's threads (`/proc/self/task/*/comm`).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_per_service_serves_the_whole_pipeline_and_stops() {
+    let dir = recmesh_e2e::scratch_dir("per-service-runtimes");
+    let data = std::sync::Arc::new(recmesh_e2e::test_data());
+    let mut stages = recmesh::StageConfigs {
+        threads: recmesh::Threads::PerService,
+        ..Default::default()
+    };
+    stages.ranking.features_budget_ms *= recmesh_e2e::BUDGET_SCALE;
+    stages.ranking.server.worker_threads = 2;
+    stages.features.event_log.path = dir.join("events.tsv");
+    stages.features.event_log.exposures_path = dir.join("exposures.jsonl");
+    stages.experiments.state_dir = dir.join("experiments").display().to_string();
+    let mesh = recmesh::start(data, recmesh::PortPlan::EPHEMERAL, stages, |g| {
+        g.budgets = recmesh_e2e::test_budgets();
+    })
+    .await
+    .expect("mesh starts with a runtime per service");
+
+    // Each service's runtime has its own named workers, sized by its config
+    // (ranking asked for 2; the rest, on 0, for at least one).
+    let names = thread_names();
+    for service in [
+        "gateway",
+        "features",
+        "retrieval",
+        "ranking",
+        "reranker",
+        "experiments",
+    ] {
+        let n = names
+            .iter()
+            .filter(|t| **t == format!("{service}-rt"))
+            .count();
+        // (Its blocking pool's threads carry the name too.)
+        if service == "ranking" {
+            assert!(n >= 2, "{service}: {names:?}");
+        } else {
+            assert!(n >= 1, "{service} has no runtime thread: {names:?}");
+        }
+    }
+
+    let mut client = pb::gateway_client::GatewayClient::connect(mesh.gateway.grpc_uri())
+        .await
+        .expect("gateway reachable");
+    let r = client
+        .recommend(bounded(recommend("u3", 8)))
+        .await
+        .expect("recommend")
+        .into_inner();
+    assert_eq!(r.items.len(), 8, "{r:?}");
+    assert!(!r.degraded, "no stage fell back: {:?}", r.stages);
+    assert!(
+        r.items
+            .iter()
+            .all(|i| !i.reasons.is_empty() && !i.source.is_empty()),
+        "every item explained: {:?}",
+        r.items
+    );
+    let track = client
+        .track(pb::TrackRequest {
+            event_id: "per-service-1".into(),
+            user_id: "u3".into(),
+            item_id: r.items[0].item_id.clone(),
+            event_type: pb::EventType::Purchase as i32,
+            timestamp_ms: 0,
+        })
+        .await
+        .expect("track")
+        .into_inner();
+    assert!(track.applied, "{track:?}");
+    let again = client
+        .recommend(bounded(recommend("u3", 8)))
+        .await
+        .expect("recommend after track")
+        .into_inner();
+    assert!(
+        !ids(&again).contains(&r.items[0].item_id),
+        "the purchase is excluded at once: {:?}",
+        ids(&again)
+    );
+    mesh.shutdown().await.expect("every service stops");
+    recmesh_e2e::eventually("the services' runtimes are gone", async || {
+        !thread_names().iter().any(|t| t.ends_with("-rt"))
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

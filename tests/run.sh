@@ -71,8 +71,8 @@ fi
 # A disk that fills during the build shows up as a linker crash ("ld
 # terminated with signal 7 [Bus error]"), not as "no space left". The reused
 # build directory is only a cache: when the disk under it has less free than
-# a build of the suite needs, start it afresh, and stop with a clear message
-# when even that is not enough.
+# a build of the suite needs, start it afresh, and warn when even that is not
+# enough.
 need_gib=12
 free_gib() { df -Pk "$1" | awk 'NR == 2 { print int($4 / 1048576) }'; }
 mkdir -p "$CARGO_TARGET_DIR"
@@ -81,8 +81,7 @@ if [ "$(free_gib "$CARGO_TARGET_DIR")" -lt "$need_gib" ] && [ -d "$CARGO_TARGET_
     rm -rf "$CARGO_TARGET_DIR/debug"
 fi
 if [ "$(free_gib "$CARGO_TARGET_DIR")" -lt "$need_gib" ]; then
-    echo "tests: only $(free_gib "$CARGO_TARGET_DIR") GiB free under $CARGO_TARGET_DIR; the build and the tests need about $need_gib GiB. Free disk space (or point CARGO_TARGET_DIR at a larger disk) and run again." >&2
-    exit 1
+    echo "tests: warning: only $(free_gib "$CARGO_TARGET_DIR") GiB free under $CARGO_TARGET_DIR; the build and the tests need about $need_gib GiB. If the link fails with 'signal 7 [Bus error]', free disk space (or point CARGO_TARGET_DIR at a larger disk) and run again." >&2
 fi
 
 # The fault suite (tests/faults.rs) runs the service binaries as processes.

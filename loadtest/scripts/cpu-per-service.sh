@@ -19,7 +19,7 @@ for p in "${pids[@]}"; do t0[${p%%:*}]=$(awk '{print $14+$15}' "/proc/${p#*:}/st
 TIMEFORMAT='%U %S'
 { time "$R/recmesh-loadtest" run --rate "$rate" --duration "$dur" --warmup 0 --out "$out/run" "$@" > "$out/run.txt" 2>&1 || true; } 2> "$out/loadgen.time"
 n=$(grep -oE "^[0-9]+ requests measured" "$out/run.txt" | cut -d' ' -f1)
-grep -E "offered, |degraded" "$out/run.txt" | head -3
+grep -E "offered, |degraded|^\| (latency ms|recommend) " "$out/run.txt" | head -5
 total=0
 for p in "${pids[@]}"; do
   name=${p%%:*}

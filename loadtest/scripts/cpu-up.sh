@@ -26,5 +26,5 @@ t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
 "$R/recmesh-loadtest" run --rate "$rate" --duration "$dur" --warmup 0 --bypass-cache --out "$out/run" > "$out/run.txt" 2>&1 || true
 t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
 n=$(grep -oE "^[0-9]+ requests measured" "$out/run.txt" | cut -d' ' -f1)
-grep -E "offered, |degraded" "$out/run.txt" | head -3
+grep -E "offered, |degraded|^\| (latency ms|recommend) " "$out/run.txt" | head -5
 echo "recmesh up: CPU $(echo "($t1-$t0)/$tick" | bc -l | cut -c1-6) s, $(echo "($t1-$t0)*1000/$tick/$n" | bc -l | cut -c1-5) ms per request ($n requests)"

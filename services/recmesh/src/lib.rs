@@ -60,6 +60,9 @@ pub struct Stages {
     pub experiments: ServerHandle,
     /// Features.
     pub features: ServerHandle,
+    /// The runtimes of [`Threads::PerService`] (the gateway's too), stopped
+    /// after the stages.
+    runtimes: Vec<OwnRuntime>,
 }
 
 impl Stages {
@@ -96,7 +99,78 @@ impl Stages {
         ] {
             h.shutdown().await?;
         }
+        drop(self.runtimes);
         Ok(())
+    }
+}
+
+/// How the six services of one process share its threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Threads {
+    /// Every service on the runtime that starts them (tests).
+    #[default]
+    Shared,
+    /// Each service on a runtime of its own, with its config's
+    /// `server.worker_threads` workers (0: the process's CPUs shared among
+    /// the six, at least one each), as six processes would run. A call's
+    /// frames then go out and come back on the thread that made it instead
+    /// of waking another worker; `recmesh up` runs this way.
+    PerService,
+}
+
+/// A service's own runtime ([`Threads::PerService`]); dropped without
+/// waiting for its tasks (the service has been shut down, or the mesh is
+/// being dropped), which is allowed from inside another runtime.
+#[derive(Debug)]
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Threads {
+    /// A runtime for a service whose config asks for `workers` threads, or
+    /// `None` to run it on the caller's runtime.
+    fn runtime(self, name: &str, workers: usize) -> Result<Option<OwnRuntime>, UpError> {
+        if self == Threads::Shared {
+            return Ok(None);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let workers = if workers == 0 {
+            (cpus / 6).max(1)
+        } else {
+            workers
+        };
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name(format!("{name}-rt"))
+            .enable_all()
+            .build()
+            .map(|rt| Some(OwnRuntime(Some(rt))))
+            .map_err(|e| {
+                UpError::Runtime(format!(
+                    "{name}: could not start its runtime ({workers} worker threads): {e}"
+                ))
+            })
+    }
+}
+
+/// Runs `start` on `rt` when given (the service's tasks are spawned there),
+/// else here.
+async fn start_on<T: Send + 'static>(
+    rt: &Option<OwnRuntime>,
+    start: impl Future<Output = Result<T, UpError>> + Send + 'static,
+) -> Result<T, UpError> {
+    match rt.as_ref().and_then(|r| r.0.as_ref()) {
+        None => start.await,
+        Some(rt) => rt
+            .spawn(start)
+            .await
+            .map_err(|e| UpError::Runtime(format!("a service's start did not finish: {e}")))?,
     }
 }
 
@@ -118,6 +192,9 @@ pub enum UpError {
     /// The feature store could not open (its event log, or Redis).
     #[error("features: {0:#}")]
     Features(anyhow::Error),
+    /// A service's own runtime could not start ([`Threads::PerService`]).
+    #[error("{0}")]
+    Runtime(String),
 }
 
 /// Configs of the five stage services; their server addresses (and
@@ -134,6 +211,8 @@ pub struct StageConfigs {
     pub experiments: recmesh_experiments::Config,
     /// Features.
     pub features: recmesh_features::Config,
+    /// How the services share the process's threads (the gateway too).
+    pub threads: Threads,
 }
 
 impl StageConfigs {
@@ -161,45 +240,76 @@ pub async fn start_stages(
         mut reranker,
         mut experiments,
         mut features,
+        threads,
     } = configs;
+    let mut runtimes = Vec::new();
     ports.place(5, &mut features.server);
-    let features = recmesh_features::server(features, data)
-        .await
-        .map_err(UpError::Features)?
-        .start()
-        .await?;
+    let rt = threads.runtime("features", features.server.worker_threads)?;
+    let features = {
+        let data = Arc::clone(data);
+        start_on(&rt, async move {
+            Ok(recmesh_features::server(features, &data)
+                .await
+                .map_err(UpError::Features)?
+                .start()
+                .await?)
+        })
+        .await?
+    };
+    runtimes.extend(rt);
     ports.place(1, &mut retrieval.server);
     retrieval.features_addr = features.grpc_uri();
+    let rt = threads.runtime("retrieval", retrieval.server.worker_threads)?;
     // From `bundle_dir` when set, else built from `data`; off the runtime's
     // workers (file reads, a shard copy, or a Qdrant upload that blocks on
     // the runtime).
     let retrieval = {
         let data = Arc::clone(data);
-        tokio::task::spawn_blocking(move || {
-            recmesh_retrieval::service(retrieval, || Ok(Dataset::clone(&data)))
+        start_on(&rt, async move {
+            let service = tokio::task::spawn_blocking(move || {
+                recmesh_retrieval::service(retrieval, || Ok(Dataset::clone(&data)))
+            })
+            .await
+            .map_err(|e| UpError::Retrieval(anyhow::anyhow!("loading the index: {e}")))?
+            .map_err(UpError::Retrieval)?;
+            Ok(recmesh_retrieval::server_for(service).start().await?)
         })
-        .await
-        .map_err(|e| UpError::Retrieval(anyhow::anyhow!("loading the index: {e}")))?
-        .map_err(UpError::Retrieval)?
+        .await?
     };
-    let retrieval = recmesh_retrieval::server_for(retrieval).start().await?;
+    runtimes.extend(rt);
     ports.place(2, &mut ranking.server);
     ranking.features_addr = features.grpc_uri();
-    let ranking = recmesh_ranking::server(ranking)?.start().await?;
+    let rt = threads.runtime("ranking", ranking.server.worker_threads)?;
+    let ranking = start_on(&rt, async move {
+        Ok(recmesh_ranking::server(ranking)?.start().await?)
+    })
+    .await?;
+    runtimes.extend(rt);
     ports.place(3, &mut reranker.server);
-    let reranker = recmesh_reranker::server(reranker).start().await?;
+    let rt = threads.runtime("reranker", reranker.server.worker_threads)?;
+    let reranker = start_on(&rt, async move {
+        Ok(recmesh_reranker::server(reranker).start().await?)
+    })
+    .await?;
+    runtimes.extend(rt);
     ports.place(4, &mut experiments.server);
     experiments.features_addr = features.grpc_uri();
-    let experiments = recmesh_experiments::server(experiments)
-        .await?
-        .start()
-        .await?;
+    let rt = threads.runtime("experiments", experiments.server.worker_threads)?;
+    let experiments = start_on(&rt, async move {
+        Ok(recmesh_experiments::server(experiments)
+            .await?
+            .start()
+            .await?)
+    })
+    .await?;
+    runtimes.extend(rt);
     Ok(Stages {
         retrieval,
         ranking,
         reranker,
         experiments,
         features,
+        runtimes,
     })
 }
 
@@ -235,14 +345,24 @@ pub async fn start(
     stages: StageConfigs,
     gateway: impl FnOnce(&mut recmesh_gateway::Config),
 ) -> Result<Mesh, UpError> {
-    let stages = start_stages(&data, ports, stages).await?;
+    let threads = stages.threads;
+    let mut stages = start_stages(&data, ports, stages).await?;
     let mut config = recmesh_gateway::Config {
         server: ports.server(0),
         upstreams: stages.upstreams(),
         ..Default::default()
     };
     gateway(&mut config);
-    let gateway = recmesh_gateway::server(config, &data)?.start().await?;
+    let gateway_runtime = threads.runtime("gateway", config.server.worker_threads)?;
+    let gateway = {
+        let data = Arc::clone(&data);
+        start_on(&gateway_runtime, async move {
+            Ok(recmesh_gateway::server(config, &data)?.start().await?)
+        })
+        .await?
+    };
+    // Stopped with the stages, after the gateway.
+    stages.runtimes.extend(gateway_runtime);
     Ok(Mesh {
         gateway,
         stages,

@@ -720,7 +720,11 @@ async fn up(
         data.interactions.len(),
         started.elapsed().as_secs_f64()
     );
-    let mut stages = recmesh::StageConfigs::default();
+    let mut stages = recmesh::StageConfigs {
+        // Each service on its own runtime, as six processes would run.
+        threads: recmesh::Threads::PerService,
+        ..Default::default()
+    };
     let state_dir = demo
         .data_dir
         .clone()
