@@ -7,7 +7,7 @@
 # (SIGINT, then waits) and removes the tmpfs logs on exit.
 # Each process runs WORKERS runtime threads (server.worker_threads; default
 # 1: six processes share this machine's cores, and one thread each spent
-# 11-14% less CPU per request than two, docs/performance.md; 0 is tokio's
+# 6-15% less CPU per request than two, docs/performance.md; 0 is tokio's
 # choice, one per CPU).
 R="${CARGO_TARGET_DIR:-$HOME/.cache/recmesh/target}/release"
 export RECMESH_SERVER__WORKER_THREADS="${WORKERS:-1}"

@@ -193,7 +193,8 @@ pub struct ServerConfig {
     /// set. Services sharing a machine each sized to their share of its
     /// cores spend less CPU per call: a call's frames then go out and come
     /// back on the thread that made it instead of waking a second one.
-    /// `recmesh up` ignores it (its six services share one runtime).
+    /// `recmesh up` runs each of its six services on a runtime of its own,
+    /// with one worker per six CPUs (at least one).
     pub worker_threads: usize,
     /// Registration with a Consul agent (off unless `agent` is set).
     pub consul: ConsulRegistration,
