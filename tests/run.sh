@@ -68,21 +68,8 @@ if [ ! -x "$py/bin/checkov" ] || [ "$(cat "$py/.pinned" 2>/dev/null)" != "$valid
     echo "$validators" > "$py/.pinned"
 fi
 
-# A disk that fills during the build shows up as a linker crash ("ld
-# terminated with signal 7 [Bus error]"), not as "no space left". The reused
-# build directory is only a cache: when the disk under it has less free than
-# a build of the suite needs, start it afresh, and warn when even that is not
-# enough.
-need_gib=12
-free_gib() { df -Pk "$1" | awk 'NR == 2 { print int($4 / 1048576) }'; }
-mkdir -p "$CARGO_TARGET_DIR"
-if [ "$(free_gib "$CARGO_TARGET_DIR")" -lt "$need_gib" ] && [ -d "$CARGO_TARGET_DIR/debug" ]; then
-    echo "tests: $(free_gib "$CARGO_TARGET_DIR") GiB free under $CARGO_TARGET_DIR (a build needs about $need_gib); removing its debug build, a cache, to build afresh" >&2
-    rm -rf "$CARGO_TARGET_DIR/debug"
-fi
-if [ "$(free_gib "$CARGO_TARGET_DIR")" -lt "$need_gib" ]; then
-    echo "tests: warning: only $(free_gib "$CARGO_TARGET_DIR") GiB free under $CARGO_TARGET_DIR; the build and the tests need about $need_gib GiB. If the link fails with 'signal 7 [Bus error]', free disk space (or point CARGO_TARGET_DIR at a larger disk) and run again." >&2
-fi
+# Room on the disk for the build (a full one crashes the linker).
+. tests/disk-check.sh
 
 # The fault suite (tests/faults.rs) runs the service binaries as processes.
 cargo build --workspace --bins --locked
