@@ -348,7 +348,13 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
         let s = s.clone();
         let tx = tx.clone();
         let in_flight = in_flight.clone();
-        tokio::spawn(async move {
+        let runtime = tokio::runtime::Handle::current();
+        // Paced on a thread of its own with the OS's sleep (tens of µs
+        // late), not the runtime's timer: tokio's timer wheel ticks in whole
+        // milliseconds and rounds a deadline up to the next tick, so a send
+        // timed by it left 0–1 ms after its intended time, and every latency,
+        // measured from that intended time, carried the delay.
+        tokio::task::spawn_blocking(move || {
             let mut rng = Rng(s.seed);
             let mut n: u64 = 0;
             loop {
@@ -357,7 +363,9 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                     return n;
                 }
                 let intended = start + at;
-                tokio::time::sleep_until(intended.into()).await;
+                if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
                 let call = draw_call(&s, &mut rng, run_id, n);
                 let name = call.name();
                 if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
@@ -376,7 +384,7 @@ async fn drive(clients: &[GatewayClient<Channel>], s: &Scenario) -> Measured {
                     let mut client = clients[(n as usize) % clients.len()].clone();
                     let tx = tx.clone();
                     let in_flight = in_flight.clone();
-                    tokio::spawn(async move {
+                    runtime.spawn(async move {
                         let (code, degraded, cached, stages, message) =
                             send(&mut client, call).await;
                         in_flight.fetch_sub(1, Ordering::Relaxed);
