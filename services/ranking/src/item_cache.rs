@@ -75,6 +75,9 @@ pub enum Lookup {
 #[derive(Debug)]
 pub struct ItemCache {
     shards: Vec<RwLock<Shard>>,
+    /// When each shard was last swept of unusable entries, as milliseconds
+    /// since `epoch` plus one (0: never).
+    swept: Vec<AtomicU64>,
     hasher: RandomState,
     ttl: Duration,
     max_stale: Duration,
@@ -91,6 +94,7 @@ impl ItemCache {
             shards: (0..SHARDS)
                 .map(|_| RwLock::new(Shard::with_hasher(RandomState::default())))
                 .collect(),
+            swept: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::default(),
             ttl,
             max_stale,
@@ -107,7 +111,11 @@ impl ItemCache {
     /// The shard of `key`, chosen by its middle bits (the shard's table
     /// indexes by the low bits and tags by the top ones).
     fn shard(&self, key: u64) -> &RwLock<Shard> {
-        &self.shards[((key >> 32) as usize) % SHARDS]
+        &self.shards[Self::shard_index(key)]
+    }
+
+    fn shard_index(key: u64) -> usize {
+        ((key >> 32) as usize) % SHARDS
     }
 
     /// What the cache has for `id` now.
@@ -179,7 +187,19 @@ impl ItemCache {
         };
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
-            shard.retain(|_, e| now.duration_since(e.stored) < usable);
+            // A sweep reads the whole shard, so a full one is swept of its
+            // unusable entries at most once per quarter of their usable life;
+            // in between, a new item pushes out any one entry. (Sweeping at
+            // every insert cost ranking half its CPU on the 1M-item catalog,
+            // which never fits: every miss scanned a full shard.)
+            let swept = &self.swept[Self::shard_index(key)];
+            let now_ms = now.duration_since(self.epoch).as_millis() as u64 + 1;
+            let last = swept.load(Ordering::Relaxed);
+            let every = (usable / 4).max(Duration::from_millis(100)).as_millis() as u64;
+            if last == 0 || now_ms.saturating_sub(last) >= every {
+                swept.store(now_ms, Ordering::Relaxed);
+                shard.retain(|_, e| now.duration_since(e.stored) < usable);
+            }
             if shard.len() >= self.per_shard
                 && let Some(any) = shard.keys().next().cloned()
             {
