@@ -20,8 +20,9 @@
 //! TTL + `max_stale` is treated as missing and fetched inline.
 //!
 //! When a shard is full, an insert first drops entries past their usable
-//! age, then any one entry: there is no recency order to keep, because the
-//! entries are all refreshed or dropped within that age anyway.
+//! age (a sweep of the shard, at most once per quarter of that age), then
+//! any one entry: there is no recency order to keep, because the entries
+//! are all refreshed or dropped within that age anyway.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -447,6 +448,61 @@ mod tests {
         assert!(cache.len() <= 16, "{} items held", cache.len());
         // The newest insert is always kept.
         assert_eq!(popularity(&cache.get("i999")), Some(999.0));
+    }
+
+    #[test]
+    fn a_full_shard_drops_unusable_entries_first_but_is_swept_at_most_once_per_interval() {
+        // 16 shards of 8; usable for two TTLs, so a sweep is due every 30 s.
+        let mut cache = ItemCache::new(16 * 8, TTL, TTL);
+        // As if made a minute ago, so "the last sweep was long ago" can be set.
+        cache.epoch = ago(1.0);
+        let shard = ItemCache::shard_index(cache.key("x"));
+        let mut ids = (0..)
+            .map(|n| format!("i{n}"))
+            .filter(|id| ItemCache::shard_index(cache.key(id)) == shard);
+        let mut next = || ids.next().expect("ids without end");
+        let held = |cache: &ItemCache| cache.shards[shard].read().expect("lock").len();
+        let unusable = ago(2.5);
+
+        // A full shard, half of it past its usable age.
+        let fresh: Vec<String> = (0..4).map(|_| next()).collect();
+        for id in &fresh {
+            cache.insert(id.clone(), item(1.0));
+        }
+        for _ in 0..4 {
+            cache.insert_stored(next(), item(0.0), unusable);
+        }
+        assert_eq!(held(&cache), 8);
+        // The first insert into the full shard sweeps it: the unusable
+        // entries go, every usable one stays.
+        cache.insert(next(), item(1.0));
+        assert_eq!(held(&cache), 5, "the four unusable entries dropped");
+        for id in &fresh {
+            assert!(matches!(cache.get(id), Lookup::Fresh(_)), "{id} kept");
+        }
+
+        // Full again with unusable entries: within the interval an insert
+        // pushes out one entry and does not read the whole shard.
+        for _ in 0..3 {
+            cache.insert_stored(next(), item(0.0), unusable);
+        }
+        assert_eq!(held(&cache), 8);
+        cache.insert(next(), item(1.0));
+        assert_eq!(held(&cache), 8, "one entry out, one in: no sweep yet");
+
+        // Once the interval has passed (the last sweep set a minute back),
+        // the next insert sweeps again.
+        cache.swept[shard].store(1, Ordering::Relaxed);
+        cache.insert(next(), item(1.0));
+        let kept = held(&cache);
+        assert!(kept < 8, "swept: {kept} held");
+        let shard_now = cache.shards[shard].read().expect("lock");
+        assert!(
+            shard_now
+                .values()
+                .all(|e| Instant::now().duration_since(e.stored) < TTL * 2),
+            "only usable entries left"
+        );
     }
 
     #[tokio::test]
