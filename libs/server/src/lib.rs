@@ -578,14 +578,27 @@ where
 /// use. A `TOKIO_WORKER_THREADS` that is not a count is an error naming it
 /// (tokio itself would panic on it).
 pub fn runtime(server: &ServerConfig) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
     let workers = match server.worker_threads {
         0 => worker_threads_from_env(std::env::var_os("TOKIO_WORKER_THREADS").as_deref())?,
         n => Some(n),
     };
+    runtime_with(workers, None)
+}
+
+/// A multi-threaded runtime with `workers` workers (`None`: one per CPU),
+/// its threads named `name` when given (`recmesh up` runs each service on
+/// one of these, so a profile tells them apart).
+pub fn runtime_with(
+    workers: Option<usize>,
+    name: Option<&str>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
     if let Some(n) = workers {
         builder.worker_threads(n);
+    }
+    if let Some(name) = name {
+        builder.thread_name(name);
     }
     builder.build()
 }

@@ -145,11 +145,7 @@ impl Threads {
         } else {
             workers
         };
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name(format!("{name}-rt"))
-            .enable_all()
-            .build()
+        recmesh_server::runtime_with(Some(workers), Some(&format!("{name}-rt")))
             .map(|rt| Some(OwnRuntime(Some(rt))))
             .map_err(|e| {
                 UpError::Runtime(format!(
@@ -157,20 +153,27 @@ impl Threads {
                 ))
             })
     }
-}
 
-/// Runs `start` on `rt` when given (the service's tasks are spawned there),
-/// else here.
-async fn start_on<T: Send + 'static>(
-    rt: &Option<OwnRuntime>,
-    start: impl Future<Output = Result<T, UpError>> + Send + 'static,
-) -> Result<T, UpError> {
-    match rt.as_ref().and_then(|r| r.0.as_ref()) {
-        None => start.await,
-        Some(rt) => rt
-            .spawn(start)
-            .await
-            .map_err(|e| UpError::Runtime(format!("a service's start did not finish: {e}")))?,
+    /// Runs `start` for the service `name` on a runtime of its own (kept in
+    /// `runtimes`, so it lives as long as the mesh) or, [`Threads::Shared`],
+    /// here: the service's tasks are spawned where `start` runs.
+    async fn start<T: Send + 'static>(
+        self,
+        name: &str,
+        workers: usize,
+        runtimes: &mut Vec<OwnRuntime>,
+        start: impl Future<Output = Result<T, UpError>> + Send + 'static,
+    ) -> Result<T, UpError> {
+        let rt = self.runtime(name, workers)?;
+        let started = match rt.as_ref().and_then(|r| r.0.as_ref()) {
+            None => start.await,
+            Some(rt) => rt
+                .spawn(start)
+                .await
+                .map_err(|e| UpError::Runtime(format!("{name}: its start did not finish: {e}")))?,
+        }?;
+        runtimes.extend(rt);
+        Ok(started)
     }
 }
 
@@ -244,65 +247,65 @@ pub async fn start_stages(
     } = configs;
     let mut runtimes = Vec::new();
     ports.place(5, &mut features.server);
-    let rt = threads.runtime("features", features.server.worker_threads)?;
     let features = {
         let data = Arc::clone(data);
-        start_on(&rt, async move {
-            Ok(recmesh_features::server(features, &data)
-                .await
-                .map_err(UpError::Features)?
-                .start()
-                .await?)
-        })
-        .await?
+        let workers = features.server.worker_threads;
+        threads
+            .start("features", workers, &mut runtimes, async move {
+                Ok(recmesh_features::server(features, &data)
+                    .await
+                    .map_err(UpError::Features)?
+                    .start()
+                    .await?)
+            })
+            .await?
     };
-    runtimes.extend(rt);
     ports.place(1, &mut retrieval.server);
     retrieval.features_addr = features.grpc_uri();
-    let rt = threads.runtime("retrieval", retrieval.server.worker_threads)?;
     // From `bundle_dir` when set, else built from `data`; off the runtime's
     // workers (file reads, a shard copy, or a Qdrant upload that blocks on
     // the runtime).
     let retrieval = {
         let data = Arc::clone(data);
-        start_on(&rt, async move {
-            let service = tokio::task::spawn_blocking(move || {
-                recmesh_retrieval::service(retrieval, || Ok(Dataset::clone(&data)))
+        let workers = retrieval.server.worker_threads;
+        threads
+            .start("retrieval", workers, &mut runtimes, async move {
+                let service = tokio::task::spawn_blocking(move || {
+                    recmesh_retrieval::service(retrieval, || Ok(Dataset::clone(&data)))
+                })
+                .await
+                .map_err(|e| UpError::Retrieval(anyhow::anyhow!("loading the index: {e}")))?
+                .map_err(UpError::Retrieval)?;
+                Ok(recmesh_retrieval::server_for(service).start().await?)
             })
-            .await
-            .map_err(|e| UpError::Retrieval(anyhow::anyhow!("loading the index: {e}")))?
-            .map_err(UpError::Retrieval)?;
-            Ok(recmesh_retrieval::server_for(service).start().await?)
-        })
-        .await?
+            .await?
     };
-    runtimes.extend(rt);
     ports.place(2, &mut ranking.server);
     ranking.features_addr = features.grpc_uri();
-    let rt = threads.runtime("ranking", ranking.server.worker_threads)?;
-    let ranking = start_on(&rt, async move {
-        Ok(recmesh_ranking::server(ranking)?.start().await?)
-    })
-    .await?;
-    runtimes.extend(rt);
+    let workers = ranking.server.worker_threads;
+    let ranking = threads
+        .start("ranking", workers, &mut runtimes, async move {
+            Ok(recmesh_ranking::server(ranking)?.start().await?)
+        })
+        .await?;
     ports.place(3, &mut reranker.server);
-    let rt = threads.runtime("reranker", reranker.server.worker_threads)?;
-    let reranker = start_on(&rt, async move {
-        Ok(recmesh_reranker::server(reranker).start().await?)
-    })
-    .await?;
-    runtimes.extend(rt);
+    let workers = reranker.server.worker_threads;
+    let reranker = threads
+        .start("reranker", workers, &mut runtimes, async move {
+            Ok(recmesh_reranker::server(reranker).start().await?)
+        })
+        .await?;
     ports.place(4, &mut experiments.server);
     experiments.features_addr = features.grpc_uri();
-    let rt = threads.runtime("experiments", experiments.server.worker_threads)?;
-    let experiments = start_on(&rt, async move {
-        Ok(recmesh_experiments::server(experiments)
-            .await?
-            .start()
-            .await?)
-    })
-    .await?;
-    runtimes.extend(rt);
+    let workers = experiments.server.worker_threads;
+    let experiments = threads
+        .start("experiments", workers, &mut runtimes, async move {
+            Ok(recmesh_experiments::server(experiments)
+                .await?
+                .start()
+                .await?)
+        })
+        .await?;
     Ok(Stages {
         retrieval,
         ranking,
@@ -353,16 +356,16 @@ pub async fn start(
         ..Default::default()
     };
     gateway(&mut config);
-    let gateway_runtime = threads.runtime("gateway", config.server.worker_threads)?;
+    // Its runtime is stopped with the stages', after the gateway.
+    let workers = config.server.worker_threads;
     let gateway = {
         let data = Arc::clone(&data);
-        start_on(&gateway_runtime, async move {
-            Ok(recmesh_gateway::server(config, &data)?.start().await?)
-        })
-        .await?
+        threads
+            .start("gateway", workers, &mut stages.runtimes, async move {
+                Ok(recmesh_gateway::server(config, &data)?.start().await?)
+            })
+            .await?
     };
-    // Stopped with the stages, after the gateway.
-    stages.runtimes.extend(gateway_runtime);
     Ok(Mesh {
         gateway,
         stages,
