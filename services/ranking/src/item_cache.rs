@@ -5,8 +5,8 @@
 //! Every `Rank` looks up each of its ~200 candidates, so a lookup must be
 //! cheap. moka did this first, and its per-read bookkeeping (recording the
 //! read for its eviction policy, running pending housekeeping inline) was
-//! 23% of ranking's CPU under load (docs/performance.md, "Ranking's item
-//! cache"). Here a lookup is one shared lock and one hash probe, against
+//! 23% of ranking's CPU under load (docs/performance.md, "What each change
+//! bought"). Here a lookup is one shared lock and one hash probe, against
 //! one clock reading for the whole call.
 //!
 //! Why stale entries are served: items fetched together expire together.
