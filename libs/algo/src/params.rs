@@ -78,7 +78,7 @@ pub struct ParamError {
 pub const KNOWN_KEYS: &[&str] = &[
     "retrieval.candidates",
     "ranking.model",
-    "rerank.<rule> (category_cap, brand_cap, promoted_boost, new_arrival_boost, new_arrival_days, mmr_lambda, exploration_share, recently_viewed_window_s)",
+    "rerank.<rule> (category_cap, brand_cap, promoted_boost, new_arrival_boost, new_arrival_days, mmr_lambda, exploration_share, exploration_pool, exploration_start, recently_viewed_window_s)",
     "budget.retrieval_ms",
     "budget.ranking_ms",
     "budget.rerank_ms",
