@@ -9,9 +9,10 @@
 //!    otherwise. So a boost always raises an item, even when the model's raw
 //!    scores are negative margins.
 //! 3. **Exploration**: `round(count × exploration_share)` slots go to items
-//!    outside the user's usual categories, or to new arrivals, picked by a hash
-//!    of the request's seed and the item id. The same request id gives the same
-//!    list, so a response can be reproduced.
+//!    outside the user's usual categories, or to new arrivals (from the
+//!    ranker's best `exploration_pool` of them when it is set), picked by a
+//!    hash of the request's seed and the item id. The same request id gives
+//!    the same list, so a response can be reproduced.
 //! 4. **Diversity**: greedy MMR. The next item maximises
 //!    `λ·score − (1−λ)·max similarity to the items already chosen`, under
 //!    per-category and per-brand caps. λ = 1 is pure score order. Similarity
@@ -19,7 +20,8 @@
 //!    category, brand and price band, so it is the share of those three that
 //!    match) until the model bundle ships learned item vectors.
 //!
-//! Exploration items are spread evenly through the final list.
+//! Exploration items are spread evenly through the final list below its
+//! first `exploration_start` share (0: through all of it).
 
 mod rules;
 #[cfg(test)]
@@ -305,8 +307,9 @@ pub fn rerank(items: &[RerankItem<'_>], rules: &RerankRules, req: &RerankRequest
         let best = rules.exploration_pool as usize;
         if best > 0 && pool.len() > best {
             // The ranker's best `best`; ties keep the ranking's order.
-            pool.sort_by(|&a, &b| score_of(b).total_cmp(&score_of(a)));
-            pool.truncate(best);
+            crate::top_k(&mut pool, best, |&a, &b| {
+                score_of(b).total_cmp(&score_of(a)).then(a.cmp(&b))
+            });
         }
         pool.sort_by_key(|&i| mix(req.seed ^ crate::assign::fnv1a64(items[i].rule.id.as_bytes())));
         for i in pool {
