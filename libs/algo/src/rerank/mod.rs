@@ -21,7 +21,8 @@
 //!    match) until the model bundle ships learned item vectors.
 //!
 //! Exploration items are spread evenly through the final list below its
-//! first `exploration_start` share (0: through all of it).
+//! first `exploration_start` share (0: through all of it; the default 1
+//! puts them in the last slots).
 
 mod rules;
 #[cfg(test)]

@@ -281,6 +281,7 @@ fn exploration_takes_its_share_outside_usual_categories_spread_out() {
     let items = case.view();
     let rules = RerankRules {
         exploration_share: 0.2,
+        exploration_start: 0.0,
         new_arrival_days: 0,
         ..RerankRules::default()
     };
